@@ -1,0 +1,423 @@
+"""Configuration: every default once, YAML files override, ``--opts`` overrides last.
+
+Key names follow the official Swin Transformer release so its YAML files load unchanged.
+``get_config(cfg_file, opts)`` is the public entry point; ``config_from_args(args)`` applies
+the command-line flags of ``main.py`` on top.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import difflib
+import os
+from typing import Any, Iterable, Sequence
+
+import yaml
+from yacs.config import CfgNode as CN
+
+from errors import UserError
+
+_C = CN()
+
+# YAML files named here are merged first, in order (paths relative to the including file).
+_C.BASE = [""]
+
+# -----------------------------------------------------------------------------
+# Data
+# -----------------------------------------------------------------------------
+_C.DATA = CN()
+# Batch size for a single GPU or process; the total batch is this times world size.
+_C.DATA.BATCH_SIZE = 128
+# Root of the dataset: ImageFolder ``train/`` and ``val/`` below it.
+_C.DATA.DATA_PATH = ""
+# Dataset kind: 'imagenet' (any ImageFolder) or 'imagenet22K' (21,841 classes).
+_C.DATA.DATASET = "imagenet"
+# Input image size (square).
+_C.DATA.IMG_SIZE = 224
+# Interpolation for resizing: 'random', 'bilinear' or 'bicubic'.
+_C.DATA.INTERPOLATION = "bicubic"
+# Read images from zip archives (official release option; accepted, folders are read directly).
+_C.DATA.ZIP_MODE = False
+# Cache mode of the zip reader: 'no', 'full' or 'part' (accepted for compatibility).
+_C.DATA.CACHE_MODE = "part"
+# Pin CPU memory in the DataLoader for faster host-to-device copies.
+_C.DATA.PIN_MEMORY = True
+# DataLoader worker processes per rank.
+_C.DATA.NUM_WORKERS = 8
+# SimMIM mask patch size (official key, unused by supervised training).
+_C.DATA.MASK_PATCH_SIZE = 32
+# SimMIM mask ratio (official key, unused by supervised training).
+_C.DATA.MASK_RATIO = 0.6
+# Fail on the first unreadable image instead of substituting another sample.
+_C.DATA.STRICT = False
+
+# -----------------------------------------------------------------------------
+# Model
+# -----------------------------------------------------------------------------
+_C.MODEL = CN()
+# Model family; only 'swin' is built here.
+_C.MODEL.TYPE = "swin"
+# Model name; names the output folder OUTPUT/NAME/TAG.
+_C.MODEL.NAME = "swin_tiny_patch4_window7_224"
+# Checkpoint to fine-tune from (weights only; see --pretrained).
+_C.MODEL.PRETRAINED = ""
+# Checkpoint to resume training from (weights, optimizer, scheduler, epoch).
+_C.MODEL.RESUME = ""
+# Number of classes; overwritten by the number of class folders of the dataset.
+_C.MODEL.NUM_CLASSES = 1000
+# Dropout rate on MLP and projection outputs.
+_C.MODEL.DROP_RATE = 0.0
+# Stochastic depth rate at the last block; rises linearly from 0 over all blocks.
+_C.MODEL.DROP_PATH_RATE = 0.1
+# Label smoothing, used when Mixup/CutMix are off.
+_C.MODEL.LABEL_SMOOTHING = 0.1
+
+# Swin Transformer parameters
+_C.MODEL.SWIN = CN()
+# Side of the square patch embedded as one token.
+_C.MODEL.SWIN.PATCH_SIZE = 4
+# Input image channels.
+_C.MODEL.SWIN.IN_CHANS = 3
+# Channels C of the first stage; stage i has C * 2**i.
+_C.MODEL.SWIN.EMBED_DIM = 96
+# Number of blocks per stage.
+_C.MODEL.SWIN.DEPTHS = [2, 2, 6, 2]
+# Number of attention heads per stage.
+_C.MODEL.SWIN.NUM_HEADS = [3, 6, 12, 24]
+# Window size M (tokens per side).
+_C.MODEL.SWIN.WINDOW_SIZE = 7
+# MLP hidden size as a multiple of the channels.
+_C.MODEL.SWIN.MLP_RATIO = 4.0
+# Learn a bias on the query, key and value projections.
+_C.MODEL.SWIN.QKV_BIAS = True
+# Attention scale; None means head_dim ** -0.5.
+_C.MODEL.SWIN.QK_SCALE = None
+# Add a learned absolute position embedding after patch embedding (Table 4 ablation).
+_C.MODEL.SWIN.APE = False
+# LayerNorm after patch embedding.
+_C.MODEL.SWIN.PATCH_NORM = True
+# Shift every second block's windows by M // 2 (Table 4 ablation: False = no shifting).
+_C.MODEL.SWIN.SHIFT = True
+# Add the relative position bias B to attention logits (Table 4 ablation).
+_C.MODEL.SWIN.RPB = True
+# Attention implementation: 'sdpa' (scaled_dot_product_attention) or 'reference' (Eq. 4 spelled out).
+_C.MODEL.SWIN.ATTN_IMPL = "sdpa"
+
+# -----------------------------------------------------------------------------
+# Training
+# -----------------------------------------------------------------------------
+_C.TRAIN = CN()
+# First epoch to run (set by resuming).
+_C.TRAIN.START_EPOCH = 0
+# Total training epochs.
+_C.TRAIN.EPOCHS = 300
+# Linear warmup epochs.
+_C.TRAIN.WARMUP_EPOCHS = 20
+# AdamW weight decay (not applied to norms, biases and position tables).
+_C.TRAIN.WEIGHT_DECAY = 0.05
+# Learning rate per 512 images of total batch; scaled linearly.
+_C.TRAIN.BASE_LR = 5e-4
+# Learning rate at the start of warmup, per 512 images.
+_C.TRAIN.WARMUP_LR = 5e-7
+# Learning rate at the end of the schedule, per 512 images.
+_C.TRAIN.MIN_LR = 5e-6
+# Clip gradients to this global L2 norm; 0 or None disables clipping (the norm is still logged).
+_C.TRAIN.CLIP_GRAD = 5.0
+# Resume from the newest loadable checkpoint in the output folder.
+_C.TRAIN.AUTO_RESUME = True
+# Optimizer step every N batches; the effective batch is N times larger.
+_C.TRAIN.ACCUMULATION_STEPS = 1
+# Gradient checkpointing in every block: less memory, more compute.
+_C.TRAIN.USE_CHECKPOINT = False
+# Compile the model with torch.compile.
+_C.TRAIN.COMPILE = False
+# Write a resumable checkpoint every N optimizer steps (0 = only at epoch ends).
+_C.TRAIN.STEP_SAVE_FREQ = 0
+# Stop after this many non-finite losses in a row (fp32/bf16; fp16 is handled by the scaler).
+_C.TRAIN.MAX_NONFINITE_STEPS = 20
+# Layer-wise learning-rate decay (official key; 1.0 = off).
+_C.TRAIN.LAYER_DECAY = 1.0
+
+# LR scheduler
+_C.TRAIN.LR_SCHEDULER = CN()
+# 'cosine', 'linear' or 'step'; updated every optimizer step.
+_C.TRAIN.LR_SCHEDULER.NAME = "cosine"
+# Epochs between decays for 'step'.
+_C.TRAIN.LR_SCHEDULER.DECAY_EPOCHS = 30
+# Decay factor for 'step'.
+_C.TRAIN.LR_SCHEDULER.DECAY_RATE = 0.1
+# The decay starts after warmup (True) rather than counting warmup in.
+_C.TRAIN.LR_SCHEDULER.WARMUP_PREFIX = True
+# Multi-step gamma (official key).
+_C.TRAIN.LR_SCHEDULER.GAMMA = 0.1
+# Multi-step milestones in epochs (official key).
+_C.TRAIN.LR_SCHEDULER.MULTISTEPS = []
+
+# Optimizer
+_C.TRAIN.OPTIMIZER = CN()
+# 'adamw' or 'sgd'.
+_C.TRAIN.OPTIMIZER.NAME = "adamw"
+# Optimizer epsilon.
+_C.TRAIN.OPTIMIZER.EPS = 1e-8
+# Adam betas.
+_C.TRAIN.OPTIMIZER.BETAS = (0.9, 0.999)
+# SGD momentum.
+_C.TRAIN.OPTIMIZER.MOMENTUM = 0.9
+# torch's optimizer implementation: 'auto' (fused on CUDA, foreach elsewhere), 'fused', 'foreach', 'single'.
+_C.TRAIN.OPTIMIZER.IMPL = "auto"
+
+# -----------------------------------------------------------------------------
+# Augmentation
+# -----------------------------------------------------------------------------
+_C.AUG = CN()
+# Color jitter factor (used when AUTO_AUGMENT is off).
+_C.AUG.COLOR_JITTER = 0.4
+# timm auto-augment policy; 'none' disables.
+_C.AUG.AUTO_AUGMENT = "rand-m9-mstd0.5-inc1"
+# Random erasing probability.
+_C.AUG.REPROB = 0.25
+# Random erasing mode.
+_C.AUG.REMODE = "pixel"
+# Random erasing count.
+_C.AUG.RECOUNT = 1
+# Mixup alpha; 0 disables.
+_C.AUG.MIXUP = 0.8
+# CutMix alpha; 0 disables.
+_C.AUG.CUTMIX = 1.0
+# CutMix min/max ratio; overrides alpha when set.
+_C.AUG.CUTMIX_MINMAX = None
+# Probability of applying Mixup or CutMix to a batch.
+_C.AUG.MIXUP_PROB = 1.0
+# Probability of CutMix instead of Mixup when both are on.
+_C.AUG.MIXUP_SWITCH_PROB = 0.5
+# How Mixup params apply: 'batch', 'pair' or 'elem'.
+_C.AUG.MIXUP_MODE = "batch"
+
+# -----------------------------------------------------------------------------
+# Testing
+# -----------------------------------------------------------------------------
+_C.TEST = CN()
+# Resize to 256/224 of the size and center crop (True) or resize straight to the size (False).
+_C.TEST.CROP = True
+# Sequential (non-distributed) sampler for validation (official key; evaluation is always exact).
+_C.TEST.SEQUENTIAL = False
+# Shuffle validation data (official key).
+_C.TEST.SHUFFLE = False
+
+# -----------------------------------------------------------------------------
+# Misc
+# -----------------------------------------------------------------------------
+# Legacy apex switch of the official release (accepted, AMP_ENABLE decides).
+_C.ENABLE_AMP = False
+# Mixed precision: fp16 + GradScaler on CUDA, bf16 on CPU (see AMP_DTYPE).
+_C.AMP_ENABLE = True
+# Legacy apex opt level (accepted for compatibility, unused).
+_C.AMP_OPT_LEVEL = ""
+# Autocast dtype: 'auto' (fp16 on CUDA, bf16 on CPU), 'bfloat16' or 'float16'.
+_C.AMP_DTYPE = "auto"
+# Output root; the run writes to OUTPUT/MODEL.NAME/TAG.
+_C.OUTPUT = "output"
+# Tag of the run.
+_C.TAG = "default"
+# Save a checkpoint every N epochs (and always after the last).
+_C.SAVE_FREQ = 1
+# Keep this many most recent epoch checkpoints (plus best and last); 0 keeps all.
+_C.SAVE_KEEP = 3
+# Log every N steps.
+_C.PRINT_FREQ = 10
+# Random seed (each rank adds its rank).
+_C.SEED = 0
+# Only evaluate and exit.
+_C.EVAL_MODE = False
+# Only measure throughput and exit.
+_C.THROUGHPUT_MODE = False
+# Local rank (set from the environment by torchrun; kept for old launch scripts).
+_C.LOCAL_RANK = 0
+# Fused window shift + partition kernel (kernels/).
+_C.FUSED_WINDOW_PROCESS = False
+# Fused LayerNorm (accepted for compatibility; torch's layer norm is used).
+_C.FUSED_LAYERNORM = False
+# Device: 'auto' (CUDA when available), 'cpu' or 'cuda'.
+_C.DEVICE = "auto"
+# Show tracebacks for user errors.
+_C.DEBUG = False
+
+
+def _closest_key(cfg: CN, full_key: str) -> str:
+    """The valid key nearest in spelling to ``full_key`` (for error messages)."""
+    candidates = list(_flat_keys(cfg))
+    matches = difflib.get_close_matches(full_key, candidates, n=1, cutoff=0.0)
+    return matches[0] if matches else ""
+
+
+def _flat_keys(node: CN, prefix: str = "") -> Iterable[str]:
+    for k, v in node.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, CN):
+            yield from _flat_keys(v, name + ".")
+        else:
+            yield name
+
+
+def _check_keys(cfg: CN, data: dict, source: str, prefix: str = "") -> None:
+    """Reject unknown keys with the closest valid one, before yacs sees them."""
+    for k, v in data.items():
+        full = f"{prefix}{k}"
+        node = cfg
+        for part in full.split(".")[:-1]:
+            node = node[part]
+        if k not in node:
+            raise UserError(f"unknown config key {full} in {source}; did you mean {_closest_key(_C, full)}?")
+        if isinstance(v, dict) and isinstance(node[k], CN):
+            _check_keys(cfg, v, source, full + ".")
+        elif _is_int_for_float(node[k], v):
+            data[k] = float(v)
+
+
+def _is_int_for_float(original: Any, value: Any) -> bool:
+    """YAML writes 0 where a float key means 0.0; yacs alone would refuse it."""
+    return isinstance(original, float) and isinstance(value, int) and not isinstance(value, bool)
+
+
+def _merge_yaml(config: CN, cfg_file: str) -> None:
+    if not os.path.isfile(cfg_file):
+        raise UserError(f"config file {cfg_file} does not exist; pass an existing YAML file to --cfg")
+    with open(cfg_file, "r") as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"config file {cfg_file} is not valid YAML: {str(e).splitlines()[0]}") from e
+    if not isinstance(data, dict):
+        raise UserError(f"config file {cfg_file} must hold a mapping of keys, not {type(data).__name__}")
+    for base in data.get("BASE", [""]) or [""]:
+        if base:
+            _merge_yaml(config, os.path.join(os.path.dirname(cfg_file), base))
+    _check_keys(config, data, cfg_file)
+    config.defrost()
+    try:
+        config.merge_from_other_cfg(CN(data))
+    except ValueError as e:
+        raise UserError(f"wrong value type in {cfg_file}: {e}") from e
+    config.BASE = [""]
+
+
+def _merge_opts(config: CN, opts: Sequence[str]) -> None:
+    if len(opts) % 2:
+        raise UserError(f"--opts takes KEY VALUE pairs; got an odd number of items: {' '.join(opts)}")
+    for key, value in zip(opts[0::2], opts[1::2]):
+        node = config
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if part not in node or not isinstance(node[part], CN):
+                raise UserError(f"unknown config key {key} in --opts; did you mean {_closest_key(_C, key)}?")
+            node = node[part]
+        if parts[-1] not in node:
+            raise UserError(f"unknown config key {key} in --opts; did you mean {_closest_key(_C, key)}?")
+        try:
+            decoded = ast.literal_eval(value) if isinstance(value, str) else value
+        except (ValueError, SyntaxError):
+            decoded = value
+        if _is_int_for_float(node[parts[-1]], decoded):
+            value = str(float(decoded))
+        try:
+            config.merge_from_list([key, value])
+        except (ValueError, AssertionError) as e:
+            raise UserError(f"wrong value type for {key} in --opts: {e}") from e
+
+
+def _coerce_types(config: CN) -> None:
+    """Values yacs cannot type-check (None defaults) that must still be sane."""
+    if isinstance(config.MODEL.SWIN.QK_SCALE, str):
+        raise UserError(f"MODEL.SWIN.QK_SCALE must be a number or null, not {config.MODEL.SWIN.QK_SCALE!r}")
+    if config.AUG.CUTMIX_MINMAX is not None and isinstance(config.AUG.CUTMIX_MINMAX, str):
+        config.AUG.CUTMIX_MINMAX = ast.literal_eval(config.AUG.CUTMIX_MINMAX)
+
+
+def default_config() -> CN:
+    """A fresh, mutable copy of every default."""
+    return _C.clone()
+
+
+def get_config(cfg_file: str | None = None, opts: Sequence[str] | None = None) -> CN:
+    """Defaults, then ``cfg_file`` (with its BASE chain), then ``opts``; returned frozen.
+
+    Sets ``OUTPUT`` to ``OUTPUT/MODEL.NAME/TAG`` as the official release does.
+    """
+    config = default_config()
+    if cfg_file:
+        _merge_yaml(config, cfg_file)
+    config.defrost()
+    if opts:
+        _merge_opts(config, list(opts))
+    _coerce_types(config)
+    config.OUTPUT = os.path.join(config.OUTPUT, config.MODEL.NAME, config.TAG)
+    config.freeze()
+    return config
+
+
+def config_from_args(args: argparse.Namespace) -> CN:
+    """The config of ``main.py``: file, ``--opts``, then the dedicated flags."""
+    config = default_config()
+    if args.cfg:
+        _merge_yaml(config, args.cfg)
+    config.defrost()
+    if args.opts:
+        _merge_opts(config, list(args.opts))
+    flags: dict[str, Any] = {
+        "DATA.BATCH_SIZE": args.batch_size,
+        "DATA.DATA_PATH": args.data_path,
+        "DATA.ZIP_MODE": True if args.zip else None,
+        "DATA.CACHE_MODE": args.cache_mode,
+        "DATA.DATASET": getattr(args, "dataset", None),
+        "MODEL.PRETRAINED": args.pretrained,
+        "MODEL.RESUME": args.resume,
+        "TRAIN.ACCUMULATION_STEPS": args.accumulation_steps,
+        "TRAIN.USE_CHECKPOINT": True if args.use_checkpoint else None,
+        "TRAIN.COMPILE": True if getattr(args, "compile", False) else None,
+        "TRAIN.OPTIMIZER.NAME": args.optim,
+        "AMP_ENABLE": False if args.disable_amp else None,
+        "OUTPUT": args.output,
+        "TAG": args.tag,
+        "EVAL_MODE": True if args.eval else None,
+        "THROUGHPUT_MODE": True if args.throughput else None,
+        "FUSED_WINDOW_PROCESS": True if args.fused_window_process else None,
+        "FUSED_LAYERNORM": True if args.fused_layernorm else None,
+        "DEVICE": getattr(args, "device", None),
+        "DEBUG": True if getattr(args, "debug", False) else None,
+    }
+    for key, value in flags.items():
+        if value is None:
+            continue
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    config.LOCAL_RANK = int(os.environ.get("LOCAL_RANK", getattr(args, "local_rank", 0) or 0))
+    _coerce_types(config)
+    config.OUTPUT = os.path.join(config.OUTPUT, config.MODEL.NAME, config.TAG)
+    config.freeze()
+    return config
+
+
+def dump_config(config: CN, path: str) -> None:
+    """Write the merged config as YAML (the record of a run)."""
+    with open(path, "w") as f:
+        f.write(config.dump())
+
+
+def config_from_yaml_text(text: str) -> CN:
+    """Rebuild a config from the YAML text stored in a checkpoint, unknown keys dropped."""
+    config = default_config()
+    data = yaml.safe_load(text) or {}
+
+    def _prune(node: CN, d: dict) -> dict:
+        out = {}
+        for k, v in d.items():
+            if k in node:
+                out[k] = _prune(node[k], v) if isinstance(v, dict) and isinstance(node[k], CN) else v
+        return out
+
+    config.merge_from_other_cfg(CN(_prune(config, data)))
+    config.freeze()
+    return config

@@ -1,0 +1,389 @@
+"""Transforms, datasets and data loaders from the config (the official ``data/build.py`` contract).
+
+``build_loader`` is the entry point of the trainer; ``build_dataset`` and ``build_transform``
+are its parts. Nothing here mutates the (frozen) config: the number of classes comes back
+in the result, and the trainer stores it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, fields
+from typing import Any, Callable
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
+from timm.data.transforms import RandomResizedCropAndInterpolation
+from torch.utils.data import DataLoader
+from torchvision import transforms
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from yacs.config import CfgNode
+
+from errors import UserError
+
+from .imagenet22k import NUM_CLASSES_22K, ImageNet22KList, annotation_file
+from .robust import RobustImageDataset, load_rgb
+from .samplers import ExactEvalSampler, ResumableSampler
+
+logger = logging.getLogger(__name__)
+
+DATASETS = ("imagenet", "imagenet22K")
+# 'random' picks bilinear or bicubic per image in training (timm); evaluation then uses bilinear.
+INTERPOLATIONS = ("random", "bilinear", "bicubic", "nearest", "box", "hamming", "lanczos")
+MIXUP_MODES = ("batch", "pair", "elem")
+# Below this size the official release treats inputs as CIFAR-like: pad-and-crop, no resize-crop.
+SMALL_IMAGE_SIZE = 32
+
+
+def _list_preview(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
+
+
+# -----------------------------------------------------------------------------
+# Transforms
+# -----------------------------------------------------------------------------
+def _interpolation(config: CfgNode) -> str:
+    name = config.DATA.INTERPOLATION
+    if name not in INTERPOLATIONS:
+        raise UserError(f"DATA.INTERPOLATION is {name!r}; use one of {', '.join(INTERPOLATIONS)}")
+    return name
+
+
+def build_transform(is_train: bool, config: CfgNode) -> Callable:
+    """The image transform: PIL RGB image -> float tensor of shape (3, IMG_SIZE, IMG_SIZE).
+
+    Training: timm's ``create_transform`` (random resized crop, flip, RandAugment or color
+    jitter, normalization, random erasing) from the AUG keys; for IMG_SIZE <= 32 the random
+    resized crop becomes ``RandomCrop(IMG_SIZE, padding=4)`` as in the official release
+    (with ``pad_if_needed`` so that smaller inputs are padded rather than rejected).
+    Evaluation: with TEST.CROP, resize the short side to ``int(256 / 224 * IMG_SIZE)`` and
+    center-crop IMG_SIZE; without it (and always for IMG_SIZE <= 32, where the official
+    release does not crop) resize straight to IMG_SIZE x IMG_SIZE; then ImageNet normalization.
+    """
+    size = int(config.DATA.IMG_SIZE)
+    if size < 1:
+        raise UserError(f"DATA.IMG_SIZE is {size}; use a positive image size such as 224")
+    interpolation = _interpolation(config)
+
+    if is_train:
+        auto_augment = config.AUG.AUTO_AUGMENT
+        if auto_augment in (None, "", "none"):
+            auto_augment = None
+        try:
+            transform = create_transform(
+                input_size=size,
+                is_training=True,
+                color_jitter=config.AUG.COLOR_JITTER if config.AUG.COLOR_JITTER > 0 else None,
+                auto_augment=auto_augment,
+                re_prob=config.AUG.REPROB,
+                re_mode=config.AUG.REMODE,
+                re_count=config.AUG.RECOUNT,
+                interpolation=interpolation,
+            )
+        except (AssertionError, KeyError, ValueError) as e:
+            # timm rejects malformed policy strings with bare asserts/lookups; name the keys instead.
+            detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise UserError(
+                f"timm cannot build the training transform ({detail}); check AUG.AUTO_AUGMENT "
+                f"{config.AUG.AUTO_AUGMENT!r}, AUG.REMODE {config.AUG.REMODE!r} and AUG.COLOR_JITTER"
+            ) from e
+        if size <= SMALL_IMAGE_SIZE:
+            steps = transform.transforms
+            crops = [i for i, t in enumerate(steps) if isinstance(t, RandomResizedCropAndInterpolation)]
+            if len(crops) != 1:
+                raise RuntimeError(f"expected one RandomResizedCrop in timm's train transform, found {steps}")
+            # pad_if_needed: inputs smaller than IMG_SIZE - 8 are padded instead of failing in a worker.
+            steps[crops[0]] = transforms.RandomCrop(size, padding=4, pad_if_needed=True)
+        return transform
+
+    # Evaluation never picks at random; 'random' falls back to bilinear like the official release.
+    mode = transforms.InterpolationMode(interpolation if interpolation != "random" else "bilinear")
+    steps: list[Callable] = []
+    if config.TEST.CROP and size > SMALL_IMAGE_SIZE:
+        steps.append(transforms.Resize(int((256 / 224) * size), interpolation=mode))
+        steps.append(transforms.CenterCrop(size))
+    else:
+        steps.append(transforms.Resize((size, size), interpolation=mode))
+    steps.append(transforms.ToTensor())
+    steps.append(transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
+    return transforms.Compose(steps)
+
+
+# -----------------------------------------------------------------------------
+# Datasets
+# -----------------------------------------------------------------------------
+class _VisibleImageFolder(ImageFolder):
+    """ImageFolder that ignores hidden folders (``.ipynb_checkpoints``, ``.DS_Store`` dirs) as classes."""
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        classes = _class_folders(directory)
+        if not classes:
+            raise FileNotFoundError(f"no class folders in {directory}")
+        return classes, {c: i for i, c in enumerate(classes)}
+
+
+def _class_folders(directory: str) -> list[str]:
+    """Sorted names of the visible sub-folders of ``directory``."""
+    with os.scandir(directory) as it:
+        return sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+
+
+def _check_data_path(root: str) -> None:
+    if not root:
+        raise UserError("--data-path is not set; point --data-path at a folder holding train/ and val/")
+    if not os.path.isdir(root):
+        raise UserError(f"--data-path {root} does not exist; point --data-path at a folder holding train/ and val/")
+
+
+def _check_split_folders(root: str) -> list[str]:
+    """Check ``root/train`` and ``root/val`` hold the same class folders; return the class names."""
+    names: dict[str, list[str]] = {}
+    for split in ("train", "val"):
+        split_dir = os.path.join(root, split)
+        if not os.path.isdir(split_dir):
+            raise UserError(
+                f"{split_dir} does not exist; --data-path must hold train/ and val/, each with one folder per class"
+            )
+        names[split] = _class_folders(split_dir)
+        if not names[split]:
+            raise UserError(f"{split_dir} holds no class folders; put each class's images in {split_dir}/<class>/")
+    only_train = sorted(set(names["train"]) - set(names["val"]))
+    only_val = sorted(set(names["val"]) - set(names["train"]))
+    if only_train or only_val:
+        parts = []
+        if only_train:
+            parts.append(f"only in train/: {_list_preview(only_train)}")
+        if only_val:
+            parts.append(f"only in val/: {_list_preview(only_val)}")
+        raise UserError(
+            f"train/ and val/ of {root} have different class folders ({'; '.join(parts)}); "
+            f"give both splits the same class folders"
+        )
+    return names["train"]
+
+
+def _has_class_folders(split_dir: str) -> bool:
+    return os.path.isdir(split_dir) and bool(_class_folders(split_dir))
+
+
+def _image_folder(root: str, split: str, transform: Callable) -> ImageFolder:
+    split_dir = os.path.join(root, split)
+    # allow_empty: a class may lack images in one split; an entirely empty split is refused below.
+    folder = _VisibleImageFolder(split_dir, transform=transform, loader=load_rgb, allow_empty=True)
+    if not folder.samples:
+        raise UserError(
+            f"the class folders of {split_dir} hold no images ({', '.join(IMG_EXTENSIONS[:4])}, ...); "
+            f"put the images inside {split_dir}/<class>/"
+        )
+    counts = [0] * len(folder.classes)
+    for _, target in folder.samples:
+        counts[target] += 1
+    empty = [c for c, n in zip(folder.classes, counts) if n == 0]
+    if empty:
+        logger.warning("%d class folders of %s hold no images: %s", len(empty), split_dir, _list_preview(empty))
+    return folder
+
+
+def build_dataset(is_train: bool, config: CfgNode) -> tuple[RobustImageDataset, int]:
+    """The train or val dataset and the number of classes of the model.
+
+    Returns ``(dataset, num_classes)``; ``dataset[i]`` is ``(image, target, replaced)`` as
+    described in ``RobustImageDataset`` and ``dataset.classes`` lists the class names.
+    DATA.DATASET 'imagenet': ImageFolder over ``DATA_PATH/train`` or ``DATA_PATH/val``,
+    ``num_classes`` = number of class folders. 'imagenet22K': the same folder layout when
+    present, else the official annotation lists ``ILSVRC2011fall_whole_map_{train,val}.txt``;
+    ``num_classes`` is 21,841 either way. Raises ``UserError`` for a missing or inconsistent
+    dataset.
+    """
+    root = config.DATA.DATA_PATH
+    kind = config.DATA.DATASET
+    if kind not in DATASETS:
+        raise UserError(f"DATA.DATASET is {kind!r}; use 'imagenet' (any ImageFolder) or 'imagenet22K'")
+    _check_data_path(root)
+    if config.DATA.ZIP_MODE:
+        logger.warning("DATA.ZIP_MODE is accepted for compatibility only; reading image folders directly")
+    transform = build_transform(is_train, config)
+    split = "train" if is_train else "val"
+
+    if kind == "imagenet22K" and not (
+        _has_class_folders(os.path.join(root, "train")) and _has_class_folders(os.path.join(root, "val"))
+    ):
+        base: Any = ImageNet22KList(root, annotation_file(root, is_train), transform=transform)
+        num_classes = NUM_CLASSES_22K
+    else:
+        classes = _check_split_folders(root)
+        base = _image_folder(root, split, transform)
+        if kind == "imagenet22K":
+            if len(classes) > NUM_CLASSES_22K:
+                raise UserError(
+                    f"{root} has {len(classes)} class folders but ImageNet-22K has {NUM_CLASSES_22K}; "
+                    f"use DATA.DATASET imagenet for other datasets"
+                )
+            if len(classes) < NUM_CLASSES_22K:
+                logger.warning(
+                    "%s has %d class folders; the ImageNet-22K head keeps %d outputs",
+                    root, len(classes), NUM_CLASSES_22K,
+                )
+            num_classes = NUM_CLASSES_22K
+        else:
+            num_classes = len(classes)
+
+    dataset = RobustImageDataset(base, strict=bool(config.DATA.STRICT))
+    logger.info("%s set: %d images, %d classes, from %s", split, len(dataset), num_classes, root)
+    return dataset, num_classes
+
+
+# -----------------------------------------------------------------------------
+# Loaders
+# -----------------------------------------------------------------------------
+@dataclass
+class DataBundle:
+    """What ``build_loader`` returns; fields read as attributes or as ``bundle["name"]``.
+
+    Batches of ``loader_train`` / ``loader_val`` are ``(images, targets, replaced)``: images
+    float (B, 3, IMG_SIZE, IMG_SIZE), targets int64 (B,), replaced a tuple of B path strings
+    ("" where the sample was read normally). ``mixup_fn`` is None when Mixup/CutMix are off.
+    """
+
+    dataset_train: RobustImageDataset
+    dataset_val: RobustImageDataset
+    loader_train: DataLoader
+    loader_val: DataLoader
+    sampler_train: ResumableSampler
+    sampler_val: ExactEvalSampler
+    mixup_fn: Mixup | None
+    num_classes: int
+    class_names: list[str]
+
+    def __getitem__(self, key: str) -> Any:
+        # Dict-style access for callers written against the official dict/tuple returns.
+        if key not in {f.name for f in fields(self)}:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def keys(self) -> list[str]:
+        return [f.name for f in fields(self)]
+
+
+def _mixup_active(config: CfgNode) -> bool:
+    aug = config.AUG
+    return aug.MIXUP > 0 or aug.CUTMIX > 0 or aug.CUTMIX_MINMAX is not None
+
+
+def _check_mixup(config: CfgNode) -> None:
+    """Refuse Mixup settings timm would only reject with an assert, before any data is read."""
+    if not _mixup_active(config):
+        return
+    aug = config.AUG
+    if aug.MIXUP_MODE not in MIXUP_MODES:
+        raise UserError(f"AUG.MIXUP_MODE is {aug.MIXUP_MODE!r}; use one of {', '.join(MIXUP_MODES)}")
+    if config.DATA.BATCH_SIZE % 2:
+        # timm's Mixup flips the batch to pair samples and asserts an even batch in every mode.
+        raise UserError(
+            f"DATA.BATCH_SIZE is {config.DATA.BATCH_SIZE} but Mixup/CutMix need an even batch; "
+            f"use an even --batch-size or set AUG.MIXUP 0.0 and AUG.CUTMIX 0.0"
+        )
+    minmax = aug.CUTMIX_MINMAX
+    if minmax is not None and (not isinstance(minmax, (list, tuple)) or len(minmax) != 2):
+        raise UserError(f"AUG.CUTMIX_MINMAX is {minmax!r}; use null or a pair such as [0.2, 0.8]")
+
+
+def _build_mixup(config: CfgNode, num_classes: int) -> Mixup | None:
+    _check_mixup(config)
+    if not _mixup_active(config):
+        return None
+    aug = config.AUG
+    return Mixup(
+        mixup_alpha=aug.MIXUP,
+        cutmix_alpha=aug.CUTMIX,
+        cutmix_minmax=aug.CUTMIX_MINMAX,
+        prob=aug.MIXUP_PROB,
+        switch_prob=aug.MIXUP_SWITCH_PROB,
+        mode=aug.MIXUP_MODE,
+        label_smoothing=config.MODEL.LABEL_SMOOTHING,
+        num_classes=num_classes,
+    )
+
+
+def build_loader(
+    config: CfgNode,
+    world_size: int,
+    rank: int,
+    *,
+    train_start_index: int = 0,
+    pin_memory: bool | None = None,
+) -> DataBundle:
+    """Datasets, samplers and loaders of one process (rank ``rank`` of ``world_size``).
+
+    Training batches come from a ``ResumableSampler`` (shuffled with seed ``config.SEED``, the
+    same on every rank) with ``drop_last=True``; ``train_start_index`` skips that many samples
+    of this rank's order in the first epoch iterated (``batches_done * DATA.BATCH_SIZE`` to
+    resume mid-epoch at the next batch). Validation uses an ``ExactEvalSampler``: every image
+    once across all ranks. ``pin_memory`` None means "pin when CUDA is available"; pinning
+    also needs DATA.PIN_MEMORY. The config is only read.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank {rank} of {world_size}")
+    batch_size = int(config.DATA.BATCH_SIZE)
+    if batch_size < 1:
+        raise UserError(f"DATA.BATCH_SIZE is {batch_size}; use a positive --batch-size")
+    num_workers = int(config.DATA.NUM_WORKERS)
+    if num_workers < 0:
+        raise UserError(f"DATA.NUM_WORKERS is {num_workers}; use 0 (load in the main process) or more")
+    _check_mixup(config)
+
+    dataset_train, num_classes = build_dataset(True, config)
+    dataset_val, _ = build_dataset(False, config)
+
+    sampler_train = ResumableSampler(
+        len(dataset_train), world_size, rank, shuffle=True, seed=int(config.SEED), drop_last=False
+    )
+    if sampler_train.num_samples < batch_size:
+        raise UserError(
+            f"DATA.BATCH_SIZE {batch_size} is larger than the {sampler_train.num_samples} training images per "
+            f"process ({len(dataset_train)} images, {world_size} processes), so training would yield no batch; "
+            f"use a smaller --batch-size"
+        )
+    if train_start_index:
+        sampler_train.set_start_index(train_start_index)
+    sampler_val = ExactEvalSampler(len(dataset_val), world_size, rank)
+
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available()
+    pin = bool(config.DATA.PIN_MEMORY) and pin_memory
+    common: dict[str, Any] = dict(
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=pin,
+        persistent_workers=num_workers > 0,
+    )
+    # Seeds the workers' RNGs (augmentation) from the config, not from however much of the
+    # global RNG model construction consumed.
+    loader_train = DataLoader(
+        dataset_train,
+        sampler=sampler_train,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(int(config.SEED) + rank),
+        **common,
+    )
+    loader_val = DataLoader(dataset_val, sampler=sampler_val, shuffle=False, drop_last=False, **common)
+
+    mixup_fn = _build_mixup(config, num_classes)
+    logger.info(
+        "rank %d/%d: %d train batches of %d per epoch, %d val images on this rank, mixup %s, pin_memory %s",
+        rank, world_size, len(loader_train), batch_size, len(sampler_val),
+        "on" if mixup_fn is not None else "off", pin,
+    )
+    return DataBundle(
+        dataset_train=dataset_train,
+        dataset_val=dataset_val,
+        loader_train=loader_train,
+        loader_val=loader_val,
+        sampler_train=sampler_train,
+        sampler_val=sampler_val,
+        mixup_fn=mixup_fn,
+        num_classes=num_classes,
+        class_names=list(dataset_train.classes),
+    )

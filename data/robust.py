@@ -1,0 +1,151 @@
+"""Reading images so that a broken file never becomes silent noise.
+
+``load_rgb`` fully decodes a file (truncated files raise). ``RobustImageDataset`` wraps an
+image dataset and replaces a sample whose file cannot be read by the next readable one,
+reporting the unreadable path so the trainer can log and count it; with ``strict`` it raises
+``UnreadableImageError`` (a ``UserError``) instead.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Sequence
+
+from PIL import Image, ImageFile
+from torch.utils.data import Dataset
+
+from errors import UserError
+
+logger = logging.getLogger(__name__)
+
+# How many following samples are tried before giving up on a run of unreadable files.
+MAX_REPLACEMENT_TRIES = 10
+
+# Marks our one-line message inside the multi-line text DataLoader workers re-raise with.
+_MESSAGE_MARK = "unreadable image "
+
+
+class UnreadableImageError(UserError):
+    """An image file that cannot be decoded (raised with ``DATA.STRICT`` or when no replacement works).
+
+    DataLoader workers re-raise an exception as ``type(e)(traceback_text)``; the constructor
+    recovers the original one-line message from that text so the user still sees one line.
+    """
+
+    def __init__(self, message: str) -> None:
+        if "\n" in message:
+            lines = [line for line in message.splitlines() if _MESSAGE_MARK in line]
+            if lines:
+                message = lines[-1][lines[-1].index(_MESSAGE_MARK):]
+        super().__init__(message)
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Open ``path`` and decode all of it into an RGB image.
+
+    Raises whatever PIL raises for an unreadable file (``OSError`` and subclasses for missing,
+    unidentifiable or truncated files, sometimes ``SyntaxError``/``ValueError`` for corrupt data).
+    """
+    # Some libraries flip this global on; truncated files must fail here, not decode as grey.
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        # convert() forces the full decode while the file is still open.
+        return img.convert("RGB")
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class RobustImageDataset(Dataset):
+    """Wraps a dataset of image files; ``__getitem__`` returns ``(image, target, replaced)``.
+
+    ``base`` must provide ``samples`` (a sequence of ``(path, class_index)``), ``loader``
+    (path -> image), ``transform`` and ``target_transform`` (callables or None) and ``classes``
+    (class names indexed by target), as torchvision's ``ImageFolder`` does.
+
+    ``image`` is ``transform(loader(path))``; ``target`` is the int class index (after
+    ``target_transform``). When the file at ``index`` cannot be loaded, the sample at
+    ``index + 1`` (wrapping around) is returned instead, then ``index + 2``, ... up to
+    ``max_tries`` others; ``replaced`` is then the path of the unreadable file at ``index``,
+    otherwise ``""``. Only loading is guarded: errors raised by the transform propagate.
+    With ``strict=True`` the first unreadable file raises ``UnreadableImageError``.
+    """
+
+    def __init__(self, base: Any, strict: bool = False, max_tries: int = MAX_REPLACEMENT_TRIES) -> None:
+        for attr in ("samples", "loader", "transform", "target_transform", "classes"):
+            if not hasattr(base, attr):
+                raise TypeError(f"RobustImageDataset needs a dataset with .{attr}, got {type(base).__name__}")
+        self.base = base
+        self.strict = strict
+        self.max_tries = max_tries
+
+    @property
+    def samples(self) -> Sequence[tuple[str, int]]:
+        return self.base.samples
+
+    @property
+    def targets(self) -> list[int]:
+        targets = getattr(self.base, "targets", None)
+        return list(targets) if targets is not None else [t for _, t in self.base.samples]
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.base.classes)
+
+    @property
+    def class_to_idx(self) -> dict[str, int]:
+        return getattr(self.base, "class_to_idx", {c: i for i, c in enumerate(self.base.classes)})
+
+    @property
+    def root(self) -> str:
+        return str(getattr(self.base, "root", ""))
+
+    @property
+    def transform(self) -> Callable | None:
+        return self.base.transform
+
+    def __len__(self) -> int:
+        return len(self.base.samples)
+
+    def _try_load(self, index: int) -> tuple[Image.Image | None, str]:
+        """The decoded image at ``index`` and "", or None and why it failed."""
+        path = self.base.samples[index][0]
+        try:
+            return self.base.loader(path), ""
+        except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+            # PIL reports corrupt data through all of these; anything else is a bug and propagates.
+            return None, _reason(e)
+
+    def __getitem__(self, index: int) -> tuple[Any, Any, str]:
+        n = len(self)
+        if not 0 <= index < n:
+            raise IndexError(f"index {index} out of range for a dataset of {n} samples")
+        img, reason = self._try_load(index)
+        replaced = ""
+        chosen = index
+        if img is None:
+            replaced = self.base.samples[index][0]
+            if self.strict:
+                raise UnreadableImageError(
+                    f"{_MESSAGE_MARK}{replaced} ({reason}); delete or replace the file, "
+                    f"or set DATA.STRICT False to train on without it"
+                )
+            logger.debug("unreadable image %s (%s); substituting the next sample", replaced, reason)
+            for step in range(1, min(self.max_tries, n - 1) + 1):
+                chosen = (index + step) % n
+                img, _ = self._try_load(chosen)
+                if img is not None:
+                    break
+            if img is None:
+                raise UnreadableImageError(
+                    f"{_MESSAGE_MARK}{replaced} ({reason}) and the {min(self.max_tries, n - 1)} samples after it "
+                    f"are all unreadable; check the dataset files and the disk"
+                )
+        target = self.base.samples[chosen][1]
+        if self.base.transform is not None:
+            img = self.base.transform(img)
+        if self.base.target_transform is not None:
+            target = self.base.target_transform(target)
+        return img, target, replaced

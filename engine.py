@@ -1,0 +1,265 @@
+"""The loops: ``train_one_epoch``, ``evaluate`` and ``throughput``.
+
+``main.py`` wires the pieces together; everything a loop needs arrives as an argument.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, Optional, Set
+
+import torch
+import torch.nn as nn
+from timm.utils import AverageMeter, accuracy
+
+from distributed import (
+    DistEnv,
+    all_reduce_sum,
+    autocast_context,
+    max_memory_mb,
+    reset_peak_memory,
+    resolve_amp_dtype,
+)
+from errors import UserError
+from timing import time_images_per_second
+
+logger = logging.getLogger("swin")
+
+
+@dataclass
+class TrainState:
+    """Progress that a checkpoint must carry to resume exactly."""
+
+    epoch: int = 0
+    step: int = 0  # optimizer steps taken since the start of training
+    batch_in_epoch: int = 0  # batches of ``epoch`` already consumed (mid-epoch resume)
+    max_accuracy: float = 0.0
+    nonfinite_in_row: int = 0
+    nonfinite_total: int = 0
+    corrupt_seen: Set[str] = field(default_factory=set)
+
+
+@dataclass
+class StepHooks:
+    """Callbacks the epoch loop raises at optimizer-step boundaries."""
+
+    save_step_checkpoint: Callable[[], None]
+    stop_requested: Callable[[], bool]
+    step_save_freq: int = 0
+
+
+class StopTraining(Exception):
+    """Raised inside the loop after a pre-emption checkpoint is written."""
+
+
+def _grad_norm(parameters: Iterable[nn.Parameter], max_norm: Optional[float]) -> torch.Tensor:
+    """Clip to ``max_norm`` when set (> 0); always return the global L2 norm before clipping."""
+    params = [p for p in parameters if p.grad is not None]
+    if not params:
+        return torch.tensor(0.0)
+    limit = max_norm if max_norm and max_norm > 0 else float("inf")
+    return torch.nn.utils.clip_grad_norm_(params, limit)
+
+
+def train_one_epoch(
+    config,
+    model: nn.Module,
+    criterion: nn.Module,
+    loader,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler,
+    scaler: torch.amp.GradScaler,
+    mixup_fn,
+    env: DistEnv,
+    state: TrainState,
+    hooks: StepHooks,
+    writer=None,
+) -> Dict[str, float]:
+    """One pass over ``loader`` (from ``state.batch_in_epoch`` on when resuming mid-epoch).
+
+    Gradients accumulate over ``TRAIN.ACCUMULATION_STEPS`` batches; the learning rate is updated
+    every optimizer step. A non-finite gradient norm (fp32/bf16) skips the update; too many in a
+    row stop the run. Returns the epoch's averages.
+    """
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    accum = config.TRAIN.ACCUMULATION_STEPS
+    epoch = state.epoch
+    start_batch = state.batch_in_epoch
+    num_steps = start_batch + len(loader)
+    loss_meter, norm_meter, time_meter = AverageMeter(), AverageMeter(), AverageMeter()
+    scaler_meter = AverageMeter()
+    corrupt_this_epoch = 0
+    reset_peak_memory(env.device)
+    start = end = time.time()
+    for idx, batch in enumerate(loader, start=start_batch):
+        samples, targets, replaced = batch
+        for path in replaced:
+            if path:
+                corrupt_this_epoch += 1
+                if path not in state.corrupt_seen:
+                    state.corrupt_seen.add(path)
+                    logger.warning("unreadable image replaced by another sample: %s", path)
+        samples = samples.to(env.device, non_blocking=True)
+        targets = targets.to(env.device, non_blocking=True)
+        if mixup_fn is not None:
+            samples, targets = mixup_fn(samples, targets)
+
+        is_update = (idx + 1) % accum == 0
+        sync_ctx = model.no_sync() if (env.distributed and not is_update and hasattr(model, "no_sync")) else _null()
+        with sync_ctx:
+            with autocast_context(env.device, config.AMP_ENABLE, config.AMP_DTYPE):
+                outputs = model(samples)
+                loss = criterion(outputs, targets)
+            scaler.scale(loss / accum).backward()
+
+        if is_update:
+            scaler.unscale_(optimizer)
+            grad_norm = _grad_norm(model.parameters(), config.TRAIN.CLIP_GRAD)
+            finite = bool(torch.isfinite(grad_norm))
+            if finite or scaler.is_enabled():
+                # With fp16 the scaler itself skips an inf/nan step and lowers the scale.
+                scaler.step(optimizer)
+                scaler.update()
+                state.nonfinite_in_row = 0 if finite else state.nonfinite_in_row
+            if not finite and not scaler.is_enabled():
+                state.nonfinite_in_row += 1
+                state.nonfinite_total += 1
+                logger.warning("non-finite loss/gradient at epoch %d step %d: update skipped (%d in a row)",
+                               epoch, idx, state.nonfinite_in_row)
+                if state.nonfinite_in_row >= config.TRAIN.MAX_NONFINITE_STEPS:
+                    raise UserError(
+                        f"{state.nonfinite_in_row} non-finite losses in a row at epoch {epoch}; stopping, the last "
+                        f"good checkpoint is kept in {config.OUTPUT}; lower TRAIN.BASE_LR or enable TRAIN.CLIP_GRAD"
+                    )
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            lr_scheduler.step_update(state.step)
+            if finite:
+                norm_meter.update(float(grad_norm))
+            scaler_meter.update(float(scaler.get_scale()) if scaler.is_enabled() else 1.0)
+        state.batch_in_epoch = idx + 1
+
+        loss_meter.update(loss.item(), targets.size(0))
+        time_meter.update(time.time() - end)
+        end = time.time()
+
+        if is_update:
+            if hooks.step_save_freq and state.step % hooks.step_save_freq == 0:
+                hooks.save_step_checkpoint()
+            if hooks.stop_requested():
+                hooks.save_step_checkpoint()
+                raise StopTraining(f"stopped at epoch {epoch}, batch {idx + 1}/{num_steps}")
+
+        if idx % config.PRINT_FREQ == 0 or idx == num_steps - 1:
+            _log_step(config, optimizer, epoch, idx, num_steps, loss_meter, norm_meter, scaler_meter, time_meter,
+                      samples.size(0) * env.world_size, env)
+            if writer is not None:
+                writer.add_scalar("train/loss", loss_meter.val, state.step)
+                writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], state.step)
+                writer.add_scalar("train/grad_norm", norm_meter.val, state.step)
+                writer.add_scalar("train/images_per_s", samples.size(0) * env.world_size / max(time_meter.val, 1e-9), state.step)
+
+    corrupt_total = int(all_reduce_sum(torch.tensor([float(corrupt_this_epoch)], device=env.device)).item())
+    if corrupt_total:
+        logger.warning("epoch %d: %d unreadable images were replaced", epoch, corrupt_total)
+    if writer is not None:
+        writer.add_scalar("train/corrupt_images", corrupt_total, epoch)
+        writer.add_scalar("train/nonfinite_steps", state.nonfinite_total, epoch)
+    epoch_time = time.time() - start
+    logger.info("EPOCH %d training takes %s", epoch, datetime.timedelta(seconds=int(epoch_time)))
+    state.batch_in_epoch = 0
+    return {"loss": loss_meter.avg, "grad_norm": norm_meter.avg, "corrupt_images": corrupt_total, "seconds": epoch_time}
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _log_step(config, optimizer, epoch, idx, num_steps, loss_meter, norm_meter, scaler_meter, time_meter, global_batch, env):
+    lr = optimizer.param_groups[0]["lr"]
+    wd = max(g["weight_decay"] for g in optimizer.param_groups)
+    eta = time_meter.avg * (num_steps - idx - 1)
+    logger.info(
+        f"Train: [{epoch}/{config.TRAIN.EPOCHS}][{idx}/{num_steps}]\t"
+        f"eta {datetime.timedelta(seconds=int(eta))} lr {lr:.6f}\t wd {wd:.4f}\t"
+        f"time {time_meter.val:.4f} ({time_meter.avg:.4f})\t"
+        f"loss {loss_meter.val:.4f} ({loss_meter.avg:.4f})\t"
+        f"grad_norm {norm_meter.val:.4f} ({norm_meter.avg:.4f})\t"
+        f"loss_scale {scaler_meter.val:.1f}\t"
+        f"img/s {global_batch / max(time_meter.val, 1e-9):.1f}\t"
+        f"mem {max_memory_mb(env.device):.0f}MB"
+    )
+
+
+@torch.no_grad()
+def evaluate(config, loader, model: nn.Module, env: DistEnv) -> Dict[str, float]:
+    """Top-1, top-5 and loss over the whole validation set, each image counted exactly once.
+
+    Sums (not per-rank means) are reduced across ranks, so N ranks report what one process would.
+    """
+    model.eval()
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    sums = torch.zeros(4, dtype=torch.float64, device=env.device)  # correct@1, correct@5, loss, count
+    end = time.time()
+    for idx, (images, target, _replaced) in enumerate(loader):
+        images = images.to(env.device, non_blocking=True)
+        target = target.to(env.device, non_blocking=True)
+        with autocast_context(env.device, config.AMP_ENABLE, config.AMP_DTYPE):
+            output = model(images)
+        output = output.float()
+        n = target.size(0)
+        k = min(5, output.size(1))
+        acc1, acc5 = accuracy(output, target, topk=(1, k))
+        sums += torch.tensor(
+            [round(acc1.item() * n / 100), round(acc5.item() * n / 100), criterion(output, target).item(), n],
+            dtype=torch.float64, device=env.device,
+        )
+        if idx % config.PRINT_FREQ == 0:
+            logger.info(f"Test: [{idx}/{len(loader)}]\ttime {time.time() - end:.3f}")
+        end = time.time()
+    sums = all_reduce_sum(sums)
+    count = int(sums[3].item())
+    if count == 0:
+        raise UserError("the validation set yielded no images; check DATA.DATA_PATH/val")
+    result = {
+        "acc1": 100.0 * sums[0].item() / count,
+        "acc5": 100.0 * sums[1].item() / count,
+        "loss": sums[2].item() / count,
+        "count": count,
+    }
+    logger.info(f" * Acc@1 {result['acc1']:.3f} Acc@5 {result['acc5']:.3f} loss {result['loss']:.4f} images {count}")
+    return result
+
+
+@torch.no_grad()
+def throughput(config, model: nn.Module, env: DistEnv, batch_size: Optional[int] = None, iters: int = 10) -> float:
+    """Forward images/s on a random batch of the configured size (timed as the benchmark times)."""
+    model.eval()
+    size = config.DATA.IMG_SIZE
+    batch_size = batch_size or config.DATA.BATCH_SIZE
+    images = torch.randn(batch_size, config.MODEL.SWIN.IN_CHANS, size, size, device=env.device)
+    amp = resolve_amp_dtype(env.device, config.AMP_DTYPE) if config.AMP_ENABLE else None
+    dtype = "float32" if amp is None else str(amp).replace("torch.", "") + " autocast"
+
+    def step():
+        with autocast_context(env.device, config.AMP_ENABLE, config.AMP_DTYPE):
+            model(images)
+
+    timing = time_images_per_second(step, batch_size, env.device, warmup=3 if env.device.type == "cpu" else 50, iters=iters)
+    logger.info(
+        f"throughput: {timing.images_per_s:.1f} images/s (batch {batch_size}, {size}x{size}, {dtype}, "
+        f"device {env.device}, {timing.iters} timed iterations)"
+    )
+    return timing.images_per_s
+
+
+def format_eta(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=int(max(0.0, seconds)))) if math.isfinite(seconds) else "?"

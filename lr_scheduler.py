@@ -1,0 +1,129 @@
+"""Per-step learning-rate schedules built on timm's schedulers.
+
+All schedules count optimizer steps (``t_in_epochs=False``): call
+``scheduler.step_update(global_step)`` after every optimizer step, where ``global_step`` is
+the number of optimizer steps taken so far. A linear warmup from ``warmup_lr`` to ``base_lr``
+over ``TRAIN.WARMUP_EPOCHS`` epochs comes first; with ``TRAIN.LR_SCHEDULER.WARMUP_PREFIX``
+the decay starts after it, otherwise the decay's clock starts at step 0.
+"""
+from __future__ import annotations
+
+from typing import Any, List
+
+import torch
+from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler, StepLRScheduler
+from timm.scheduler.scheduler import Scheduler
+
+from errors import UserError
+
+SCHEDULERS = ("cosine", "linear", "step", "multistep")
+
+
+class LinearLRScheduler(Scheduler):
+    """Linear warmup, then linear decay from the base lr to ``lr_min`` over ``t_initial`` steps.
+
+    timm has no linear decay. Same contract as timm's schedulers: ``step_update(t)`` sets the
+    lr of step ``t``; after the decay ends the lr stays at ``lr_min``. State is plain numbers,
+    so ``state_dict()`` is checkpoint-safe.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        t_initial: int,
+        lr_min: float = 0.0,
+        warmup_t: int = 0,
+        warmup_lr_init: float = 0.0,
+        warmup_prefix: bool = True,
+        t_in_epochs: bool = False,
+        initialize: bool = True,
+    ) -> None:
+        super().__init__(optimizer, param_group_field="lr", t_in_epochs=t_in_epochs, initialize=initialize)
+        if t_initial <= 0:
+            raise ValueError(f"t_initial must be positive, got {t_initial}")
+        self.t_initial = t_initial
+        self.lr_min = lr_min
+        self.warmup_t = warmup_t
+        self.warmup_lr_init = warmup_lr_init
+        self.warmup_prefix = warmup_prefix
+        if self.warmup_t:
+            self.warmup_steps = [(v - warmup_lr_init) / self.warmup_t for v in self.base_values]
+            # As timm's schedulers: the optimizer starts at the warmup lr, not the base lr.
+            super().update_groups(self.warmup_lr_init)
+        else:
+            self.warmup_steps = [1.0 for _ in self.base_values]
+
+    def _get_lr(self, t: int) -> List[float]:
+        if t < self.warmup_t:
+            return [self.warmup_lr_init + t * s for s in self.warmup_steps]
+        if self.warmup_prefix:
+            t = t - self.warmup_t
+        frac = min(max(t / self.t_initial, 0.0), 1.0)
+        return [v - (v - self.lr_min) * frac for v in self.base_values]
+
+    def get_cycle_length(self, cycles: int = 0) -> int:
+        """Steps until the lr reaches ``lr_min`` (timm's name for the schedule length)."""
+        return self.t_initial + self.warmup_t if self.warmup_prefix else self.t_initial
+
+
+def build_scheduler(
+    config: Any,
+    optimizer: torch.optim.Optimizer,
+    n_iter_per_epoch: int,
+    base_lr: float,
+    warmup_lr: float,
+    min_lr: float,
+) -> Scheduler:
+    """The schedule named by TRAIN.LR_SCHEDULER.NAME, counting optimizer steps.
+
+    ``n_iter_per_epoch``: optimizer steps per epoch (batches // ACCUMULATION_STEPS).
+    ``base_lr``/``warmup_lr``/``min_lr``: already scaled (optimizer.scaled_lrs). Every param
+    group's lr and initial_lr are set to ``base_lr`` first (the optimizer was built with the
+    unscaled TRAIN.BASE_LR); after construction the optimizer holds the lr of step 0
+    (``warmup_lr`` when there is a warmup). Impossible settings raise UserError.
+
+    'cosine': cosine from base_lr to min_lr. 'linear': straight line from base_lr to min_lr.
+    'step': x DECAY_RATE every DECAY_EPOCHS. 'multistep': x GAMMA at each epoch in MULTISTEPS.
+    """
+    sched_cfg = config.TRAIN.LR_SCHEDULER
+    name = str(sched_cfg.NAME).strip().lower()
+    if name not in SCHEDULERS:
+        raise UserError(f"unknown TRAIN.LR_SCHEDULER.NAME {sched_cfg.NAME!r}; use one of {', '.join(SCHEDULERS)}")
+    if n_iter_per_epoch < 1:
+        raise UserError(
+            "an epoch has no optimizer step (fewer batches than TRAIN.ACCUMULATION_STEPS); "
+            "lower TRAIN.ACCUMULATION_STEPS or DATA.BATCH_SIZE, or use more data"
+        )
+    epochs, warmup_epochs = config.TRAIN.EPOCHS, config.TRAIN.WARMUP_EPOCHS
+    if epochs < 1 or warmup_epochs < 0:
+        raise UserError(f"TRAIN.EPOCHS ({epochs}) must be >= 1 and TRAIN.WARMUP_EPOCHS ({warmup_epochs}) >= 0")
+    prefix = bool(sched_cfg.WARMUP_PREFIX)
+    # int(): fractional warmup epochs are allowed (the official release truncates the same way).
+    num_steps = int(epochs * n_iter_per_epoch)
+    warmup_steps = int(warmup_epochs * n_iter_per_epoch)
+    decay_steps = num_steps - warmup_steps if prefix else num_steps
+    if warmup_steps >= num_steps:
+        raise UserError(
+            f"TRAIN.WARMUP_EPOCHS ({warmup_epochs}) must be smaller than TRAIN.EPOCHS ({epochs}); "
+            "lower it, e.g. --opts TRAIN.WARMUP_EPOCHS 0"
+        )
+
+    for group in optimizer.param_groups:
+        # timm reads the schedule's peak from 'initial_lr' (setdefault), so overwrite both.
+        group["lr"] = base_lr
+        group["initial_lr"] = base_lr
+
+    common = dict(warmup_lr_init=warmup_lr, warmup_t=warmup_steps, t_in_epochs=False, warmup_prefix=prefix)
+    if name == "cosine":
+        return CosineLRScheduler(optimizer, t_initial=decay_steps, lr_min=min_lr, cycle_limit=1, **common)
+    if name == "linear":
+        return LinearLRScheduler(optimizer, t_initial=decay_steps, lr_min=min_lr, **common)
+    if name == "step":
+        decay_t = int(sched_cfg.DECAY_EPOCHS * n_iter_per_epoch)
+        if decay_t < 1:
+            raise UserError(f"TRAIN.LR_SCHEDULER.DECAY_EPOCHS ({sched_cfg.DECAY_EPOCHS}) must be > 0 for the step schedule")
+        return StepLRScheduler(optimizer, decay_t=decay_t, decay_rate=sched_cfg.DECAY_RATE, **common)
+    milestones = sorted(int(m * n_iter_per_epoch) for m in sched_cfg.MULTISTEPS)
+    if not milestones or milestones[0] < 1:
+        raise UserError("TRAIN.LR_SCHEDULER.MULTISTEPS must list positive epochs for the multistep schedule, e.g. [30, 60]")
+    return MultiStepLRScheduler(optimizer, decay_t=milestones, decay_rate=sched_cfg.GAMMA, **common)

@@ -1,0 +1,287 @@
+"""Train, fine-tune, evaluate and benchmark Swin Transformers.
+
+    python main.py --cfg configs/swin_tiny.yaml --data-path /data/imagenet          # one process
+    torchrun --nproc_per_node=8 main.py --cfg configs/swin_tiny.yaml --data-path ... # one node, 8 GPUs
+    python main.py --cfg ... --eval --resume ckpt.pth                              # validate and exit
+    python main.py --cfg ... --throughput                                          # images/s and exit
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+import time
+from typing import List, Optional
+
+import torch
+import torch.nn as nn
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+from checkpoint import (
+    capture_rng_state,
+    config_yaml,
+    find_resume_checkpoint,
+    load_checkpoint_file,
+    restore_rng_state,
+    save_epoch_checkpoint,
+    save_step_checkpoint,
+)
+from config import config_from_args, dump_config
+from data import build_loader
+from distributed import (
+    DistEnv,
+    all_gather_object,
+    barrier,
+    cleanup,
+    init_distributed,
+    make_grad_scaler,
+    resolve_amp_dtype,
+    seed_everything,
+)
+from engine import StepHooks, StopTraining, TrainState, evaluate, throughput, train_one_epoch
+from errors import UserError
+from logger import create_logger
+from lr_scheduler import build_scheduler
+from models import build_model, load_pretrained
+from models.pretrained import LoadReport, adapt_state_dict, extract_state_dict
+from optimizer import build_optimizer, scaled_lrs
+from preemption import StopRequest
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser("Swin Transformer training and evaluation", add_help=True)
+    p.add_argument("--cfg", type=str, metavar="FILE", help="path to a config YAML file")
+    p.add_argument("--opts", default=None, nargs="+", help="override config options: KEY VALUE pairs")
+    p.add_argument("--batch-size", type=int, help="batch size per process (DATA.BATCH_SIZE)")
+    p.add_argument("--data-path", type=str, help="dataset root holding train/ and val/ (DATA.DATA_PATH)")
+    p.add_argument("--dataset", type=str, help="dataset kind: imagenet or imagenet22K (DATA.DATASET)")
+    p.add_argument("--zip", action="store_true", help="read zipped datasets (DATA.ZIP_MODE; accepted for compatibility)")
+    p.add_argument("--cache-mode", type=str, choices=["no", "full", "part"], help="zip cache mode (DATA.CACHE_MODE)")
+    p.add_argument("--pretrained", help="weights to fine-tune from (.pth or .safetensors; MODEL.PRETRAINED)")
+    p.add_argument("--resume", help="checkpoint to resume training from or to evaluate (MODEL.RESUME)")
+    p.add_argument("--accumulation-steps", type=int, help="gradient accumulation steps (TRAIN.ACCUMULATION_STEPS)")
+    p.add_argument("--use-checkpoint", action="store_true", help="gradient checkpointing to save memory (TRAIN.USE_CHECKPOINT)")
+    p.add_argument("--disable_amp", action="store_true", help="train and evaluate in fp32 (AMP_ENABLE False)")
+    p.add_argument("--output", type=str, metavar="PATH", help="output root; the run writes to OUTPUT/MODEL.NAME/TAG")
+    p.add_argument("--tag", help="tag of the run (TAG)")
+    p.add_argument("--eval", action="store_true", help="only evaluate (EVAL_MODE)")
+    p.add_argument("--throughput", action="store_true", help="only measure images/s (THROUGHPUT_MODE)")
+    p.add_argument("--fused_window_process", action="store_true", help="fused shift + window partition kernel")
+    p.add_argument("--fused_layernorm", action="store_true", help="fused layer norm (accepted; torch's is used)")
+    p.add_argument("--optim", type=str, help="optimizer: adamw or sgd (TRAIN.OPTIMIZER.NAME)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (TRAIN.COMPILE)")
+    p.add_argument("--device", type=str, choices=["auto", "cpu", "cuda"], help="device (DEVICE); auto prefers CUDA")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    # torch.distributed.launch passes --local_rank; torchrun sets LOCAL_RANK instead.
+    p.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def build_criterion(config, mixup_active: bool) -> nn.Module:
+    if mixup_active:
+        return SoftTargetCrossEntropy()  # Mixup already folds label smoothing into the targets
+    if config.MODEL.LABEL_SMOOTHING > 0.0:
+        return LabelSmoothingCrossEntropy(smoothing=config.MODEL.LABEL_SMOOTHING)
+    return nn.CrossEntropyLoss()
+
+
+def _prepare_output(path: str) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, ".write_test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write to output folder {path} ({e.strerror}); pass a writable --output") from e
+
+
+def _check_config(config) -> None:
+    size, patch = config.DATA.IMG_SIZE, config.MODEL.SWIN.PATCH_SIZE
+    if size < patch:
+        raise UserError(f"DATA.IMG_SIZE {size} is smaller than one {patch}x{patch} patch; use a size of at least {patch}")
+    if config.TRAIN.ACCUMULATION_STEPS < 1:
+        raise UserError(f"TRAIN.ACCUMULATION_STEPS is {config.TRAIN.ACCUMULATION_STEPS}; use 1 or more")
+
+
+def load_resume(path: str, model: nn.Module, optimizer, lr_scheduler, scaler, state: TrainState, env: DistEnv,
+                logger, model_only: bool) -> dict:
+    """Restore a full training state (or only the weights with ``model_only``)."""
+    checkpoint = load_checkpoint_file(path)
+    report = LoadReport()
+    weights = adapt_state_dict(model, extract_state_dict(checkpoint), report)
+    if report.head != "loaded":
+        raise UserError(f"{path} has a classifier for another number of classes; use --pretrained to fine-tune from it")
+    result = model.load_state_dict(weights, strict=False)
+    if result.missing_keys:
+        raise UserError(f"{path} lacks {len(result.missing_keys)} weights of this model (e.g. {result.missing_keys[:3]}); check --cfg")
+    logger.info("resumed weights from %s", path)
+    if model_only or "optimizer" not in checkpoint:
+        return checkpoint
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+    if checkpoint.get("scaler") and scaler.is_enabled():
+        scaler.load_state_dict(checkpoint["scaler"])
+    state.max_accuracy = float(checkpoint.get("max_accuracy", 0.0))
+    sampler = checkpoint.get("sampler") or {}
+    if sampler.get("batch_in_epoch"):
+        state.epoch = int(checkpoint["epoch"])
+        state.batch_in_epoch = int(sampler["batch_in_epoch"])
+    else:
+        state.epoch = int(checkpoint["epoch"]) + 1
+    state.step = int(checkpoint.get("step", 0))
+    rng = checkpoint.get("rng")
+    if isinstance(rng, list) and len(rng) == env.world_size:
+        restore_rng_state(rng[env.rank])
+    logger.info("resuming at epoch %d, batch %d (optimizer step %d)", state.epoch, state.batch_in_epoch, state.step)
+    return checkpoint
+
+
+def run(args: argparse.Namespace) -> Optional[dict]:
+    config = config_from_args(args)
+    _check_config(config)
+    env = init_distributed(config.DEVICE)
+    _prepare_output(config.OUTPUT)
+    logger = create_logger(config.OUTPUT, dist_rank=env.rank, name="swin")
+    seed_everything(config.SEED, env.rank)
+
+    data = build_loader(config, env.world_size, env.rank, pin_memory=env.device.type == "cuda")
+    config.defrost()
+    config.MODEL.NUM_CLASSES = data.num_classes
+    config.freeze()
+    if env.rank == 0:
+        dump_config(config, os.path.join(config.OUTPUT, "config.yaml"))
+    logger.info("config saved to %s", os.path.join(config.OUTPUT, "config.yaml"))
+    logger.info("%d train / %d val images, %d classes, world size %d, device %s",
+                len(data.dataset_train), len(data.dataset_val), data.num_classes, env.world_size, env.device)
+
+    model = build_model(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info("model %s: %s parameters, %.3f GMACs", config.MODEL.NAME, f"{n_params:,}", model.flops() / 1e9)
+    model.to(env.device)
+    model_without_ddp = model
+
+    optimizer = build_optimizer(config, model)
+    base_lr, warmup_lr, min_lr = scaled_lrs(config, env.world_size)
+    steps_per_epoch = len(data.loader_train) // config.TRAIN.ACCUMULATION_STEPS
+    lr_scheduler = build_scheduler(config, optimizer, steps_per_epoch, base_lr, warmup_lr, min_lr)
+    amp_dtype = resolve_amp_dtype(env.device, config.AMP_DTYPE)
+    scaler = make_grad_scaler(env.device, config.AMP_ENABLE, amp_dtype)
+    criterion = build_criterion(config, data.mixup_fn is not None)
+    state = TrainState()
+
+    resume_path = config.MODEL.RESUME
+    if config.TRAIN.AUTO_RESUME and not config.EVAL_MODE:
+        found = find_resume_checkpoint(config.OUTPUT)
+        if found:
+            if resume_path:
+                logger.warning("auto-resume: %s replaces --resume %s", found, resume_path)
+            resume_path = found
+    if resume_path:
+        load_resume(resume_path, model, optimizer, lr_scheduler, scaler, state, env, logger, model_only=config.EVAL_MODE)
+    elif config.MODEL.PRETRAINED:
+        load_pretrained(model, config.MODEL.PRETRAINED)
+
+    if env.distributed:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    if config.TRAIN.COMPILE:
+        model = torch.compile(model)
+
+    if config.EVAL_MODE or (config.MODEL.PRETRAINED and not resume_path):
+        stats = evaluate(config, data.loader_val, model, env)
+        logger.info(f"Accuracy of the network on the {stats['count']} test images: {stats['acc1']:.2f}%")
+        if config.EVAL_MODE:
+            return stats
+    if config.THROUGHPUT_MODE:
+        return {"images_per_s": throughput(config, model, env)}
+
+    writer = None
+    if env.rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(os.path.join(config.OUTPUT, "tensorboard"))
+
+    def checkpoint_state(step_level: bool) -> dict:
+        rng = all_gather_object(capture_rng_state())
+        return {
+            "model": model_without_ddp.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "lr_scheduler": lr_scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+            "epoch": state.epoch,
+            "step": state.step,
+            "max_accuracy": state.max_accuracy,
+            "config": config_yaml(config),
+            "sampler": {"epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch if step_level else 0},
+            "rng": rng,
+            "class_names": list(data.class_names),
+        }
+
+    def save_step() -> None:
+        payload = checkpoint_state(step_level=True)
+        if env.rank == 0:
+            path = save_step_checkpoint(config.OUTPUT, payload)
+            logger.info("step checkpoint: %s (epoch %d, batch %d)", path, state.epoch, state.batch_in_epoch)
+        barrier()
+
+    stop = StopRequest().install()
+    hooks = StepHooks(save_step_checkpoint=save_step, stop_requested=lambda: stop.agreed(env.device),
+                      step_save_freq=config.TRAIN.STEP_SAVE_FREQ)
+    logger.info("start training: epochs %d..%d, lr %.3e (scaled), %d steps/epoch", state.epoch, config.TRAIN.EPOCHS - 1,
+                base_lr, steps_per_epoch)
+    start = time.time()
+    stats: dict = {}
+    try:
+        for epoch in range(state.epoch, config.TRAIN.EPOCHS):
+            state.epoch = epoch
+            data.sampler_train.set_epoch(epoch)
+            data.sampler_train.set_start_index(state.batch_in_epoch * config.DATA.BATCH_SIZE)
+            train_stats = train_one_epoch(config, model, criterion, data.loader_train, optimizer, lr_scheduler, scaler,
+                                          data.mixup_fn, env, state, hooks, writer)
+            stats = evaluate(config, data.loader_val, model, env)
+            is_best = stats["acc1"] > state.max_accuracy
+            state.max_accuracy = max(state.max_accuracy, stats["acc1"])
+            logger.info(f"Accuracy of the network on the {stats['count']} test images: {stats['acc1']:.2f}%; "
+                        f"max accuracy {state.max_accuracy:.2f}%")
+            if writer is not None:
+                writer.add_scalar("val/acc1", stats["acc1"], epoch)
+                writer.add_scalar("val/acc5", stats["acc5"], epoch)
+                writer.add_scalar("val/loss", stats["loss"], epoch)
+                writer.add_scalar("train/epoch_loss", train_stats["loss"], epoch)
+                writer.flush()
+            if epoch % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1:
+                payload = checkpoint_state(step_level=False)
+                if env.rank == 0:
+                    path = save_epoch_checkpoint(config.OUTPUT, epoch, payload, keep=config.SAVE_KEEP, is_best=is_best)
+                    logger.info("saved %s", path)
+                barrier()
+    except StopTraining as e:
+        logger.warning("%s after %s: checkpoint written to %s; run the same command again to continue",
+                       e, stop.signal_name, config.OUTPUT)
+        stats = {"stopped": True}
+    finally:
+        stop.uninstall()
+        if writer is not None:
+            writer.close()
+    logger.info("training time %s", datetime.timedelta(seconds=int(time.time() - start)))
+    stats["max_accuracy"] = state.max_accuracy
+    return stats
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

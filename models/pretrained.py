@@ -1,0 +1,189 @@
+"""Loading released (or our own) weights into a Swin model, adapting what legitimately differs.
+
+``load_pretrained(model, path)`` is the one entry point, used by ``--pretrained`` and by people's
+own code. It rebuilds derived buffers, resizes relative position bias tables and absolute position
+embeddings to the model's window and grid (bicubic, as the release fine-tunes 224→384), maps a
+21,841-class ImageNet-22K head onto the 1,000 ImageNet-1K classes, and re-initialises any other
+head of the wrong size. Anything else that does not fit is an error that lists the mismatches.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Dict, List, Tuple
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from errors import UserError
+
+logger = logging.getLogger(__name__)
+
+IMAGENET22K_CLASSES = 21841
+IMAGENET1K_CLASSES = 1000
+# ImageNet-1K class 850 (n04399382, teddy bear) is absent from the 22K synset list; the release
+# maps it to this 22K row.
+_TEDDY_BEAR_1K = 850
+_TEDDY_BEAR_22K = 5564
+# Buffers computed from the window size; released checkpoints carry them but they are never loaded.
+DERIVED_KEYS = ("relative_position_index", "attn_mask", "relative_coords_table")
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_pretrained` could not match, and what it adapted."""
+
+    missing: List[str] = field(default_factory=list)
+    unexpected: List[str] = field(default_factory=list)
+    resized: List[str] = field(default_factory=list)
+    head: str = "loaded"  # 'loaded', 'mapped-22k-to-1k', 're-initialised' or 'absent'
+
+
+def _timm_info_file(name: str) -> str:
+    return os.path.join(os.path.dirname(timm.__file__), "data", "_info", name)
+
+
+@lru_cache(maxsize=1)
+def imagenet22k_to_1k_indices() -> Tuple[int, ...]:
+    """For each ImageNet-1K class (timm's ``imagenet_synsets.txt`` order), its ImageNet-22K row.
+
+    Derived from the WordNet ids in the class lists timm ships; returns 1,000 indices.
+    """
+    with open(_timm_info_file("imagenet_synsets.txt")) as f:
+        synsets_1k = f.read().split()
+    with open(_timm_info_file("imagenet21k_goog_synsets.txt")) as f:
+        row_of = {wnid: i for i, wnid in enumerate(f.read().split())}
+    indices = []
+    for cls, wnid in enumerate(synsets_1k):
+        if wnid in row_of:
+            indices.append(row_of[wnid])
+        elif cls == _TEDDY_BEAR_1K:
+            indices.append(_TEDDY_BEAR_22K)
+        else:  # the shipped lists changed under us: refuse rather than map silently wrong
+            raise RuntimeError(f"ImageNet-1K class {cls} ({wnid}) has no ImageNet-22K row")
+    return tuple(indices)
+
+
+def resize_relative_position_bias_table(table: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Resize a bias table to another window, per head, as a (2M-1)×(2M-1) grid (bicubic).
+
+    Args:
+        table: ((2M-1)², heads).
+        num_rows: (2M'-1)², the target number of rows.
+    Returns:
+        (num_rows, heads).
+    """
+    old, heads = table.shape
+    s_old, s_new = int(math.isqrt(old)), int(math.isqrt(num_rows))
+    grid = table.float().permute(1, 0).reshape(1, heads, s_old, s_old)
+    grid = F.interpolate(grid, size=(s_new, s_new), mode="bicubic", align_corners=False)
+    return grid.reshape(heads, num_rows).permute(1, 0).to(table.dtype)
+
+
+def _resize_abs_pos_embed(pos: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    from models.swin_transformer import resize_pos_embed
+
+    old, new = int(math.isqrt(pos.shape[1])), int(math.isqrt(target.shape[1]))
+    return resize_pos_embed(pos, (old, old), (new, new))
+
+
+def extract_state_dict(checkpoint: Dict) -> Dict[str, torch.Tensor]:
+    """The weights inside a checkpoint dict: its 'model' (or 'state_dict') entry, else itself."""
+    for key in ("model", "state_dict"):
+        if key in checkpoint and isinstance(checkpoint[key], dict):
+            checkpoint = checkpoint[key]
+            break
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in checkpoint.items()}
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def adapt_state_dict(model: nn.Module, state: Dict[str, torch.Tensor], report: LoadReport) -> Dict[str, torch.Tensor]:
+    """Make ``state`` fit ``model`` (see module docstring); raises UserError on a wrong architecture."""
+    own = model.state_dict()
+    out: Dict[str, torch.Tensor] = {}
+    mismatched: List[str] = []
+    for key, value in state.items():
+        if key.rsplit(".", 1)[-1] in DERIVED_KEYS:
+            continue
+        if key not in own:
+            report.unexpected.append(key)
+            continue
+        target = own[key]
+        if value.shape == target.shape:
+            out[key] = value
+        elif key.endswith("relative_position_bias_table") and value.shape[1] == target.shape[1]:
+            out[key] = resize_relative_position_bias_table(value, target.shape[0])
+            report.resized.append(key)
+        elif key.endswith("absolute_pos_embed") and value.shape[2] == target.shape[2]:
+            out[key] = _resize_abs_pos_embed(value, target)
+            report.resized.append(key)
+        elif key.startswith("head."):
+            continue  # decided below, with the other head tensor
+        else:
+            mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(target.shape)}")
+    if mismatched:
+        shown = "; ".join(mismatched[:4]) + (f"; and {len(mismatched) - 4} more" if len(mismatched) > 4 else "")
+        raise UserError(f"checkpoint does not fit this architecture ({len(mismatched)} mismatched): {shown}; check --cfg against the checkpoint")
+    _adapt_head(model, state, own, out, report)
+    return out
+
+
+def _adapt_head(model: nn.Module, state: Dict, own: Dict, out: Dict, report: LoadReport) -> None:
+    if "head.weight" not in own:
+        report.head = "absent"
+        return
+    if "head.weight" not in state:
+        report.head = "re-initialised"
+        _zero_head(model)
+        return
+    w, b = state["head.weight"], state.get("head.bias")
+    n_ckpt, n_model = w.shape[0], own["head.weight"].shape[0]
+    if n_ckpt == n_model:
+        out["head.weight"] = w
+        if b is not None:
+            out["head.bias"] = b
+    elif n_ckpt == IMAGENET22K_CLASSES and n_model == IMAGENET1K_CLASSES:
+        rows = torch.tensor(imagenet22k_to_1k_indices())
+        out["head.weight"] = w[rows]
+        if b is not None:
+            out["head.bias"] = b[rows]
+        report.head = "mapped-22k-to-1k"
+    else:
+        logger.warning("checkpoint head has %d classes, model has %d: head re-initialised to zero", n_ckpt, n_model)
+        _zero_head(model)
+        report.head = "re-initialised"
+
+
+def _zero_head(model: nn.Module) -> None:
+    # Zero, as the release does: the fine-tuned model starts from uniform predictions.
+    with torch.no_grad():
+        model.head.weight.zero_()
+        if model.head.bias is not None:
+            model.head.bias.zero_()
+
+
+def load_pretrained(model: nn.Module, path: str) -> LoadReport:
+    """Load weights from ``path`` (.pth/.pt checkpoint or .safetensors) into ``model`` for fine-tuning.
+
+    Returns a :class:`LoadReport` of what did not match. Optimizer and epoch are not restored.
+    """
+    from checkpoint import load_checkpoint_file
+
+    checkpoint = load_checkpoint_file(path)
+    report = LoadReport()
+    state = adapt_state_dict(model, extract_state_dict(checkpoint), report)
+    result = model.load_state_dict(state, strict=False)
+    report.missing = [
+        k for k in result.missing_keys if not (k.startswith("head.") and report.head == "re-initialised")
+    ]
+    logger.info(
+        "loaded %s: %d tensors, head %s, resized %d, missing %d %s, unexpected %d %s",
+        path, len(state), report.head, len(report.resized), len(report.missing), report.missing[:6],
+        len(report.unexpected), report.unexpected[:6],
+    )
+    return report

@@ -1,0 +1,42 @@
+"""Graceful stop on SIGTERM/SIGINT: finish the step, save, exit (schedulers pre-empt with SIGTERM)."""
+from __future__ import annotations
+
+import logging
+import signal
+from types import FrameType
+from typing import Optional
+
+import torch
+
+from distributed import all_reduce_sum
+
+logger = logging.getLogger(__name__)
+
+
+class StopRequest:
+    """Records a termination signal instead of dying mid-step; the trainer polls :meth:`agreed`."""
+
+    def __init__(self) -> None:
+        self.signal_name: Optional[str] = None
+        self._previous = {}
+
+    def install(self) -> "StopRequest":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
+        if self.signal_name is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C means "now"
+        self.signal_name = signal.Signals(signum).name
+        logger.warning("received %s: finishing this step, then saving a checkpoint and exiting", self.signal_name)
+
+    def agreed(self, device: torch.device) -> bool:
+        """True on every rank once any rank was signalled (all ranks must stop at the same step)."""
+        flag = torch.tensor([1.0 if self.signal_name else 0.0], device=device)
+        return bool(all_reduce_sum(flag).item() > 0)
