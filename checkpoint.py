@@ -279,7 +279,7 @@ def load_checkpoint_file(path: str, map_location: Any = "cpu") -> dict:
     if os.path.isdir(path):
         raise UserError(f"checkpoint {path} is a folder; pass the checkpoint file inside it")
     if path.endswith(".safetensors"):
-        return {"model": _load_safetensors(path, map_location)}
+        return {"model": _load_safetensors(path, map_location), **_safetensors_metadata(path)}
     obj = _torch_load(path, map_location, mmap=False)
     if not isinstance(obj, dict):
         raise UserError(f"checkpoint {path} holds a {type(obj).__name__}, not a dict of weights; save a state_dict instead")
@@ -296,6 +296,22 @@ def _load_safetensors(path: str, map_location: Any) -> dict[str, torch.Tensor]:
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
         raise UserError(f"cannot read safetensors file {path} ({reason}); re-create or re-download it") from None
+
+
+def _safetensors_metadata(path: str) -> dict:
+    """'config' (YAML text) and 'class_names' stored by scripts/export.py, when present."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+    out: dict = {}
+    if "config" in meta:
+        out["config"] = meta["config"]
+    if "class_names" in meta:
+        out["class_names"] = json.loads(meta["class_names"])
+    return out
 
 
 def _peek(path: str) -> dict:
