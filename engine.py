@@ -148,10 +148,12 @@ def train_one_epoch(
         end = time.time()
 
         if is_update:
-            if hooks.step_save_freq and state.step % hooks.step_save_freq == 0:
+            periodic = bool(hooks.step_save_freq) and state.step % hooks.step_save_freq == 0
+            if periodic:
                 hooks.save_step_checkpoint()
             if hooks.stop_requested():
-                hooks.save_step_checkpoint()
+                if not periodic:  # the periodic save above already wrote this step; don't write it twice
+                    hooks.save_step_checkpoint()
                 raise StopTraining(f"stopped at epoch {epoch}, batch {idx + 1}/{num_steps}")
 
         if idx % config.PRINT_FREQ == 0 or idx == num_steps - 1:

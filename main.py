@@ -89,7 +89,9 @@ def build_criterion(config, mixup_active: bool) -> nn.Module:
 def _prepare_output(path: str) -> None:
     try:
         os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, ".write_test")
+        # One probe name per process: with a shared name, another rank could remove the file
+        # between this rank's write and remove (FileNotFoundError -> a false "cannot write").
+        probe = os.path.join(path, f".write_test.{os.getpid()}")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
@@ -113,6 +115,14 @@ def load_resume(path: str, model: nn.Module, optimizer, lr_scheduler, scaler, st
     weights = adapt_state_dict(model, extract_state_dict(checkpoint), report)
     if report.head != "loaded":
         raise UserError(f"{path} has a classifier for another number of classes; use --pretrained to fine-tune from it")
+    # A checkpoint of a deeper model (extra blocks) or another window size used to load without a
+    # word: its extra weights were dropped, its bias tables resized. That is another architecture.
+    if report.unexpected:
+        raise UserError(f"{path} has {len(report.unexpected)} weights this model lacks (e.g. {report.unexpected[:3]}); "
+                        "it is another architecture: check --cfg (or fine-tune from it with --pretrained)")
+    if report.resized:
+        raise UserError(f"{path} has {len(report.resized)} tensors of another window or image size (e.g. "
+                        f"{report.resized[:2]}); check --cfg (or fine-tune from it with --pretrained)")
     result = model.load_state_dict(weights, strict=False)
     if result.missing_keys:
         raise UserError(f"{path} lacks {len(result.missing_keys)} weights of this model (e.g. {result.missing_keys[:3]}); check --cfg")

@@ -1,0 +1,250 @@
+"""Multi-process (gloo, CPU) behaviour: DDP training matches one big-batch process, eval is exact.
+
+Both tests start real process groups in subprocesses (2 ranks on 2 CPU cores) with a tiny Swin
+(embed 16, 32x32 inputs) so they stay fast; each process uses one intra-op thread.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_CFG = str(ROOT / "configs" / "demo" / "swin_demo_digits.yaml")
+
+# Tiny, deterministic variant of the demo model (augmentation is off in the demo config already).
+TINY_OPTS = [
+    "DATA.IMG_SIZE", "32", "MODEL.SWIN.EMBED_DIM", "16", "MODEL.SWIN.NUM_HEADS", "[1,2,4,8]",
+    "MODEL.SWIN.DEPTHS", "[2,2,2,2]", "DATA.NUM_WORKERS", "0", "TRAIN.EPOCHS", "1", "TRAIN.WARMUP_EPOCHS", "0",
+    "AUG.COLOR_JITTER", "0.0", "MODEL.DROP_PATH_RATE", "0.0", "AMP_ENABLE", "False",
+]
+# One thread per process: 2 ranks on 2 cores, and identical kernels in every run.
+SUBPROCESS_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+ACC_LINE = re.compile(r" \* Acc@1 ([\d.]+) Acc@5 ([\d.]+) loss ([\d.]+) images (\d+)")
+
+
+def _env() -> dict:
+    env = {**os.environ, **SUBPROCESS_ENV}
+    # A launcher's variables from an outer torchrun would make main.py join the wrong group.
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+# --------------------------------------------------------------------------- DDP == big batch
+
+# The worker trains with the project's own pieces (config, build_model, build_optimizer,
+# scaled_lrs, build_scheduler, build_criterion, train_one_epoch with its clip/step logic) on
+# fixed batches. Rank r of W takes rows r*b:(r+1)*b of every global batch of W*b rows.
+WORKER = textwrap.dedent(
+    '''
+    import os, socket, sys
+    sys.path.insert(0, {root!r})
+    import torch
+    import torch.multiprocessing as mp
+
+    DEMO_CFG, TINY_OPTS, OUT = {cfg!r}, {opts!r}, {out!r}
+    STEPS, GLOBAL_BATCH = {steps}, {global_batch}
+
+
+    def fixed_batches(accum):
+        g = torch.Generator().manual_seed(1234)
+        n = STEPS * accum
+        return [(torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=g), torch.randint(0, 10, (GLOBAL_BATCH,), generator=g))
+                for _ in range(n)]
+
+
+    def train(world_size, rank, per_rank_batch, accum, rows=None, lr_world_size=None):
+        """Final weights of a run; ``rows`` (start, stop) overrides the slice of each global batch and
+        ``lr_world_size`` the process count the learning rate is scaled for."""
+        from config import get_config
+        from distributed import cleanup, init_distributed, make_grad_scaler
+        from engine import StepHooks, TrainState, train_one_epoch
+        from lr_scheduler import build_scheduler
+        from main import build_criterion
+        from models import build_model
+        from optimizer import build_optimizer, scaled_lrs
+
+        opts = TINY_OPTS + ["DATA.BATCH_SIZE", str(per_rank_batch), "TRAIN.ACCUMULATION_STEPS", str(accum),
+                            "MODEL.NUM_CLASSES", "10"]
+        config = get_config(DEMO_CFG, opts)
+        env = init_distributed("cpu")
+        assert env.world_size == world_size and env.rank == rank, (env, world_size, rank)
+        torch.manual_seed(0)
+        model = build_model(config)
+        if env.distributed:
+            model = torch.nn.parallel.DistributedDataParallel(model)
+        optimizer = build_optimizer(config, model)
+        base_lr, warmup_lr, min_lr = scaled_lrs(config, lr_world_size or env.world_size)
+        lr_scheduler = build_scheduler(config, optimizer, STEPS, base_lr, warmup_lr, min_lr)
+        scaler = make_grad_scaler(env.device, False, None)
+        start, stop = rows if rows else (rank * per_rank_batch, (rank + 1) * per_rank_batch)
+        loader = [(x[start:stop], y[start:stop], ("",) * (stop - start)) for x, y in fixed_batches(accum)]
+        state = TrainState()
+        hooks = StepHooks(save_step_checkpoint=lambda: None, stop_requested=lambda: False)
+        train_one_epoch(config, model, build_criterion(config, False), loader, optimizer, lr_scheduler, scaler,
+                        None, env, state, hooks)
+        assert state.step == STEPS, state.step
+        weights = getattr(model, "module", model).state_dict()
+        cleanup()
+        return {{"weights": weights, "lr": optimizer.param_groups[0]["lr"], "base_lr": base_lr}}
+
+
+    def rank_main(rank, port, per_rank_batch, accum):
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        torch.save(train(2, rank, per_rank_batch, accum), os.path.join(OUT, f"ddp_accum{{accum}}_rank{{rank}}.pt"))
+
+
+    def free_port():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+
+    if __name__ == "__main__":
+        for accum in {accums!r}:
+            # Fork before this process computes anything; the 2 ranks then run side by side.
+            mp.start_processes(rank_main, args=(free_port(), GLOBAL_BATCH // 2, accum), nprocs=2,
+                               start_method="fork")
+            torch.save(train(1, 0, GLOBAL_BATCH, accum), os.path.join(OUT, f"single_accum{{accum}}.pt"))
+        # Negative control: rank 0 of 2 without gradient averaging (its half of every batch, same lr).
+        torch.save(train(1, 0, GLOBAL_BATCH // 2, 1, rows=(0, GLOBAL_BATCH // 2), lr_world_size=2),
+                   os.path.join(OUT, "half.pt"))
+    '''
+)
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point())
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_with_batch_b_train_the_same_weights_as_one_process_with_batch_2b(tmp_path: Path) -> None:
+    steps, global_batch, accums = 4, 8, (1, 2)
+    script = tmp_path / "ddp_worker.py"
+    script.write_text(WORKER.format(root=str(ROOT), cfg=DEMO_CFG, opts=TINY_OPTS, out=str(tmp_path),
+                                    steps=steps, global_batch=global_batch, accums=accums))
+    proc = subprocess.run([sys.executable, str(script)], env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    half = torch.load(tmp_path / "half.pt", weights_only=True)
+    for accum in accums:
+        single = torch.load(tmp_path / f"single_accum{accum}.pt", weights_only=True)
+        ranks = [torch.load(tmp_path / f"ddp_accum{accum}_rank{r}.pt", weights_only=True) for r in (0, 1)]
+        # Per-rank batch b on 2 ranks is the same total batch as 2b on one: the same scaled lr.
+        assert ranks[0]["base_lr"] == single["base_lr"] == pytest.approx(2e-3 * global_batch * accum / 512)
+        assert ranks[0]["lr"] == ranks[1]["lr"] == single["lr"]
+        # DDP keeps the replicas identical, and they match the single big-batch process.
+        assert _max_diff(ranks[0]["weights"], ranks[1]["weights"]) == 0.0
+        diff = _max_diff(ranks[0]["weights"], single["weights"])
+        assert diff < 1e-5, f"accumulation {accum}: DDP and single-process weights differ by {diff:.3g}"
+
+    # The comparison can fail: training on half of each batch (what a rank would do without
+    # gradient averaging) ends well outside the tolerance. (In float64 the DDP and single runs
+    # agree to ~1e-14; the float32 gap, ~4e-7 here, is rounding that AdamW amplifies.)
+    single = torch.load(tmp_path / "single_accum1.pt", weights_only=True)
+    assert half["base_lr"] == single["base_lr"]
+    assert _max_diff(half["weights"], single["weights"]) > 5e-5
+
+
+# --------------------------------------------------------------------------- exact evaluation
+
+
+def _small_imagefolder(src: str, dst: Path, train_per_class: int, val_total: int) -> Path:
+    """A copy of ``src`` with ``train_per_class`` train images per class and ``val_total`` val images."""
+    classes = sorted(os.listdir(os.path.join(src, "train")))
+    for c in classes:
+        (dst / "train" / c).mkdir(parents=True)
+        for name in sorted(os.listdir(os.path.join(src, "train", c)))[:train_per_class]:
+            shutil.copy(os.path.join(src, "train", c, name), dst / "train" / c / name)
+        (dst / "val" / c).mkdir(parents=True)
+    # Round-robin over classes so the val set is odd-sized and every class appears.
+    per_class = {c: sorted(os.listdir(os.path.join(src, "val", c))) for c in classes}
+    for i in range(val_total):
+        c = classes[i % len(classes)]
+        name = per_class[c][i // len(classes)]
+        shutil.copy(os.path.join(src, "val", c, name), dst / "val" / c / name)
+    return dst
+
+
+def _parse_eval(output: str) -> tuple[float, float, float, int]:
+    found = ACC_LINE.findall(output)
+    assert len(found) == 1, output[-3000:]
+    acc1, acc5, loss, count = found[0]
+    return float(acc1), float(acc5), float(loss), int(count)
+
+
+@pytest.mark.slow
+def test_eval_on_two_gloo_ranks_reports_what_one_process_reports_for_an_odd_val_set(demo_data: str, tmp_path: Path) -> None:
+    val_total = 15  # odd: 8 images on rank 0, 7 on rank 1, last batches partial
+    data = _small_imagefolder(demo_data, tmp_path / "data", train_per_class=2, val_total=val_total)
+
+    # A checkpoint with (random, fixed) weights of the tiny model, as training would write it.
+    from checkpoint import save_checkpoint
+    from config import get_config
+    from models import build_model
+
+    torch.manual_seed(3)
+    model = build_model(get_config(DEMO_CFG, TINY_OPTS + ["MODEL.NUM_CLASSES", "10"]))
+    ckpt = tmp_path / "weights.pth"
+    save_checkpoint(str(ckpt), {"model": model.state_dict(), "epoch": 0})
+
+    common = [str(ROOT / "main.py"), "--cfg", DEMO_CFG, "--data-path", str(data), "--batch-size", "4",
+              "--device", "cpu", "--eval", "--resume", str(ckpt), "--opts", *TINY_OPTS]
+    # The one-process reference runs alongside the torchrun launch (both mostly start up).
+    single = subprocess.Popen([sys.executable, *common, "--output", str(tmp_path / "one")], env=_env(), cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+        multi = subprocess.run([*launcher, *common, "--output", str(tmp_path / "two")], env=_env(), cwd=ROOT,
+                               capture_output=True, text=True, timeout=300)
+    finally:
+        single_out, single_err = single.communicate(timeout=300)
+    assert single.returncode == 0, single_out[-3000:] + single_err[-3000:]
+    # On failure show each rank's own error line first: torchrun's traceback hides it.
+    assert multi.returncode == 0, "\n".join(re.findall(r".*error: .*", multi.stderr)) + multi.stderr[-3000:]
+
+    acc1, acc5, loss, count = _parse_eval(single_out)
+    acc1_2, acc5_2, loss_2, count_2 = _parse_eval(multi.stdout)
+    assert count == count_2 == val_total  # every image exactly once: no padding, no duplicates
+    assert (acc1_2, acc5_2) == (acc1, acc5)
+    assert loss_2 == pytest.approx(loss, abs=1e-4)  # printed with 4 decimals
+    # Both ranks really took part: each wrote its own log with its share of the val set.
+    run_dir = tmp_path / "two" / "swin_demo_digits" / "default"
+    assert "world size 2" in (run_dir / "log_rank0.txt").read_text()
+    assert "7 val images on this rank" in (run_dir / "log_rank1.txt").read_text()
+
+
+# --------------------------------------------------------------------------- shared output folder
+
+
+def _probe_output_repeatedly(path: str) -> str:
+    import main
+
+    for _ in range(1000):
+        try:
+            main._prepare_output(path)
+        except Exception as e:  # noqa: BLE001 - report what a rank would have died of
+            return f"{type(e).__name__}: {e}"
+    return "ok"
+
+
+def test_ranks_checking_the_same_output_folder_do_not_fail_each_other(tmp_path: Path) -> None:
+    # Every rank checks that OUTPUT is writable at start-up; with one shared probe file name a
+    # rank could delete the file another rank was about to delete, and die with a false
+    # "cannot write to output folder" (seen as a flaky torchrun exit code 2).
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        results = pool.map(_probe_output_repeatedly, [str(tmp_path / "out")] * 2)
+    assert results == ["ok", "ok"]
+    assert os.listdir(tmp_path / "out") == []  # no probe files left behind

@@ -1,0 +1,259 @@
+"""main.py as a user runs it: train, --eval, --throughput, and one-line errors for user mistakes.
+
+The happy path and a few errors run ``main.py`` in a subprocess (real exit codes and streams);
+the rest of the error matrix calls ``main.main(argv)`` in-process, which is what
+``python main.py`` runs, to stay fast. A tiny Swin (embed 16, 32x32) on 80 digits keeps it quick.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import logger as logger_module
+import main as main_module
+
+ROOT = Path(__file__).resolve().parents[1]
+MAIN = str(ROOT / "main.py")
+DEMO_CFG = str(ROOT / "configs" / "demo" / "swin_demo_digits.yaml")
+TINY_OPTS = [
+    "DATA.IMG_SIZE", "32", "MODEL.SWIN.EMBED_DIM", "16", "MODEL.SWIN.NUM_HEADS", "[1,2,4,8]",
+    "MODEL.SWIN.DEPTHS", "[2,2,2,2]", "DATA.NUM_WORKERS", "0", "TRAIN.EPOCHS", "1", "TRAIN.WARMUP_EPOCHS", "0",
+    "AUG.COLOR_JITTER", "0.0", "MODEL.DROP_PATH_RATE", "0.0", "AMP_ENABLE", "False",
+]
+ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+ACC_LINE = re.compile(r" \* Acc@1 ([\d.]+) Acc@5 ([\d.]+) loss ([\d.]+) images (\d+)")
+
+
+@pytest.fixture(scope="module")
+def small_data(demo_data: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """10 classes x 8 train images and 15 (odd) val images copied from the demo dataset."""
+    dst = tmp_path_factory.mktemp("cli") / "data"
+    for split, per_class in (("train", 8), ("val", None)):
+        for c in sorted(os.listdir(os.path.join(demo_data, split))):
+            os.makedirs(dst / split / c)
+            names = sorted(os.listdir(os.path.join(demo_data, split, c)))
+            for name in names[: per_class or (2 if int(c) < 5 else 1)]:
+                shutil.copy(os.path.join(demo_data, split, c, name), dst / split / c / name)
+    return str(dst)
+
+
+@pytest.fixture(autouse=True)
+def _release_log_handlers():
+    """In-process runs attach file/console handlers to the 'swin' and root loggers; drop them."""
+    yield
+    for lg in (logging.getLogger("swin"), logging.getLogger()):
+        for h in [h for h in lg.handlers if getattr(h, logger_module._OWNED, False)]:
+            lg.removeHandler(h)
+            h.close()
+
+
+def _args(data: str, output: Path, *extra: str, opts: tuple[str, ...] = ()) -> list[str]:
+    return ["--cfg", DEMO_CFG, "--data-path", data, "--output", str(output), "--device", "cpu", "--batch-size", "16",
+            *extra, "--opts", *TINY_OPTS, *opts]
+
+
+def _subprocess(args: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, **ENV}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return subprocess.run([sys.executable, MAIN, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _in_process(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    code = main_module.main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ") and "Traceback" not in err
+    return lines[0]
+
+
+def _checkpoint_of(tmp_path: Path, name: str, opts: list[str]) -> Path:
+    """A weights checkpoint of the tiny model changed by ``opts`` (another architecture)."""
+    from checkpoint import save_checkpoint
+    from config import get_config
+    from models import build_model
+
+    model = build_model(get_config(DEMO_CFG, TINY_OPTS + ["MODEL.NUM_CLASSES", "10", *opts]))
+    path = tmp_path / name
+    save_checkpoint(str(path), {"model": model.state_dict(), "epoch": 0})
+    return path
+
+
+# --------------------------------------------------------------------------- happy path
+
+
+@pytest.mark.slow
+def test_train_then_eval_resume_reports_the_same_accuracy_and_throughput_reports_images_per_s(
+    small_data: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    train = _subprocess(_args(small_data, tmp_path, "--tag", "cli"))
+    assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
+    run_dir = tmp_path / "swin_demo_digits" / "cli"
+    assert "Train: [0/1][4/5]" in train.stdout and (run_dir / "last.pth").is_file()
+    assert train.stderr == ""  # no warnings or stray output from any stage of a real run
+    trained = ACC_LINE.findall(train.stdout)[-1]
+
+    evaluated = _subprocess(_args(small_data, tmp_path, "--tag", "cli-eval", "--eval", "--resume", str(run_dir / "last.pth")))
+    assert evaluated.returncode == 0, evaluated.stdout[-3000:] + evaluated.stderr[-3000:]
+    assert "Train:" not in evaluated.stdout and evaluated.stderr == ""  # --eval only evaluates
+    found = ACC_LINE.findall(evaluated.stdout)
+    assert len(found) == 1
+    acc1, acc5, loss, count = found[0]
+    assert int(count) == 15 and 0.0 <= float(acc1) <= float(acc5) <= 100.0 and float(loss) > 0
+    assert found[0] == trained  # the same weights give the same numbers
+    assert f"Accuracy of the network on the 15 test images: {float(acc1):.2f}%" in evaluated.stdout
+
+    code, out, err = _in_process(_args(small_data, tmp_path, "--tag", "cli-tp", "--throughput"), capsys)
+    assert code == 0, err
+    assert re.search(r"throughput: [\d.]+ images/s \(batch 16, 32x32, float32, device cpu, \d+ timed iterations\)", out), out
+    assert "Train:" not in out and "Acc@1" not in out
+
+
+# --------------------------------------------------------------------------- user errors
+
+
+def test_unknown_opts_key_exits_2_with_one_error_line_naming_the_closest_key() -> None:
+    proc = _subprocess(["--cfg", DEMO_CFG, "--opts", "TRAIN.EPOCH", "3"])
+    assert proc.returncode == 2
+    assert _one_error_line(proc.stderr) == "error: unknown config key TRAIN.EPOCH in --opts; did you mean TRAIN.EPOCHS?"
+
+
+def test_debug_shows_the_traceback_of_a_user_error() -> None:
+    proc = _subprocess(["--cfg", DEMO_CFG, "--debug", "--opts", "TRAIN.EPOCH", "3"])
+    assert proc.returncode != 0
+    assert "Traceback (most recent call last)" in proc.stderr
+    assert "errors.UserError: unknown config key TRAIN.EPOCH in --opts; did you mean TRAIN.EPOCHS?" in proc.stderr
+
+
+def _class_mismatch(data: str, tmp: Path) -> str:
+    copy = tmp / "mismatched"
+    shutil.copytree(data, copy)
+    os.makedirs(copy / "val" / "extra")
+    return str(copy)
+
+
+def _bad_yaml(tmp: Path) -> Path:
+    path = tmp / "bad.yaml"
+    path.write_text("TRAIN:\n  EPOCH: 3\n")
+    return path
+
+
+# case -> (data path, tmp) -> (argv, text the error line must contain)
+USER_ERRORS = {
+    "missing-data-path": lambda data, tmp: (_args(str(tmp / "nope"), tmp), f"--data-path {tmp / 'nope'} does not exist"),
+    "train-val-class-mismatch": lambda data, tmp: (_args(_class_mismatch(data, tmp), tmp),
+                                                   "have different class folders (only in val/: extra)"),
+    "unknown-yaml-key": lambda data, tmp: (["--cfg", str(_bad_yaml(tmp))],
+                                           f"unknown config key TRAIN.EPOCH in {tmp / 'bad.yaml'}; did you mean TRAIN.EPOCHS?"),
+    "wrong-value-type": lambda data, tmp: (_args(data, tmp, opts=("TRAIN.EPOCHS", "abc")),
+                                           "wrong value type for TRAIN.EPOCHS in --opts"),
+    "image-smaller-than-a-patch": lambda data, tmp: (_args(data, tmp, opts=("DATA.IMG_SIZE", "2", "MODEL.SWIN.PATCH_SIZE", "4")),
+                                                     "DATA.IMG_SIZE 2 is smaller than one 4x4 patch"),
+    "batch-size-0": lambda data, tmp: (_args(data, tmp, "--batch-size", "0"), "DATA.BATCH_SIZE is 0; use a positive --batch-size"),
+    "batch-larger-than-train-set": lambda data, tmp: (_args(data, tmp, "--batch-size", "81"),
+                                                      "DATA.BATCH_SIZE 81 is larger than the 80 training images per process"),
+}
+
+
+@pytest.mark.parametrize("case", list(USER_ERRORS))
+def test_user_error_gives_one_error_line_and_exit_code_2(case: str, small_data: str, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    args, expected = USER_ERRORS[case](small_data, tmp_path)
+    code, _out, err = _in_process(args, capsys)
+    assert code == 2, err
+    assert expected in _one_error_line(err)
+
+
+def test_output_folder_that_cannot_be_written_is_a_user_error(small_data: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # A folder below a regular file cannot be created, not even by root.
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    code, _out, err = _in_process(_args(small_data, blocker / "sub"), capsys)
+    assert code == 2
+    assert f"cannot write to output folder {blocker / 'sub'}" in _one_error_line(err)
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root may write to read-only folders")
+def test_read_only_output_folder_is_a_user_error(small_data: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        code, _out, err = _in_process(_args(small_data, locked), capsys)
+    finally:
+        locked.chmod(0o700)
+    assert code == 2
+    assert "cannot write to output folder" in _one_error_line(err)
+
+
+@pytest.mark.parametrize(
+    "opts, expected",
+    [
+        # Wider: the shapes differ, each mismatch is listed with both shapes.
+        (["MODEL.SWIN.EMBED_DIM", "24"],
+         r"does not fit this architecture \(\d+ mismatched\): patch_embed\.proj\.weight: checkpoint \(24, 3, 2, 2\) "
+         r"vs model \(16, 3, 2, 2\); "),
+        # Every weight of the model is in the checkpoint with the right shape, but it has more blocks.
+        (["MODEL.SWIN.DEPTHS", "[2,2,4,2]"], r"has 26 weights this model lacks \(e\.g\. \['layers\.2\.blocks\.2\."),
+        # Same blocks, another window: the bias tables would have been silently resized.
+        (["MODEL.SWIN.WINDOW_SIZE", "2"], r"tensors of another window or image size \(e\.g\. \['layers\.0\.blocks\.0\.attn"),
+    ],
+    ids=["wider", "deeper", "other-window"],
+)
+def test_resume_from_a_checkpoint_of_another_architecture_is_refused_listing_the_mismatches(
+    small_data: str, tmp_path: Path, capsys: pytest.CaptureFixture, opts: list[str], expected: str
+) -> None:
+    other = _checkpoint_of(tmp_path, "other.pth", opts)
+    code, _out, err = _in_process(_args(small_data, tmp_path, "--eval", "--resume", str(other)), capsys)
+    assert code == 2
+    line = _one_error_line(err)
+    assert re.search(expected, line), line
+    assert "check --cfg" in line
+
+
+def test_resume_from_a_shallower_architecture_is_refused_naming_the_missing_weights(small_data: str, tmp_path: Path,
+                                                                                   capsys: pytest.CaptureFixture) -> None:
+    shallow = _checkpoint_of(tmp_path, "shallow.pth", ["MODEL.SWIN.DEPTHS", "[2,2,1,2]"])
+    code, _out, err = _in_process(_args(small_data, tmp_path, "--eval", "--resume", str(shallow)), capsys)
+    assert code == 2
+    line = _one_error_line(err)
+    assert "lacks" in line and "layers.2.blocks.1." in line
+
+
+class _Payload:
+    """Pickles to a call of ``open(marker, 'w')``: unpickling it creates the marker file."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_malicious_pickle_passed_to_resume_is_refused_without_running_it(small_data: str, tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": _Payload(str(marker)), "epoch": 0}, evil)
+
+    code, _out, err = _in_process(_args(small_data, tmp_path, "--resume", str(evil)), capsys)
+    assert code == 2
+    assert f"refusing to load {evil}: it holds pickled Python objects" in _one_error_line(err)
+    assert not marker.exists()
+    # The payload is live: a plain (unsafe) unpickling does run it.
+    loaded = torch.load(evil, weights_only=False)
+    loaded["model"].close()
+    assert marker.exists()

@@ -1,0 +1,230 @@
+"""Checkpoint round trip, auto-resume and pre-emption of real ``main.py`` runs (CPU, tiny Swin).
+
+Every test trains the demo architecture scaled down (embed 16, 32x32 inputs) on 80 digits
+(10 classes x 8) in subprocesses, as a user or a cluster scheduler would run and signal it.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+MAIN = str(ROOT / "main.py")
+DEMO_CFG = str(ROOT / "configs" / "demo" / "swin_demo_digits.yaml")
+MODEL_NAME = "swin_demo_digits"
+BATCH = 16  # 80 train images -> 5 optimizer steps per epoch
+
+TINY_OPTS = [
+    "DATA.IMG_SIZE", "32", "MODEL.SWIN.EMBED_DIM", "16", "MODEL.SWIN.NUM_HEADS", "[1,2,4,8]",
+    "MODEL.SWIN.DEPTHS", "[2,2,2,2]", "DATA.NUM_WORKERS", "0", "TRAIN.EPOCHS", "2", "TRAIN.WARMUP_EPOCHS", "0",
+    "AUG.COLOR_JITTER", "0.0", "MODEL.DROP_PATH_RATE", "0.0", "AMP_ENABLE", "False",
+]
+# One intra-op thread: runs side by side on 2 cores, and the same kernels in every run.
+ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _env() -> dict:
+    env = {**os.environ, **ENV}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)  # never join an outer launcher's process group
+    return env
+
+
+@pytest.fixture(scope="module")
+def small_data(demo_data: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """10 classes x 8 train images and 15 (odd) val images copied from the demo dataset."""
+    dst = tmp_path_factory.mktemp("small") / "data"
+    for split, per_class in (("train", 8), ("val", None)):
+        for c in sorted(os.listdir(os.path.join(demo_data, split))):
+            os.makedirs(dst / split / c)
+            names = sorted(os.listdir(os.path.join(demo_data, split, c)))
+            for name in names[: per_class or (2 if int(c) < 5 else 1)]:
+                shutil.copy(os.path.join(demo_data, split, c, name), dst / split / c / name)
+    return str(dst)
+
+
+def _cmd(data: str, output: Path, tag: str, *opts: str) -> list[str]:
+    return [sys.executable, MAIN, "--cfg", DEMO_CFG, "--data-path", data, "--output", str(output), "--tag", tag,
+            "--batch-size", str(BATCH), "--device", "cpu", "--opts", *TINY_OPTS, *opts]
+
+
+def _run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
+
+
+def _load(path: Path) -> dict:
+    # Every checkpoint must load without unpickling code.
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point())
+
+
+def _start_until(cmd: list[str], marker: str, timeout: float = 240) -> tuple[subprocess.Popen, list[str]]:
+    """Start ``cmd`` and read its output until a line contains ``marker``; returns the process and lines."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    assert proc.stdout is not None
+    timer = threading.Timer(timeout, proc.kill)  # never hang the suite if the marker never comes
+    timer.start()
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if marker in line:
+                return proc, lines
+    finally:
+        timer.cancel()
+    proc.wait()
+    raise AssertionError(f"{marker!r} never appeared (exit {proc.returncode}):\n" + "".join(lines[-40:]))
+
+
+@pytest.mark.slow
+def test_rerun_with_more_epochs_resumes_at_the_next_epoch_from_a_weights_only_checkpoint(small_data: str, tmp_path: Path) -> None:
+    run_dir = tmp_path / MODEL_NAME / "grow"
+    first = _run(_cmd(small_data, tmp_path, "grow", "TRAIN.EPOCHS", "1"))
+    assert "Train: [0/1][4/5]" in first.stdout
+
+    config_text = (run_dir / "config.yaml").read_text()
+    assert yaml.safe_load(config_text)["TRAIN"]["EPOCHS"] == 1
+    ckpt = _load(run_dir / "ckpt_epoch_0.pth")
+    assert (ckpt["epoch"], ckpt["step"], ckpt["sampler"]["batch_in_epoch"]) == (0, 5, 0)
+    assert isinstance(ckpt["config"], str)
+    stored = yaml.safe_load(ckpt["config"])
+    assert stored["MODEL"]["SWIN"]["EMBED_DIM"] == 16 and stored["MODEL"]["NUM_CLASSES"] == 10
+    assert ckpt["class_names"] == [str(i) for i in range(10)]
+    assert set(ckpt) >= {"model", "optimizer", "lr_scheduler", "rng", "max_accuracy"}
+
+    second = _run(_cmd(small_data, tmp_path, "grow", "TRAIN.EPOCHS", "2"))
+    assert "resuming at epoch 1, batch 0 (optimizer step 5)" in second.stdout
+    assert "Train: [0/2]" not in second.stdout  # epoch 0 is not trained again
+    assert "Train: [1/2][4/5]" in second.stdout
+    assert f"saved {run_dir / 'ckpt_epoch_1.pth'}" in second.stdout
+    resumed = _load(run_dir / "ckpt_epoch_1.pth")
+    assert (resumed["epoch"], resumed["step"]) == (1, 10)
+    assert yaml.safe_load(resumed["config"])["TRAIN"]["EPOCHS"] == 2
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["TRAIN"]["EPOCHS"] == 2
+    # Epoch 1 really trained on top of epoch 0, and last.pth points at the newest epoch.
+    assert _max_diff(resumed["model"], ckpt["model"]) > 0
+    assert torch.equal(_load(run_dir / "last.pth")["model"]["head.weight"], resumed["model"]["head.weight"])
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_the_step_writes_a_step_checkpoint_and_exits_0(small_data: str, tmp_path: Path) -> None:
+    cmd = _cmd(small_data, tmp_path, "term", "TRAIN.EPOCHS", "50", "PRINT_FREQ", "1")
+    proc, lines = _start_until(cmd, "Train: [0/50][0/5]")
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=120)
+    output = "".join(lines) + rest
+    assert proc.returncode == 0, output[-4000:]
+
+    run_dir = tmp_path / MODEL_NAME / "term"
+    assert "received SIGTERM: finishing this step, then saving a checkpoint and exiting" in output
+    assert f"after SIGTERM: checkpoint written to {run_dir}; run the same command again to continue" in output
+    assert "Traceback" not in output
+    ckpt = _load(run_dir / "ckpt_step.pth")
+    batch = ckpt["sampler"]["batch_in_epoch"]
+    # Stopped at a step boundary inside epoch 0, soon after the signal, with a consistent state.
+    assert ckpt["epoch"] == 0 and 1 <= batch < 5
+    assert ckpt["step"] == batch
+    assert f"stopped at epoch 0, batch {batch}/5" in output
+    assert f"step checkpoint: {run_dir / 'ckpt_step.pth'} (epoch 0, batch {batch})" in output
+    assert not list(run_dir.glob("ckpt_epoch_*.pth"))
+
+
+@pytest.mark.slow
+def test_sigkill_after_a_step_checkpoint_then_rerun_ends_with_the_uninterrupted_weights(small_data: str, tmp_path: Path) -> None:
+    # Augmentation stays on: random crop + flip and random erasing (torch and Python RNGs),
+    # Mixup/CutMix (NumPy RNG) and drop path (torch RNG). Exactness needs the RNG states restored.
+    opts = ("TRAIN.EPOCHS", "2", "TRAIN.STEP_SAVE_FREQ", "2", "PRINT_FREQ", "1", "AUG.MIXUP", "0.8", "AUG.CUTMIX", "1.0",
+            "AUG.REPROB", "0.25", "MODEL.DROP_PATH_RATE", "0.1")
+    reference_log = open(tmp_path / "reference.log", "w")
+    reference = subprocess.Popen(_cmd(small_data, tmp_path, "reference", *opts), cwd=ROOT, env=_env(),
+                                 stdout=reference_log, stderr=subprocess.STDOUT)
+    try:
+        victim_cmd = _cmd(small_data, tmp_path, "victim", *opts)
+        victim, lines = _start_until(victim_cmd, "step checkpoint:")
+        victim.kill()  # SIGKILL: no handler runs, nothing more is written
+        victim.communicate(timeout=60)
+        assert victim.returncode == -signal.SIGKILL
+        killed_at = re.search(r"\(epoch (\d+), batch (\d+)\)", lines[-1])
+        assert killed_at is not None, lines[-1]
+
+        resumed = _run(victim_cmd)
+        found = re.search(r"resuming at epoch (\d+), batch (\d+) \(optimizer step (\d+)\)", resumed.stdout)
+        assert found is not None, resumed.stdout[-3000:]
+        epoch, batch, step = map(int, found.groups())
+        # Resumed mid-epoch from the step checkpoint (or a later one, if the kill landed late).
+        assert batch > 0 and (epoch, batch) >= tuple(map(int, killed_at.groups()))
+        assert step == epoch * 5 + batch
+    finally:
+        reference.wait(timeout=300)
+        reference_log.close()
+    assert reference.returncode == 0, (tmp_path / "reference.log").read_text()[-4000:]
+
+    ref = _load(tmp_path / MODEL_NAME / "reference" / "last.pth")
+    got = _load(tmp_path / MODEL_NAME / "victim" / "last.pth")
+    assert (got["epoch"], got["step"]) == (ref["epoch"], ref["step"]) == (1, 10)
+    diff = _max_diff(got["model"], ref["model"])
+    assert diff <= 1e-6, f"resumed run's weights differ from the uninterrupted run's by {diff:.3g}"
+    assert got["max_accuracy"] == ref["max_accuracy"]
+
+
+# --------------------------------------------------------------------------- in-process units
+
+
+def test_stop_request_records_sigterm_instead_of_dying_and_restores_the_previous_handler() -> None:
+    from preemption import StopRequest
+
+    previous = signal.getsignal(signal.SIGTERM)
+    stop = StopRequest().install()
+    try:
+        assert not stop.agreed(torch.device("cpu"))
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signal_name == "SIGTERM"
+        assert stop.agreed(torch.device("cpu"))  # one process: its own flag decides
+    finally:
+        stop.uninstall()
+    assert signal.getsignal(signal.SIGTERM) is previous
+
+
+@pytest.mark.parametrize("stop_after, saves", [(2, [2]), (3, [2, 3])], ids=["at-a-periodic-save", "between-saves"])
+def test_stop_request_ends_the_epoch_at_the_step_boundary_with_exactly_one_checkpoint_of_that_step(
+    stop_after: int, saves: list[int]
+) -> None:
+    from config import get_config
+    from distributed import DistEnv, make_grad_scaler
+    from engine import StepHooks, StopTraining, TrainState, train_one_epoch
+    from lr_scheduler import build_scheduler
+    from optimizer import build_optimizer
+
+    config = get_config(DEMO_CFG, TINY_OPTS + ["TRAIN.STEP_SAVE_FREQ", "2", "TRAIN.EPOCHS", "1"])
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 10))
+    loader = [(torch.randn(4, 3, 4, 4), torch.randint(0, 10, (4,)), ("",) * 4) for _ in range(5)]
+    optimizer = build_optimizer(config, model)
+    scheduler = build_scheduler(config, optimizer, len(loader), 1e-3, 1e-6, 1e-5)
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), distributed=False)
+    state = TrainState()
+    written: list[int] = []
+    hooks = StepHooks(save_step_checkpoint=lambda: written.append(state.step),
+                      stop_requested=lambda: state.step >= stop_after, step_save_freq=2)
+    with pytest.raises(StopTraining, match=f"stopped at epoch 0, batch {stop_after}/5"):
+        train_one_epoch(config, model, torch.nn.CrossEntropyLoss(), loader, optimizer, scheduler,
+                        make_grad_scaler(env.device, False, None), None, env, state, hooks)
+    # The checkpoint describes the state after the last finished step; a resume continues there.
+    assert written == saves
+    assert (state.step, state.batch_in_epoch) == (stop_after, stop_after)
