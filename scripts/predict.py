@@ -1,0 +1,267 @@
+"""Classify images with a trained Swin Transformer: top-k classes and probabilities per image.
+
+    python scripts/predict.py --resume CKPT IMAGE_OR_FOLDER... [--cfg CONFIG] [--topk 5]
+                              [--batch-size 32] [--json] [--device auto|cpu|cuda]
+
+Folders are searched recursively for images. Preprocessing is the evaluation transform of the
+config (``data.build_transform(False, config)``) and the forward pass runs under the same
+autocast as ``main.py --eval``, so the predictions are the ones evaluation scores. The model is
+built from --cfg, else from the config stored in the checkpoint; its number of classes is the
+checkpoint's. Class names: the checkpoint's 'class_names'; else, for a 1,000-class model, the
+ImageNet-1K names timm ships; else the class indices. ``--json`` prints
+``[{"path": ..., "top": [{"class": ..., "index": ..., "prob": ...}, ...]}, ...]``.
+A missing path, a folder without images or an unreadable image or checkpoint is a one-line
+error and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+from yacs.config import CfgNode  # noqa: E402
+
+from errors import UserError  # noqa: E402
+
+logger = logging.getLogger("swin.predict")
+
+IMAGENET1K_CLASSES = 1000
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------------------------
+def _image_extensions() -> tuple:
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    return tuple(e.lower() for e in IMG_EXTENSIONS)
+
+
+def find_images(inputs: Sequence[str]) -> List[str]:
+    """Image files named in ``inputs``: files as given, folders searched recursively (sorted,
+    hidden entries skipped). Raises UserError for a missing path or a folder without images."""
+    if not inputs:
+        raise UserError("name at least one image or folder")
+    exts = _image_extensions()
+    found: List[str] = []
+    for item in inputs:
+        if os.path.isfile(item):
+            found.append(item)
+        elif os.path.isdir(item):
+            before = len(found)
+            for dirpath, dirnames, filenames in os.walk(item):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                for name in sorted(filenames):
+                    if not name.startswith(".") and name.lower().endswith(exts):
+                        found.append(os.path.join(dirpath, name))
+            if len(found) == before:
+                raise UserError(f"folder {item} holds no images ({', '.join(exts[:4])}, ...)")
+        else:
+            raise UserError(f"{item} does not exist; pass image files or folders of images")
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# Model and class names
+# ---------------------------------------------------------------------------------------------
+def imagenet_class_names() -> List[str]:
+    """The 1,000 ImageNet-1K class names in the standard order (timm's shipped class lists)."""
+    try:
+        from timm.data import ImageNetInfo
+
+        info = ImageNetInfo()
+        return [info.index_to_description(i) for i in range(info.num_classes())]
+    except ImportError:
+        import timm
+
+        folder = os.path.join(os.path.dirname(timm.__file__), "data", "_info")
+        with open(os.path.join(folder, "imagenet_synsets.txt")) as f:
+            synsets = f.read().split()
+        lemmas: Dict[str, str] = {}
+        with open(os.path.join(folder, "imagenet_synset_to_lemma.txt")) as f:
+            for line in f:
+                wnid, _, lemma = line.rstrip("\n").partition("\t")
+                lemmas[wnid] = lemma
+        return [lemmas.get(w, w) for w in synsets]
+
+
+def resolve_class_names(checkpoint: Dict[str, Any], num_classes: int) -> List[str]:
+    """Names of the ``num_classes`` outputs: the checkpoint's 'class_names', else ImageNet-1K's for a
+    1,000-class model, else the indices as strings."""
+    names = checkpoint.get("class_names") if isinstance(checkpoint, dict) else None
+    if isinstance(names, (list, tuple)) and len(names) == num_classes and all(isinstance(n, str) for n in names):
+        return list(names)
+    if names:
+        logger.warning("checkpoint has %d class names for %d outputs; ignoring them", len(names), num_classes)
+    if num_classes == IMAGENET1K_CLASSES:
+        return imagenet_class_names()
+    return [str(i) for i in range(num_classes)]
+
+
+def config_for_checkpoint(config: CfgNode, checkpoint: Dict[str, Any]) -> CfgNode:
+    """``config`` with MODEL.NUM_CLASSES set to the checkpoint's classifier size (a training config
+    file keeps the default 1,000; the trainer sets the dataset's count)."""
+    from models.pretrained import extract_state_dict
+
+    head = extract_state_dict(checkpoint).get("head.weight")
+    if head is None or head.shape[0] == config.MODEL.NUM_CLASSES:
+        return config
+    config = config.clone()
+    config.defrost()
+    config.MODEL.NUM_CLASSES = int(head.shape[0])
+    config.freeze()
+    return config
+
+
+def load_weights(model: nn.Module, checkpoint: Dict[str, Any], path: str = "checkpoint") -> None:
+    """Load a checkpoint's weights for inference; UserError unless every weight and the head fit."""
+    from models.pretrained import LoadReport, adapt_state_dict, extract_state_dict
+
+    report = LoadReport()
+    weights = adapt_state_dict(model, extract_state_dict(checkpoint), report)
+    if report.head not in ("loaded", "mapped-22k-to-1k"):
+        raise UserError(f"{path} has no classifier for this model's {getattr(model, 'num_classes', '?')} classes; "
+                        f"train or fine-tune one first")
+    result = model.load_state_dict(weights, strict=False)
+    if result.missing_keys:
+        raise UserError(f"{path} lacks {len(result.missing_keys)} weights of this model "
+                        f"(e.g. {result.missing_keys[:3]}); check --cfg")
+    logger.info("loaded %s (%d tensors, head %s)", path, len(weights), report.head)
+
+
+def load_classifier(resume: str, cfg: Optional[str] = None, opts: Optional[Sequence[str]] = None,
+                    device: torch.device | str = "cpu") -> tuple:
+    """(model in eval mode on ``device``, config, class names) for checkpoint ``resume``."""
+    from checkpoint import load_checkpoint_file
+    from config import config_from_yaml_text, get_config
+    from models import build_model
+
+    checkpoint = load_checkpoint_file(resume)
+    if cfg:
+        config = get_config(cfg, opts)
+    elif isinstance(checkpoint.get("config"), str):
+        config = config_from_yaml_text(checkpoint["config"])
+        if opts:
+            config = config.clone()
+            config.defrost()
+            config.merge_from_list(list(opts))
+            config.freeze()
+    else:
+        raise UserError(f"{resume} stores no config; pass --cfg")
+    config = config_for_checkpoint(config, checkpoint)
+    model = build_model(config)
+    load_weights(model, checkpoint, resume)
+    model.to(device)
+    model.eval()
+    return model, config, resolve_class_names(checkpoint, config.MODEL.NUM_CLASSES)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prediction
+# ---------------------------------------------------------------------------------------------
+def _read(path: str, transform: Callable) -> torch.Tensor:
+    from data.robust import load_rgb
+
+    try:
+        image = load_rgb(path)
+    except (OSError, SyntaxError, ValueError) as e:
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise UserError(f"cannot read image {path} ({reason})") from None
+    return transform(image)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, transform: Callable, paths: Sequence[str], class_names: Optional[Sequence[str]] = None,
+            topk: int = 5, batch_size: int = 32, autocast: Optional[Callable[[], ContextManager[Any]]] = None) -> List[Dict[str, Any]]:
+    """Top-``topk`` classes of each image, in batches of ``batch_size``.
+
+    Returns ``[{"path": p, "top": [{"class": name, "index": i, "prob": p}, ...]}, ...]`` in the
+    order of ``paths``, most probable first. ``autocast`` (a factory of context managers) wraps the
+    forward pass; the model's device is used for the inputs.
+    """
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    if topk < 1:
+        raise UserError(f"--topk must be at least 1, got {topk}")
+    model.eval()
+    device = next(model.parameters()).device
+    results: List[Dict[str, Any]] = []
+    for start in range(0, len(paths), batch_size):
+        chunk = list(paths[start:start + batch_size])
+        images = torch.stack([_read(p, transform) for p in chunk]).to(device)
+        with (autocast() if autocast is not None else contextlib.nullcontext()):
+            logits = model(images)
+        probs = logits.float().softmax(dim=-1)
+        k = min(topk, probs.shape[-1])
+        top_p, top_i = probs.topk(k, dim=-1)
+        for path, ps, idx in zip(chunk, top_p.tolist(), top_i.tolist()):
+            results.append({"path": path, "top": [
+                {"class": class_names[i] if class_names is not None else str(i), "index": int(i), "prob": float(p)}
+                for p, i in zip(ps, idx)
+            ]})
+    return results
+
+
+def format_predictions(results: Sequence[Dict[str, Any]]) -> str:
+    """Text output: each path, then its classes ranked, with probability and class index."""
+    lines: List[str] = []
+    width = min(40, max((len(t["class"]) for r in results for t in r["top"]), default=1))
+    for r in results:
+        lines.append(r["path"])
+        for rank, t in enumerate(r["top"], 1):
+            lines.append(f"  {rank}. {t['class']:<{width}}  {100 * t['prob']:6.2f}%  (class {t['index']})")
+    return "\n".join(lines)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and/or folders (searched recursively)")
+    p.add_argument("--resume", required=True, help="checkpoint to load (a main.py checkpoint or released weights)")
+    p.add_argument("--cfg", help="config YAML (default: the config stored in the checkpoint)")
+    p.add_argument("--opts", nargs="+", default=None, help="config overrides: KEY VALUE pairs")
+    p.add_argument("--topk", type=int, default=5, help="classes to show per image (default 5)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    p.add_argument("--json", action="store_true", help="print a JSON list instead of text")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device (default auto: CUDA when available)")
+    return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
+    from data.build import build_transform
+    from distributed import autocast_context, init_distributed
+
+    paths = find_images(args.inputs)
+    env = init_distributed(args.device)
+    model, config, class_names = load_classifier(args.resume, args.cfg, args.opts, env.device)
+    transform = build_transform(False, config)
+    results = predict(model, transform, paths, class_names, topk=args.topk, batch_size=args.batch_size,
+                      autocast=lambda: autocast_context(env.device, config.AMP_ENABLE, config.AMP_DTYPE))
+    print(json.dumps(results, indent=1) if args.json else format_predictions(results))
+    return results
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        from distributed import cleanup
+
+        cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
