@@ -260,7 +260,8 @@ def run(args: argparse.Namespace) -> Optional[dict]:
                 writer.add_scalar("val/loss", stats["loss"], epoch)
                 writer.add_scalar("train/epoch_loss", train_stats["loss"], epoch)
                 writer.flush()
-            if epoch % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1:
+            # A new best is always saved, so best.pth never lags behind a SAVE_FREQ boundary.
+            if epoch % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1 or is_best:
                 payload = checkpoint_state(step_level=False)
                 if env.rank == 0:
                     path = save_epoch_checkpoint(config.OUTPUT, epoch, payload, keep=config.SAVE_KEEP, is_best=is_best)

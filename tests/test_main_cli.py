@@ -257,3 +257,20 @@ def test_malicious_pickle_passed_to_resume_is_refused_without_running_it(small_d
     loaded = torch.load(evil, weights_only=False)
     loaded["model"].close()
     assert marker.exists()
+
+
+@pytest.mark.slow
+def test_best_checkpoint_holds_the_best_epoch_even_between_save_freq_boundaries(small_data: str, tmp_path: Path) -> None:
+    import torch
+
+    run = _subprocess(_args(small_data, tmp_path, "--tag", "best", opts=("TRAIN.EPOCHS", "4", "SAVE_FREQ", "100", "SAVE_KEEP", "0")))
+    assert run.returncode == 0, run.stderr[-2000:]
+    accs = [float(m.group(1)) for m in ACC_LINE.finditer(run.stdout + run.stderr)]
+    assert len(accs) == 4
+    best_epoch = accs.index(max(accs))
+    best = torch.load(tmp_path / "swin_demo_digits" / "best" / "best.pth", weights_only=True, map_location="cpu")
+    assert best["epoch"] == best_epoch and best["max_accuracy"] == pytest.approx(max(accs), abs=1e-3)
+    # Every epoch that set a new best was saved, though SAVE_FREQ 100 saves only epoch 0 and the last.
+    new_bests = [e for e, a in enumerate(accs) if a > max(accs[:e], default=-1.0)]
+    saved = sorted(int(p.stem.split("_")[-1]) for p in (tmp_path / "swin_demo_digits" / "best").glob("ckpt_epoch_*.pth"))
+    assert set(new_bests) | {0, 3} == set(saved), (accs, saved)
