@@ -7,7 +7,7 @@ import torch.nn as nn
 from yacs.config import CfgNode
 
 from errors import UserError
-from models.swin_transformer import SwinBackbone, SwinTransformer
+from models.swin_transformer import ATTN_IMPLS, SwinBackbone, SwinTransformer
 
 
 def swin_kwargs(config: CfgNode) -> dict:
@@ -52,8 +52,8 @@ def build_model(
         dim = s.EMBED_DIM * 2**i
         if dim % heads:
             raise UserError(f"stage {i} has {dim} channels, not divisible by {heads} heads; fix MODEL.SWIN.EMBED_DIM or NUM_HEADS")
-    if s.ATTN_IMPL not in ("sdpa", "reference"):
-        raise UserError(f"MODEL.SWIN.ATTN_IMPL must be 'sdpa' or 'reference', not {s.ATTN_IMPL!r}")
+    if s.ATTN_IMPL not in ATTN_IMPLS:
+        raise UserError(f"MODEL.SWIN.ATTN_IMPL must be one of {', '.join(map(repr, ATTN_IMPLS))}, not {s.ATTN_IMPL!r}")
     kwargs = swin_kwargs(config)
     if features_only:
         return SwinBackbone(out_indices=out_indices, frozen_stages=frozen_stages, **kwargs)

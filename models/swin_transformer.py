@@ -23,6 +23,9 @@ from timm.layers import DropPath, trunc_normal_
 
 from kernels import kernel_available, reverse_unshift, shift_partition
 
+# WindowAttention implementations (MODEL.SWIN.ATTN_IMPL); 'auto' picks per device and mode.
+ATTN_IMPLS = ("auto", "sdpa", "reference")
+
 # The official release blocks cross-window attention with -100 rather than -inf, so that a fully
 # masked row (impossible here, but cheap to be safe) never produces NaN.
 MASK_VALUE = -100.0
@@ -134,13 +137,15 @@ def window_permutation(height: int, width: int, window_size: int, shift_size: in
     key = (height, width, window_size, shift_size, str(device))
     hit = _PERMUTATIONS.get(key)
     if hit is None:
-        index = torch.arange(height * width).view(1, height, width, 1)
-        if shift_size:
-            index = torch.roll(index, shifts=(-shift_size, -shift_size), dims=(1, 2))
-        perm = window_partition(index, window_size).reshape(-1)
-        inverse = torch.empty_like(perm)
-        inverse[perm] = torch.arange(perm.numel())
-        hit = (perm.to(device), inverse.to(device))
+        # Normal tensors even when first built under inference_mode: training reuses them.
+        with torch.inference_mode(False):
+            index = torch.arange(height * width).view(1, height, width, 1)
+            if shift_size:
+                index = torch.roll(index, shifts=(-shift_size, -shift_size), dims=(1, 2))
+            perm = window_partition(index, window_size).reshape(-1)
+            inverse = torch.empty_like(perm)
+            inverse[perm] = torch.arange(perm.numel())
+            hit = (perm.to(device), inverse.to(device))
         if len(_PERMUTATIONS) > 64:
             _PERMUTATIONS.clear()
         _PERMUTATIONS[key] = hit
@@ -152,13 +157,13 @@ class _PermuteTokens(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(perm, inverse)
+        # Constant index tensors: kept on ctx, not save_for_backward (nothing to version-check).
+        ctx.perm, ctx.inverse = perm, inverse
         return x.index_select(1, perm)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        perm, inverse = ctx.saved_tensors
-        return _PermuteTokens.apply(grad, inverse, perm), None, None
+        return _PermuteTokens.apply(grad, ctx.inverse, ctx.perm), None, None
 
 
 def gather_shift_partition(x: torch.Tensor, shift_size: int, window_size: int) -> torch.Tensor:
@@ -192,7 +197,14 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        x = self.fc1(x)
+        if not x.requires_grad and type(self.act) is nn.GELU:
+            # Inference: GELU in place on fc1's fresh output (same kernel, same numbers) spares
+            # allocating another rC-wide activation.
+            x = torch.ops.aten.gelu_(x, approximate=self.act.approximate)
+        else:
+            x = self.act(x)
+        return self.drop(self.fc2(self.drop(x)))
 
 
 class PatchEmbed(nn.Module):
@@ -235,8 +247,14 @@ class WindowAttention(nn.Module):
     table of (2M-1)² rows by :func:`relative_position_index`.
 
     Two implementations give the same answer: ``'reference'`` spells Eq. 4 out, ``'sdpa'`` folds
-    B and the mask into ``attn_mask`` of ``scaled_dot_product_attention``.
+    B and the mask into ``attn_mask`` of ``scaled_dot_product_attention``. ``'auto'`` picks the
+    faster one per call: sdpa on CUDA and for CPU inference (its fused CPU kernel, fed strided
+    q/k/v without copies, beats matmul+softmax for 49-token windows), the reference math for CPU
+    training (with a bias that needs a gradient, CPU sdpa falls back to a slower math path).
     """
+
+    # Eval-mode cache of the summed bias + mask (see ``_attn_bias``); a switch for the benchmark.
+    cache_eval_bias: bool = True
 
     def __init__(
         self,
@@ -248,11 +266,11 @@ class WindowAttention(nn.Module):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         use_rpb: bool = True,
-        attn_impl: str = "sdpa",
+        attn_impl: str = "auto",
     ) -> None:
         super().__init__()
-        if attn_impl not in ("sdpa", "reference"):
-            raise ValueError(f"attn_impl must be 'sdpa' or 'reference', got {attn_impl!r}")
+        if attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"attn_impl must be one of {', '.join(ATTN_IMPLS)}, got {attn_impl!r}")
         self.dim = dim
         self.window_size = window_size
         self.num_heads = num_heads
@@ -284,7 +302,9 @@ class WindowAttention(nn.Module):
         """Bias and mask summed: (nW, heads, N, N), (1, heads, N, N) or None."""
         if not self.use_rpb and mask is None:
             return None
-        cacheable = not torch.is_grad_enabled() and not torch.jit.is_tracing() and not _is_compiling()
+        cacheable = (
+            self.cache_eval_bias and not torch.is_grad_enabled() and not torch.jit.is_tracing() and not _is_compiling()
+        )
         key = None
         if cacheable:
             version = self.relative_position_bias_table._version if self.use_rpb else 0
@@ -317,7 +337,10 @@ class WindowAttention(nn.Module):
         q, k, v = qkv.unbind(0)  # each B_, h, N, d
         nW = 1 if mask is None else mask.shape[0]
         bias = self._attn_bias(mask, q.dtype)  # nW or 1, h, N, N
-        if self.attn_impl == "reference":
+        impl = self.attn_impl
+        if impl == "auto":
+            impl = "reference" if x.device.type == "cpu" and torch.is_grad_enabled() else "sdpa"
+        if impl == "reference":
             attn = (q * self.scale) @ k.transpose(-2, -1)  # B_, h, N, N
             if bias is not None:
                 attn = attn.view(B_ // nW, nW, h, N, N) + bias.unsqueeze(0)
@@ -325,6 +348,15 @@ class WindowAttention(nn.Module):
             attn = attn.softmax(dim=-1)
             attn = F.dropout(attn, self.attn_drop_p, self.training)
             out = attn @ v
+        elif nW == 1 or x.device.type == "cpu":
+            # q, k, v go in as strided views of qkv (no copies). One bias for all windows
+            # broadcasts; a per-window bias is expanded over the batch, which on the CPU is
+            # cheaper than the q/k/v copies of the folded layout below.
+            if bias is not None and nW > 1:
+                bias = bias.unsqueeze(0).expand(B_ // nW, nW, h, N, N).reshape(B_, h, N, N)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=bias, dropout_p=self.attn_drop_p if self.training else 0.0, scale=self.scale
+            )
         else:
             # Windows of one image share the mask: fold windows into the head axis so the bias
             # broadcasts over the batch instead of being expanded B times.
@@ -376,7 +408,7 @@ class SwinTransformerBlock(nn.Module):
         attn_drop: float = 0.0,
         drop_path: float = 0.0,
         use_rpb: bool = True,
-        attn_impl: str = "sdpa",
+        attn_impl: str = "auto",
         fused_window_process: bool = False,
     ) -> None:
         super().__init__()
@@ -427,8 +459,10 @@ class SwinTransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) → (B, H, W, C)."""
-        x = x + self.drop_path(self._attention(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        # Residual sums in place into each branch's output, a fresh tensor of this block whose
+        # backward needs no saved copy of it: one large allocation fewer per branch.
+        x = self.drop_path(self._attention(self.norm1(x))).add_(x)
+        return self.drop_path(self.mlp(self.norm2(x))).add_(x)
 
     def flops(self, height: int, width: int) -> int:
         M = self.window_size
@@ -484,7 +518,7 @@ class BasicLayer(nn.Module):
         use_checkpoint: bool = False,
         shift: bool = True,
         use_rpb: bool = True,
-        attn_impl: str = "sdpa",
+        attn_impl: str = "auto",
         fused_window_process: bool = False,
     ) -> None:
         super().__init__()
@@ -570,7 +604,7 @@ class SwinTrunk(nn.Module):
         use_checkpoint: bool = False,
         shift: bool = True,
         use_rpb: bool = True,
-        attn_impl: str = "sdpa",
+        attn_impl: str = "auto",
         fused_window_process: bool = False,
         downsample_last: bool = False,
         shrink_windows: bool = True,

@@ -1,0 +1,592 @@
+"""Throughput of this project's Swin against timm's, with identical weights, measured side by side.
+
+    python scripts/benchmark.py [--model swin_tiny] [--batch-size 16] [--img-size 224]
+        [--dtypes fp32,bf16] [--modes eager,compiled] [--train] [--memory] [--levers]
+        [--iters 2] [--rounds 5] [--json out.json] [--device auto]
+
+Both models get the same weights: ours is built from the config (``--model`` is a name under
+configs/, ``demo`` for the digits demo, or a YAML path), timm's SwinTransformer with the same
+architecture (``swin_tiny_patch4_window7_224`` for swin_tiny) loads our state_dict through
+``timm.models.swin_transformer.checkpoint_filter_fn``; the script checks that the fp32 logits agree.
+
+Timing uses ``timing.time_images_per_second`` (as ``main.py --throughput``). Other processes may
+share the machine, so every row times its candidates in the same run, interleaved: each round
+times every candidate once (``--iters`` batches each, the order reversed every other round) and
+the table reports the median images/s over ``--rounds`` rounds, the ratio ours/timm of those
+medians, and ``paired``: the median over rounds of each round's own ratio (the steadier figure
+when the machine's load drifts).
+
+Rows:
+* forward: images/s under ``torch.inference_mode``. fp32; bf16 (autocast and weights cast to
+  bf16, each side's best is reported); fp16 the same, on CUDA only.
+* train (``--train``): one step = forward + cross-entropy + backward + AdamW step. Ours uses
+  ``optimizer.build_optimizer`` (TRAIN.OPTIMIZER.IMPL from the config), timm's side
+  ``torch.optim.AdamW`` over the same parameter groups, lr, betas, eps, weight decay and
+  foreach/fused setting. fp32; bf16 autocast (fp16 + GradScaler on CUDA).
+* modes: eager and ``torch.compile`` (compile time = the first call; a side whose compile takes
+  longer than ``--compile-budget`` seconds is recorded as skipped).
+* memory (``--memory``): peak memory per image of an fp32 training step, with and without
+  gradient checkpointing. CUDA: ``torch.cuda.max_memory_allocated`` above the memory in use
+  before the step. CPU: the peak of the running sum of tensor allocations and frees that
+  ``torch.profiler(profile_memory=True)`` records during the step (so it counts activations,
+  gradients and temporaries, not the weights and optimizer state that exist before it).
+* levers (``--levers``): fp32 eager rows with our model's switches flipped (attention path,
+  eval bias cache, gather vs roll partition, foreach vs single-tensor AdamW), timm alongside.
+
+bf16 on a CPU without AVX-512 BF16 / AMX is emulated (a few GFLOP/s against ~90 fp32): such
+rows are timed with one warm-up and one iteration and flagged, and bf16 training is skipped
+there (it would take minutes per step and tell nothing new).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import ctypes
+import json
+import os
+import platform
+import signal
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from config import get_config  # noqa: E402
+from distributed import cpu_has_fast_bf16, synchronize  # noqa: E402
+from models.build import build_model  # noqa: E402
+from models.swin_transformer import SwinTransformerBlock, WindowAttention  # noqa: E402
+from optimizer import build_optimizer, param_groups  # noqa: E402
+from timing import time_images_per_second  # noqa: E402
+
+MODELS = {
+    "swin_tiny": "configs/swin_tiny.yaml",
+    "swin_small": "configs/swin_small.yaml",
+    "swin_base": "configs/swin_base.yaml",
+    "demo": "configs/demo/swin_demo_digits.yaml",
+}
+TIMM_NAMES = {"swin_tiny": "swin_tiny_patch4_window7_224", "swin_small": "swin_small_patch4_window7_224",
+              "swin_base": "swin_base_patch4_window7_224"}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ---------------------------------------------------------------------------------------------
+# Machine and models
+# ---------------------------------------------------------------------------------------------
+def machine_info(device: torch.device) -> dict:
+    cpu, flags = "", ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and not cpu:
+                    cpu = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = line
+    except OSError:
+        pass
+    import timm
+
+    info = {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "avx2": " avx2" in flags,
+        "avx512f": " avx512f" in flags,
+        "fast_bf16": cpu_has_fast_bf16(),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "device": str(device),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except Exception:  # noqa: BLE001 - optional
+        info["triton"] = None
+    try:
+        with open("/proc/loadavg") as f:
+            info["loadavg_at_start"] = f.read().split()[:3]
+    except OSError:
+        pass
+    info["cpu"] = info["cpu"] or platform.processor() or platform.machine()
+    return info
+
+
+def load_config(model: str, img_size: Optional[int], extra_opts: List[str]):
+    path = MODELS.get(model, model)
+    if not os.path.isabs(path):
+        path = os.path.join(ROOT, path)
+    opts = list(extra_opts)
+    if img_size:
+        opts += ["DATA.IMG_SIZE", str(img_size)]
+    return get_config(path, opts)
+
+
+def build_timm(config, model_name: str) -> torch.nn.Module:
+    """timm's SwinTransformer with the architecture of ``config``."""
+    import timm
+    from timm.models.swin_transformer import SwinTransformer as TimmSwin
+
+    s = config.MODEL.SWIN
+    if s.APE or not s.PATCH_NORM or not s.SHIFT or not s.RPB or s.QK_SCALE:
+        raise SystemExit("this config (APE / no patch norm / no shift / no RPB / QK_SCALE) has no timm equivalent")
+    kwargs = dict(img_size=config.DATA.IMG_SIZE, num_classes=config.MODEL.NUM_CLASSES,
+                  drop_rate=config.MODEL.DROP_RATE, drop_path_rate=config.MODEL.DROP_PATH_RATE)
+    name = TIMM_NAMES.get(model_name)
+    if name and config.DATA.IMG_SIZE == 224:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    return TimmSwin(patch_size=s.PATCH_SIZE, in_chans=s.IN_CHANS, embed_dim=s.EMBED_DIM, depths=tuple(s.DEPTHS),
+                    num_heads=tuple(s.NUM_HEADS), window_size=s.WINDOW_SIZE, mlp_ratio=s.MLP_RATIO,
+                    qkv_bias=s.QKV_BIAS, **kwargs)
+
+
+def paired_models(config, model_name: str, device: torch.device):
+    """(ours, timm) with identical weights, on ``device``, and the fp32 eval logits' max |diff|."""
+    from timm.models.swin_transformer import checkpoint_filter_fn
+
+    torch.manual_seed(0)
+    ours = build_model(config)
+    theirs = build_timm(config, model_name)
+    theirs.load_state_dict(checkpoint_filter_fn(ours.state_dict(), theirs))
+    ours.to(device).eval()
+    theirs.to(device).eval()
+    x = torch.randn(2, config.MODEL.SWIN.IN_CHANS, config.DATA.IMG_SIZE, config.DATA.IMG_SIZE, device=device)
+    with torch.inference_mode():
+        diff = float((ours(x) - theirs(x)).abs().max())
+    return ours, theirs, diff
+
+
+def variant(model: torch.nn.Module, attn_impl: Optional[str] = None, gather: bool = True, cache: bool = True):
+    """A copy of our model with the speed switches set (same weights)."""
+    m = copy.deepcopy(model)
+    for mod in m.modules():
+        if isinstance(mod, WindowAttention):
+            if attn_impl:
+                mod.attn_impl = attn_impl
+            mod.cache_eval_bias = cache
+        elif isinstance(mod, SwinTransformerBlock):
+            mod.gather_partition = gather
+    return m
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps
+# ---------------------------------------------------------------------------------------------
+def autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def forward_step(model, x, amp: Optional[torch.dtype]) -> Callable[[], None]:
+    device = x.device
+    model.eval()
+
+    def step():
+        with torch.inference_mode(), autocast(device, amp):
+            model(x)
+
+    return step
+
+
+def adamw_like(model: torch.nn.Module, config, reference: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """timm's optimizer: torch AdamW with our parameter groups and settings (lr, betas, eps, wd, impl)."""
+    o = config.TRAIN.OPTIMIZER
+    impl = {k: reference.defaults[k] for k in ("foreach", "fused") if reference.defaults.get(k) is not None}
+    return torch.optim.AdamW(param_groups(model, config.TRAIN.WEIGHT_DECAY), lr=float(config.TRAIN.BASE_LR),
+                             eps=float(o.EPS), betas=tuple(o.BETAS), **impl)
+
+
+def train_step(model, optimizer, x, y, amp: Optional[torch.dtype]) -> Callable[[], None]:
+    device = x.device
+    model.train()
+    scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
+
+    def step():
+        with autocast(device, amp):
+            loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+
+    return step
+
+
+def keep_freed_memory() -> bool:
+    """glibc only: serve large blocks from the heap and never trim it (``mallopt``).
+
+    By default glibc maps every block above 32 MiB (Swin-T stage 1 at batch 16: qkv, fc1, GELU
+    outputs and their gradients) with ``mmap`` and unmaps it on free, so each use page-faults its
+    memory in again (expensive in a VM). Applies to both models of this process alike.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+class CompileTimeout(Exception):
+    pass
+
+
+def first_call(step: Callable[[], None], device: torch.device, budget_s: float) -> float:
+    """Run ``step`` once (the compile, for a compiled model); seconds taken. CompileTimeout past the budget."""
+    use_alarm = budget_s > 0 and hasattr(signal, "SIGALRM")
+
+    def on_alarm(signum, frame):
+        raise CompileTimeout()
+
+    old = signal.signal(signal.SIGALRM, on_alarm) if use_alarm else None
+    if use_alarm:
+        signal.alarm(int(max(1, budget_s)))
+    start = time.perf_counter()
+    try:
+        step()
+        synchronize(device)
+    finally:
+        if use_alarm:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, old)
+    return time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------------------------------
+# Interleaved timing
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Candidate:
+    name: str
+    step: Optional[Callable[[], None]]
+    note: str = ""
+    compile_s: Optional[float] = None
+    samples: List[float] = field(default_factory=list)
+
+    def median(self) -> Optional[float]:
+        return statistics.median(self.samples) if self.samples else None
+
+
+def time_interleaved(cands: List[Candidate], batch_size: int, device: torch.device, rounds: int, iters: int,
+                     warmup: int) -> None:
+    live = [c for c in cands if c.step is not None]
+    for c in live:
+        for _ in range(warmup):
+            c.step()
+    synchronize(device)
+    for r in range(rounds):
+        for c in (live if r % 2 == 0 else live[::-1]):
+            c.samples.append(time_images_per_second(c.step, batch_size, device, warmup=0, iters=iters).images_per_s)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory
+# ---------------------------------------------------------------------------------------------
+def _cpu_peak_bytes(prof) -> int:
+    """Peak of the running sum of CPU allocations (+) and frees (-) recorded by the profiler."""
+    import torch._C._profiler as P
+
+    events = []
+
+    def walk(node):
+        if node.tag == P._EventType.Allocation and node.extra_fields.device.type == "cpu":
+            events.append((node.start_time_ns, node.extra_fields.alloc_size))
+        for child in node.children:
+            walk(child)
+
+    for root in prof.profiler.kineto_results.experimental_event_tree():
+        walk(root)
+    events.sort()
+    current = peak = 0
+    for _, size in events:
+        current += size
+        peak = max(peak, current)
+    return peak
+
+
+def train_peak_bytes(step: Callable[[], None], device: torch.device) -> int:
+    """Peak memory above the starting point during one call of ``step`` (run once before, untimed)."""
+    step()  # optimizer state and lazily built caches exist before the measured step
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        step()
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    return _cpu_peak_bytes(prof)
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="swin_tiny", help=f"{', '.join(MODELS)} or a config YAML (default swin_tiny)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--img-size", type=int, default=None, help="default: the config's DATA.IMG_SIZE")
+    p.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16, fp16 (fp16: CUDA only)")
+    p.add_argument("--modes", default="eager,compiled", help="comma list of eager, compiled")
+    p.add_argument("--train", action="store_true", help="also time training steps")
+    p.add_argument("--memory", action="store_true", help="peak training memory per image, with/without checkpointing")
+    p.add_argument("--levers", action="store_true",
+                   help="fp32 eager rows with our speed switches flipped (forward; train too with --train)")
+    p.add_argument("--iters", type=int, default=2, help="timed batches per candidate per round (default 2)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds; medians are over these (default 5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed batches per candidate first (default 1)")
+    p.add_argument("--compile-budget", type=float, default=180.0, help="seconds allowed for one compile (default 180)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--malloc", default="default", choices=("default", "keep"),
+                   help="'keep': glibc keeps freed memory for reuse instead of unmapping it (both models)")
+    p.add_argument("--json", default=None, help="write all results here")
+    p.add_argument("--opts", nargs="*", default=[], help="extra config KEY VALUE pairs for our model")
+    return p.parse_args(argv)
+
+
+def fmt(v: Optional[float], spec: str = ".2f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    malloc_kept = keep_freed_memory() if args.malloc == "keep" else False
+    if args.malloc == "keep" and not malloc_kept:
+        print("--malloc keep: mallopt unavailable (not glibc?); default allocator behaviour")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device available")
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    config = load_config(args.model, args.img_size, args.opts)
+    bs, size = args.batch_size, config.DATA.IMG_SIZE
+    info = machine_info(device)
+    info["malloc"] = "keep (mmap off, no trim)" if malloc_kept else "default"
+    ours, theirs, diff = paired_models(config, args.model, device)
+    print(f"machine: {info['cpu']} | {info['logical_cpus']} logical CPUs, {info['torch_threads']} torch threads | "
+          f"GPU: {info['gpu'] or 'none'} | torch {info['torch']}, timm {info['timm']}, triton {info['triton']} | "
+          f"malloc {info['malloc']}")
+    print(f"model: {args.model} ({config.MODEL.NAME}), batch {bs}, {size}x{size}, device {device}; "
+          f"fp32 eval logits max |ours - timm| = {diff:.2e}")
+
+    x = torch.randn(bs, config.MODEL.SWIN.IN_CHANS, size, size, device=device)
+    y = torch.randint(0, config.MODEL.NUM_CLASSES, (bs,), device=device)
+    slow_bf16 = device.type == "cpu" and not cpu_has_fast_bf16()
+    rows: List[dict] = []
+
+    def record(phase, dtype, mode, cands: List[Candidate], extra: Optional[dict] = None) -> None:
+        by = {c.name: c for c in cands}
+        t = by.get("timm")
+        for c in cands:
+            if c.name == "timm":
+                continue
+            o = c.median()
+            tm = t.median() if t else None
+            paired = [a / b for a, b in zip(c.samples, t.samples)] if t and len(c.samples) == len(t.samples) else []
+            rows.append(dict(phase=phase, dtype=dtype, mode=mode, variant=c.name, ours_img_s=o,
+                             timm_img_s=tm, ratio=(o / tm if o and tm else None),
+                             paired_ratio=statistics.median(paired) if paired else None, ours_samples=c.samples,
+                             timm_samples=t.samples if t else [], ours_note=c.note, timm_note=t.note if t else "",
+                             ours_compile_s=c.compile_s, timm_compile_s=t.compile_s if t else None, **(extra or {})))
+
+    def run_row(phase, dtype, mode, cands, rounds, iters, warmup):
+        time_interleaved(cands, bs, device, rounds, iters, warmup)
+
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    for d in dtypes:
+        if d not in DTYPES:
+            raise SystemExit(f"unknown dtype {d!r}; use fp32, bf16, fp16")
+    for m in modes:
+        if m not in ("eager", "compiled"):
+            raise SystemExit(f"unknown mode {m!r}; use eager, compiled")
+
+    def maybe_compile(model, mode):
+        return torch.compile(model) if mode == "compiled" else model
+
+    def prepare(cands: List[Candidate], mode: str) -> None:
+        """For compiled candidates: time the first call (the compile) within the budget."""
+        if mode != "compiled":
+            return
+        for c in cands:
+            try:
+                c.compile_s = first_call(c.step, device, args.compile_budget)
+                print(f"  compiled {c.name}: first call {c.compile_s:.1f} s")
+            except Exception as e:  # noqa: BLE001 - report and go on
+                # The alarm may surface wrapped (e.g. InductorError) when it fires inside inductor.
+                chain, timed_out = e, False
+                while chain is not None:
+                    timed_out = timed_out or isinstance(chain, CompileTimeout) or "CompileTimeout" in str(chain)
+                    chain = chain.__cause__ or chain.__context__
+                if timed_out:
+                    c.note = f"compile > {args.compile_budget:.0f} s budget: skipped"
+                else:
+                    c.note = f"compile failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                c.step = None
+                print(f"  {c.name}: {c.note}")
+
+    # -- forward ------------------------------------------------------------------------------
+    for dtype_name in dtypes:
+        dtype = DTYPES[dtype_name]
+        if dtype_name == "fp16" and device.type != "cuda":
+            print("skip fp16: CUDA only")
+            continue
+        rounds, iters, warmup = args.rounds, args.iters, args.warmup
+        note = ""
+        if dtype != torch.float32 and slow_bf16:
+            rounds, iters, warmup, note = 1, 1, 0, "emulated bf16 (no AVX512-BF16/AMX): 1 batch, eager only"
+        for mode in modes:
+            if note and mode == "compiled":
+                continue
+            print(f"forward {dtype_name} {mode} ...", flush=True)
+            cands: List[Candidate] = []
+            for name, model in (("ours", ours), ("timm", theirs)):
+                if dtype == torch.float32:
+                    cands.append(Candidate(name, forward_step(maybe_compile(model, mode), x, None), note))
+                else:
+                    cands.append(Candidate(f"{name}|autocast", forward_step(maybe_compile(model, mode), x, dtype), note))
+                    cast = copy.deepcopy(model).to(dtype)
+                    cands.append(Candidate(f"{name}|cast", forward_step(maybe_compile(cast, mode), x.to(dtype), None), note))
+            prepare(cands, mode)
+            run_row("forward", dtype_name, mode, cands, rounds, iters, warmup)
+            if dtype == torch.float32:
+                record("forward", dtype_name, mode, cands)
+            else:
+                def best(prefix):
+                    got = [c for c in cands if c.name.startswith(prefix + "|") and c.median()]
+                    return max(got, key=lambda c: c.median()) if got else None
+                b_ours, b_timm = best("ours"), best("timm")
+                if b_ours and b_timm:
+                    merged_o = Candidate("ours", None, f"{b_ours.name.split('|')[1]}; {note}".strip("; "), b_ours.compile_s, b_ours.samples)
+                    merged_t = Candidate("timm", None, f"{b_timm.name.split('|')[1]}; {note}".strip("; "), b_timm.compile_s, b_timm.samples)
+                    record("forward", dtype_name, mode, [merged_o, merged_t],
+                           {"all": {c.name: c.median() for c in cands}})
+                else:
+                    record("forward", dtype_name, mode, cands)
+
+    # -- train --------------------------------------------------------------------------------
+    if args.train:
+        for dtype_name in dtypes:
+            dtype = DTYPES[dtype_name]
+            if dtype_name == "fp16" and device.type != "cuda":
+                continue
+            if dtype != torch.float32 and slow_bf16:
+                rows.append(dict(phase="train", dtype=dtype_name, mode="-", variant="ours", ours_img_s=None, timm_img_s=None,
+                                 ratio=None, ours_note="skipped: emulated bf16 on this CPU (see the forward row)"))
+                continue
+            amp = None if dtype == torch.float32 else dtype
+            for mode in modes:
+                print(f"train {dtype_name} {mode} ...", flush=True)
+                o_model, t_model = copy.deepcopy(ours), copy.deepcopy(theirs)
+                o_opt = build_optimizer(config, o_model)
+                t_opt = adamw_like(t_model, config, o_opt)
+                cands = [Candidate("ours", train_step(maybe_compile(o_model, mode), o_opt, x, y, amp)),
+                         Candidate("timm", train_step(maybe_compile(t_model, mode), t_opt, x, y, amp))]
+                prepare(cands, mode)
+                run_row("train", dtype_name, mode, cands, args.rounds, args.iters, args.warmup)
+                record("train", dtype_name, mode, cands)
+                del o_model, t_model, o_opt, t_opt, cands
+
+    # -- levers -------------------------------------------------------------------------------
+    levers: List[dict] = []
+
+    def add_levers(phase: str, cands: List[Candidate]) -> None:
+        t = cands[-1]
+        for c in cands:
+            paired = [a / b for a, b in zip(c.samples, t.samples)]
+            levers.append(dict(phase=phase, variant=c.name, img_s=c.median(), vs_timm=c.median() / t.median(),
+                               paired_vs_timm=statistics.median(paired), samples=c.samples))
+
+    if args.levers:
+        print("levers: forward fp32 eager ...", flush=True)
+        impls = ("auto", "sdpa", "reference")
+        cands = [Candidate(f"attn={i}", forward_step(variant(ours, i), x, None)) for i in impls]
+        cands += [Candidate("roll+partition", forward_step(variant(ours, gather=False), x, None)),
+                  Candidate("no eval bias cache", forward_step(variant(ours, cache=False), x, None)),
+                  Candidate("timm", forward_step(theirs, x, None))]
+        time_interleaved(cands, bs, device, args.rounds, args.iters, args.warmup)
+        add_levers("forward", cands)
+    if args.levers and args.train:
+        print("levers: train fp32 eager ...", flush=True)
+        impls = ("auto", "sdpa", "reference")
+        single_cfg = load_config(args.model, args.img_size, args.opts + ["TRAIN.OPTIMIZER.IMPL", "single"])
+        cands = []
+        for name, model, cfg in [(f"attn={i}", variant(ours, i), config) for i in impls] + [
+            ("roll+partition", variant(ours, gather=False), config),
+            ("single-tensor AdamW", variant(ours), single_cfg),
+        ]:
+            cands.append(Candidate(name, train_step(model, build_optimizer(cfg, model), x, y, None)))
+        t_model = copy.deepcopy(theirs)
+        cands.append(Candidate("timm", train_step(t_model, adamw_like(t_model, config, build_optimizer(config, variant(ours))), x, y, None)))
+        time_interleaved(cands, bs, device, args.rounds, args.iters, args.warmup)
+        add_levers("train", cands)
+        del cands
+
+    # -- memory -------------------------------------------------------------------------------
+    memory: List[dict] = []
+    if args.memory:
+        print("memory: fp32 eager training step ...", flush=True)
+        for ckpt in (False, True):
+            for name, model in (("ours", ours), ("timm", theirs)):
+                m = copy.deepcopy(model)
+                m.set_grad_checkpointing(ckpt)
+                opt = build_optimizer(config, m) if name == "ours" else adamw_like(m, config, build_optimizer(config, copy.deepcopy(ours)))
+                peak = train_peak_bytes(train_step(m, opt, x, y, None), device)
+                memory.append(dict(model=name, checkpointing=ckpt, peak_mib=peak / 2**20, mib_per_image=peak / 2**20 / bs,
+                                   method="cuda max_memory_allocated" if device.type == "cuda" else "torch.profiler allocation events"))
+                del m, opt
+
+    # -- report -------------------------------------------------------------------------------
+    print()
+    print(f"{'phase':8s} {'dtype':5s} {'mode':9s} {'ours img/s':>11s} {'timm img/s':>11s} {'ours/timm':>9s} {'paired':>7s}  notes")
+    for r in rows:
+        notes = []
+        if r.get("ours_compile_s") is not None or r.get("timm_compile_s") is not None:
+            notes.append(f"compile ours {fmt(r.get('ours_compile_s'), '.0f')} s, timm {fmt(r.get('timm_compile_s'), '.0f')} s")
+        for k in ("ours_note", "timm_note"):
+            if r.get(k):
+                notes.append(f"{k.split('_')[0]}: {r[k]}")
+        print(f"{r['phase']:8s} {r['dtype']:5s} {r['mode']:9s} {fmt(r['ours_img_s']):>11s} {fmt(r['timm_img_s']):>11s} "
+              f"{fmt(r['ratio'], '.3f'):>9s} {fmt(r.get('paired_ratio'), '.3f'):>7s}  {'; '.join(notes)}")
+    if levers:
+        print()
+        print(f"{'lever (fp32 eager)':28s} {'phase':8s} {'img/s':>8s} {'vs timm':>8s} {'paired':>7s}")
+        for r in levers:
+            print(f"{r['variant']:28s} {r['phase']:8s} {fmt(r['img_s']):>8s} {fmt(r['vs_timm'], '.3f'):>8s} "
+                  f"{fmt(r['paired_vs_timm'], '.3f'):>7s}")
+    if memory:
+        print()
+        print(f"{'model':6s} {'checkpointing':13s} {'peak MiB':>9s} {'MiB/image':>9s}  method")
+        for r in memory:
+            print(f"{r['model']:6s} {str(r['checkpointing']):13s} {r['peak_mib']:9.1f} {r['mib_per_image']:9.1f}  {r['method']}")
+    result = dict(machine=info, command=" ".join([os.path.basename(sys.argv[0])] + (argv if argv is not None else sys.argv[1:])),
+                  model=args.model, config_name=config.MODEL.NAME, batch_size=bs, img_size=size, rounds=args.rounds,
+                  iters=args.iters, logits_max_abs_diff=diff, rows=rows, levers=levers, memory=memory)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"\nwrote {args.json}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
