@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -18,6 +19,19 @@ def demo_data(tmp_path_factory) -> str:
     subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "prepare_demo_data.py"), "--out", str(out)],
                    check=True, capture_output=True)
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def small_data(demo_data: str, tmp_path_factory) -> str:
+    """10 classes x 8 train images and 15 (odd) val images copied from the demo dataset."""
+    dst = tmp_path_factory.mktemp("small") / "data"
+    for split, per_class in (("train", 8), ("val", None)):
+        for c in sorted(os.listdir(os.path.join(demo_data, split))):
+            os.makedirs(dst / split / c)
+            names = sorted(os.listdir(os.path.join(demo_data, split, c)))
+            for name in names[: per_class or (2 if int(c) < 5 else 1)]:
+                shutil.copy(os.path.join(demo_data, split, c, name), dst / split / c / name)
+    return str(dst)
 
 
 def run_main(args: list[str], cwd: str | None = None, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:

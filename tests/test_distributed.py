@@ -18,6 +18,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CFG = str(ROOT / "configs" / "demo" / "swin_demo_digits.yaml")
+DEMO_BASE_LR = float(__import__("yaml").safe_load(open(DEMO_CFG))["TRAIN"]["BASE_LR"])
 
 # Tiny, deterministic variant of the demo model (augmentation is off in the demo config already).
 TINY_OPTS = [
@@ -141,7 +142,7 @@ def test_two_gloo_ranks_with_batch_b_train_the_same_weights_as_one_process_with_
         single = torch.load(tmp_path / f"single_accum{accum}.pt", weights_only=True)
         ranks = [torch.load(tmp_path / f"ddp_accum{accum}_rank{r}.pt", weights_only=True) for r in (0, 1)]
         # Per-rank batch b on 2 ranks is the same total batch as 2b on one: the same scaled lr.
-        assert ranks[0]["base_lr"] == single["base_lr"] == pytest.approx(2e-3 * global_batch * accum / 512)
+        assert ranks[0]["base_lr"] == single["base_lr"] == pytest.approx(DEMO_BASE_LR * global_batch * accum / 512)
         assert ranks[0]["lr"] == ranks[1]["lr"] == single["lr"]
         # DDP keeps the replicas identical, and they match the single big-batch process.
         assert _max_diff(ranks[0]["weights"], ranks[1]["weights"]) == 0.0

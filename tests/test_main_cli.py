@@ -32,19 +32,6 @@ ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 ACC_LINE = re.compile(r" \* Acc@1 ([\d.]+) Acc@5 ([\d.]+) loss ([\d.]+) images (\d+)")
 
 
-@pytest.fixture(scope="module")
-def small_data(demo_data: str, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """10 classes x 8 train images and 15 (odd) val images copied from the demo dataset."""
-    dst = tmp_path_factory.mktemp("cli") / "data"
-    for split, per_class in (("train", 8), ("val", None)):
-        for c in sorted(os.listdir(os.path.join(demo_data, split))):
-            os.makedirs(dst / split / c)
-            names = sorted(os.listdir(os.path.join(demo_data, split, c)))
-            for name in names[: per_class or (2 if int(c) < 5 else 1)]:
-                shutil.copy(os.path.join(demo_data, split, c, name), dst / split / c / name)
-    return str(dst)
-
-
 @pytest.fixture(autouse=True)
 def _release_log_handlers():
     """In-process runs attach file/console handlers to the 'swin' and root loggers; drop them."""

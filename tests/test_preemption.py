@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -38,19 +37,6 @@ def _env() -> dict:
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)  # never join an outer launcher's process group
     return env
-
-
-@pytest.fixture(scope="module")
-def small_data(demo_data: str, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """10 classes x 8 train images and 15 (odd) val images copied from the demo dataset."""
-    dst = tmp_path_factory.mktemp("small") / "data"
-    for split, per_class in (("train", 8), ("val", None)):
-        for c in sorted(os.listdir(os.path.join(demo_data, split))):
-            os.makedirs(dst / split / c)
-            names = sorted(os.listdir(os.path.join(demo_data, split, c)))
-            for name in names[: per_class or (2 if int(c) < 5 else 1)]:
-                shutil.copy(os.path.join(demo_data, split, c, name), dst / split / c / name)
-    return str(dst)
 
 
 def _cmd(data: str, output: Path, tag: str, *opts: str) -> list[str]:
