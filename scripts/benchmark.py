@@ -391,6 +391,23 @@ def main(argv=None) -> dict:
     y = torch.randint(0, config.MODEL.NUM_CLASSES, (bs,), device=device)
     slow_bf16 = device.type == "cpu" and not cpu_has_fast_bf16()
     rows: List[dict] = []
+    levers: List[dict] = []
+    memory: List[dict] = []
+    command = " ".join([os.path.basename(sys.argv[0])] + (list(argv) if argv is not None else sys.argv[1:]))
+
+    def snapshot() -> dict:
+        return dict(machine=info, command=command, model=args.model, config_name=config.MODEL.NAME, batch_size=bs,
+                    img_size=size, rounds=args.rounds, iters=args.iters, logits_max_abs_diff=diff, rows=rows,
+                    levers=levers, memory=memory)
+
+    def save() -> None:
+        """Written after every measurement, so a run cut short keeps what it measured."""
+        if args.json:
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+            tmp = args.json + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(snapshot(), f, indent=1)
+            os.replace(tmp, args.json)
 
     def record(phase, dtype, mode, cands: List[Candidate], extra: Optional[dict] = None) -> None:
         by = {c.name: c for c in cands}
@@ -406,6 +423,9 @@ def main(argv=None) -> dict:
                              paired_ratio=statistics.median(paired) if paired else None, ours_samples=c.samples,
                              timm_samples=t.samples if t else [], ours_note=c.note, timm_note=t.note if t else "",
                              ours_compile_s=c.compile_s, timm_compile_s=t.compile_s if t else None, **(extra or {})))
+            print(f"  {phase} {dtype} {mode}: ours {fmt(o)} img/s, timm {fmt(tm)} img/s, ratio {fmt(rows[-1]['ratio'], '.3f')}, "
+                  f"paired {fmt(rows[-1]['paired_ratio'], '.3f')}", flush=True)
+        save()
 
     def run_row(phase, dtype, mode, cands, rounds, iters, warmup):
         time_interleaved(cands, bs, device, rounds, iters, warmup)
@@ -506,14 +526,15 @@ def main(argv=None) -> dict:
                 del o_model, t_model, o_opt, t_opt, cands
 
     # -- levers -------------------------------------------------------------------------------
-    levers: List[dict] = []
-
     def add_levers(phase: str, cands: List[Candidate]) -> None:
         t = cands[-1]
         for c in cands:
             paired = [a / b for a, b in zip(c.samples, t.samples)]
             levers.append(dict(phase=phase, variant=c.name, img_s=c.median(), vs_timm=c.median() / t.median(),
                                paired_vs_timm=statistics.median(paired), samples=c.samples))
+            print(f"  lever {phase} {c.name}: {c.median():.2f} img/s, vs timm {levers[-1]['vs_timm']:.3f}, "
+                  f"paired {levers[-1]['paired_vs_timm']:.3f}", flush=True)
+        save()
 
     if args.levers:
         print("levers: forward fp32 eager ...", flush=True)
@@ -541,7 +562,6 @@ def main(argv=None) -> dict:
         del cands
 
     # -- memory -------------------------------------------------------------------------------
-    memory: List[dict] = []
     if args.memory:
         print("memory: fp32 eager training step ...", flush=True)
         for ckpt in (False, True):
@@ -552,6 +572,8 @@ def main(argv=None) -> dict:
                 peak = train_peak_bytes(train_step(m, opt, x, y, None), device)
                 memory.append(dict(model=name, checkpointing=ckpt, peak_mib=peak / 2**20, mib_per_image=peak / 2**20 / bs,
                                    method="cuda max_memory_allocated" if device.type == "cuda" else "torch.profiler allocation events"))
+                print(f"  memory {name} checkpointing={ckpt}: {memory[-1]['mib_per_image']:.1f} MiB/image", flush=True)
+                save()
                 del m, opt
 
     # -- report -------------------------------------------------------------------------------
@@ -577,15 +599,10 @@ def main(argv=None) -> dict:
         print(f"{'model':6s} {'checkpointing':13s} {'peak MiB':>9s} {'MiB/image':>9s}  method")
         for r in memory:
             print(f"{r['model']:6s} {str(r['checkpointing']):13s} {r['peak_mib']:9.1f} {r['mib_per_image']:9.1f}  {r['method']}")
-    result = dict(machine=info, command=" ".join([os.path.basename(sys.argv[0])] + (argv if argv is not None else sys.argv[1:])),
-                  model=args.model, config_name=config.MODEL.NAME, batch_size=bs, img_size=size, rounds=args.rounds,
-                  iters=args.iters, logits_max_abs_diff=diff, rows=rows, levers=levers, memory=memory)
+    save()
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
         print(f"\nwrote {args.json}")
-    return result
+    return snapshot()
 
 
 if __name__ == "__main__":
