@@ -63,6 +63,25 @@ def _env_int(name: str) -> int:
         raise UserError(f"environment variable {name}={value!r} is not an integer; launch with torchrun or unset it") from None
 
 
+def _restart_scoped_store(rank: int, world_size: int) -> Optional[dist.Store]:
+    """Under torchrun's shared agent store: that store with keys scoped to this restart attempt.
+
+    torchrun (c10d rendezvous) lets the workers use its own TCP store, which outlives the
+    workers. Without a per-attempt scope, the group restarted by ``--max-restarts`` can read
+    the addresses (Gloo) or unique id (NCCL) the killed attempt left there and hang in
+    ``init_process_group``. Every agent counts restarts in step, so ``TORCHELASTIC_RESTART_COUNT``
+    names the same attempt on every node. Returns None outside that setting (a plain launch
+    or ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``), where rank 0 hosts a fresh store each attempt.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "TORCHELASTIC_RESTART_COUNT" not in os.environ:
+        return None
+    from torch.distributed.rendezvous import rendezvous
+
+    store, _, _ = next(rendezvous("env://", rank=rank, world_size=world_size))
+    attempt = os.environ["TORCHELASTIC_RESTART_COUNT"]
+    return dist.PrefixStore(f"swin/attempt_{attempt}", store)
+
+
 def init_distributed(device_pref: str = "auto") -> DistEnv:
     """Pick the device and, under torchrun, join the process group.
 
@@ -106,7 +125,12 @@ def init_distributed(device_pref: str = "auto") -> DistEnv:
             if backend == "nccl":
                 # Binding the group to the device up front lets barriers know which GPU to use.
                 kwargs["device_id"] = device
-            dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size, **kwargs)
+            store = _restart_scoped_store(rank, world_size)
+            if store is not None:
+                kwargs["store"] = store
+            else:
+                kwargs["init_method"] = "env://"
+            dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **kwargs)
         return DistEnv(rank, world_size, local_rank, device, True)
 
     if use_cuda:

@@ -313,7 +313,7 @@ def build_loader(
     rank: int,
     *,
     train_start_index: int = 0,
-    pin_memory: bool | None = None,
+    pin_memory: bool = False,
 ) -> DataBundle:
     """Datasets, samplers and loaders of one process (rank ``rank`` of ``world_size``).
 
@@ -321,8 +321,9 @@ def build_loader(
     same on every rank) with ``drop_last=True``; ``train_start_index`` skips that many samples
     of this rank's order in the first epoch iterated (``batches_done * DATA.BATCH_SIZE`` to
     resume mid-epoch at the next batch). Validation uses an ``ExactEvalSampler``: every image
-    once across all ranks. ``pin_memory`` None means "pin when CUDA is available"; pinning
-    also needs DATA.PIN_MEMORY. The config is only read.
+    once across all ranks. Training samples are ``(index, seed)`` keys, so augmentation is
+    seeded per sample (see ``data/sample_seeds.py``). ``pin_memory`` is the caller's "the
+    model runs on CUDA"; pinning also needs DATA.PIN_MEMORY. The config is only read.
     """
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank {rank} of {world_size}")
@@ -337,8 +338,9 @@ def build_loader(
     dataset_train, num_classes = build_dataset(True, config)
     dataset_val, _ = build_dataset(False, config)
 
+    # Seeded per sample: augmentation is the same with any worker count and after a mid-epoch resume.
     sampler_train = ResumableSampler(
-        len(dataset_train), world_size, rank, shuffle=True, seed=int(config.SEED), drop_last=False
+        len(dataset_train), world_size, rank, shuffle=True, seed=int(config.SEED), drop_last=False, sample_seeds=True
     )
     if sampler_train.num_samples < batch_size:
         raise UserError(
@@ -350,8 +352,6 @@ def build_loader(
         sampler_train.set_start_index(train_start_index)
     sampler_val = ExactEvalSampler(len(dataset_val), world_size, rank)
 
-    if pin_memory is None:
-        pin_memory = torch.cuda.is_available()
     pin = bool(config.DATA.PIN_MEMORY) and pin_memory
     common: dict[str, Any] = dict(
         batch_size=batch_size,
@@ -359,8 +359,7 @@ def build_loader(
         pin_memory=pin,
         persistent_workers=num_workers > 0,
     )
-    # Seeds the workers' RNGs (augmentation) from the config, not from however much of the
-    # global RNG model construction consumed.
+    # The workers' own RNG seeds come from the config; augmentation itself is seeded per sample.
     loader_train = DataLoader(
         dataset_train,
         sampler=sampler_train,

@@ -15,6 +15,8 @@ from torch.utils.data import Dataset
 
 from errors import UserError
 
+from .sample_seeds import seeded_rngs
+
 logger = logging.getLogger(__name__)
 
 # How many following samples are tried before giving up on a run of unreadable files.
@@ -71,6 +73,10 @@ class RobustImageDataset(Dataset):
     ``max_tries`` others; ``replaced`` is then the path of the unreadable file at ``index``,
     otherwise ``""``. Only loading is guarded: errors raised by the transform propagate.
     With ``strict=True`` the first unreadable file raises ``UnreadableImageError``.
+
+    The key may also be ``(index, seed)`` (what ``ResumableSampler(sample_seeds=True)``
+    yields): the transform then draws its randomness from ``seed`` alone, whichever process
+    or worker runs it, and the caller's RNG states are left as they were.
     """
 
     def __init__(self, base: Any, strict: bool = False, max_tries: int = MAX_REPLACEMENT_TRIES) -> None:
@@ -118,7 +124,8 @@ class RobustImageDataset(Dataset):
             # PIL reports corrupt data through all of these; anything else is a bug and propagates.
             return None, _reason(e)
 
-    def __getitem__(self, index: int) -> tuple[Any, Any, str]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, Any, str]:
+        index, seed = key if isinstance(key, tuple) else (key, None)
         n = len(self)
         if not 0 <= index < n:
             raise IndexError(f"index {index} out of range for a dataset of {n} samples")
@@ -145,7 +152,11 @@ class RobustImageDataset(Dataset):
                 )
         target = self.base.samples[chosen][1]
         if self.base.transform is not None:
-            img = self.base.transform(img)
+            if seed is None:
+                img = self.base.transform(img)
+            else:
+                with seeded_rngs(seed):
+                    img = self.base.transform(img)
         if self.base.target_transform is not None:
             target = self.base.target_transform(target)
         return img, target, replaced

@@ -13,6 +13,8 @@ from torch.utils.data import Sampler
 
 from errors import UserError
 
+from .sample_seeds import sample_seed
+
 logger = logging.getLogger(__name__)
 
 
@@ -40,6 +42,12 @@ class ResumableSampler(Sampler[int]):
     ``set_epoch`` call); once an iteration has started, the skip is cleared by the end of
     that iteration or by the next ``set_epoch``. ``len()`` is the number of indices the next
     (or current) iteration yields, i.e. ``num_samples - k`` while a skip is armed.
+
+    With ``sample_seeds=True`` each item is ``(index, augmentation_seed)`` instead of ``index``:
+    the seed is ``sample_seed(seed, epoch, p)`` for the sample's global position ``p`` in the
+    epoch (``p = i * num_replicas + rank`` for the ``i``-th index of this rank), so it is the
+    same whether the sample is reached from the epoch's start or after a skip.
+    ``RobustImageDataset`` runs the transform of such an item under that seed.
     """
 
     def __init__(
@@ -50,6 +58,7 @@ class ResumableSampler(Sampler[int]):
         shuffle: bool = True,
         seed: int = 0,
         drop_last: bool = False,
+        sample_seeds: bool = False,
     ) -> None:
         _check_rank(num_replicas, rank)
         if dataset_len < 0:
@@ -60,6 +69,7 @@ class ResumableSampler(Sampler[int]):
         self.shuffle = shuffle
         self.seed = seed
         self.drop_last = drop_last
+        self.sample_seeds = sample_seeds
         self.epoch = 0
         # Same arithmetic as DistributedSampler, so resumed runs see the same batches.
         if drop_last and dataset_len % num_replicas != 0:
@@ -112,11 +122,15 @@ class ResumableSampler(Sampler[int]):
                 indices += (indices * math.ceil(padding / len(indices)))[:padding]
         return indices[self.rank : self.total_size : self.num_replicas]
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[int | tuple[int, int]]:
         start = self._start_index
         self._skip_in_use = True
         indices = self.epoch_indices()[start:]
-        yield from indices
+        if self.sample_seeds:
+            for i, index in enumerate(indices, start):
+                yield index, sample_seed(self.seed, self.epoch, i * self.num_replicas + self.rank)
+        else:
+            yield from indices
         # A full pass consumed the skip; a later set_start_index (during the pass) is kept.
         if self._skip_in_use and self._start_index == start:
             self._start_index = 0

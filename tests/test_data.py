@@ -441,6 +441,60 @@ def test_build_loader_start_index_resumes_at_the_next_batch(tiny_root):
     assert list(resumed.sampler_train) == order[4:]
 
 
+def _epoch_images(config, epoch: int, start_index: int = 0) -> torch.Tensor:
+    bundle = build_loader(config, 1, 0, train_start_index=start_index)
+    bundle.sampler_train.set_epoch(epoch)
+    return torch.cat([images for images, _, _ in bundle.loader_train])
+
+
+def test_training_augmentation_is_the_same_with_any_worker_count_and_after_a_mid_epoch_resume(tiny_root):
+    # RandAugment + random crop/flip + random erasing: torch, Python and NumPy RNGs all drawn.
+    aug = ["DATA.DATA_PATH", tiny_root, "DATA.BATCH_SIZE", "2", "DATA.IMG_SIZE", "32", "AUG.REPROB", "0.5",
+           "AUG.AUTO_AUGMENT", "rand-m9-mstd0.5-inc1"]
+    no_workers = _epoch_images(cfg(*aug), epoch=1)
+    torch.manual_seed(123)  # the caller's RNG state must not matter either
+    two_workers = _epoch_images(cfg(*aug, "DATA.NUM_WORKERS", "2"), epoch=1)
+    resumed = _epoch_images(cfg(*aug, "DATA.NUM_WORKERS", "2"), epoch=1, start_index=4)
+    assert no_workers.shape == (10, 3, 32, 32)
+    assert torch.equal(no_workers, two_workers)
+    assert torch.equal(resumed, no_workers[4:])
+    # Still random: another epoch draws other augmentations of the same images.
+    assert not torch.equal(_epoch_images(cfg(*aug), epoch=2).sort(0).values, no_workers.sort(0).values)
+
+
+def test_a_seeded_sample_leaves_the_callers_rng_streams_where_they_were(tiny_root):
+    import random
+
+    bundle = build_loader(cfg("DATA.DATA_PATH", tiny_root, "DATA.IMG_SIZE", "32", "AUG.REPROB", "1.0"), 1, 0)
+    torch.manual_seed(7)
+    random.seed(7)
+    np.random.seed(7)
+    first = bundle.dataset_train[(3, 99)][0]
+    draws = (torch.rand(1).item(), random.random(), np.random.rand())
+    torch.manual_seed(7)
+    random.seed(7)
+    np.random.seed(7)
+    assert torch.equal(bundle.dataset_train[(3, 99)][0], first)
+    assert draws == (torch.rand(1).item(), random.random(), np.random.rand())
+    assert not torch.equal(bundle.dataset_train[(3, 100)][0], first)
+
+
+def test_sample_seeds_depend_on_seed_epoch_and_global_position_only():
+    from data.sample_seeds import sample_seed
+
+    seeds = {sample_seed(0, e, p) for e in range(4) for p in range(1000)}
+    assert len(seeds) == 4000 and all(0 <= s < 2**32 for s in seeds)
+    assert sample_seed(0, 1, 5) == sample_seed(0, 1, 5) != sample_seed(1, 1, 5)
+    # Rank r's i-th sample sits at global position i * world + r, also after a skip.
+    ranks = [ResumableSampler(10, 2, r, seed=3, sample_seeds=True) for r in range(2)]
+    for s in ranks:
+        s.set_epoch(2)
+    items = [list(s) for s in ranks]
+    assert items[1][2] == (ranks[1].epoch_indices()[2], sample_seed(3, 2, 2 * 2 + 1))
+    ranks[1].set_start_index(2)
+    assert list(ranks[1]) == items[1][2:]
+
+
 def test_build_loader_splits_val_exactly_across_ranks(tiny_root):
     config = cfg("DATA.DATA_PATH", tiny_root, "DATA.BATCH_SIZE", "2")
     seen = [i for rank in range(2) for i in build_loader(config, 2, rank).sampler_val]

@@ -249,3 +249,32 @@ def test_ranks_checking_the_same_output_folder_do_not_fail_each_other(tmp_path: 
         results = pool.map(_probe_output_repeatedly, [str(tmp_path / "out")] * 2)
     assert results == ["ok", "ok"]
     assert os.listdir(tmp_path / "out") == []  # no probe files left behind
+
+
+# --------------------------------------------------------------------------- restarts under torchrun
+
+
+def test_a_restarted_attempt_keeps_its_keys_apart_from_the_killed_attempts_in_the_agents_store(monkeypatch) -> None:
+    # torchrun's agent hosts one store for all attempts; a key the killed attempt left behind
+    # (a Gloo address, an NCCL id) must not be what the next attempt reads.
+    import torch.distributed as dist
+
+    from distributed import _restart_scoped_store
+
+    from datetime import timedelta
+
+    agent = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=20))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(agent.port))
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    scoped = {}
+    for attempt in ("0", "1"):
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", attempt)
+        scoped[attempt] = _restart_scoped_store(0, 1)
+        scoped[attempt].set("rank0_address", f"address of attempt {attempt}")
+    assert scoped["1"].get("rank0_address") == b"address of attempt 1"
+    assert scoped["0"].get("rank0_address") == b"address of attempt 0"
+    assert not agent.check(["rank0_address"])  # nothing written unscoped
+    # Outside torchrun's shared store, rank 0 hosts a fresh store per attempt: nothing to scope.
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE")
+    assert _restart_scoped_store(0, 1) is None

@@ -133,10 +133,12 @@ def test_sigterm_finishes_the_step_writes_a_step_checkpoint_and_exits_0(small_da
 
 @pytest.mark.slow
 def test_sigkill_after_a_step_checkpoint_then_rerun_ends_with_the_uninterrupted_weights(small_data: str, tmp_path: Path) -> None:
-    # Augmentation stays on: random crop + flip and random erasing (torch and Python RNGs),
-    # Mixup/CutMix (NumPy RNG) and drop path (torch RNG). Exactness needs the RNG states restored.
+    # Augmentation stays on: random crop + flip and random erasing in two loader workers (seeded
+    # per sample), Mixup/CutMix (NumPy RNG) and drop path (torch RNG) in the main process.
+    # Exactness needs the main RNG states restored and the workers' augmentation independent of
+    # where the epoch (re)started.
     opts = ("TRAIN.EPOCHS", "2", "TRAIN.STEP_SAVE_FREQ", "2", "PRINT_FREQ", "1", "AUG.MIXUP", "0.8", "AUG.CUTMIX", "1.0",
-            "AUG.REPROB", "0.25", "MODEL.DROP_PATH_RATE", "0.1")
+            "AUG.REPROB", "0.25", "MODEL.DROP_PATH_RATE", "0.1", "DATA.NUM_WORKERS", "2")
     reference_log = open(tmp_path / "reference.log", "w")
     reference = subprocess.Popen(_cmd(small_data, tmp_path, "reference", *opts), cwd=ROOT, env=_env(),
                                  stdout=reference_log, stderr=subprocess.STDOUT)
@@ -167,6 +169,65 @@ def test_sigkill_after_a_step_checkpoint_then_rerun_ends_with_the_uninterrupted_
     diff = _max_diff(got["model"], ref["model"])
     assert diff <= 1e-6, f"resumed run's weights differ from the uninterrupted run's by {diff:.3g}"
     assert got["max_accuracy"] == ref["max_accuracy"]
+
+
+# Runs main.py as torchrun's worker; on the first attempt rank 0 dies by SIGKILL right after
+# writing its first step checkpoint, as a lost node would. Later attempts run main.py unchanged.
+ELASTIC_WORKER = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import main
+
+if os.environ["TORCHELASTIC_RESTART_COUNT"] == "0" and os.environ["RANK"] == "0":
+    write = main.save_step_checkpoint
+
+    def write_then_die(*args, **kwargs):
+        path = write(*args, **kwargs)
+        print("injected failure: SIGKILL after writing", path, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    main.save_step_checkpoint = write_then_die
+sys.exit(main.main())
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_max_restarts_restarts_the_group_after_a_killed_rank_and_ends_with_the_uninterrupted_weights(
+    small_data: str, tmp_path: Path
+) -> None:
+    worker = tmp_path / "elastic_worker.py"
+    worker.write_text(ELASTIC_WORKER.format(root=str(ROOT)))
+    # 2 ranks x batch 8 over 80 images: 5 steps per epoch; a step checkpoint every 2 steps.
+    opts = ("TRAIN.EPOCHS", "2", "TRAIN.STEP_SAVE_FREQ", "2", "PRINT_FREQ", "1", "AUG.REPROB", "0.25",
+            "MODEL.DROP_PATH_RATE", "0.1", "DATA.NUM_WORKERS", "1")
+
+    def launch(script: str, tag: str, *extra: str) -> list[str]:
+        cmd = _cmd(small_data, tmp_path, tag, *opts)
+        cmd[cmd.index("--batch-size") + 1] = "8"
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *extra, script,
+                *cmd[2:]]
+
+    reference = subprocess.Popen(launch(MAIN, "reference"), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True)
+    try:
+        elastic = subprocess.run(launch(str(worker), "elastic", "--max-restarts=1", "--monitor-interval=0.5"),
+                                 cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=400)
+    finally:
+        reference_out, _ = reference.communicate(timeout=400)
+    output = elastic.stdout + elastic.stderr
+    assert reference.returncode == 0, reference_out[-4000:]
+    assert elastic.returncode == 0, output[-4000:]
+
+    run_dir = tmp_path / MODEL_NAME / "elastic"
+    assert f"injected failure: SIGKILL after writing {run_dir / 'ckpt_step.pth'}" in output
+    # The second attempt found the step checkpoint by itself and continued mid-epoch.
+    assert "resuming at epoch 0, batch 2 (optimizer step 2)" in output
+    assert "Train: [1/2][4/5]" in output
+    ref = _load(tmp_path / MODEL_NAME / "reference" / "last.pth")
+    got = _load(run_dir / "last.pth")
+    assert (got["epoch"], got["step"]) == (ref["epoch"], ref["step"]) == (1, 10)
+    diff = _max_diff(got["model"], ref["model"])
+    assert diff <= 1e-6, f"restarted group's weights differ from the uninterrupted group's by {diff:.3g}"
 
 
 # --------------------------------------------------------------------------- in-process units
