@@ -133,6 +133,9 @@ _C.TRAIN.ACCUMULATION_STEPS = 1
 _C.TRAIN.USE_CHECKPOINT = False
 # Compile the model with torch.compile.
 _C.TRAIN.COMPILE = False
+# What TRAIN.COMPILE compiles: 'blocks' (each Swin block on its own, regional: distinct block
+# shapes are traced once, so it compiles in a fraction of the time) or 'model' (one graph).
+_C.TRAIN.COMPILE_SCOPE = "blocks"
 # Write a resumable checkpoint every N optimizer steps (0 = only at epoch ends).
 _C.TRAIN.STEP_SAVE_FREQ = 0
 # Stop after this many non-finite losses in a row (fp32/bf16; fp16 is handled by the scaler).

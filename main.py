@@ -40,10 +40,10 @@ from distributed import (
     seed_everything,
 )
 from engine import StepHooks, StopTraining, TrainState, evaluate, throughput, train_one_epoch
-from errors import UserError
+from errors import UserError, report_user_errors
 from logger import create_logger
 from lr_scheduler import build_scheduler
-from models import build_model, load_pretrained
+from models import build_model, compile_model, load_pretrained
 from models.pretrained import LoadReport, adapt_state_dict, extract_state_dict
 from optimizer import build_optimizer, scaled_lrs
 from preemption import StopRequest
@@ -193,10 +193,12 @@ def run(args: argparse.Namespace) -> Optional[dict]:
     elif config.MODEL.PRETRAINED:
         load_pretrained(model, config.MODEL.PRETRAINED)
 
+    if config.TRAIN.COMPILE and config.TRAIN.COMPILE_SCOPE == "blocks":
+        compile_model(model, "blocks")  # in place: DDP below wraps the same module
     if env.distributed:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-    if config.TRAIN.COMPILE:
-        model = torch.compile(model)
+    if config.TRAIN.COMPILE and config.TRAIN.COMPILE_SCOPE != "blocks":
+        model = compile_model(model, config.TRAIN.COMPILE_SCOPE)
 
     if config.EVAL_MODE or (config.MODEL.PRETRAINED and not resume_path):
         stats = evaluate(config, data.loader_val, model, env)
@@ -283,15 +285,9 @@ def run(args: argparse.Namespace) -> Optional[dict]:
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     try:
-        run(args)
-    except UserError as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report_user_errors(lambda: run(args), debug=args.debug)
     finally:
         cleanup()
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Swin Transformer models: ``build_model(config)`` and ``load_pretrained(model, path)``."""
 from models.build import build_model
+from models.compile import COMPILE_SCOPES, compile_model
 from models.pretrained import LoadReport, imagenet22k_to_1k_indices, load_pretrained
 from models.swin_transformer import SwinBackbone, SwinTransformer
 
-__all__ = ["build_model", "load_pretrained", "LoadReport", "imagenet22k_to_1k_indices", "SwinTransformer", "SwinBackbone"]
+__all__ = ["build_model", "compile_model", "COMPILE_SCOPES", "load_pretrained", "LoadReport", "imagenet22k_to_1k_indices", "SwinTransformer", "SwinBackbone"]

@@ -23,8 +23,10 @@ Rows:
   ``optimizer.build_optimizer`` (TRAIN.OPTIMIZER.IMPL from the config), timm's side
   ``torch.optim.AdamW`` over the same parameter groups, lr, betas, eps, weight decay and
   foreach/fused setting. fp32; bf16 autocast (fp16 + GradScaler on CUDA).
-* modes: eager and ``torch.compile`` (compile time = the first call; a side whose compile takes
-  longer than ``--compile-budget`` seconds is recorded as skipped).
+* modes: ``eager``; ``compiled``: ``torch.compile`` of the whole model on both sides;
+  ``blocks``: each Swin block compiled on its own (ours through ``models.compile_model``, what
+  ``--compile`` does in training; timm's blocks the same way). Compile time = the first call; a
+  side whose compile takes longer than ``--compile-budget`` seconds is recorded as skipped.
 * memory (``--memory``): peak memory per image of an fp32 training step, with and without
   gradient checkpointing. CUDA: ``torch.cuda.max_memory_allocated`` above the memory in use
   before the step. CPU: the peak of the running sum of tensor allocations and frees that
@@ -62,6 +64,7 @@ import torch.nn.functional as F  # noqa: E402
 from config import get_config  # noqa: E402
 from distributed import cpu_has_fast_bf16, synchronize  # noqa: E402
 from models.build import build_model  # noqa: E402
+from models.compile import compile_model  # noqa: E402
 from models.swin_transformer import SwinTransformerBlock, WindowAttention  # noqa: E402
 from optimizer import build_optimizer, param_groups  # noqa: E402
 from timing import time_images_per_second  # noqa: E402
@@ -241,6 +244,23 @@ def keep_freed_memory() -> bool:
     return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
+MODES = ("eager", "compiled", "blocks")
+
+
+def compile_blocks(model: torch.nn.Module) -> torch.nn.Module:
+    """Compile every Swin block of ``model`` in place: ours through ``compile_model`` (what
+    ``--compile`` does), timm's blocks one by one with the same recompile allowance."""
+    if any(isinstance(m, SwinTransformerBlock) for m in model.modules()):
+        return compile_model(model, "blocks")
+    import torch._dynamo
+
+    blocks = [m for m in model.modules() if type(m).__name__ == "SwinTransformerBlock"]
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(blocks) + 8)
+    for blk in blocks:
+        blk.compile()
+    return model
+
+
 class CompileTimeout(Exception):
     pass
 
@@ -344,7 +364,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--img-size", type=int, default=None, help="default: the config's DATA.IMG_SIZE")
     p.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16, fp16 (fp16: CUDA only)")
-    p.add_argument("--modes", default="eager,compiled", help="comma list of eager, compiled")
+    p.add_argument("--modes", default="eager,compiled", help="comma list of eager, compiled, blocks")
     p.add_argument("--train", action="store_true", help="also time training steps")
     p.add_argument("--memory", action="store_true", help="peak training memory per image, with/without checkpointing")
     p.add_argument("--levers", action="store_true",
@@ -436,15 +456,20 @@ def main(argv=None) -> dict:
         if d not in DTYPES:
             raise SystemExit(f"unknown dtype {d!r}; use fp32, bf16, fp16")
     for m in modes:
-        if m not in ("eager", "compiled"):
-            raise SystemExit(f"unknown mode {m!r}; use eager, compiled")
+        if m not in MODES:
+            raise SystemExit(f"unknown mode {m!r}; use {', '.join(MODES)}")
 
     def maybe_compile(model, mode):
-        return torch.compile(model) if mode == "compiled" else model
+        """The module to time in ``mode``; 'blocks' compiles a copy's blocks (the caller's model stays eager)."""
+        if mode == "compiled":
+            return torch.compile(model)
+        if mode == "blocks":
+            return compile_blocks(copy.deepcopy(model))
+        return model
 
     def prepare(cands: List[Candidate], mode: str) -> None:
         """For compiled candidates: time the first call (the compile) within the budget."""
-        if mode != "compiled":
+        if mode == "eager":
             return
         for c in cands:
             try:
@@ -474,7 +499,7 @@ def main(argv=None) -> dict:
         if dtype != torch.float32 and slow_bf16:
             rounds, iters, warmup, note = 1, 1, 0, "emulated bf16 (no AVX512-BF16/AMX): 1 batch, eager only"
         for mode in modes:
-            if note and mode == "compiled":
+            if note and mode != "eager":
                 continue
             print(f"forward {dtype_name} {mode} ...", flush=True)
             cands: List[Candidate] = []
@@ -515,11 +540,12 @@ def main(argv=None) -> dict:
             amp = None if dtype == torch.float32 else dtype
             for mode in modes:
                 print(f"train {dtype_name} {mode} ...", flush=True)
-                o_model, t_model = copy.deepcopy(ours), copy.deepcopy(theirs)
-                o_opt = build_optimizer(config, o_model)
-                t_opt = adamw_like(t_model, config, o_opt)
-                cands = [Candidate("ours", train_step(maybe_compile(o_model, mode), o_opt, x, y, amp)),
-                         Candidate("timm", train_step(maybe_compile(t_model, mode), t_opt, x, y, amp))]
+                # maybe_compile copies for 'blocks': the optimizers are built on what is trained.
+                o_model, t_model = maybe_compile(copy.deepcopy(ours), mode), maybe_compile(copy.deepcopy(theirs), mode)
+                o_opt = build_optimizer(config, getattr(o_model, "_orig_mod", o_model))
+                t_opt = adamw_like(getattr(t_model, "_orig_mod", t_model), config, o_opt)
+                cands = [Candidate("ours", train_step(o_model, o_opt, x, y, amp)),
+                         Candidate("timm", train_step(t_model, t_opt, x, y, amp))]
                 prepare(cands, mode)
                 run_row("train", dtype_name, mode, cands, args.rounds, args.iters, args.warmup)
                 record("train", dtype_name, mode, cands)

@@ -42,7 +42,7 @@ from yacs.config import CfgNode  # noqa: E402
 
 import models.swin_transformer as swin_module  # noqa: E402
 from kernels import reverse_unshift, shift_partition  # noqa: E402
-from errors import UserError  # noqa: E402
+from errors import UserError, report_user_errors  # noqa: E402
 from models.swin_transformer import (  # noqa: E402
     BasicLayer,
     PatchEmbed,
@@ -966,12 +966,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    try:
-        run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return report_user_errors(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from safetensors.torch import save_file  # noqa: E402
 
 from checkpoint import load_checkpoint_file  # noqa: E402
-from errors import UserError  # noqa: E402
+from errors import report_user_errors  # noqa: E402
 from models.pretrained import DERIVED_KEYS, extract_state_dict  # noqa: E402
 
 
@@ -43,13 +43,7 @@ def main(argv=None) -> int:
     if not args.out.endswith(".safetensors"):
         print("error: --out must end in .safetensors", file=sys.stderr)
         return 2
-    try:
-        n = export(args.checkpoint, args.out)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {n} tensors to {args.out}")
-    return 0
+    return report_user_errors(lambda: print(f"wrote {export(args.checkpoint, args.out)} tensors to {args.out}"))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
-from errors import UserError  # noqa: E402
+from errors import UserError, report_user_errors  # noqa: E402
 
 Series = List[Tuple[float, float]]  # (step or epoch, value), sorted by the first
 TAGS = ("train/loss", "train/lr", "train/grad_norm", "val/acc1", "val/acc5")
@@ -175,12 +175,7 @@ def run(args: argparse.Namespace) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    try:
-        run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return report_user_errors(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 from yacs.config import CfgNode  # noqa: E402
 
-from errors import UserError  # noqa: E402
+from errors import UserError, report_user_errors  # noqa: E402
 
 logger = logging.getLogger("swin.predict")
 
@@ -251,16 +251,12 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    try:
-        run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        from distributed import cleanup
+    from distributed import cleanup
 
+    try:
+        return report_user_errors(lambda: run(args))
+    finally:
         cleanup()
-    return 0
 
 
 if __name__ == "__main__":

@@ -125,6 +125,21 @@ def test_debug_shows_the_traceback_of_a_user_error() -> None:
     assert "errors.UserError: unknown config key TRAIN.EPOCH in --opts; did you mean TRAIN.EPOCHS?" in proc.stderr
 
 
+def test_report_user_errors_prints_one_line_and_returns_2_lets_bugs_and_debug_through(capsys) -> None:
+    from errors import UserError, report_user_errors
+
+    def refuse() -> None:
+        raise UserError("batch size 0; use a positive --batch-size")
+
+    assert report_user_errors(lambda: None) == 0
+    assert report_user_errors(refuse) == 2
+    assert capsys.readouterr().err == "error: batch size 0; use a positive --batch-size\n"
+    with pytest.raises(UserError):
+        report_user_errors(refuse, debug=True)
+    with pytest.raises(ZeroDivisionError):
+        report_user_errors(lambda: 1 / 0)
+
+
 def _class_mismatch(data: str, tmp: Path) -> str:
     copy = tmp / "mismatched"
     shutil.copytree(data, copy)
