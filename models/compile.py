@@ -47,6 +47,9 @@ def compile_model(model: nn.Module, scope: str = "blocks", backend: str = "induc
     if torch._dynamo.config.recompile_limit < needed:
         torch._dynamo.config.recompile_limit = needed
     for blk in blocks:
-        blk.compile(backend=backend)
+        # dynamic=False: each block variant gets a graph specialized to its sizes. Left automatic,
+        # Dynamo would see the second stage's sizes as "changing" and compile a symbolic-shape
+        # graph for every later stage, slower to build and to run.
+        blk.compile(backend=backend, dynamic=False)
     logger.info("compiled %d Swin blocks (%s, regional)", len(blocks), backend)
     return model

@@ -257,7 +257,7 @@ def compile_blocks(model: torch.nn.Module) -> torch.nn.Module:
     blocks = [m for m in model.modules() if type(m).__name__ == "SwinTransformerBlock"]
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(blocks) + 8)
     for blk in blocks:
-        blk.compile()
+        blk.compile(dynamic=False)
     return model
 
 
