@@ -411,8 +411,9 @@ def dump_config(config: CN, path: str) -> None:
         f.write(config.dump())
 
 
-def config_from_yaml_text(text: str) -> CN:
-    """Rebuild a config from the YAML text stored in a checkpoint, unknown keys dropped."""
+def config_from_yaml_text(text: str, opts: Sequence[str] | None = None) -> CN:
+    """Rebuild a config from the YAML text stored in a checkpoint, unknown keys dropped, then
+    ``opts`` (KEY VALUE pairs, checked like ``--opts``) on top."""
     config = default_config()
     data = yaml.safe_load(text) or {}
 
@@ -424,5 +425,7 @@ def config_from_yaml_text(text: str) -> CN:
         return out
 
     config.merge_from_other_cfg(CN(_prune(config, data)))
+    if opts:
+        _merge_opts(config, list(opts))
     config.freeze()
     return config

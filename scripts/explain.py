@@ -899,13 +899,7 @@ def load_config(cfg: Optional[str], opts: Optional[Sequence[str]], checkpoint: O
     if cfg:
         return get_config(cfg, opts)
     if checkpoint is not None and isinstance(checkpoint.get("config"), str):
-        config = config_from_yaml_text(checkpoint["config"])
-        if opts:
-            config = config.clone()
-            config.defrost()
-            config.merge_from_list(list(opts))
-            config.freeze()
-        return config
+        return config_from_yaml_text(checkpoint["config"], opts)
     raise UserError("pass --cfg (or --resume with a checkpoint that stores its config)")
 
 

@@ -149,12 +149,7 @@ def load_classifier(resume: str, cfg: Optional[str] = None, opts: Optional[Seque
     if cfg:
         config = get_config(cfg, opts)
     elif isinstance(checkpoint.get("config"), str):
-        config = config_from_yaml_text(checkpoint["config"])
-        if opts:
-            config = config.clone()
-            config.defrost()
-            config.merge_from_list(list(opts))
-            config.freeze()
+        config = config_from_yaml_text(checkpoint["config"], opts)
     else:
         raise UserError(f"{resume} stores no config; pass --cfg")
     config = config_for_checkpoint(config, checkpoint)

@@ -125,3 +125,11 @@ def test_defaults_are_not_mutated_by_get_config():
     before = _C.dump()
     get_config(None, ["TRAIN.EPOCHS", "1"])
     assert _C.dump() == before
+
+
+def test_config_from_a_checkpoint_takes_checked_opts_on_top():
+    stored = get_config(opts=["TRAIN.EPOCHS", "7"]).dump()
+    config = config_from_yaml_text(stored, ["DATA.BATCH_SIZE", "3"])
+    assert (config.TRAIN.EPOCHS, config.DATA.BATCH_SIZE) == (7, 3)
+    with pytest.raises(UserError, match="unknown config key DATA.BATCH in --opts; did you mean DATA.BATCH_SIZE?"):
+        config_from_yaml_text(stored, ["DATA.BATCH", "3"])
