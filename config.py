@@ -55,7 +55,7 @@ _C.DATA.STRICT = False
 # Model
 # -----------------------------------------------------------------------------
 _C.MODEL = CN()
-# Model family; only 'swin' is built here.
+# Model family: 'swin' (V1, reads MODEL.SWIN) or 'swinv2' (V2, reads MODEL.SWINV2).
 _C.MODEL.TYPE = "swin"
 # Model name; names the output folder OUTPUT/NAME/TAG.
 _C.MODEL.NAME = "swin_tiny_patch4_window7_224"
@@ -104,6 +104,35 @@ _C.MODEL.SWIN.RPB = True
 # training: the fastest measured on each), 'sdpa' (scaled_dot_product_attention) or 'reference'
 # (Eq. 4 spelled out). All three give the same outputs (fp32, within 1e-5).
 _C.MODEL.SWIN.ATTN_IMPL = "auto"
+
+# Swin Transformer V2 parameters (read when MODEL.TYPE is 'swinv2'; the release's key names)
+_C.MODEL.SWINV2 = CN()
+# Side of the square patch embedded as one token.
+_C.MODEL.SWINV2.PATCH_SIZE = 4
+# Input image channels.
+_C.MODEL.SWINV2.IN_CHANS = 3
+# Channels C of the first stage; stage i has C * 2**i.
+_C.MODEL.SWINV2.EMBED_DIM = 96
+# Number of blocks per stage.
+_C.MODEL.SWINV2.DEPTHS = [2, 2, 6, 2]
+# Number of attention heads per stage.
+_C.MODEL.SWINV2.NUM_HEADS = [3, 6, 12, 24]
+# Window size M (tokens per side); a stage smaller than M uses its whole map, unshifted.
+_C.MODEL.SWINV2.WINDOW_SIZE = 7
+# MLP hidden size as a multiple of the channels.
+_C.MODEL.SWINV2.MLP_RATIO = 4.0
+# Learn biases on the query and value projections (the key has none in V2).
+_C.MODEL.SWINV2.QKV_BIAS = True
+# Add a learned absolute position embedding after patch embedding.
+_C.MODEL.SWINV2.APE = False
+# LayerNorm after patch embedding.
+_C.MODEL.SWINV2.PATCH_NORM = True
+# Per stage, the window the loaded weights were trained with (0 = this model's own window): it
+# scales the inputs of the position-bias MLP. For weights from a 192² window-12 pre-training
+# fine-tuned at any window, [12, 12, 12, 6] (stage 4 of a 192² model is 6x6, so its window was 6).
+_C.MODEL.SWINV2.PRETRAINED_WINDOW_SIZES = [0, 0, 0, 0]
+# Attention implementation, as MODEL.SWIN.ATTN_IMPL: 'auto', 'sdpa' or 'reference' (logits fp32 in all).
+_C.MODEL.SWINV2.ATTN_IMPL = "auto"
 
 # -----------------------------------------------------------------------------
 # Training
@@ -336,6 +365,35 @@ def _coerce_types(config: CN) -> None:
         raise UserError(f"MODEL.SWIN.QK_SCALE must be a number or null, not {config.MODEL.SWIN.QK_SCALE!r}")
     if config.AUG.CUTMIX_MINMAX is not None and isinstance(config.AUG.CUTMIX_MINMAX, str):
         config.AUG.CUTMIX_MINMAX = ast.literal_eval(config.AUG.CUTMIX_MINMAX)
+
+
+# MODEL.TYPE -> the section of MODEL that describes the architecture.
+MODEL_SECTIONS = {"swin": "SWIN", "swinv2": "SWINV2"}
+
+
+def model_section(config: CN) -> CN:
+    """The architecture section that ``MODEL.TYPE`` reads (``MODEL.SWIN`` or ``MODEL.SWINV2``)."""
+    name = MODEL_SECTIONS.get(config.MODEL.TYPE)
+    if name is None:
+        raise UserError(f"unknown MODEL.TYPE {config.MODEL.TYPE!r}; use one of {', '.join(map(repr, MODEL_SECTIONS))}")
+    return config.MODEL[name]
+
+
+def check_model_section(config: CN) -> None:
+    """Refuse architecture keys set in the section that ``MODEL.TYPE`` does not read.
+
+    A V2 config that sets ``MODEL.SWIN.WINDOW_SIZE`` would otherwise build a model with the
+    default window without a word.
+    """
+    read = MODEL_SECTIONS.get(config.MODEL.TYPE)
+    model_section(config)  # unknown type: one line listing the known ones
+    for name in MODEL_SECTIONS.values():
+        if name == read:
+            continue
+        changed = [k for k, v in config.MODEL[name].items() if _C.MODEL[name][k] != v]
+        if changed:
+            raise UserError(f"MODEL.{name}.{changed[0]} is set, but MODEL.TYPE {config.MODEL.TYPE!r} reads MODEL.{read}; "
+                            f"move the {len(changed)} MODEL.{name} key(s) there or set MODEL.TYPE")
 
 
 def default_config() -> CN:

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 from timm.utils import AverageMeter, accuracy
 
+from config import model_section
 from distributed import (
     DistEnv,
     all_reduce_sum,
@@ -247,7 +248,7 @@ def throughput(config, model: nn.Module, env: DistEnv, batch_size: Optional[int]
     model.eval()
     size = config.DATA.IMG_SIZE
     batch_size = batch_size or config.DATA.BATCH_SIZE
-    images = torch.randn(batch_size, config.MODEL.SWIN.IN_CHANS, size, size, device=env.device)
+    images = torch.randn(batch_size, model_section(config).IN_CHANS, size, size, device=env.device)
     amp = resolve_amp_dtype(env.device, config.AMP_DTYPE) if config.AMP_ENABLE else None
     dtype = "float32" if amp is None else str(amp).replace("torch.", "") + " autocast"
 

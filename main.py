@@ -27,7 +27,7 @@ from checkpoint import (
     save_epoch_checkpoint,
     save_step_checkpoint,
 )
-from config import config_from_args, dump_config
+from config import config_from_args, dump_config, model_section
 from data import build_loader
 from distributed import (
     DistEnv,
@@ -100,7 +100,7 @@ def _prepare_output(path: str) -> None:
 
 
 def _check_config(config) -> None:
-    size, patch = config.DATA.IMG_SIZE, config.MODEL.SWIN.PATCH_SIZE
+    size, patch = config.DATA.IMG_SIZE, model_section(config).PATCH_SIZE
     if size < patch:
         raise UserError(f"DATA.IMG_SIZE {size} is smaller than one {patch}x{patch} patch; use a size of at least {patch}")
     if config.TRAIN.ACCUMULATION_STEPS < 1:
@@ -112,7 +112,7 @@ def load_resume(path: str, model: nn.Module, optimizer, lr_scheduler, scaler, st
     """Restore a full training state (or only the weights with ``model_only``)."""
     checkpoint = load_checkpoint_file(path)
     report = LoadReport()
-    weights = adapt_state_dict(model, extract_state_dict(checkpoint), report)
+    weights = adapt_state_dict(model, extract_state_dict(checkpoint), report, source=path)
     if report.head != "loaded":
         raise UserError(f"{path} has a classifier for another number of classes; use --pretrained to fine-tune from it")
     # A checkpoint of a deeper model (extra blocks) or another window size used to load without a

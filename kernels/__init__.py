@@ -1,16 +1,15 @@
-"""Custom kernels. Triton is imported lazily, so importing this package never needs it."""
+"""Custom kernels. Triton is imported lazily, so importing this package never needs it.
+
+Nothing here imports from ``models``: the window plumbing (``models.windows``) calls in.
+"""
 
 from .window_process import (
     SUPPORTED_DTYPES,
     fused_reverse_unshift,
     fused_shift_partition,
     kernel_available,
-    reverse_unshift,
-    shift_partition,
-    torch_reverse_unshift,
-    torch_shift_partition,
-    window_partition,
-    window_reverse,
+    try_fused_reverse_unshift,
+    try_fused_shift_partition,
 )
 
 __all__ = [
@@ -18,10 +17,6 @@ __all__ = [
     "fused_reverse_unshift",
     "fused_shift_partition",
     "kernel_available",
-    "reverse_unshift",
-    "shift_partition",
-    "torch_reverse_unshift",
-    "torch_shift_partition",
-    "window_partition",
-    "window_reverse",
+    "try_fused_reverse_unshift",
+    "try_fused_shift_partition",
 ]

@@ -13,8 +13,10 @@ its source token lives, and one program copies a tile of tokens x channels.
 Triton is imported lazily (inside :func:`_get_kernel`), so importing this module never
 needs a working Triton; the kernel is JIT-compiled on first use. On a CPU tensor the
 kernel only runs under Triton's interpreter (``TRITON_INTERPRET=1`` set before Triton is
-imported); everywhere else the dispatchers :func:`shift_partition` and
-:func:`reverse_unshift` use the PyTorch reference path, which gives identical results.
+imported). :func:`try_fused_shift_partition` and :func:`try_fused_reverse_unshift` return
+None where the kernel cannot run (or failed once, which switches it off for the process);
+``models.windows`` then takes a PyTorch path, which gives identical results. This package
+imports nothing from ``models``.
 """
 
 from __future__ import annotations
@@ -28,15 +30,11 @@ import torch
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "window_partition",
-    "window_reverse",
-    "torch_shift_partition",
-    "torch_reverse_unshift",
     "fused_shift_partition",
     "fused_reverse_unshift",
     "kernel_available",
-    "shift_partition",
-    "reverse_unshift",
+    "try_fused_shift_partition",
+    "try_fused_reverse_unshift",
     "SUPPORTED_DTYPES",
 ]
 
@@ -44,43 +42,6 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Values of TRITON_INTERPRET that Triton itself treats as "on".
 _TRUE_STRINGS = ("1", "true", "yes", "on", "y")
-
-
-# ----------------------------------------------------------------------------------------
-# PyTorch reference (fallback and ground truth)
-# ----------------------------------------------------------------------------------------
-
-
-def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
-    """The model's partition (one definition, in ``models.swin_transformer``)."""
-    # Imported here: the model module imports this package at load time.
-    from models.swin_transformer import window_partition as partition
-
-    return partition(x, window_size)
-
-
-def window_reverse(windows: torch.Tensor, window_size: int, H: int, W: int) -> torch.Tensor:
-    """The model's reverse partition (one definition, in ``models.swin_transformer``)."""
-    from models.swin_transformer import window_reverse as reverse
-
-    return reverse(windows, window_size, H, W)
-
-
-def torch_shift_partition(x: torch.Tensor, shift: int, window_size: int) -> torch.Tensor:
-    """Reference: ``window_partition(torch.roll(x, (-shift, -shift), (1, 2)), M)``."""
-    if shift:
-        x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
-    return window_partition(x, window_size)
-
-
-def torch_reverse_unshift(
-    windows: torch.Tensor, shift: int, window_size: int, H: int, W: int
-) -> torch.Tensor:
-    """Reference: ``torch.roll(window_reverse(windows, M, H, W), (shift, shift), (1, 2))``."""
-    x = window_reverse(windows, window_size, H, W)
-    if shift:
-        x = torch.roll(x, shifts=(shift, shift), dims=(1, 2))
-    return x
 
 
 # ----------------------------------------------------------------------------------------
@@ -326,8 +287,8 @@ def fused_reverse_unshift(
 _FUSED_DISABLED = False
 
 
-def _use_fused(t: torch.Tensor, fused: bool) -> bool:
-    return bool(fused) and not _FUSED_DISABLED and t.dtype in SUPPORTED_DTYPES and kernel_available(t)
+def _use_fused(t: torch.Tensor) -> bool:
+    return not _FUSED_DISABLED and t.dtype in SUPPORTED_DTYPES and kernel_available(t)
 
 
 def _disable_fused(exc: BaseException) -> None:
@@ -340,27 +301,32 @@ def _disable_fused(exc: BaseException) -> None:
     )
 
 
-def shift_partition(x: torch.Tensor, shift: int, window_size: int, fused: bool = False) -> torch.Tensor:
-    """Cyclic shift by ``-shift`` then window partition; Triton kernel when ``fused`` and available."""
-    if _use_fused(x, fused):
-        try:
-            return fused_shift_partition(x, shift, window_size)
-        except (ValueError, torch.OutOfMemoryError):
-            raise
-        except Exception as exc:
-            _disable_fused(exc)
-    return torch_shift_partition(x, shift, window_size)
+def try_fused_shift_partition(x: torch.Tensor, shift: int, window_size: int) -> Optional[torch.Tensor]:
+    """The kernel's shift + partition (B·nW, M, M, C), or None where it cannot run or has failed.
+
+    Bad input (ValueError) and out-of-memory still raise: neither is the kernel's fault.
+    """
+    if not _use_fused(x):
+        return None
+    try:
+        return fused_shift_partition(x, shift, window_size)
+    except (ValueError, torch.OutOfMemoryError):
+        raise
+    except Exception as exc:
+        _disable_fused(exc)
+        return None
 
 
-def reverse_unshift(
-    windows: torch.Tensor, shift: int, window_size: int, H: int, W: int, fused: bool = False
-) -> torch.Tensor:
-    """Window merge then cyclic shift by ``+shift``; Triton kernel when ``fused`` and available."""
-    if _use_fused(windows, fused):
-        try:
-            return fused_reverse_unshift(windows, shift, window_size, H, W)
-        except (ValueError, torch.OutOfMemoryError):
-            raise
-        except Exception as exc:
-            _disable_fused(exc)
-    return torch_reverse_unshift(windows, shift, window_size, H, W)
+def try_fused_reverse_unshift(
+    windows: torch.Tensor, shift: int, window_size: int, H: int, W: int
+) -> Optional[torch.Tensor]:
+    """The kernel's window merge + reverse shift (B, H, W, C), or None (see above)."""
+    if not _use_fused(windows):
+        return None
+    try:
+        return fused_reverse_unshift(windows, shift, window_size, H, W)
+    except (ValueError, torch.OutOfMemoryError):
+        raise
+    except Exception as exc:
+        _disable_fused(exc)
+        return None

@@ -16,7 +16,7 @@ from torch import nn
 
 from errors import UserError
 
-from .swin_transformer import SwinTransformerBlock
+from .windows import WindowBlockBase
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ COMPILE_SCOPES = ("blocks", "model")
 def compile_model(model: nn.Module, scope: str = "blocks", backend: str = "inductor") -> nn.Module:
     """Compile ``model`` for ``backend``; returns the module to call.
 
-    ``scope`` 'blocks': every :class:`SwinTransformerBlock` is compiled in place
+    ``scope`` 'blocks': every Swin block (V1 or V2) is compiled in place
     (``nn.Module.compile``) and ``model`` itself is returned; the patch embedding, patch
     merging and head stay eager. 'model': ``torch.compile(model)``, a wrapper whose
     ``_orig_mod`` is ``model``.
@@ -35,9 +35,9 @@ def compile_model(model: nn.Module, scope: str = "blocks", backend: str = "induc
         raise UserError(f"TRAIN.COMPILE_SCOPE is {scope!r}; use one of {', '.join(COMPILE_SCOPES)}")
     if scope == "model":
         return torch.compile(model, backend=backend)
-    blocks = [m for m in model.modules() if isinstance(m, SwinTransformerBlock)]
+    blocks = [m for m in model.modules() if isinstance(m, WindowBlockBase)]
     if not blocks:
-        raise ValueError(f"{type(model).__name__} has no SwinTransformerBlock to compile")
+        raise ValueError(f"{type(model).__name__} has no Swin block to compile")
     # All blocks share one forward code object, and Dynamo counts every (shape, shift, train/eval)
     # variant against one recompile limit (8 by default): without room for each distinct block in
     # both modes, the later blocks would silently fall back to eager.

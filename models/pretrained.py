@@ -1,10 +1,14 @@
 """Loading released (or our own) weights into a Swin model, adapting what legitimately differs.
 
 ``load_pretrained(model, path)`` is the one entry point, used by ``--pretrained`` and by people's
-own code. It rebuilds derived buffers, resizes relative position bias tables and absolute position
-embeddings to the model's window and grid (bicubic, as the release fine-tunes 224→384), maps a
-21,841-class ImageNet-22K head onto the 1,000 ImageNet-1K classes, and re-initialises any other
-head of the wrong size. Anything else that does not fit is an error that lists the mismatches.
+own code, for V1 and V2 alike. It drops derived buffers (rebuilt for the model's window and size),
+resizes V1's relative position bias tables and absolute position embeddings to the model's window
+and grid (bicubic, as the release fine-tunes 224→384; V2 has no table to resize: its position-bias
+MLP carries over to any window, given ``PRETRAINED_WINDOW_SIZES``), reads SimMIM pre-training
+checkpoints as the encoder they hold, maps a 21,841-class ImageNet-22K head onto the 1,000
+ImageNet-1K classes, and re-initialises any other head of the wrong size. A checkpoint of the
+other family (V1 for a V2 model, or the reverse) is refused in one line; anything else that does
+not fit is an error that lists the mismatches.
 """
 from __future__ import annotations
 
@@ -102,9 +106,43 @@ def extract_state_dict(checkpoint: Dict) -> Dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
-def adapt_state_dict(model: nn.Module, state: Dict[str, torch.Tensor], report: LoadReport) -> Dict[str, torch.Tensor]:
+def _simmim_encoder_keys(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """A SimMIM pre-training checkpoint as the plain encoder it holds.
+
+    The release's SimMIM checkpoints keep the encoder under ``encoder.`` (next to ``decoder.*``,
+    which fine-tuning drops) and, in older V2 ones, name the position-bias MLP ``rpe_mlp``.
+    """
+    if any(k.startswith("encoder.") for k in state):
+        state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    return {k.replace(".rpe_mlp.", ".cpb_mlp."): v for k, v in state.items()}
+
+
+# Parameter names only one family has: V1's learned bias table, V2's bias MLP and temperature.
+_FAMILY_MARKERS = {"Swin V1": ("relative_position_bias_table",), "Swin V2": ("cpb_mlp", "logit_scale")}
+_MODEL_TYPE = {"Swin V1": "swin", "Swin V2": "swinv2"}
+
+
+def _family(keys) -> str | None:
+    """'Swin V1', 'Swin V2' or None (neither marker: e.g. a V1 model without position bias)."""
+    for family, markers in _FAMILY_MARKERS.items():
+        if any(m in k for k in keys for m in markers):
+            return family
+    return None
+
+
+def _check_family(own: Dict[str, torch.Tensor], state: Dict[str, torch.Tensor], source: str) -> None:
+    ours, theirs = _family(own), _family(state)
+    if ours and theirs and ours != theirs:
+        raise UserError(f"{source} holds a {theirs} model but the config builds a {ours} model (MODEL.TYPE "
+                        f"{_MODEL_TYPE[ours]}); use a {theirs} config (MODEL.TYPE {_MODEL_TYPE[theirs]}) or a {ours} checkpoint")
+
+
+def adapt_state_dict(model: nn.Module, state: Dict[str, torch.Tensor], report: LoadReport,
+                     source: str = "checkpoint") -> Dict[str, torch.Tensor]:
     """Make ``state`` fit ``model`` (see module docstring); raises UserError on a wrong architecture."""
     own = model.state_dict()
+    state = _simmim_encoder_keys(state)
+    _check_family(own, state, source)
     out: Dict[str, torch.Tensor] = {}
     mismatched: List[str] = []
     for key, value in state.items():
@@ -176,7 +214,7 @@ def load_pretrained(model: nn.Module, path: str) -> LoadReport:
 
     checkpoint = load_checkpoint_file(path)
     report = LoadReport()
-    state = adapt_state_dict(model, extract_state_dict(checkpoint), report)
+    state = adapt_state_dict(model, extract_state_dict(checkpoint), report, source=path)
     result = model.load_state_dict(state, strict=False)
     report.missing = [
         k for k in result.missing_keys if not (k.startswith("head.") and report.head == "re-initialised")

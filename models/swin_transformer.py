@@ -1,7 +1,8 @@
 """Swin Transformer V1 (Liu et al., ICCV 2021), laid out as the paper's Section 3.
 
-Tensor plumbing lives in small pure functions (window partition and reverse, the relative
-position index, the shift mask); modules map onto the paper: ``PatchEmbed`` (patch partition
+The window plumbing (partition and reverse, the relative position index, the shift mask, the
+shifted-window wrapper of a block) lives in ``models.windows``, shared with V2; modules here map
+onto the paper: ``PatchEmbed`` (patch partition
 and linear embedding, §3.1), ``WindowAttention`` (W-MSA with relative position bias, §3.2,
 Eq. 4), ``SwinTransformerBlock`` (Eq. 3, regular or shifted windows), ``PatchMerging`` (§3.1)
 and ``SwinTransformer`` (the variants of §3.3). Parameter names and shapes are those of the
@@ -12,6 +13,7 @@ pad to a multiple of the window and crop afterwards, as the released detection b
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -21,166 +23,23 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as torch_checkpoint
 from timm.layers import DropPath, trunc_normal_
 
-from kernels import kernel_available, reverse_unshift, shift_partition
+from models.windows import (  # noqa: F401  (re-exported: the plumbing's public names, as before)
+    MASK_VALUE,
+    WindowBlockBase,
+    gather_reverse_unshift,
+    gather_shift_partition,
+    relative_position_index,
+    shift_attention_mask,
+    stage_window_and_shift,
+    window_partition,
+    window_permutation,
+    window_reverse,
+)
+
+logger = logging.getLogger(__name__)
 
 # WindowAttention implementations (MODEL.SWIN.ATTN_IMPL); 'auto' picks per device and mode.
 ATTN_IMPLS = ("auto", "sdpa", "reference")
-
-# The official release blocks cross-window attention with -100 rather than -inf, so that a fully
-# masked row (impossible here, but cheap to be safe) never produces NaN.
-MASK_VALUE = -100.0
-
-
-# ---------------------------------------------------------------------------------------------
-# Tensor plumbing
-# ---------------------------------------------------------------------------------------------
-def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
-    """Split a feature map into non-overlapping windows.
-
-    Args:
-        x: (B, H, W, C) with H and W multiples of ``window_size``.
-        window_size: M.
-    Returns:
-        (B * H/M * W/M, M, M, C); windows row-major over the window grid, image by image.
-    """
-    B, H, W, C = x.shape
-    M = window_size
-    x = x.view(B, H // M, M, W // M, M, C)
-    # .contiguous(): with B == 1 and a single row of windows (H == M, W > M) reshape returns a
-    # non-contiguous view, and callers' .view(-1, M*M, C) then fails (e.g. Swin-T on one 224×448
-    # image: stage 4 is 7×14). A no-op whenever reshape already copied.
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, M, M, C).contiguous()
-
-
-def window_reverse(windows: torch.Tensor, window_size: int, H: int, W: int) -> torch.Tensor:
-    """Inverse of :func:`window_partition`.
-
-    Args:
-        windows: (B * H/M * W/M, M, M, C).
-        window_size: M.
-        H, W: the feature map's height and width (multiples of M).
-    Returns:
-        (B, H, W, C).
-    """
-    M = window_size
-    C = windows.shape[-1]
-    x = windows.reshape(-1, H // M, W // M, M, M, C)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, H, W, C)
-
-
-def relative_position_index(window_size: int) -> torch.Tensor:
-    """Index of each (query, key) token pair of a window into the bias table.
-
-    The relative offset (dy, dx) of two tokens of an M×M window lies in [-(M-1), M-1]²; it is
-    shifted to [0, 2M-2]² and flattened row-major into the (2M-1)² rows of the table.
-
-    Returns:
-        (M², M²) long tensor with values in [0, (2M-1)² - 1].
-    """
-    M = window_size
-    coords = torch.stack(torch.meshgrid(torch.arange(M), torch.arange(M), indexing="ij")).flatten(1)  # 2, M²
-    rel = coords[:, :, None] - coords[:, None, :]  # 2, M², M²
-    rel = rel + (M - 1)
-    return rel[0] * (2 * M - 1) + rel[1]
-
-
-def shift_attention_mask(height: int, width: int, window_size: int, shift_size: int) -> Optional[torch.Tensor]:
-    """Mask that keeps attention inside each sub-window after the cyclic shift (paper Fig. 4).
-
-    After rolling the map by (-s, -s), a window at the bottom or right edge holds tokens that were
-    far apart in the image. Tokens are labelled by the region they came from (3×3 regions cut at
-    -M and -s along each axis); pairs with different labels get ``MASK_VALUE``.
-
-    Args:
-        height, width: the (padded) feature map size, multiples of ``window_size``.
-        window_size: M.
-        shift_size: s; 0 gives None (no mask is needed).
-    Returns:
-        (nW, M², M²) float tensor of 0 and ``MASK_VALUE``, nW = height/M * width/M; or None.
-    """
-    if shift_size == 0:
-        return None
-    M, s = window_size, shift_size
-    labels = torch.zeros(1, height, width, 1)
-    region = 0
-    for hs in (slice(0, -M), slice(-M, -s), slice(-s, None)):
-        for ws in (slice(0, -M), slice(-M, -s), slice(-s, None)):
-            labels[:, hs, ws, :] = region
-            region += 1
-    windows = window_partition(labels, M).view(-1, M * M)  # nW, M²
-    different = windows[:, None, :] != windows[:, :, None]
-    return torch.zeros(different.shape).masked_fill(different, MASK_VALUE)
-
-
-def _pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Zero-pad a (B, H, W, C) map at the bottom and right to multiples of ``multiple``."""
-    _, H, W, _ = x.shape
-    pad_h = (multiple - H % multiple) % multiple
-    pad_w = (multiple - W % multiple) % multiple
-    if pad_h or pad_w:
-        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-    return x
-
-
-# Cyclic shift + window partition as ONE gather. ``torch.roll`` on CPU is two narrow+cat copies
-# (one per axis) and the partition a third; a precomputed token permutation does all of it in a
-# single ``index_select`` (~5x less time than roll+partition for Swin-T stage 1 on the CPU here).
-_PERMUTATIONS: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def window_permutation(height: int, width: int, window_size: int, shift_size: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(perm, inverse) of the H·W tokens of a map for shift ``s`` and window ``M``, cached.
-
-    ``x.flatten(1, 2)[:, perm]`` equals ``window_partition(torch.roll(x, (-s, -s), (1, 2)), M)``
-    flattened to (B, H·W, C); ``inverse`` undoes it (window reverse, then roll by +s).
-    """
-    key = (height, width, window_size, shift_size, str(device))
-    hit = _PERMUTATIONS.get(key)
-    if hit is None:
-        # Normal tensors even when first built under inference_mode: training reuses them.
-        with torch.inference_mode(False):
-            index = torch.arange(height * width).view(1, height, width, 1)
-            if shift_size:
-                index = torch.roll(index, shifts=(-shift_size, -shift_size), dims=(1, 2))
-            perm = window_partition(index, window_size).reshape(-1)
-            inverse = torch.empty_like(perm)
-            inverse[perm] = torch.arange(perm.numel())
-            hit = (perm.to(device), inverse.to(device))
-        if len(_PERMUTATIONS) > 64:
-            _PERMUTATIONS.clear()
-        _PERMUTATIONS[key] = hit
-    return hit
-
-
-class _PermuteTokens(torch.autograd.Function):
-    """``x.index_select(1, perm)`` whose backward is the inverse gather (not a scatter-add)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-        # Constant index tensors: kept on ctx, not save_for_backward (nothing to version-check).
-        ctx.perm, ctx.inverse = perm, inverse
-        return x.index_select(1, perm)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _PermuteTokens.apply(grad, ctx.inverse, ctx.perm), None, None
-
-
-def gather_shift_partition(x: torch.Tensor, shift_size: int, window_size: int) -> torch.Tensor:
-    """(B, H, W, C) → (B·nW, M², C): cyclic shift by -s and window partition in one gather.
-
-    Equal (exactly) to ``window_partition(torch.roll(x, (-s, -s), (1, 2)), M).view(-1, M², C)``.
-    """
-    B, H, W, C = x.shape
-    perm, inverse = window_permutation(H, W, window_size, shift_size, x.device)
-    return _PermuteTokens.apply(x.reshape(B, H * W, C), perm, inverse).view(-1, window_size * window_size, C)
-
-
-def gather_reverse_unshift(windows: torch.Tensor, shift_size: int, window_size: int, H: int, W: int) -> torch.Tensor:
-    """(B·nW, M², C) → (B, H, W, C): the inverse of :func:`gather_shift_partition`."""
-    C = windows.shape[-1]
-    perm, inverse = window_permutation(H, W, window_size, shift_size, windows.device)
-    return _PermuteTokens.apply(windows.reshape(-1, H * W, C), inverse, perm).view(-1, H, W, C)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,9 +161,7 @@ class WindowAttention(nn.Module):
         """Bias and mask summed: (nW, heads, N, N), (1, heads, N, N) or None."""
         if not self.use_rpb and mask is None:
             return None
-        cacheable = (
-            self.cache_eval_bias and not torch.is_grad_enabled() and not torch.jit.is_tracing() and not _is_compiling()
-        )
+        cacheable = eval_cache_usable(self.cache_eval_bias)
         key = None
         if cacheable:
             version = self.relative_position_bias_table._version if self.use_rpb else 0
@@ -379,21 +236,36 @@ class WindowAttention(nn.Module):
         return N * self.dim * 3 * self.dim + 2 * self.num_heads * N * N * d + N * self.dim * self.dim
 
 
+def residual_add(x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """x + branch, with the residual stream kept in x's dtype.
+
+    When the branch is a fresh tensor of x's dtype the sum goes in place into it (its backward
+    needs no saved copy: one large allocation fewer per branch). Under autocast the branch comes
+    out in fp16/bf16 while x is fp32; the sum then promotes to fp32, as in the release and timm.
+    """
+    if branch.dtype == x.dtype and branch.shape == x.shape:
+        return branch.add_(x)
+    return x + branch
+
+
 def _is_compiling() -> bool:
     compiler = getattr(torch, "compiler", None)
     return bool(compiler is not None and compiler.is_compiling())
 
 
-class SwinTransformerBlock(nn.Module):
+def eval_cache_usable(enabled: bool) -> bool:
+    """Whether a module may reuse a tensor derived from its weights (attention bias + mask) from
+    an earlier call: only in inference, never while tracing or compiling."""
+    return enabled and not torch.is_grad_enabled() and not torch.jit.is_tracing() and not _is_compiling()
+
+
+class SwinTransformerBlock(WindowBlockBase):
     """One Swin block (Eq. 3): ẑ = (S)W-MSA(LN(z)) + z;  z' = MLP(LN(ẑ)) + ẑ.
 
     With ``shift_size`` > 0 the map is cyclically shifted by (-s, -s) before window attention
-    and the shift mask keeps attention inside each sub-window (SW-MSA); otherwise W-MSA.
+    and the shift mask keeps attention inside each sub-window (SW-MSA); otherwise W-MSA. The
+    padding, shifting and partitioning around ``attn`` is :class:`models.windows.WindowBlockBase`.
     """
-
-    # Shifted blocks: roll + partition (and the reverse) as one gather each. A switch for the
-    # benchmark; both give identical results.
-    gather_partition: bool = True
 
     def __init__(
         self,
@@ -412,66 +284,21 @@ class SwinTransformerBlock(nn.Module):
         fused_window_process: bool = False,
     ) -> None:
         super().__init__()
-        if not 0 <= shift_size < window_size:
-            raise ValueError(f"shift_size must be in [0, window_size), got {shift_size} for window {window_size}")
+        self._init_windows(window_size, shift_size, fused_window_process)
         self.dim = dim
         self.num_heads = num_heads
-        self.window_size = window_size
-        self.shift_size = shift_size
         self.mlp_ratio = mlp_ratio
-        self.fused_window_process = fused_window_process
         self.norm1 = nn.LayerNorm(dim)
         self.attn = WindowAttention(dim, window_size, num_heads, qkv_bias, qk_scale, attn_drop, drop, use_rpb, attn_impl)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
-        self._mask_cache: Dict[tuple, Optional[torch.Tensor]] = {}
-
-    def attention_mask(self, height: int, width: int, device: torch.device) -> Optional[torch.Tensor]:
-        """The shift mask for a padded map of ``height`` × ``width`` (cached per size)."""
-        key = (height, width, device)
-        if key not in self._mask_cache:
-            mask = shift_attention_mask(height, width, self.window_size, self.shift_size)
-            self._mask_cache[key] = None if mask is None else mask.to(device)
-        return self._mask_cache[key]
-
-    def _attention(self, x: torch.Tensor) -> torch.Tensor:
-        """(S)W-MSA on a (B, H, W, C) map, returning the same shape."""
-        B, H, W, C = x.shape
-        M, s = self.window_size, self.shift_size
-        x = _pad_to_multiple(x, M)
-        Hp, Wp = x.shape[1], x.shape[2]
-        mask = self.attention_mask(Hp, Wp, x.device)
-        if self.fused_window_process and kernel_available(x):  # Triton kernel (CUDA)
-            windows = shift_partition(x, s, M, True).view(-1, M * M, C)
-            windows = self.attn(windows, mask=mask)
-            x = reverse_unshift(windows.view(-1, M, M, C), s, M, Hp, Wp, True)
-        elif s and self.gather_partition:
-            windows = self.attn(gather_shift_partition(x, s, M), mask=mask)
-            x = gather_reverse_unshift(windows, s, M, Hp, Wp)
-        else:
-            windows = shift_partition(x, s, M).view(-1, M * M, C)
-            windows = self.attn(windows, mask=mask)
-            x = reverse_unshift(windows.view(-1, M, M, C), s, M, Hp, Wp)
-        if Hp != H or Wp != W:
-            x = x[:, :H, :W, :].contiguous()
-        return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) → (B, H, W, C)."""
-        # Residual sums in place into each branch's output, a fresh tensor of this block whose
-        # backward needs no saved copy of it: one large allocation fewer per branch.
-        x = self.drop_path(self._attention(self.norm1(x))).add_(x)
-        return self.drop_path(self.mlp(self.norm2(x))).add_(x)
+        x = residual_add(x, self.drop_path(self._attention(self.norm1(x))))
+        return residual_add(x, self.drop_path(self.mlp(self.norm2(x))))
 
-    def flops(self, height: int, width: int) -> int:
-        M = self.window_size
-        n_windows = math.ceil(height / M) * math.ceil(width / M)
-        flops = self.dim * height * width  # norm1
-        flops += n_windows * self.attn.flops(M * M)
-        flops += 2 * height * width * self.dim * self.dim * self.mlp_ratio
-        flops += self.dim * height * width  # norm2
-        return int(flops)
 
 
 class PatchMerging(nn.Module):
@@ -488,19 +315,27 @@ class PatchMerging(nn.Module):
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
         self.norm = nn.LayerNorm(4 * dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, H, W, C = x.shape
+    @staticmethod
+    def concat_neighbourhoods(x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) → (B, ⌈H/2⌉, ⌈W/2⌉, 4C), odd sides zero-padded, in the release's order."""
+        _, H, W, _ = x.shape
         if H % 2 or W % 2:
             x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
-        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
-        return self.reduction(self.norm(x))
+        return torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.reduction(self.norm(self.concat_neighbourhoods(x)))
 
     def flops(self, height: int, width: int) -> int:
         return height * width * self.dim + math.ceil(height / 2) * math.ceil(width / 2) * 4 * self.dim * 2 * self.dim
 
 
 class BasicLayer(nn.Module):
-    """One stage: ``depth`` blocks alternating W-MSA and SW-MSA, then (optionally) patch merging."""
+    """One stage: ``depth`` blocks alternating W-MSA and SW-MSA, then (optionally) patch merging.
+
+    ``block_cls`` and ``merge_cls`` are the family's block and patch merging (V1's here, V2's in
+    ``swin_transformer_v2``); ``block_options`` go to every block unchanged.
+    """
 
     def __init__(
         self,
@@ -508,18 +343,13 @@ class BasicLayer(nn.Module):
         depth: int,
         num_heads: int,
         window_size: int,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
-        qk_scale: Optional[float] = None,
-        drop: float = 0.0,
-        attn_drop: float = 0.0,
         drop_path: Sequence[float] = (),
         downsample: bool = False,
         use_checkpoint: bool = False,
         shift: bool = True,
-        use_rpb: bool = True,
-        attn_impl: str = "auto",
-        fused_window_process: bool = False,
+        block_cls: type = SwinTransformerBlock,
+        merge_cls: type = PatchMerging,
+        **block_options,
     ) -> None:
         super().__init__()
         self.dim = dim
@@ -527,25 +357,18 @@ class BasicLayer(nn.Module):
         self.use_checkpoint = use_checkpoint
         self.blocks = nn.ModuleList(
             [
-                SwinTransformerBlock(
+                block_cls(
                     dim=dim,
                     num_heads=num_heads,
                     window_size=window_size,
                     shift_size=window_size // 2 if (shift and i % 2 == 1) else 0,
-                    mlp_ratio=mlp_ratio,
-                    qkv_bias=qkv_bias,
-                    qk_scale=qk_scale,
-                    drop=drop,
-                    attn_drop=attn_drop,
                     drop_path=drop_path[i] if drop_path else 0.0,
-                    use_rpb=use_rpb,
-                    attn_impl=attn_impl,
-                    fused_window_process=fused_window_process,
+                    **block_options,
                 )
                 for i in range(depth)
             ]
         )
-        self.downsample = PatchMerging(dim) if downsample else None
+        self.downsample = merge_cls(dim) if downsample else None
 
     def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
         """The stage's blocks without the merging: (B, H, W, C) → (B, H, W, C)."""
@@ -567,22 +390,20 @@ class BasicLayer(nn.Module):
         return flops
 
 
-def stage_window_and_shift(resolution: int, window_size: int) -> Tuple[int, bool]:
-    """The release's rule: a stage no larger than the window uses one whole-map window, unshifted.
-
-    Returns:
-        (window size for the stage, whether its odd blocks shift).
-    """
-    if resolution <= window_size:
-        return resolution, False
-    return window_size, True
-
-
 class SwinTrunk(nn.Module):
     """Patch embedding, optional absolute position embedding and the four stages.
 
-    Shared by the classifier (:class:`SwinTransformer`) and the dense-prediction backbone.
+    Shared by the classifier (:class:`SwinTransformer`) and the dense-prediction backbone, and by
+    V2 (``swin_transformer_v2``), which swaps in its own ``block_cls`` and ``merge_cls``. Options
+    beyond the common ones (V1: ``qk_scale``, ``use_rpb``, ``attn_impl``) go to every block.
     """
+
+    block_cls: type = SwinTransformerBlock
+    merge_cls: type = PatchMerging
+
+    def _stage_options(self, stage: int, options: dict) -> dict:
+        """The block options of one stage (V2 picks its stage's pretrained window here)."""
+        return options
 
     def __init__(
         self,
@@ -595,7 +416,6 @@ class SwinTrunk(nn.Module):
         window_size: int = 7,
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
-        qk_scale: Optional[float] = None,
         drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.1,
@@ -603,11 +423,10 @@ class SwinTrunk(nn.Module):
         patch_norm: bool = True,
         use_checkpoint: bool = False,
         shift: bool = True,
-        use_rpb: bool = True,
-        attn_impl: str = "auto",
         fused_window_process: bool = False,
         downsample_last: bool = False,
         shrink_windows: bool = True,
+        **block_options,
     ) -> None:
         super().__init__()
         if len(depths) != len(num_heads):
@@ -632,10 +451,13 @@ class SwinTrunk(nn.Module):
         self.layers = nn.ModuleList()
         self.stage_dims: List[int] = []
         res = grid
+        clamped = []
         for i, (depth, heads) in enumerate(zip(depths, num_heads)):
             dim = embed_dim * 2**i
             if shrink_windows:
                 stage_window, stage_shift = stage_window_and_shift(min(res), window_size)
+                if stage_window < window_size:
+                    clamped.append(f"stage {i + 1} ({res[0]}x{res[1]}) uses window {stage_window}, unshifted")
             else:
                 stage_window, stage_shift = window_size, True
             self.layers.append(
@@ -644,22 +466,25 @@ class SwinTrunk(nn.Module):
                     depth=depth,
                     num_heads=heads,
                     window_size=stage_window,
-                    mlp_ratio=mlp_ratio,
-                    qkv_bias=qkv_bias,
-                    qk_scale=qk_scale,
-                    drop=drop_rate,
-                    attn_drop=attn_drop_rate,
                     drop_path=dpr[sum(depths[:i]) : sum(depths[: i + 1])],
                     downsample=downsample_last or i < self.num_layers - 1,
                     use_checkpoint=use_checkpoint,
                     shift=shift and stage_shift,
-                    use_rpb=use_rpb,
-                    attn_impl=attn_impl,
+                    block_cls=self.block_cls,
+                    merge_cls=self.merge_cls,
+                    mlp_ratio=mlp_ratio,
+                    qkv_bias=qkv_bias,
+                    drop=drop_rate,
+                    attn_drop=attn_drop_rate,
                     fused_window_process=fused_window_process,
+                    **self._stage_options(i, block_options),
                 )
             )
             self.stage_dims.append(dim)
             res = (math.ceil(res[0] / 2), math.ceil(res[1] / 2))
+        if clamped:
+            # The release's rule, said once per model: a window larger than its feature map.
+            logger.info("window %d is larger than the feature map: %s (as released)", window_size, "; ".join(clamped))
         self.num_features = embed_dim * 2 ** (self.num_layers - 1)
 
     def _init_weights(self, m: nn.Module) -> None:

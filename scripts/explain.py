@@ -40,8 +40,9 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 from yacs.config import CfgNode  # noqa: E402
 
-import models.swin_transformer as swin_module  # noqa: E402
-from kernels import reverse_unshift, shift_partition  # noqa: E402
+import models.windows as windows_module  # noqa: E402
+from models.windows import roll_reverse_unshift as reverse_unshift  # noqa: E402
+from models.windows import roll_shift_partition as shift_partition  # noqa: E402
 from errors import UserError, report_user_errors  # noqa: E402
 from models.swin_transformer import (  # noqa: E402
     BasicLayer,
@@ -103,7 +104,7 @@ def _shape(t: torch.Tensor) -> Tuple[int, ...]:
 
 def _padded_hw(height: int, width: int, window_size: int) -> Tuple[int, int]:
     """The (height, width) the block pads its map to, from the model's own padding function."""
-    pad = getattr(swin_module, "_pad_to_multiple", None)
+    pad = getattr(windows_module, "pad_to_multiple", None)
     if pad is None:  # the model no longer exposes it: the release's rule
         return -(-height // window_size) * window_size, -(-width // window_size) * window_size
     padded = pad(torch.empty(1, height, width, 0), window_size)

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from config import get_config
-from kernels import torch_reverse_unshift, torch_shift_partition
+from models.windows import roll_reverse_unshift as torch_reverse_unshift
+from models.windows import roll_shift_partition as torch_shift_partition
 from models.build import build_model
 from models.swin_transformer import (
     Mlp,

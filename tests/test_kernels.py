@@ -26,6 +26,7 @@ if str(ROOT) not in sys.path:
 
 import kernels  # noqa: E402
 from kernels import window_process as wp  # noqa: E402
+from models import windows  # noqa: E402
 
 _RESULT_MARKER = "KERNEL_CHECK_RESULTS:"
 
@@ -97,7 +98,7 @@ def _check_case(case: dict) -> str:
     w1 = win.clone().requires_grad_(True)
     w2 = win.clone().requires_grad_(True)
     back = kernels.fused_reverse_unshift(w1, s, M, H, W)
-    back_ref = torch.roll(wp.window_reverse(w2, M, H, W), shifts=(s, s), dims=(1, 2))
+    back_ref = torch.roll(windows.window_reverse(w2, M, H, W), shifts=(s, s), dims=(1, 2))
     if back.shape != back_ref.shape or back.dtype != back_ref.dtype:
         return f"reverse_unshift shape/dtype {tuple(back.shape)} {back.dtype}"
     if not torch.equal(back, back_ref):
@@ -119,7 +120,7 @@ def window_partition_ref(x: torch.Tensor, M: int) -> torch.Tensor:
 
 
 def _check_dispatch_uses_kernel() -> str:
-    """Under the interpreter, shift_partition/reverse_unshift(fused=True) must take the kernel."""
+    """Under the interpreter, models.windows' shift_partition/reverse_unshift(fused=True) take the kernel."""
     x = torch.randn(2, 8, 12, 6)
     if not kernels.kernel_available(x):
         return "kernel_available(cpu tensor) is False under TRITON_INTERPRET=1"
@@ -127,16 +128,19 @@ def _check_dispatch_uses_kernel() -> str:
     def _boom(*a, **k):
         raise AssertionError("PyTorch path used")
 
-    saved = (wp.torch_shift_partition, wp.torch_reverse_unshift)
-    wp.torch_shift_partition = wp.torch_reverse_unshift = _boom
+    names = ("roll_shift_partition", "roll_reverse_unshift", "gather_shift_partition", "gather_reverse_unshift")
+    saved = {n: getattr(windows, n) for n in names}
+    for n in names:
+        setattr(windows, n, _boom)
     try:
-        win = kernels.shift_partition(x, 2, 4, fused=True)
-        back = kernels.reverse_unshift(win, 2, 4, 8, 12, fused=True)
+        win = windows.shift_partition(x, 2, 4, fused=True)
+        back = windows.reverse_unshift(win, 2, 4, 8, 12, fused=True)
     finally:
-        wp.torch_shift_partition, wp.torch_reverse_unshift = saved
+        for n, fn in saved.items():
+            setattr(windows, n, fn)
     if wp._FUSED_DISABLED:
         return "fused path was disabled after a failure"
-    if not torch.equal(win, wp.torch_shift_partition(x, 2, 4)):
+    if not torch.equal(win, windows.roll_shift_partition(x, 2, 4).view(-1, 16, 6)):
         return "dispatcher (fused) forward differs"
     if not torch.equal(back, x):
         return "dispatcher (fused) round trip differs"
@@ -194,15 +198,15 @@ def test_interpreter_dispatcher_uses_kernel(interpreter_results):
 
 def test_reference_definitions_roundtrip():
     x = torch.randn(2, 8, 12, 5)
-    win = wp.window_partition(x, 4)
+    win = windows.window_partition(x, 4)
     assert win.shape == (2 * 2 * 3, 4, 4, 5)
     # Window 1 of image 0 is rows 0..3, cols 4..7 (row-major over the window grid).
     assert torch.equal(win[1], x[0, 0:4, 4:8])
     # Window 6 is the first window of image 1.
     assert torch.equal(win[6], x[1, 0:4, 0:4])
-    assert torch.equal(wp.window_reverse(win, 4, 8, 12), x)
-    assert torch.equal(wp.torch_reverse_unshift(wp.torch_shift_partition(x, 2, 4), 2, 4, 8, 12), x)
-    assert torch.equal(wp.torch_shift_partition(x, 0, 4), win)
+    assert torch.equal(windows.window_reverse(win, 4, 8, 12), x)
+    assert torch.equal(windows.roll_reverse_unshift(windows.roll_shift_partition(x, 2, 4), 2, 4, 8, 12), x)
+    assert torch.equal(windows.roll_shift_partition(x, 0, 4), win)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -217,9 +221,9 @@ def test_dispatcher_falls_back_without_interpreter(monkeypatch, dtype):
     monkeypatch.setattr(wp, "fused_shift_partition", _boom)
     monkeypatch.setattr(wp, "fused_reverse_unshift", _boom)
     for fused in (True, False):
-        win = kernels.shift_partition(x, 2, 4, fused=fused)
-        assert torch.equal(win, window_partition_ref(torch.roll(x, (-2, -2), (1, 2)), 4))
-        back = kernels.reverse_unshift(win, 2, 4, 8, 12, fused=fused)
+        win = windows.shift_partition(x, 2, 4, fused=fused)
+        assert torch.equal(win, window_partition_ref(torch.roll(x, (-2, -2), (1, 2)), 4).view(-1, 16, 6))
+        back = windows.reverse_unshift(win, 2, 4, 8, 12, fused=fused)
         assert torch.equal(back, x)
 
 
@@ -229,8 +233,8 @@ def test_fallback_when_triton_missing(monkeypatch):
     monkeypatch.setattr(wp, "_TRITON_IMPORTABLE", None)
     x = torch.randn(1, 8, 8, 4)
     assert kernels.kernel_available(x) is False
-    win = kernels.shift_partition(x, 2, 4, fused=True)
-    assert torch.equal(win, wp.torch_shift_partition(x, 2, 4))
+    win = windows.shift_partition(x, 2, 4, fused=True)
+    assert torch.equal(win, windows.roll_shift_partition(x, 2, 4).view(-1, 16, 4))
 
 
 def test_kernel_available_never_raises(monkeypatch):
@@ -249,12 +253,12 @@ def test_dispatcher_falls_back_when_kernel_fails(monkeypatch, caplog):
     monkeypatch.setattr(wp, "_launch", _broken_launch)
     x = torch.randn(2, 8, 8, 6)
     with caplog.at_level(logging.WARNING, logger=wp.__name__):
-        win = kernels.shift_partition(x, 2, 4, fused=True)
-    assert torch.equal(win, wp.torch_shift_partition(x, 2, 4))
+        win = windows.shift_partition(x, 2, 4, fused=True)
+    assert torch.equal(win, windows.roll_shift_partition(x, 2, 4).view(-1, 16, 6))
     assert wp._FUSED_DISABLED is True
     assert any("simulated compile failure" in r.getMessage() for r in caplog.records)
     # Later calls go straight to PyTorch.
-    assert torch.equal(kernels.reverse_unshift(win, 2, 4, 8, 8, fused=True), x)
+    assert torch.equal(windows.reverse_unshift(win, 2, 4, 8, 8, fused=True), x)
 
 
 def test_bad_input_raises_value_error(monkeypatch):
@@ -267,6 +271,28 @@ def test_bad_input_raises_value_error(monkeypatch):
         kernels.fused_reverse_unshift(torch.randn(3, 4, 4, 4), 2, 4, 8, 8)
     with pytest.raises(ValueError, match="shape"):
         kernels.fused_shift_partition(torch.randn(8, 8, 4), 2, 4)
+
+
+def _imported_modules(path: Path) -> set:
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            names.add("." * node.level + (node.module or ""))
+    return names
+
+
+def test_kernels_and_window_plumbing_import_nothing_from_the_model_files():
+    """kernels/ imports nothing from models (at any depth: no import inside a function either);
+    models/windows.py imports kernels and no model file, so V1 and V2 share it without a cycle."""
+    for path in sorted((ROOT / "kernels").glob("*.py")):
+        assert not [m for m in _imported_modules(path) if m.startswith(("models", ".."))], path.name
+    window_imports = _imported_modules(ROOT / "models" / "windows.py")
+    assert "kernels" in window_imports
+    assert not [m for m in window_imports if m.startswith(("models", "."))], window_imports
 
 
 def test_import_does_not_import_triton():
@@ -294,7 +320,7 @@ def test_cuda_matches_torch(dtype, shift):
     x1 = x.clone().requires_grad_(True)
     x2 = x.clone().requires_grad_(True)
     out = kernels.fused_shift_partition(x1, shift, M)
-    ref = wp.torch_shift_partition(x2, shift, M)
+    ref = windows.roll_shift_partition(x2, shift, M)
     assert torch.equal(out, ref)
     g = torch.randn_like(out)
     (out * g).sum().backward()
@@ -304,7 +330,7 @@ def test_cuda_matches_torch(dtype, shift):
     w1 = ref.detach().clone().requires_grad_(True)
     w2 = ref.detach().clone().requires_grad_(True)
     back = kernels.fused_reverse_unshift(w1, shift, M, H, W)
-    back_ref = wp.torch_reverse_unshift(w2, shift, M, H, W)
+    back_ref = windows.roll_reverse_unshift(w2, shift, M, H, W)
     assert torch.equal(back, back_ref)
     assert torch.equal(back, x)
     g2 = torch.randn_like(back)
@@ -321,13 +347,13 @@ def test_cuda_dispatcher_uses_kernel(monkeypatch):
         raise AssertionError("PyTorch path used")
 
     x = torch.randn(2, 28, 28, 192, device="cuda", dtype=torch.float16)
-    ref = wp.torch_shift_partition(x, 3, 7)
-    monkeypatch.setattr(wp, "torch_shift_partition", _boom)
-    monkeypatch.setattr(wp, "torch_reverse_unshift", _boom)
+    ref = windows.roll_shift_partition(x, 3, 7).view(-1, 49, 192)
+    for name in ("roll_shift_partition", "roll_reverse_unshift", "gather_shift_partition", "gather_reverse_unshift"):
+        monkeypatch.setattr(windows, name, _boom)
     assert kernels.kernel_available(x)
-    win = kernels.shift_partition(x, 3, 7, fused=True)
+    win = windows.shift_partition(x, 3, 7, fused=True)
     assert torch.equal(win, ref)
-    assert torch.equal(kernels.reverse_unshift(win, 3, 7, 28, 28, fused=True), x)
+    assert torch.equal(windows.reverse_unshift(win, 3, 7, 28, 28, fused=True), x)
 
 
 if __name__ == "__main__":
