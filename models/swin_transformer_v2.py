@@ -133,7 +133,7 @@ class WindowAttentionV2(nn.Module):
     def bias_table(self) -> torch.Tensor:
         """16·σ(MLP(Δ̂)) for every relative offset: ((2M-1)², num_heads), fp32."""
         with _autocast_off(self.relative_coords_table.device):
-            return CPB_BIAS_SCALE * torch.sigmoid(self.cpb_mlp(self.relative_coords_table).float())
+            return CPB_BIAS_SCALE * torch.sigmoid(_full_precision(self.cpb_mlp(self.relative_coords_table)))
 
     def relative_position_bias(self) -> torch.Tensor:
         """B of Eq. 2: (num_heads, M², M²), fp32."""
@@ -143,21 +143,22 @@ class WindowAttentionV2(nn.Module):
 
     def logit_scales(self) -> torch.Tensor:
         """1/τ per head: exp(min(logit_scale, log 100)), (num_heads, 1, 1) fp32."""
-        return torch.clamp(self.logit_scale.float(), max=LOGIT_SCALE_MAX).exp()
+        return torch.clamp(_full_precision(self.logit_scale), max=LOGIT_SCALE_MAX).exp()
 
     def _attn_bias(self, mask: Optional[torch.Tensor]) -> torch.Tensor:
         """Bias plus mask, fp32: (nW, heads, N, N) with a mask, else (1, heads, N, N)."""
         cacheable = eval_cache_usable(self.cache_eval_bias)
         key = None
         if cacheable:
-            versions = tuple(p._version for p in self.cpb_mlp.parameters())
+            # Storage too: .to(dtype/device) swaps the tensors without bumping their versions.
+            versions = tuple((p._version, p.data_ptr()) for p in self.cpb_mlp.parameters())
             key = (None if mask is None else (mask.shape, mask.data_ptr()), versions)
             hit = self._bias_cache.get(key)
             if hit is not None:
                 return hit
         bias = self.relative_position_bias().unsqueeze(0)
         if mask is not None:
-            bias = bias + mask.unsqueeze(1).float()
+            bias = bias + mask.unsqueeze(1).to(bias.dtype)
         if cacheable:
             if len(self._bias_cache) > 8:
                 self._bias_cache.clear()
@@ -193,16 +194,17 @@ class WindowAttentionV2(nn.Module):
         p_drop = self.attn_drop_p if self.training else 0.0
         with _autocast_off(x.device):
             # Folding 1/τ into the unit queries gives the same logits as scaling cos(q, k).
-            qn = F.normalize(q.float(), dim=-1) * self.logit_scales()
-            kn = F.normalize(k.float(), dim=-1)
+            qn = F.normalize(_full_precision(q), dim=-1) * self.logit_scales()
+            kn = F.normalize(_full_precision(k), dim=-1)
             if impl == "reference":
-                attn = (qn @ kn.transpose(-2, -1)).view(B_ // nW, nW, h, N, N) + bias.unsqueeze(0)
+                attn = (qn @ kn.transpose(-2, -1)).view(B_ // nW, nW, h, N, N) + bias.unsqueeze(0).to(qn.dtype)
                 attn = attn.view(B_, h, N, N).softmax(dim=-1)
                 attn = F.dropout(attn, p_drop, self.training)
             else:
                 if nW > 1:
                     bias = bias.unsqueeze(0).expand(B_ // nW, nW, h, N, N).reshape(B_, h, N, N)
-                out = F.scaled_dot_product_attention(qn, kn, v.float(), attn_mask=bias, dropout_p=p_drop, scale=1.0)
+                out = F.scaled_dot_product_attention(qn, kn, _full_precision(v), attn_mask=bias.to(qn.dtype),
+                                                     dropout_p=p_drop, scale=1.0)
         if impl == "reference":
             out = attn.to(v.dtype) @ v
         else:
@@ -218,6 +220,11 @@ class WindowAttentionV2(nn.Module):
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, window_size={self.window_size}, pretrained_window_size={self.pretrained_window_size}, "
                 f"num_heads={self.num_heads}")
+
+
+def _full_precision(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in fp32 if it is a half type (fp16/bf16); fp32 and fp64 stay as they are."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def _autocast_off(device: torch.device):

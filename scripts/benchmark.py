@@ -6,8 +6,9 @@
 
 Both models get the same weights: ours is built from the config (``--model`` is a name under
 configs/, ``demo`` for the digits demo, or a YAML path), timm's SwinTransformer with the same
-architecture (``swin_tiny_patch4_window7_224`` for swin_tiny) loads our state_dict through
-``timm.models.swin_transformer.checkpoint_filter_fn``; the script checks that the fp32 logits agree.
+architecture (``swin_tiny_patch4_window7_224`` for swin_tiny; for V2 configs timm's
+SwinTransformerV2, ``swinv2_tiny_window8_256`` for swinv2_tiny) loads our state_dict through timm's
+``checkpoint_filter_fn``; the script checks that the fp32 logits agree.
 
 Timing uses ``timing.time_images_per_second`` (as ``main.py --throughput``). Other processes may
 share the machine, so every row times its candidates in the same run, interleaved: each round
@@ -61,11 +62,13 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from config import get_config  # noqa: E402
+from config import get_config, model_section  # noqa: E402
 from distributed import cpu_has_fast_bf16, synchronize  # noqa: E402
 from models.build import build_model  # noqa: E402
 from models.compile import compile_model  # noqa: E402
-from models.swin_transformer import SwinTransformerBlock, WindowAttention  # noqa: E402
+from models.swin_transformer import WindowAttention  # noqa: E402
+from models.swin_transformer_v2 import WindowAttentionV2  # noqa: E402
+from models.windows import WindowBlockBase  # noqa: E402
 from optimizer import build_optimizer, param_groups  # noqa: E402
 from timing import time_images_per_second  # noqa: E402
 
@@ -74,9 +77,15 @@ MODELS = {
     "swin_small": "configs/swin_small.yaml",
     "swin_base": "configs/swin_base.yaml",
     "demo": "configs/demo/swin_demo_digits.yaml",
+    "swinv2_tiny": "configs/swinv2/swinv2_tiny_patch4_window8_256.yaml",
+    "swinv2_tiny_w16": "configs/swinv2/swinv2_tiny_patch4_window16_256.yaml",
+    "swinv2_demo": "configs/demo/swinv2_demo_digits.yaml",
 }
 TIMM_NAMES = {"swin_tiny": "swin_tiny_patch4_window7_224", "swin_small": "swin_small_patch4_window7_224",
-              "swin_base": "swin_base_patch4_window7_224"}
+              "swin_base": "swin_base_patch4_window7_224", "swinv2_tiny": "swinv2_tiny_window8_256",
+              "swinv2_tiny_w16": "swinv2_tiny_window16_256"}
+# The image size each timm name is built for.
+TIMM_SIZES = {"swinv2_tiny": 256, "swinv2_tiny_w16": 256}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -135,16 +144,29 @@ def load_config(model: str, img_size: Optional[int], extra_opts: List[str]):
 
 
 def build_timm(config, model_name: str) -> torch.nn.Module:
-    """timm's SwinTransformer with the architecture of ``config``."""
+    """timm's SwinTransformer (or SwinTransformerV2, for ``MODEL.TYPE: swinv2``) with the
+    architecture of ``config``."""
     import timm
-    from timm.models.swin_transformer import SwinTransformer as TimmSwin
 
-    s = config.MODEL.SWIN
-    if s.APE or not s.PATCH_NORM or not s.SHIFT or not s.RPB or s.QK_SCALE:
-        raise SystemExit("this config (APE / no patch norm / no shift / no RPB / QK_SCALE) has no timm equivalent")
+    s = model_section(config)
     kwargs = dict(img_size=config.DATA.IMG_SIZE, num_classes=config.MODEL.NUM_CLASSES,
                   drop_rate=config.MODEL.DROP_RATE, drop_path_rate=config.MODEL.DROP_PATH_RATE)
     name = TIMM_NAMES.get(model_name)
+    if config.MODEL.TYPE == "swinv2":
+        from timm.models.swin_transformer_v2 import SwinTransformerV2 as TimmSwinV2
+
+        if s.APE or not s.PATCH_NORM:
+            raise SystemExit("this config (APE / no patch norm) has no timm equivalent")
+        pretrained = tuple(s.PRETRAINED_WINDOW_SIZES)
+        if name and config.DATA.IMG_SIZE == TIMM_SIZES.get(model_name):
+            return timm.create_model(name, pretrained=False, pretrained_window_sizes=pretrained, **kwargs)
+        return TimmSwinV2(patch_size=s.PATCH_SIZE, in_chans=s.IN_CHANS, embed_dim=s.EMBED_DIM, depths=tuple(s.DEPTHS),
+                          num_heads=tuple(s.NUM_HEADS), window_size=s.WINDOW_SIZE, mlp_ratio=s.MLP_RATIO,
+                          qkv_bias=s.QKV_BIAS, pretrained_window_sizes=pretrained, **kwargs)
+    from timm.models.swin_transformer import SwinTransformer as TimmSwin
+
+    if s.APE or not s.PATCH_NORM or not s.SHIFT or not s.RPB or s.QK_SCALE:
+        raise SystemExit("this config (APE / no patch norm / no shift / no RPB / QK_SCALE) has no timm equivalent")
     if name and config.DATA.IMG_SIZE == 224:
         return timm.create_model(name, pretrained=False, **kwargs)
     return TimmSwin(patch_size=s.PATCH_SIZE, in_chans=s.IN_CHANS, embed_dim=s.EMBED_DIM, depths=tuple(s.DEPTHS),
@@ -154,7 +176,10 @@ def build_timm(config, model_name: str) -> torch.nn.Module:
 
 def paired_models(config, model_name: str, device: torch.device):
     """(ours, timm) with identical weights, on ``device``, and the fp32 eval logits' max |diff|."""
-    from timm.models.swin_transformer import checkpoint_filter_fn
+    if config.MODEL.TYPE == "swinv2":
+        from timm.models.swin_transformer_v2 import checkpoint_filter_fn
+    else:
+        from timm.models.swin_transformer import checkpoint_filter_fn
 
     torch.manual_seed(0)
     ours = build_model(config)
@@ -162,7 +187,8 @@ def paired_models(config, model_name: str, device: torch.device):
     theirs.load_state_dict(checkpoint_filter_fn(ours.state_dict(), theirs))
     ours.to(device).eval()
     theirs.to(device).eval()
-    x = torch.randn(2, config.MODEL.SWIN.IN_CHANS, config.DATA.IMG_SIZE, config.DATA.IMG_SIZE, device=device)
+    s = model_section(config)
+    x = torch.randn(2, s.IN_CHANS, config.DATA.IMG_SIZE, config.DATA.IMG_SIZE, device=device)
     with torch.inference_mode():
         diff = float((ours(x) - theirs(x)).abs().max())
     return ours, theirs, diff
@@ -172,11 +198,11 @@ def variant(model: torch.nn.Module, attn_impl: Optional[str] = None, gather: boo
     """A copy of our model with the speed switches set (same weights)."""
     m = copy.deepcopy(model)
     for mod in m.modules():
-        if isinstance(mod, WindowAttention):
+        if isinstance(mod, (WindowAttention, WindowAttentionV2)):
             if attn_impl:
                 mod.attn_impl = attn_impl
             mod.cache_eval_bias = cache
-        elif isinstance(mod, SwinTransformerBlock):
+        elif isinstance(mod, WindowBlockBase):
             mod.gather_partition = gather
     return m
 
@@ -250,11 +276,11 @@ MODES = ("eager", "compiled", "blocks")
 def compile_blocks(model: torch.nn.Module) -> torch.nn.Module:
     """Compile every Swin block of ``model`` in place: ours through ``compile_model`` (what
     ``--compile`` does), timm's blocks one by one with the same recompile allowance."""
-    if any(isinstance(m, SwinTransformerBlock) for m in model.modules()):
+    if any(isinstance(m, WindowBlockBase) for m in model.modules()):
         return compile_model(model, "blocks")
     import torch._dynamo
 
-    blocks = [m for m in model.modules() if type(m).__name__ == "SwinTransformerBlock"]
+    blocks = [m for m in model.modules() if type(m).__name__ in ("SwinTransformerBlock", "SwinTransformerV2Block")]
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(blocks) + 8)
     for blk in blocks:
         blk.compile(dynamic=False)
@@ -407,7 +433,7 @@ def main(argv=None) -> dict:
     print(f"model: {args.model} ({config.MODEL.NAME}), batch {bs}, {size}x{size}, device {device}; "
           f"fp32 eval logits max |ours - timm| = {diff:.2e}")
 
-    x = torch.randn(bs, config.MODEL.SWIN.IN_CHANS, size, size, device=device)
+    x = torch.randn(bs, model_section(config).IN_CHANS, size, size, device=device)
     y = torch.randint(0, config.MODEL.NUM_CLASSES, (bs,), device=device)
     slow_bf16 = device.type == "cpu" and not cpu_has_fast_bf16()
     rows: List[dict] = []

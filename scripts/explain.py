@@ -1,4 +1,4 @@
-"""Walk one image through a Swin Transformer and draw the paper's figures from the real model.
+"""Walk one image through a Swin Transformer (V1 or V2) and draw the paper's figures from the real model.
 
     python scripts/explain.py --cfg configs/swin_tiny.yaml [--img-size 224] [--out output/explain]
     python scripts/explain.py --cfg configs/demo/swin_demo_digits.yaml --resume CKPT --image IMG \
@@ -7,20 +7,33 @@
 The walk lists every stage and block with its window size, shift and number of windows, and the
 tensor shapes at patch embedding, window partition, qkv, attention map, window reverse and patch
 merging, then parameters and multiply-accumulates (MACs) per stage. Every number is read off
-the real model while it runs (forward hooks on ``PatchEmbed``, ``BasicLayer``,
-``SwinTransformerBlock`` and its ``norm1`` and ``drop_path``, ``WindowAttention`` and its
-``qkv`` Linear, ``PatchMerging`` and the head). The
-attention maps are recomputed inside the ``WindowAttention`` hook as
-softmax(q kᵀ · scale + B + mask) from the captured q, k, the module's own
-``relative_position_bias()`` and the mask the block passed in; pushing them through ``v`` and
-``proj`` reproduces the module's output, which the walk checks and reports.
+the real model while it runs (forward hooks on ``PatchEmbed``, ``BasicLayer``, the blocks
+(``models.windows.WindowBlockBase``: V1's ``SwinTransformerBlock``, V2's
+``SwinTransformerBlockV2``) and their ``norm1`` / ``norm2`` and ``drop_path``, the attention
+module and, for V1, its ``qkv`` Linear, ``PatchMerging`` and the head).
+
+V1 (pre-norm): ``norm1`` → partition → qkv → attention → reverse → residual add. The attention
+maps are recomputed inside the ``WindowAttention`` hook as softmax(q kᵀ · scale + B + mask) from
+the q, k the ``qkv`` hook captured, the module's own ``relative_position_bias()`` and the mask
+the block passed in.
+
+V2 (res-post-norm, scaled cosine attention): partition of the *un-normalised* block input →
+qkv → attention → reverse → post-norm ``norm1`` → residual add, then MLP → post-norm ``norm2``
+→ residual add. ``WindowAttentionV2`` projects with ``F.linear`` (bias q_bias, 0, v_bias), so no
+hook on ``attn.qkv`` fires: q, k, v come from the module's own ``attn._qkv(windows)``, and the
+maps are softmax(cos(q, k) · 1/τ + B + mask) with the per-head 1/τ = ``logit_scales()`` and
+B = ``relative_position_bias()`` = 16·σ(MLP) of the log-spaced offsets.
+
+For both, pushing the maps through ``v`` and ``proj`` reproduces the module's output, which the
+walk checks and reports.
 
 Pictures written to --out (PNG): ``windows.png`` (regular and shifted window partition, paper
 Fig. 2), ``cyclic_shift_mask.png`` (cyclic shift and the model's own attention mask, Fig. 4),
-``relative_position.png`` (relative position index and one head's learned bias B), and with
---resume and --image ``attention.png`` (attention of a few query tokens of one block and head
-over their window, on top of the image). Stages and blocks are numbered from 1 (``--block 1.2``
-is stage 1, block 2, as the walk prints them); heads from 0.
+``relative_position.png`` (relative position index and one head's bias B: V1's learned table,
+V2's table 16·σ(MLP(Δ̂)) computed by the position-bias MLP), and with --resume and --image
+``attention.png`` (attention of a few query tokens of one block and head over their window, on
+top of the image). Stages and blocks are numbered from 1 (``--block 1.2`` is stage 1, block 2,
+as the walk prints them); heads from 0.
 """
 from __future__ import annotations
 
@@ -30,7 +43,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
@@ -38,9 +51,12 @@ sys.path.insert(0, REPO_ROOT)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from yacs.config import CfgNode  # noqa: E402
 
 import models.windows as windows_module  # noqa: E402
+from config import model_section  # noqa: E402
+from models.windows import WindowBlockBase  # noqa: E402
 from models.windows import roll_reverse_unshift as reverse_unshift  # noqa: E402
 from models.windows import roll_shift_partition as shift_partition  # noqa: E402
 from errors import UserError, report_user_errors  # noqa: E402
@@ -49,12 +65,26 @@ from models.swin_transformer import (  # noqa: E402
     PatchEmbed,
     PatchMerging,
     SwinTransformer,
-    SwinTransformerBlock,
     WindowAttention,
     window_reverse,
 )
+from models.swin_transformer_v2 import (  # noqa: E402
+    CPB_BIAS_SCALE,
+    PatchMergingV2,
+    SwinTransformerBlockV2,
+    WindowAttentionV2,
+)
 
 BlockId = Tuple[int, int]  # (stage, block), both counted from 1
+# The attention modules of the two families (V2's does not subclass V1's).
+AnyWindowAttention = Union[WindowAttention, WindowAttentionV2]
+# V2's patch merging subclasses V1's; named for the reader.
+AnyPatchMerging = Union[PatchMerging, PatchMergingV2]
+
+
+def is_v2_block(blk: nn.Module) -> bool:
+    """Whether ``blk`` is a Swin V2 block (res-post-norm, scaled cosine attention)."""
+    return isinstance(blk, SwinTransformerBlockV2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,7 +95,8 @@ class Record:
     """One step of the walk.
 
     ``step`` is one of 'input', 'patch_embed', 'stage', 'block', 'window_partition', 'qkv',
-    'attention', 'window_reverse', 'patch_merging', 'stage_cost', 'head', 'total'. ``stage`` and
+    'attention', 'window_reverse', 'post_norm' (V2 blocks only), 'patch_merging', 'stage_cost',
+    'head', 'total'. ``stage`` and
     ``block`` count from 1. Shapes are those of the real tensors (batch included); ``info`` holds
     what else the step knows (window size, shift, number of windows, parameters, MACs, ...).
     """
@@ -114,11 +145,17 @@ def _padded_hw(height: int, width: int, window_size: int) -> Tuple[int, int]:
 class _Tracer:
     """Installs forward hooks on a model, collects records while it runs, removes them on exit.
 
-    Per block: the pre-hook sees the block's input map; the ``norm1`` hook the map that is
-    partitioned; the ``WindowAttention`` pre-hook the partitioned windows (B·nW, N, C) and the
-    mask the block passes; the ``qkv`` hook the projection (B·nW, N, 3C); the attention post-hook
-    its output; the first ``drop_path`` call after it the windows reversed into the map (the block
-    output stands in if a block stops calling ``drop_path``).
+    Per block: the pre-hook sees the block's input map; the attention module's pre-hook the
+    partitioned windows (B·nW, N, C) and the mask the block passes; its post-hook its output.
+
+    V1 (pre-norm): the ``norm1`` hook sees the map that is partitioned; the ``qkv`` hook the
+    projection (B·nW, N, 3C); the first ``drop_path`` call after the attention the windows
+    reversed into the map (the block output stands in if a block stops calling ``drop_path``).
+
+    V2 (res-post-norm): the block input itself is partitioned; q, k, v are recomputed with the
+    module's own ``attn._qkv`` (its projection is a ``F.linear`` call no hook sees); ``norm1``
+    runs *after* the attention, so its input is the reversed map and its output the post-norm;
+    ``norm2`` likewise normalises the MLP's output.
     """
 
     def __init__(self, model: SwinTransformer, keep_maps: Sequence[BlockId] = ()) -> None:
@@ -128,6 +165,7 @@ class _Tracer:
         self.maps: Dict[BlockId, Dict[str, Any]] = {}
         self._ids: Dict[int, BlockId] = {}
         self._stage_of: Dict[int, int] = {}
+        self._post_norm_branch: Dict[int, str] = {}  # id(norm) → 'attention' / 'mlp' (V2 blocks only)
         self._current: Optional[BlockId] = None
         self._block_record: Optional[Record] = None
         self._normed: Optional[Tuple[int, ...]] = None
@@ -140,8 +178,11 @@ class _Tracer:
             if layer.downsample is not None:
                 self._stage_of[id(layer.downsample)] = si
             for bi, blk in enumerate(layer.blocks, 1):
-                for m in (blk, blk.attn, blk.attn.qkv):
+                for m in (blk, blk.attn, blk.attn.qkv, blk.norm1, blk.norm2):
                     self._ids[id(m)] = (si, bi)
+                if is_v2_block(blk):
+                    self._post_norm_branch[id(blk.norm1)] = "attention"
+                    self._post_norm_branch[id(blk.norm2)] = "mlp"
 
     # -- hooks ----------------------------------------------------------------------------------
     def _on_patch_embed(self, module: PatchEmbed, args: tuple, out: torch.Tensor) -> None:
@@ -170,15 +211,18 @@ class _Tracer:
         self.records.append(Record("stage_cost", stage=si, shape_in=self._stage_in[si], shape_out=_shape(out),
                                    info={"params": params, "macs": macs}))
 
-    def _on_block_start(self, blk: SwinTransformerBlock, args: tuple) -> None:
+    def _on_block_start(self, blk: WindowBlockBase, args: tuple) -> None:
         self._current = self._ids[id(blk)]
         si, bi = self._current
+        v2 = is_v2_block(blk)
         rec = Record("block", stage=si, block=bi, shape_in=_shape(args[0]), info={
             "window_size": blk.window_size,
             "shift_size": blk.shift_size,
             "kind": "SW-MSA" if blk.shift_size else "W-MSA",
             "heads": blk.num_heads,
             "head_dim": blk.dim // blk.num_heads,
+            "family": "v2" if v2 else "v1",
+            "norm": "post" if v2 else "pre",  # where the LayerNorms sit on the residual branches
         })
         self._block_record = rec
         self._normed = None
@@ -186,8 +230,23 @@ class _Tracer:
         self.records.append(rec)
 
     def _on_norm1(self, module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        """V1: the pre-norm's output is the map the block partitions."""
         if self._current is not None and self._normed is None:
             self._normed = _shape(out)
+
+    def _on_post_norm(self, module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        """V2: ``norm1`` normalises the reversed attention output, ``norm2`` the MLP's output;
+        each then goes through ``drop_path`` and is added to the residual stream."""
+        if self._current is None:
+            return
+        si, bi = self._current
+        branch = self._post_norm_branch[id(module)]
+        if branch == "attention" and self._await_reverse is not None:
+            # The reversed (and cropped) map is exactly what the post-norm is fed.
+            self._record_reverse(_shape(args[0]), "post-norm input")
+        norm = "norm1" if branch == "attention" else "norm2"
+        self.records.append(Record("post_norm", stage=si, block=bi, shape_in=_shape(args[0]), shape_out=_shape(out),
+                                   info={"branch": branch, "norm": norm}))
 
     def _record_reverse(self, shape_out: Tuple[int, ...], source: str) -> None:
         si, bi = self._current
@@ -200,7 +259,7 @@ class _Tracer:
         if self._current is not None and self._await_reverse is not None:
             self._record_reverse(_shape(args[0]), "drop_path input")
 
-    def _on_block_end(self, blk: SwinTransformerBlock, args: tuple, out: torch.Tensor) -> None:
+    def _on_block_end(self, blk: WindowBlockBase, args: tuple, out: torch.Tensor) -> None:
         if self._await_reverse is not None:
             self._record_reverse(_shape(out), "block output")
         if self._block_record is not None:
@@ -208,7 +267,7 @@ class _Tracer:
         self._current = None
         self._block_record = None
 
-    def _on_attn_start(self, attn: WindowAttention, args: tuple, kwargs: dict) -> None:
+    def _on_attn_start(self, attn: AnyWindowAttention, args: tuple, kwargs: dict) -> None:
         mask = kwargs.get("mask", args[1] if len(args) > 1 else None)
         x = args[0]
         self._attn_in = {"x": x, "mask": mask}
@@ -218,8 +277,11 @@ class _Tracer:
         batch = map_shape[0] if map_shape else 1
         M = attn.window_size
         n_windows = x.shape[0] // batch
+        v2 = isinstance(attn, WindowAttentionV2)
         info: Dict[str, Any] = {"shift_size": rec.info["shift_size"] if rec is not None else 0, "window_size": M,
-                                "num_windows": n_windows, "batch": batch}
+                                "num_windows": n_windows, "batch": batch,
+                                # V2 attends on the raw residual stream; V1 on norm1's output.
+                                "source": "block input (un-normalised)" if v2 else "norm1 output"}
         if len(map_shape) == 4:
             info["padded_hw"] = _padded_hw(map_shape[1], map_shape[2], M)
         self.records.append(Record("window_partition", stage=si, block=bi, shape_in=tuple(map_shape),
@@ -232,30 +294,57 @@ class _Tracer:
     def _on_qkv(self, linear: nn.Linear, args: tuple, out: torch.Tensor) -> None:
         self._attn_in["qkv"] = out
 
-    def _on_attn_end(self, attn: WindowAttention, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
+    def _on_attn_end(self, attn: AnyWindowAttention, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
         si, bi = self._ids[id(attn)]
-        x, mask, qkv_out = self._attn_in["x"], self._attn_in["mask"], self._attn_in["qkv"]
+        x, mask = self._attn_in["x"], self._attn_in["mask"]
+        qkv_out = self._attn_in.get("qkv")
         self._attn_in = {}
         B_, N, C = x.shape
         h = attn.num_heads
+        v2 = isinstance(attn, WindowAttentionV2)
+        n_windows = 1 if mask is None else mask.shape[0]
+        extra: Dict[str, Any] = {}
         with torch.no_grad():
-            # The model's own split of the qkv projection: (3, B·nW, heads, N, d).
-            qkv = qkv_out.float().reshape(B_, N, 3, h, C // h).permute(2, 0, 3, 1, 4)
-            q, k, v = qkv.unbind(0)
-            logits = (q * attn.scale) @ k.transpose(-2, -1)  # B·nW, h, N, N
-            n_windows = 1 if mask is None else mask.shape[0]
-            if attn.use_rpb:
-                logits = logits + attn.relative_position_bias().float().unsqueeze(0)
+            if v2:
+                # WindowAttentionV2 projects with F.linear (bias q_bias, 0, v_bias): no hook on
+                # attn.qkv fires, so q, k, v come from the module's own projection of the windows.
+                qkv = attn._qkv(x)  # 3, B·nW, heads, N, d
+                # As the module: half types go to fp32 for the logits, fp32/fp64 stay as they are.
+                if qkv.dtype in (torch.float16, torch.bfloat16):
+                    qkv = qkv.float()
+                linear_out = (B_, N, 3 * C)
+                q, k, v = qkv.unbind(0)
+                cosine = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)  # B·nW, h, N, N
+                scales = attn.logit_scales().to(q.dtype)  # h, 1, 1: 1/τ per head, clamped at 100
+                bias = attn.relative_position_bias().to(q.dtype)  # h, N, N: 16·σ(MLP), in (0, 16)
+                logits = cosine * scales + bias.unsqueeze(0)
+                extra = {"cosine": cosine, "logit_scales": scales.view(-1)}
+            else:
+                # The model's own split of the qkv projection: (3, B·nW, heads, N, d).
+                linear_out = _shape(qkv_out)
+                qkv = qkv_out.float().reshape(B_, N, 3, h, C // h).permute(2, 0, 3, 1, 4)
+                q, k, v = qkv.unbind(0)
+                logits = (q * attn.scale) @ k.transpose(-2, -1)  # B·nW, h, N, N
+                bias = attn.relative_position_bias().float() if attn.use_rpb else None
+                if bias is not None:
+                    logits = logits + bias.unsqueeze(0)
             if mask is not None:
-                logits = (logits.view(B_ // n_windows, n_windows, h, N, N) + mask.float()[None, :, None]).view(B_, h, N, N)
+                logits = (logits.view(B_ // n_windows, n_windows, h, N, N) + mask.to(logits.dtype)[None, :, None]).view(B_, h, N, N)
             maps = logits.softmax(dim=-1)
             # The maps are right iff they reproduce what the module returned.
             recon = attn.proj((maps @ v).transpose(1, 2).reshape(B_, N, C).to(attn.proj.weight.dtype))
             diff = float((recon.float() - out.float()).abs().max())
-        self.records.append(Record("qkv", stage=si, block=bi, shape_in=_shape(x), shape_out=_shape(qkv),
-                                   info={"linear_out": _shape(qkv_out), "heads": h, "head_dim": C // h}))
-        info: Dict[str, Any] = {"scale": float(attn.scale), "rpb": bool(attn.use_rpb), "check_max_abs_diff": diff,
-                                "mask_shape": None if mask is None else _shape(mask)}
+        qkv_info: Dict[str, Any] = {"linear_out": linear_out, "heads": h, "head_dim": C // h,
+                                    "source": "attn._qkv: F.linear, bias (q_bias, 0, v_bias)" if v2 else "attn.qkv Linear"}
+        self.records.append(Record("qkv", stage=si, block=bi, shape_in=_shape(x), shape_out=_shape(qkv), info=qkv_info))
+        info: Dict[str, Any] = {"rpb": bias is not None, "check_max_abs_diff": diff,
+                                "mask_shape": None if mask is None else _shape(mask), "cosine": v2}
+        if v2:
+            info.update(logit_scales=[float(s) for s in extra["logit_scales"]],
+                        cosine_range=(float(extra["cosine"].min()), float(extra["cosine"].max())),
+                        bias_range=(float(bias.min()), float(bias.max())))
+        else:
+            info["scale"] = float(attn.scale)
         if mask is not None:
             info["masked_fraction"] = float((mask != 0).float().mean())
         self.records.append(Record("attention", stage=si, block=bi, shape_in=_shape(q), shape_out=_shape(maps), info=info))
@@ -263,18 +352,25 @@ class _Tracer:
         if (si, bi) in self.keep:
             blk = self.model.layers[si - 1].blocks[bi - 1]
             rec = self._block_record
-            self.maps[(si, bi)] = {
+            kept: Dict[str, Any] = {
                 "maps": maps.detach().cpu(),
                 "mask": None if mask is None else mask.detach().cpu(),
                 "window_size": blk.window_size,
                 "shift_size": blk.shift_size,
                 "hw": tuple(rec.shape_in[1:3]) if rec is not None else None,
                 "padded_hw": rec.info.get("padded_hw") if rec is not None else None,
+                "logits": logits.detach().cpu(),  # before the softmax, bias and mask included
+                "cosine": v2,
             }
+            if v2:
+                kept.update(cosine_logits=extra["cosine"].detach().cpu(),
+                            logit_scales=extra["logit_scales"].detach().cpu())
+            self.maps[(si, bi)] = kept
 
-    def _on_merge(self, module: PatchMerging, args: tuple, out: torch.Tensor) -> None:
+    def _on_merge(self, module: AnyPatchMerging, args: tuple, out: torch.Tensor) -> None:
         si = self._stage_of[id(module)]
-        self.records.append(Record("patch_merging", stage=si, shape_in=_shape(args[0]), shape_out=_shape(out)))
+        self.records.append(Record("patch_merging", stage=si, shape_in=_shape(args[0]), shape_out=_shape(out),
+                                   info={"norm": "after reduction" if isinstance(module, PatchMergingV2) else "before reduction"}))
 
     def _on_head(self, module: nn.Module, args: tuple, out: torch.Tensor) -> None:
         self.records.append(Record("head", shape_in=_shape(args[0]), shape_out=_shape(out)))
@@ -289,11 +385,17 @@ class _Tracer:
             reg.append(layer.register_forward_pre_hook(self._on_stage_start))
             reg.append(layer.register_forward_hook(self._on_stage_end))
             for blk in layer.blocks:
+                if not isinstance(blk, WindowBlockBase):
+                    raise TypeError(f"explain walks Swin V1/V2 blocks (WindowBlockBase), not {type(blk).__name__}")
                 reg.append(blk.register_forward_pre_hook(self._on_block_start))
                 reg.append(blk.register_forward_hook(self._on_block_end))
-                reg.append(blk.norm1.register_forward_hook(self._on_norm1))
+                if is_v2_block(blk):
+                    reg.append(blk.norm1.register_forward_hook(self._on_post_norm))
+                    reg.append(blk.norm2.register_forward_hook(self._on_post_norm))
+                else:
+                    reg.append(blk.norm1.register_forward_hook(self._on_norm1))
+                    reg.append(blk.attn.qkv.register_forward_hook(self._on_qkv))
                 reg.append(blk.attn.register_forward_pre_hook(self._on_attn_start, with_kwargs=True))
-                reg.append(blk.attn.qkv.register_forward_hook(self._on_qkv))
                 reg.append(blk.attn.register_forward_hook(self._on_attn_end, with_kwargs=True))
                 if isinstance(getattr(blk, "drop_path", None), nn.Module):
                     reg.append(blk.drop_path.register_forward_pre_hook(self._on_drop_path))
@@ -373,7 +475,7 @@ def walk(config: CfgNode, img_size: Optional[int] = None, model: Optional[SwinTr
         model, config = build_for_walk(config, img_size)
     size = int(img_size or config.DATA.IMG_SIZE)
     if images is None:
-        images = torch.randn(1, config.MODEL.SWIN.IN_CHANS, size, size, generator=torch.Generator().manual_seed(0))
+        images = torch.randn(1, model_section(config).IN_CHANS, size, size, generator=torch.Generator().manual_seed(0))
     return trace(model, images).records
 
 
@@ -419,32 +521,52 @@ def format_walk(records: Sequence[Record], title: str = "") -> str:
         elif r.step == "block":
             M, s = r.info["window_size"], r.info["shift_size"]
             nW = r.info.get("num_windows", "?")
-            lines.append(f"  block {r.stage}.{r.block}  {r.info['kind']:<6} window {M}×{M}, shift {s}, {nW} window{'' if nW == 1 else 's'}")
+            v2 = r.info.get("family") == "v2"
+            order = ", res-post-norm (V2: attention on the raw input, LayerNorm after it)" if v2 else ""
+            lines.append(f"  block {r.stage}.{r.block}  {r.info['kind']:<6} window {M}×{M}, shift {s}, {nW} window{'' if nW == 1 else 's'}"
+                         f"{order}")
         elif r.step == "window_partition":
             M, nW = r.info["window_size"], r.info["num_windows"]
             pad = ""
             if len(r.shape_in) == 4 and r.info.get("padded_hw") not in (None, tuple(r.shape_in[1:3])):
                 pad = f"zero-pad to {_x(r.info['padded_hw'])}, "
             shift = f"roll by (-{r.info['shift_size']}, -{r.info['shift_size']}), " if r.info["shift_size"] else ""
-            lines.append(f"    window partition  {_map(r.shape_in)} → {pad}{shift}{nW} window{'' if nW == 1 else 's'} of "
+            src = " (un-normalised block input)" if r.info.get("source", "").startswith("block input") else ""
+            lines.append(f"    window partition  {_map(r.shape_in)}{src} → {pad}{shift}{nW} window{'' if nW == 1 else 's'} of "
                          f"{M}×{M} tokens  (tensor {_x(r.shape_out)})")
         elif r.step == "qkv":
-            lines.append(f"    qkv               Linear {_x(r.shape_in)} → {_x(r.info['linear_out'])} "
+            how = "Linear" if not r.info.get("source", "").startswith("attn._qkv") else "F.linear (bias q, 0, v)"
+            lines.append(f"    qkv               {how} {_x(r.shape_in)} → {_x(r.info['linear_out'])} "
                          f"= {_x(r.shape_out)} (q/k/v × windows × heads × tokens × head dim)")
         elif r.step == "attention":
-            extra = "softmax(q·kᵀ·scale" + (" + B" if r.info["rpb"] else "") + (" + mask" if r.info["mask_shape"] else "") + ")"
             mask = ""
             if r.info["mask_shape"]:
                 mask = f", mask {_x(r.info['mask_shape'])} ({100 * r.info['masked_fraction']:.1f}% of pairs blocked)"
+            if r.info.get("cosine"):
+                extra = "softmax(cos(q, k)·1/τ + B" + (" + mask" if r.info["mask_shape"] else "") + ")"
+                scales = ", ".join(f"{v:.3g}" for v in r.info["logit_scales"])
+                lo, hi = r.info["cosine_range"]
+                blo, bhi = r.info["bias_range"]
+                extra += (f", 1/τ per head [{scales}], cos in [{lo:.2f}, {hi:.2f}], "
+                          f"B = 16·σ(MLP) in [{blo:.2f}, {bhi:.2f}]")
+            else:
+                extra = "softmax(q·kᵀ·scale" + (" + B" if r.info["rpb"] else "") + (" + mask" if r.info["mask_shape"] else "") + ")"
             lines.append(f"    attention maps    {_x(r.shape_out)} (windows × heads × queries × keys) = {extra}{mask}; "
                          f"reproduces the block's output to {r.info['check_max_abs_diff']:.1e}")
+        elif r.step == "post_norm":
+            if r.info["branch"] == "attention":
+                lines.append(f"    post-norm         {r.info['norm']} = LayerNorm of the attention output {_map(r.shape_out)}, "
+                             f"then x + drop_path(·)")
+            else:
+                lines.append(f"    MLP, post-norm    x + drop_path({r.info['norm']}(MLP(x))) on {_map(r.shape_out)}")
         elif r.step == "window_reverse":
             back = f" (rolled back by (+{r.info['shift_size']}, +{r.info['shift_size']}))" if r.info["shift_size"] else ""
             lines.append(f"    window reverse    {_x(r.shape_in)} → {_map(r.shape_out)}{back}")
         elif r.step == "patch_merging":
             _, h0, w0, c0 = r.shape_in
             _, h1, w1, c1 = r.shape_out
-            lines.append(f"  patch merging     {h0}×{w0}×{c0} → {h1}×{w1}×{c1}: {h0 * w0:,} → {h1 * w1:,} tokens ({c1} ch)")
+            norm = ", LayerNorm after the reduction (V2)" if r.info.get("norm") == "after reduction" else ""
+            lines.append(f"  patch merging     {h0}×{w0}×{c0} → {h1}×{w1}×{c1}: {h0 * w0:,} → {h1 * w1:,} tokens ({c1} ch){norm}")
         elif r.step == "stage_cost":
             lines.append(f"  stage {r.stage} cost      params {r.info['params']:,} ({_m(r.info['params'])}), MACs {_g(r.info['macs'])}")
         elif r.step == "head":
@@ -480,7 +602,7 @@ class Geometry:
     width: int
     window_size: int
     shift_size: int
-    block: SwinTransformerBlock  # whose attention_mask() is drawn
+    block: WindowBlockBase  # whose attention_mask() is drawn (V1 or V2: the same shift mask)
     note: str
 
 
@@ -498,7 +620,8 @@ def figure_geometry(model: SwinTransformer, max_side: int = 16) -> Geometry:
         if 2 * M <= max_side:
             return Geometry(2 * M, 2 * M, M, s, shifted,
                             f"{2 * M}×{2 * M} map, configured M={M}, shift {s} (stage 1 is {H1}×{W1})")
-    blk = SwinTransformerBlock(dim=4, num_heads=1, window_size=4, shift_size=2)
+    # A stand-in block of the model's own family: its attention_mask() is the shared plumbing.
+    blk = type(layer.blocks[0])(dim=4, num_heads=1, window_size=4, shift_size=2)
     why = f"configured M={M}" + ("" if shifted is not None else ", model does not shift")
     return Geometry(8, 8, 4, 2, blk, f"8×8 map with M=4, shift 2 for legibility ({why}, stage 1 is {H1}×{W1})")
 
@@ -654,7 +777,7 @@ def plot_cyclic_shift_mask(model: SwinTransformer, path: str) -> Dict[str, Any]:
             "model_mask": model_mask.numpy(), "labels_agree": agree, "geometry": g}
 
 
-def _block(model: SwinTransformer, block: BlockId) -> SwinTransformerBlock:
+def _block(model: SwinTransformer, block: BlockId) -> WindowBlockBase:
     si, bi = block
     if not 1 <= si <= len(model.layers) or not 1 <= bi <= len(model.layers[si - 1].blocks):
         depths = [len(layer.blocks) for layer in model.layers]
@@ -662,7 +785,7 @@ def _block(model: SwinTransformer, block: BlockId) -> SwinTransformerBlock:
     return model.layers[si - 1].blocks[bi - 1]
 
 
-def _check_head(blk: SwinTransformerBlock, head: int) -> None:
+def _check_head(blk: WindowBlockBase, head: int) -> None:
     if not 0 <= head < blk.num_heads:
         raise UserError(f"--head {head} does not exist; this block has heads 0..{blk.num_heads - 1}")
 
@@ -670,10 +793,18 @@ def _check_head(blk: SwinTransformerBlock, head: int) -> None:
 def plot_relative_position(model: SwinTransformer, path: str, block: BlockId = (1, 1), head: int = 0,
                            weights: str = "random init") -> Dict[str, Any]:
     """The relative position index (M²×M²) of a block and one head's bias B = relative_position_bias()[head],
-    also as its (2M-1)×(2M-1) table over offsets (Δy, Δx). Returns the arrays drawn."""
+    also as its (2M-1)×(2M-1) table over offsets (Δy, Δx).
+
+    V1: the learned ``relative_position_bias_table`` (signed, drawn symmetric around 0). V2: the
+    table the position-bias MLP computes, ``attn.bias_table()`` = 16·σ(cpb_mlp(Δ̂)) at the
+    log-spaced offsets Δ̂ (always in (0, 16), drawn on that range). Returns the arrays drawn
+    ('index' (M², M²), 'bias' (M², M²), 'table' (2M-1, 2M-1)), 'clim' (the colour range) and
+    'kind' ('learned', 'mlp' or 'none').
+    """
     blk = _block(model, block)
     _check_head(blk, head)
     attn = blk.attn
+    v2 = isinstance(attn, WindowAttentionV2)
     M = attn.window_size
     index = attn.relative_position_index
     fig = _figure(16, 5.2)
@@ -682,22 +813,38 @@ def plot_relative_position(model: SwinTransformer, path: str, block: BlockId = (
     fig.colorbar(im0, ax=axes[0], fraction=0.046)
     axes[0].set_title(f"relative_position_index ({M * M}×{M * M})\nrow into the (2M-1)² = {(2 * M - 1) ** 2}-row table",
                       fontsize=10)
-    out: Dict[str, Any] = {"index": np.asarray(im0.get_array())}
-    if attn.use_rpb:
+    out: Dict[str, Any] = {"index": np.asarray(im0.get_array()), "kind": "none"}
+    if v2 or attn.use_rpb:
         with torch.no_grad():
             bias = attn.relative_position_bias()[head].detach().float().cpu()
-            table = attn.relative_position_bias_table[:, head].detach().float().cpu().view(2 * M - 1, 2 * M - 1)
-        lim = float(bias.abs().max()) or 1.0
-        im1 = axes[1].imshow(bias.numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+            if v2:
+                # The MLP's output at every offset: the table B is gathered from (V2 has no learned table).
+                table = attn.bias_table()[:, head].detach().float().cpu().view(2 * M - 1, 2 * M - 1)
+            else:
+                table = attn.relative_position_bias_table[:, head].detach().float().cpu().view(2 * M - 1, 2 * M - 1)
+        if v2:
+            # 16·σ(·) is bounded in (0, 16): a fixed range keeps pictures of heads and checkpoints comparable.
+            cmap, lim = "magma", (0.0, CPB_BIAS_SCALE)
+            bias_title = f"B = relative_position_bias()[{head}] = 16·σ(cpb_mlp(Δ̂)) ({M * M}×{M * M}), range 0..16"
+            # On the fixed range a barely trained MLP (≈8 everywhere) looks flat: say what it spans.
+            table_title = (f"bias_table()[:, {head}] = 16·σ(cpb_mlp(log-spaced Δ̂)), values {float(table.min()):.2f}..{float(table.max()):.2f}\n"
+                           f"as a {2 * M - 1}×{2 * M - 1} grid of offsets (computed by the MLP, not learned)")
+        else:
+            m = float(bias.abs().max()) or 1.0
+            cmap, lim = "RdBu_r", (-m, m)
+            bias_title = f"B = relative_position_bias()[{head}] ({M * M}×{M * M})"
+            table_title = f"the same head's learned table as a {2 * M - 1}×{2 * M - 1} grid of offsets"
+        im1 = axes[1].imshow(bias.numpy(), cmap=cmap, vmin=lim[0], vmax=lim[1], interpolation="nearest")
         fig.colorbar(im1, ax=axes[1], fraction=0.046)
-        axes[1].set_title(f"B = relative_position_bias()[{head}] ({M * M}×{M * M})", fontsize=10)
-        im2 = axes[2].imshow(table.numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest",
+        axes[1].set_title(bias_title, fontsize=10)
+        im2 = axes[2].imshow(table.numpy(), cmap=cmap, vmin=lim[0], vmax=lim[1], interpolation="nearest",
                              extent=(-(M - 1) - 0.5, M - 1 + 0.5, M - 1 + 0.5, -(M - 1) - 0.5))
         fig.colorbar(im2, ax=axes[2], fraction=0.046)
         axes[2].set_xlabel("Δx (query − key)")
         axes[2].set_ylabel("Δy (query − key)")
-        axes[2].set_title(f"the same head's table as a {2 * M - 1}×{2 * M - 1} grid of offsets", fontsize=10)
-        out.update(bias=np.asarray(im1.get_array()), table=np.asarray(im2.get_array()))
+        axes[2].set_title(table_title, fontsize=10)
+        out.update(bias=np.asarray(im1.get_array()), table=np.asarray(im2.get_array()), clim=lim,
+                   kind="mlp" if v2 else "learned")
     else:
         for ax in axes[1:]:
             ax.axis("off")
@@ -705,8 +852,9 @@ def plot_relative_position(model: SwinTransformer, path: str, block: BlockId = (
     for ax in axes[:2]:
         ax.set_xlabel("key token")
         ax.set_ylabel("query token")
-    fig.suptitle(f"Relative position bias (Swin paper Eq. 4), block {block[0]}.{block[1]}, M={M}, head {head}, "
-                 f"weights: {weights}", fontsize=11)
+    what = ("Continuous position bias (Swin V2 Eq. 3–4: log-spaced offsets → MLP → 16·σ)" if v2
+            else "Relative position bias (Swin paper Eq. 4)")
+    fig.suptitle(f"{what}, block {block[0]}.{block[1]}, M={M}, head {head}, weights: {weights}", fontsize=11)
     _save(fig, path)
     return out
 
@@ -762,8 +910,12 @@ def plot_attention(model: SwinTransformer, image: torch.Tensor, path: str, block
     """Attention maps of ``block``/``head`` for a few query tokens, upsampled on top of ``image``
     (3, H, W, already preprocessed), plus the full N×N map of the first query's window.
 
-    Returns 'heatmaps' (one (H_tokens, W_tokens) array per query), 'queries', 'window_map' and
-    'prediction' (class index, probability)."""
+    The maps are the walk's (V1: softmax(q·kᵀ·scale + B + mask); V2: softmax(cos(q, k)·1/τ + B +
+    mask)), checked there to reproduce the attention module's output.
+
+    Returns 'heatmaps' (one (H_tokens, W_tokens) array per query), 'queries', 'window_map' (the
+    (M², M²) maps of window 'window', the first query's, image 0) and 'prediction' (class
+    index, probability)."""
     blk = _block(model, block)
     _check_head(blk, head)
     result = trace(model, image.unsqueeze(0), keep_maps=[block])
@@ -834,10 +986,12 @@ def plot_attention(model: SwinTransformer, image: torch.Tensor, path: str, block
         a.set_xticks([])
         a.set_yticks([])
     kind = "SW-MSA" if s else "W-MSA"
+    if bm["cosine"]:
+        kind += f", scaled cosine attention, 1/τ = {float(bm['logit_scales'][head]):.3g}"
     fig.suptitle(f"{title + ': ' if title else ''}attention of block {block[0]}.{block[1]} ({kind}), head {head}; "
                  f"predicted {cls_name} ({100 * p:.1f}%)", fontsize=11)
     _save(fig, path)
-    return {"heatmaps": heatmaps, "queries": queries, "window_map": window_map, "prediction": (cls, p)}
+    return {"heatmaps": heatmaps, "queries": queries, "window_map": window_map, "window": w0, "prediction": (cls, p)}
 
 
 def _rect(x: float, y: float, w: float, h: float):
@@ -934,7 +1088,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             raise UserError("--img-size must match the checkpoint's preprocessing when --image is given")
         images = image.unsqueeze(0)
     else:
-        images = torch.randn(1, config.MODEL.SWIN.IN_CHANS, size, size, generator=torch.Generator().manual_seed(0))
+        images = torch.randn(1, model_section(config).IN_CHANS, size, size, generator=torch.Generator().manual_seed(0))
     result = trace(model, images)
     print(format_walk(result.records, f"{config.MODEL.NAME} at {size}×{size}"))
     written: Dict[str, str] = {}

@@ -3,7 +3,9 @@
     python scripts/export.py output/swin_demo_digits/demo/best.pth --out swin_demo.safetensors
 
 The file carries the model weights plus, as metadata, the config (YAML text) and the class names,
-so ``--pretrained swin_demo.safetensors`` and ``scripts/predict.py`` work from it alone.
+so ``--pretrained swin_demo.safetensors`` and ``scripts/predict.py`` work from it alone. V1 and V2
+checkpoints alike: buffers derived from the window (``relative_position_index``, V2's
+``relative_coords_table``, ``attn_mask``) are left out, as every loader rebuilds them.
 """
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
-"""Print the paper's Table 1 as the code gives it: parameters, GMACs and (optionally) throughput.
+"""Print the model tables as the code gives them (V1's Table 1, the V2 release's table): parameters,
+GMACs and (optionally) throughput.
 
     python scripts/model_table.py                      # params and FLOPs (instant: 'meta' models)
     python scripts/model_table.py --throughput         # + forward images/s on the current device
-    python scripts/model_table.py --throughput --batch-size 64 --models T S --json table.json
+    python scripts/model_table.py --throughput --batch-size 64 --models T S V2T8 --json table.json
 
 Parameters and FLOPs (multiply-accumulates, the paper's "FLOPs") come from models built on the
 'meta' device, so no memory is used. Throughput builds each model for real on the device (CUDA
@@ -21,19 +22,30 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from config import get_config  # noqa: E402
+from config import get_config, model_section  # noqa: E402
 from models import build_model  # noqa: E402
 from timing import time_images_per_second  # noqa: E402
 
-CFG = os.path.join(ROOT, "configs", "swin")
-# (short name, label, config, paper params, paper GFLOPs, paper V100 img/s)
+CFG = os.path.join(ROOT, "configs")
+# (short name, label, config under configs/, release params, release GFLOPs (MACs), release V100 img/s)
+# V1: the paper's Table 1 with the exact counts of the released code. V2: the release's model table
+# (FLOPs as published, to one decimal; params exact, as the released code gives them).
 VARIANTS = [
-    ("T", "Swin-T", "swin_tiny_patch4_window7_224.yaml", 28_288_354, 4.49, 755.2),
-    ("S", "Swin-S", "swin_small_patch4_window7_224.yaml", 49_606_258, 8.75, 436.9),
-    ("B", "Swin-B", "swin_base_patch4_window7_224.yaml", 87_768_224, 15.44, 278.1),
-    ("B384", "Swin-B 384", "swin_base_patch4_window12_384_finetune.yaml", 87_903_584, 47.1, 84.7),
-    ("L", "Swin-L", "swin_large_patch4_window7_224_22kto1k_finetune.yaml", 196_532_476, 34.49, 141.0),
-    ("L384", "Swin-L 384", "swin_large_patch4_window12_384_22kto1k_finetune.yaml", 196_735_516, 103.95, 42.1),
+    ("T", "Swin-T", "swin/swin_tiny_patch4_window7_224.yaml", 28_288_354, 4.49, 755.2),
+    ("S", "Swin-S", "swin/swin_small_patch4_window7_224.yaml", 49_606_258, 8.75, 436.9),
+    ("B", "Swin-B", "swin/swin_base_patch4_window7_224.yaml", 87_768_224, 15.44, 278.1),
+    ("B384", "Swin-B 384", "swin/swin_base_patch4_window12_384_finetune.yaml", 87_903_584, 47.1, 84.7),
+    ("L", "Swin-L", "swin/swin_large_patch4_window7_224_22kto1k_finetune.yaml", 196_532_476, 34.49, 141.0),
+    ("L384", "Swin-L 384", "swin/swin_large_patch4_window12_384_22kto1k_finetune.yaml", 196_735_516, 103.95, 42.1),
+    ("V2T8", "SwinV2-T", "swinv2/swinv2_tiny_patch4_window8_256.yaml", 28_347_154, 5.9, 572.0),
+    ("V2T16", "SwinV2-T", "swinv2/swinv2_tiny_patch4_window16_256.yaml", 28_347_154, 6.6, 437.0),
+    ("V2S8", "SwinV2-S", "swinv2/swinv2_small_patch4_window8_256.yaml", 49_728_418, 11.5, 327.0),
+    ("V2S16", "SwinV2-S", "swinv2/swinv2_small_patch4_window16_256.yaml", 49_728_418, 12.6, 257.0),
+    ("V2B8", "SwinV2-B", "swinv2/swinv2_base_patch4_window8_256.yaml", 87_918_816, 20.3, 217.0),
+    ("V2B16", "SwinV2-B", "swinv2/swinv2_base_patch4_window16_256.yaml", 87_918_816, 21.8, 174.0),
+    ("V2B384", "SwinV2-B 384", "swinv2/swinv2_base_patch4_window12to24_192to384_22kto1k_ft.yaml", 87_918_816, 54.7, None),
+    ("V2L16", "SwinV2-L", "swinv2/swinv2_large_patch4_window12to16_192to256_22kto1k_ft.yaml", 196_739_932, 47.5, None),
+    ("V2L384", "SwinV2-L 384", "swinv2/swinv2_large_patch4_window12to24_192to384_22kto1k_ft.yaml", 196_739_932, 115.4, None),
 ]
 
 
@@ -94,7 +106,7 @@ def main(argv=None) -> list:
             "model": label,
             "config": cfg_name,
             "img_size": config.DATA.IMG_SIZE,
-            "window": config.MODEL.SWIN.WINDOW_SIZE,
+            "window": model_section(config).WINDOW_SIZE,
             "params": params,
             "gmacs": model.flops() / 1e9,
             "paper_params": paper_params,
@@ -117,16 +129,17 @@ def main(argv=None) -> list:
 
 
 def print_row(row: dict, header: bool, throughput: bool) -> None:
-    cols = f"{'model':<11} {'size':>4} {'M':>3} {'params':>12} {'paper':>12} {'GMACs':>8} {'paper':>7}"
+    cols = f"{'model':<13} {'size':>4} {'M':>3} {'params':>12} {'paper':>12} {'GMACs':>8} {'paper':>7}"
     if throughput:
         cols += f" {'img/s':>9} {'V100 paper':>10}"
     if header:
         print(cols)
         print("-" * len(cols))
-    line = (f"{row['model']:<11} {row['img_size']:>4} {row['window']:>3} {row['params']:>12,} {row['paper_params']:>12,} "
+    line = (f"{row['model']:<13} {row['img_size']:>4} {row['window']:>3} {row['params']:>12,} {row['paper_params']:>12,} "
             f"{row['gmacs']:>8.2f} {row['paper_gflops']:>7.2f}")
     if throughput:
-        line += f" {row['img_s']:>9.1f} {row['paper_v100_img_s']:>10.1f}"
+        paper = row["paper_v100_img_s"]
+        line += f" {row['img_s']:>9.1f} " + (f"{paper:>10.1f}" if paper is not None else f"{'-':>10}")
     print(line, flush=True)
 
 

@@ -6,9 +6,10 @@
 Folders are searched recursively for images. Preprocessing is the evaluation transform of the
 config (``data.build_transform(False, config)``) and the forward pass runs under the same
 autocast as ``main.py --eval``, so the predictions are the ones evaluation scores. The model is
-built from --cfg, else from the config stored in the checkpoint; its number of classes is the
-checkpoint's. Class names: the checkpoint's 'class_names'; else, for a 1,000-class model, the
-ImageNet-1K names timm ships; else the class indices. ``--json`` prints
+built from --cfg, else from the config stored in the checkpoint (its ``MODEL.TYPE`` picks Swin
+V1 or V2; the weights must be of that family); its number of classes is the checkpoint's. Class
+names: the checkpoint's 'class_names'; else, for a 1,000-class model, the ImageNet-1K names timm
+ships; else the class indices. ``--json`` prints
 ``[{"path": ..., "top": [{"class": ..., "index": ..., "prob": ...}, ...]}, ...]``.
 A missing path, a folder without images or an unreadable image or checkpoint is a one-line
 error and exit status 2.

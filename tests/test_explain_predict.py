@@ -4,11 +4,15 @@ The walk is checked against the shapes of the paper's Swin-T at 224 and against 
 where only the running model knows the numbers; the figure functions return the arrays they
 drew, which must be the model's own (mask, relative position index, bias). One short training
 run of the digits demo (session fixture, slow) gives a real checkpoint and log for predict,
-plot_logs and the attention picture; predict's accuracy must equal ``main.py --eval``'s.
+plot_logs and the attention picture; predict's accuracy must equal ``main.py --eval``'s. A tiny
+Swin V2 model checks the V2 walk (post-norm order, cosine attention maps against the formula
+spelled out from the module's parameters, the MLP's bias table) and, saved as a checkpoint,
+explain, predict and export on it.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -22,6 +26,7 @@ from config import get_config
 from conftest import run_main
 from errors import UserError
 from models.swin_transformer import SwinTransformer, shift_attention_mask
+from models.swin_transformer_v2 import SwinTransformerV2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
@@ -245,6 +250,250 @@ def test_plot_logs_falls_back_to_the_log_file(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == str(tmp_path / "curves.png")
     assert _is_png(str(tmp_path / "curves.png"))
     assert plot_logs.main([str(tmp_path / "nothing")]) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Swin V2: the walk, the pictures, and a V2 checkpoint through explain, predict and export
+# ---------------------------------------------------------------------------------------------
+V2_OPTS = ["MODEL.TYPE", "swinv2", "MODEL.NAME", "swinv2_test", "MODEL.SWINV2.EMBED_DIM", "16",
+           "MODEL.SWINV2.DEPTHS", "[2,2,2,2]", "MODEL.SWINV2.NUM_HEADS", "[1,2,4,8]", "MODEL.SWINV2.WINDOW_SIZE", "4",
+           "MODEL.SWINV2.PATCH_SIZE", "2", "DATA.IMG_SIZE", "32", "MODEL.NUM_CLASSES", "3"]
+V2_CLASSES = ["cat", "dog", "fox"]
+# The V2 blocks the tests look at: 16×16 map with a shift (1 head), 8×8 with a shift (2 heads),
+# and stage 3's single 4×4 window (4 heads, no mask).
+V2_BLOCKS = [(1, 2), (2, 2), (3, 1)]
+
+
+def _v2_weights_that_matter(model: SwinTransformerV2, seed: int = 1) -> None:
+    """Weights under which a V2 walk that is only approximately right would show.
+
+    The release zero-initialises both post-norms (every block would be the identity: random ones
+    here); 1/τ spreads per head from 2 to 300, past the clamp at 100 (5 for one-head stages); the
+    position-bias MLP's output layer is scaled up so B spreads over ~5..11 instead of ~8 ± 0.1;
+    q_bias and v_bias are non-zero (the key has none).
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.layers:
+            for blk in layer.blocks:
+                for norm in (blk.norm1, blk.norm2):
+                    norm.weight.copy_(1 + 0.5 * torch.randn(norm.weight.shape, generator=g))
+                    norm.bias.copy_(0.1 * torch.randn(norm.bias.shape, generator=g))
+                attn = blk.attn
+                h = attn.num_heads
+                inv_tau = torch.linspace(2.0, 300.0, h) if h > 1 else torch.tensor([5.0])
+                attn.logit_scale.copy_(inv_tau.log().view(h, 1, 1))
+                attn.cpb_mlp[2].weight.mul_(40.0)
+                attn.q_bias.copy_(0.5 * torch.randn(attn.q_bias.shape, generator=g))
+                attn.v_bias.copy_(0.5 * torch.randn(attn.v_bias.shape, generator=g))
+
+
+def _v2_probs_from_parameters(attn, x: torch.Tensor, mask) -> torch.Tensor:
+    """softmax(cos(q, k)·1/τ + B + mask) of a ``WindowAttentionV2``, spelled out from its parameters.
+
+    x: (B·nW, N, C) windows the module was given; mask: (nW, N, N) or None. Returns
+    (B·nW, heads, N, N). Nothing here calls the module or the walk: q and k from ``qkv.weight`` and
+    ``q_bias`` (no key bias), 1/τ = exp(min(logit_scale, log 100)), B = 16·σ(MLP) of the
+    log-spaced offsets (Linear → ReLU → Linear by hand) gathered by (Δy, Δx) of each token pair.
+    """
+    B_, N, C = x.shape
+    h, M = attn.num_heads, attn.window_size
+    d = C // h
+    w = attn.qkv.weight.detach()
+    q = (x @ w[:C].T + attn.q_bias.detach()).view(B_, N, h, d).transpose(1, 2)
+    k = (x @ w[C:2 * C].T).view(B_, N, h, d).transpose(1, 2)
+    cos = (q / q.norm(dim=-1, keepdim=True)) @ (k / k.norm(dim=-1, keepdim=True)).transpose(-2, -1)
+    inv_tau = attn.logit_scale.detach().view(h, 1, 1).clamp(max=math.log(100.0)).exp()
+    # Offsets Δ ∈ [-(M-1), M-1]², scaled to [-8, 8], then sign·log2(1 + |Δ|)/log2(8) (V2 Eq. 4).
+    delta = torch.arange(-(M - 1), M, dtype=torch.float32) / (M - 1) * 8.0
+    dy, dx = torch.meshgrid(delta, delta, indexing="ij")
+    coords = torch.stack([dy, dx], -1).reshape(-1, 2)
+    coords = torch.sign(coords) * torch.log2(coords.abs() + 1.0) / 3.0
+    lin1, lin2 = attn.cpb_mlp[0], attn.cpb_mlp[2]
+    table = 16.0 * torch.sigmoid(torch.relu(coords @ lin1.weight.detach().T + lin1.bias.detach()) @ lin2.weight.detach().T)
+    ys, xs = torch.arange(N) // M, torch.arange(N) % M
+    row = (ys[:, None] - ys[None, :] + M - 1) * (2 * M - 1) + (xs[:, None] - xs[None, :] + M - 1)  # N, N
+    bias = table[row].permute(2, 0, 1)  # h, N, N
+    logits = cos * inv_tau + bias
+    if mask is not None:
+        nW = mask.shape[0]
+        logits = (logits.view(B_ // nW, nW, h, N, N) + mask[None, :, None]).view(B_, h, N, N)
+    return logits.softmax(-1)
+
+
+@pytest.fixture(scope="module")
+def swin_v2():
+    """A tiny V2 classifier (32 px, patch 2, window 4, depths 2,2,2,2) with weights that matter."""
+    model, config = explain.build_for_walk(get_config(None, V2_OPTS))
+    _v2_weights_that_matter(model)
+    return model, config
+
+
+def _capture_attention_inputs(model, blocks):
+    """Forward pre-hooks that keep the windows and mask each listed block's attention receives."""
+    seen, handles = {}, []
+    for si, bi in blocks:
+        def hook(module, args, kwargs, key=(si, bi)):
+            seen[key] = (args[0].detach().clone(), kwargs.get("mask"))
+        handles.append(model.layers[si - 1].blocks[bi - 1].attn.register_forward_pre_hook(hook, with_kwargs=True))
+    return seen, handles
+
+
+def test_v2_walk_shows_post_norm_order_and_cosine_attention(swin_v2):
+    model, _ = swin_v2
+    result = explain.trace(model, torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    steps = [(r.step, r.info.get("branch")) for r in result.records if (r.stage, r.block) == (2, 2)]
+    # Attention on the raw input, reversed, then norm1 (post-norm); the MLP branch, then norm2.
+    assert steps == [("block", None), ("window_partition", None), ("qkv", None), ("attention", None),
+                     ("window_reverse", None), ("post_norm", "attention"), ("post_norm", "mlp")]
+    find = result.find
+    assert find("block", 2, 2).info["norm"] == "post" and find("window_partition", 2, 2).info["source"].startswith("block input")
+    assert find("window_partition", 2, 2).shape_in == (1, 8, 8, 32) and find("window_partition", 2, 2).shape_out == (4, 16, 32)
+    assert find("qkv", 2, 2).info["linear_out"] == (4, 16, 96) and find("qkv", 2, 2).shape_out == (3, 4, 2, 16, 16)
+    att = find("attention", 2, 2).info
+    assert att["cosine"] and att["mask_shape"] == (4, 16, 16) and "scale" not in att
+    # 1/τ per head as the module computes it; the second head's 300 is clamped to 100.
+    assert att["logit_scales"] == pytest.approx([2.0, 100.0], rel=1e-5)
+    assert -1 - 1e-5 <= att["cosine_range"][0] < att["cosine_range"][1] <= 1 + 1e-5
+    bias = model.layers[1].blocks[1].attn.relative_position_bias().detach()
+    assert att["bias_range"] == pytest.approx((float(bias.min()), float(bias.max()))) and 0 < att["bias_range"][0] < att["bias_range"][1] < 16
+    assert find("window_reverse", 2, 2).shape_out == find("post_norm", 2, 2).shape_in == (1, 8, 8, 32)
+    checks = [r.info["check_max_abs_diff"] for r in result.records if r.step == "attention"]
+    assert len(checks) == 8 and max(checks) < 1e-5
+    assert len([r for r in result.records if r.step == "post_norm"]) == 16
+    assert find("patch_merging", 1).info["norm"] == "after reduction"
+    assert find("total").info["params"] == sum(p.numel() for p in model.parameters())
+    assert find("total").info["macs"] == model.flops()
+    text = explain.format_walk(result.records, "V2")
+    for expected in ("(un-normalised block input) → roll by (-2, -2), 4 windows of 4×4", "F.linear (bias q, 0, v) 4×16×32 → 4×16×96",
+                     "softmax(cos(q, k)·1/τ + B + mask), 1/τ per head [2, 100]", "norm1 = LayerNorm of the attention output 8×8×32",
+                     "x + drop_path(norm2(MLP(x))) on 8×8×32", "LayerNorm after the reduction (V2)"):
+        assert expected in text, expected
+    # V1 keeps its pre-norm walk: no post-norm steps, the partition reads norm1's output.
+    v1 = explain.walk(get_config(DEMO_CFG))
+    assert not [r for r in v1 if r.step == "post_norm"]
+    assert explain.find_record(v1, "window_partition", 1, 1).info["source"] == "norm1 output"
+
+
+def test_v2_attention_maps_equal_cosine_softmax_from_the_parameters(swin_v2, tmp_path):
+    model, _ = swin_v2
+    image = torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(2))
+    seen, handles = _capture_attention_inputs(model, V2_BLOCKS)
+    try:
+        result = explain.trace(model, image.unsqueeze(0), keep_maps=V2_BLOCKS)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for block in V2_BLOCKS:
+        attn = model.layers[block[0] - 1].blocks[block[1] - 1].attn
+        x, mask = seen[block]
+        expected = _v2_probs_from_parameters(attn, x, mask)
+        kept = result.maps[block]
+        assert kept["maps"].shape == expected.shape
+        torch.testing.assert_close(kept["maps"], expected, atol=2e-6, rtol=1e-5)
+        # The maps are sharp enough (1/τ up to 100, spread-out B) that a wrong scale or bias shows.
+        assert float(expected.max()) > 0.5
+        torch.testing.assert_close(kept["logit_scales"], attn.logit_scales().detach().view(-1))
+    assert seen[(1, 2)][1] is not None and seen[(3, 1)][1] is None  # shifted and unshifted blocks covered
+    # The picture draws those same maps: the first query's window, and each query's row.
+    drawn = explain.plot_attention(model, image, str(tmp_path / "a.png"), block=(2, 2), head=1, queries=[(1, 1), (6, 6)])
+    attn = model.layers[1].blocks[1].attn
+    expected = _v2_probs_from_parameters(attn, *seen[(2, 2)])
+    np.testing.assert_allclose(drawn["window_map"], expected[drawn["window"], 1].numpy(), atol=2e-6)
+    assert all(h.shape == (8, 8) and abs(h.sum() - 1) < 1e-5 for h in drawn["heatmaps"])
+    assert _is_png(str(tmp_path / "a.png"))
+
+
+def test_v2_relative_position_picture_draws_the_mlp_table(swin_v2, tmp_path):
+    model, _ = swin_v2
+    drawn = explain.plot_relative_position(model, str(tmp_path / "rp.png"), block=(2, 2), head=1)
+    attn = model.layers[1].blocks[1].attn
+    assert drawn["kind"] == "mlp" and drawn["clim"] == (0.0, 16.0)
+    assert np.array_equal(drawn["index"], attn.relative_position_index.numpy())
+    with torch.no_grad():
+        table = 16.0 * torch.sigmoid(attn.cpb_mlp(attn.relative_coords_table))[:, 1]
+        bias = attn.relative_position_bias()[1]
+    np.testing.assert_allclose(drawn["table"], table.view(7, 7).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(drawn["bias"], bias.numpy(), rtol=1e-6)
+    assert 0 < drawn["table"].min() and drawn["table"].max() < 16 and drawn["table"].max() - drawn["table"].min() > 1
+    assert _is_png(str(tmp_path / "rp.png"))
+    # Window ids and the shift mask come from the V2 model's own block.
+    mask = explain.plot_cyclic_shift_mask(model, str(tmp_path / "mask.png"))
+    assert mask["geometry"].block is model.layers[0].blocks[1] and mask["labels_agree"]
+    assert np.array_equal(mask["mask"], shift_attention_mask(16, 16, 4, 2).numpy())
+
+
+@pytest.fixture(scope="module")
+def v2_checkpoint(swin_v2, tmp_path_factory):
+    """The tiny V2 model saved as main.py saves a checkpoint (weights, config YAML, class names),
+    and one 40×40 RGB image."""
+    from PIL import Image
+
+    from checkpoint import config_yaml, save_checkpoint
+
+    model, config = swin_v2
+    folder = tmp_path_factory.mktemp("v2_ckpt")
+    path = str(folder / "last.pth")
+    save_checkpoint(path, {"model": model.state_dict(), "epoch": 0, "step": 0, "max_accuracy": 0.0,
+                           "config": config_yaml(config), "class_names": list(V2_CLASSES)})
+    image = str(folder / "img.png")
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(image)
+    return {"ckpt": path, "image": image, "model": model, "config": config}
+
+
+def test_v2_checkpoint_explain_cli_walks_and_draws(v2_checkpoint, tmp_path, capsys):
+    out = str(tmp_path / "explain")
+    assert explain.main(["--resume", v2_checkpoint["ckpt"], "--image", v2_checkpoint["image"], "--block", "2.2",
+                         "--head", "1", "--out", out]) == 0
+    text = capsys.readouterr().out
+    assert "16×16 = 256 tokens of 16 channels" in text and "softmax(cos(q, k)·1/τ + B + mask), 1/τ per head [2, 100]" in text
+    assert "norm1 = LayerNorm of the attention output" in text
+    for name in ("windows.png", "cyclic_shift_mask.png", "relative_position.png", "attention.png"):
+        assert f"wrote {os.path.join(out, name)}" in text and _is_png(os.path.join(out, name))
+    # The walk ran the checkpoint's weights: its prediction is the saved model's.
+    from data.build import build_transform
+    from data.robust import load_rgb
+
+    model, config = v2_checkpoint["model"], v2_checkpoint["config"]
+    img = build_transform(False, config)(load_rgb(v2_checkpoint["image"]))
+    with torch.no_grad():
+        probs = model.eval()(img.unsqueeze(0)).softmax(-1)[0]
+    p, c = (float(v) for v in probs.max(0))
+    assert f"prediction for {v2_checkpoint['image']}: {V2_CLASSES[int(c)]} ({100 * p:.1f}%)" in text
+
+
+def test_v2_checkpoint_predicts_and_exports(v2_checkpoint, tmp_path, capsys):
+    import export
+
+    from data.build import build_transform
+    from data.robust import load_rgb
+
+    model, config, names = predict.load_classifier(v2_checkpoint["ckpt"])
+    assert isinstance(model, SwinTransformerV2) and config.MODEL.TYPE == "swinv2" and names == V2_CLASSES
+    saved = v2_checkpoint["model"].state_dict()
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    image = v2_checkpoint["image"]
+    transform = build_transform(False, config)
+    top = predict.predict(model, transform, [image], names, topk=3)[0]["top"]
+    with torch.no_grad():
+        probs = v2_checkpoint["model"].eval()(transform(load_rgb(image)).unsqueeze(0)).softmax(-1)[0]
+    assert [t["index"] for t in top] == probs.argsort(descending=True).tolist()
+    assert [t["prob"] for t in top] == pytest.approx(probs.sort(descending=True).values.tolist(), abs=1e-6)
+    assert [t["class"] for t in top] == [V2_CLASSES[t["index"]] for t in top]
+
+    assert predict.main(["--resume", v2_checkpoint["ckpt"], image, "--json", "--topk", "2", "--device", "cpu"]) == 0
+    cli = json.loads(capsys.readouterr().out)
+    assert [t["index"] for t in cli[0]["top"]] == [t["index"] for t in top[:2]]
+
+    out = str(tmp_path / "v2.safetensors")
+    assert export.main([v2_checkpoint["ckpt"], "--out", out]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {len(saved)} tensors to {out}"
+    model2, config2, names2 = predict.load_classifier(out)
+    assert isinstance(model2, SwinTransformerV2) and config2.MODEL.SWINV2.WINDOW_SIZE == 4 and names2 == V2_CLASSES
+    assert all(torch.equal(v, saved[k]) for k, v in model2.state_dict().items())
+    top2 = predict.predict(model2, build_transform(False, config2), [image], names2, topk=3)[0]["top"]
+    assert top2 == top
 
 
 # ---------------------------------------------------------------------------------------------
