@@ -82,7 +82,7 @@ class WindowAttentionV2(nn.Module):
 
     ``'reference'`` spells the formula out; ``'sdpa'`` folds the per-head scale into the
     normalised queries and calls ``scaled_dot_product_attention`` (in fp32); ``'auto'`` uses sdpa
-    where V1 would (CUDA, or CPU inference) when the input is fp32, else the reference.
+    where V1 would (CUDA, or CPU inference), else the reference.
     """
 
     # Eval-mode cache of the summed bias + mask; a switch for the benchmark.
@@ -184,18 +184,21 @@ class WindowAttentionV2(nn.Module):
         """
         B_, N, C = x.shape
         h = self.num_heads
-        q, k, v = self._qkv(x).unbind(0)  # each B_, h, N, d
+        qkv = self._qkv(x)  # 3, B_, h, N, d
+        v = qkv[2]
         nW = 1 if mask is None else mask.shape[0]
         bias = self._attn_bias(mask)  # nW or 1, h, N, N (fp32)
         impl = self.attn_impl
         if impl == "auto":
-            fast = x.device.type != "cpu" or not torch.is_grad_enabled()
-            impl = "sdpa" if fast and q.dtype == torch.float32 else "reference"
+            # As V1: sdpa on CUDA and for CPU inference; CPU training takes the explicit math,
+            # which CPU sdpa cannot beat when the bias needs a gradient. Both in fp32.
+            impl = "sdpa" if x.device.type != "cpu" or not torch.is_grad_enabled() else "reference"
         p_drop = self.attn_drop_p if self.training else 0.0
         with _autocast_off(x.device):
+            q, k = _full_precision(qkv[:2]).unbind(0)  # one cast for both
             # Folding 1/τ into the unit queries gives the same logits as scaling cos(q, k).
-            qn = F.normalize(_full_precision(q), dim=-1) * self.logit_scales()
-            kn = F.normalize(_full_precision(k), dim=-1)
+            qn = unit_rows(q, self.logit_scales())
+            kn = unit_rows(k)
             if impl == "reference":
                 attn = (qn @ kn.transpose(-2, -1)).view(B_ // nW, nW, h, N, N) + bias.unsqueeze(0).to(qn.dtype)
                 attn = attn.view(B_, h, N, N).softmax(dim=-1)
@@ -220,6 +223,19 @@ class WindowAttentionV2(nn.Module):
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, window_size={self.window_size}, pretrained_window_size={self.pretrained_window_size}, "
                 f"num_heads={self.num_heads}")
+
+
+def unit_rows(t: torch.Tensor, scale: Optional[torch.Tensor] = None, eps: float = 1e-12) -> torch.Tensor:
+    """``F.normalize(t, dim=-1) * scale`` in one pass over ``t``: the scale is folded into the
+    per-row reciprocal norm (a tensor of shape (..., 1)) before the single multiply.
+
+    Args:
+        t: (..., d). scale: broadcastable to (..., 1), or None.
+    Returns:
+        (..., d), rows of length ``scale`` (1 without one).
+    """
+    inv = t.norm(dim=-1, keepdim=True).clamp_min(eps).reciprocal()
+    return t * (inv if scale is None else inv * scale)
 
 
 def _full_precision(t: torch.Tensor) -> torch.Tensor:

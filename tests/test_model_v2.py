@@ -261,12 +261,19 @@ PARITY = {
 
 
 def _assert_parity(ours: torch.nn.Module, theirs: torch.nn.Module) -> None:
-    """Eval logits within 1e-4 (fp32), then training gradients of every parameter (float64)."""
+    """Eval logits (fp32 and float64), then training gradients of every parameter (float64).
+
+    Measured here, fp32 logits: 2.4e-5 (window 8), 1.5e-5 (window 16), 9.6e-5 (12→16), with 1/τ
+    up to its clamp at 100 amplifying rounding; the bound leaves room for another CPU's rounding.
+    """
     x = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         a, b = ours.eval()(x), theirs.eval()(x)
     assert a.std() > 0.1  # random weights give logits far from zero: the check bites
-    assert _max_abs(a, b) < 1e-4
+    assert _max_abs(a, b) < 2e-4
+    with torch.no_grad():
+        a, b = ours.double()(x.double()), theirs.double()(x.double())
+    assert _max_abs(a, b) < 1e-9
 
     # Gradients in float64: with 1/τ up to 100, fp32 rounding alone moves some gradients by ~1e-3
     # of their size between two correct implementations; in float64 any real difference shows.
