@@ -89,7 +89,7 @@ def _tiny_v2_model(num_classes: int = 10):
     return build_model(get_config(V2_DEMO, TINY_V2 + ["MODEL.NUM_CLASSES", str(num_classes)]))
 
 
-def test_pretrained_from_the_release_layout_and_a_v1_checkpoint_refused(small_data, tmp_path, capsys):
+def test_pretrained_and_eval_resume_from_the_release_layout_and_a_v1_checkpoint_refused(small_data, tmp_path, capsys):
     model = _tiny_v2_model(num_classes=21841)  # an ImageNet-22K head: mapped or re-initialised, never an error
     state = dict(model.state_dict())
     for name, buf in model.named_buffers():
@@ -100,6 +100,17 @@ def test_pretrained_from_the_release_layout_and_a_v1_checkpoint_refused(small_da
                            opts=("AMP_ENABLE", "False")), capsys)
     assert code == 0, out[-3000:]
     assert "head re-initialised" in out and "missing 0" in out and "unexpected 0" in out
+
+    # The same release-layout file, 10 classes: --eval --resume takes the weights as they are.
+    model = _tiny_v2_model(num_classes=10)
+    state = dict(model.state_dict())
+    for name, buf in model.named_buffers():
+        state[name] = torch.zeros_like(buf)
+    torch.save({"model": state}, tmp_path / "release_v2_10.pth")
+    code, out = _run(_args(small_data, tmp_path, "--tag", "ev", "--eval", "--resume", str(tmp_path / "release_v2_10.pth"),
+                           opts=("AMP_ENABLE", "False")), capsys)
+    assert code == 0, out[-3000:]
+    assert "resumed weights from" in out and len(ACC_LINE.findall(out)) == 1
 
     from config import get_config
     from models import build_model
