@@ -20,6 +20,7 @@ loads with ``torch.load(..., weights_only=True)``: loading never executes code f
 Files in the output folder: ``ckpt_epoch_{N}.pth`` (the ``keep`` newest are kept),
 ``last.pth`` and ``best.pth`` (never pruned), ``ckpt_step.pth`` (mid-epoch resume point).
 """
+
 from __future__ import annotations
 
 import collections
@@ -264,7 +265,9 @@ def _torch_load(path: str, map_location: Any, mmap: bool) -> Any:
         # Truncated zip archives raise RuntimeError ("failed finding central directory"),
         # empty files EOFError; first line only, to keep the message one line.
         reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
-        raise UserError(f"cannot read checkpoint {path} (truncated or corrupt: {reason}); delete it or pick another file") from None
+        raise UserError(
+            f"cannot read checkpoint {path} (truncated or corrupt: {reason}); delete it or pick another file"
+        ) from None
 
 
 def load_checkpoint_file(path: str, map_location: Any = "cpu") -> dict:
@@ -282,7 +285,9 @@ def load_checkpoint_file(path: str, map_location: Any = "cpu") -> dict:
         return {"model": _load_safetensors(path, map_location), **_safetensors_metadata(path)}
     obj = _torch_load(path, map_location, mmap=False)
     if not isinstance(obj, dict):
-        raise UserError(f"checkpoint {path} holds a {type(obj).__name__}, not a dict of weights; save a state_dict instead")
+        raise UserError(
+            f"checkpoint {path} holds a {type(obj).__name__}, not a dict of weights; save a state_dict instead"
+        )
     return obj
 
 

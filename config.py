@@ -4,6 +4,7 @@ Key names follow the official Swin Transformer release so its YAML files load un
 ``get_config(cfg_file, opts)`` is the public entry point; ``config_from_args(args)`` applies
 the command-line flags of ``main.py`` on top.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -392,8 +393,10 @@ def check_model_section(config: CN) -> None:
             continue
         changed = [k for k, v in config.MODEL[name].items() if _C.MODEL[name][k] != v]
         if changed:
-            raise UserError(f"MODEL.{name}.{changed[0]} is set, but MODEL.TYPE {config.MODEL.TYPE!r} reads MODEL.{read}; "
-                            f"move the {len(changed)} MODEL.{name} key(s) there or set MODEL.TYPE")
+            raise UserError(
+                f"MODEL.{name}.{changed[0]} is set, but MODEL.TYPE {config.MODEL.TYPE!r} reads MODEL.{read}; "
+                f"move the {len(changed)} MODEL.{name} key(s) there or set MODEL.TYPE"
+            )
 
 
 def default_config() -> CN:

@@ -10,6 +10,7 @@ Every other module asks this one about the device, so CPU-only machines and mult
 All collective helpers are no-ops (or identities) when no process group is running, so callers
 never branch on ``distributed`` themselves.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -60,7 +61,9 @@ def _env_int(name: str) -> int:
     try:
         return int(value)
     except ValueError:
-        raise UserError(f"environment variable {name}={value!r} is not an integer; launch with torchrun or unset it") from None
+        raise UserError(
+            f"environment variable {name}={value!r} is not an integer; launch with torchrun or unset it"
+        ) from None
 
 
 def _restart_scoped_store(rank: int, world_size: int) -> Optional[dist.Store]:
@@ -95,7 +98,9 @@ def init_distributed(device_pref: str = "auto") -> DistEnv:
         raise UserError(f"device must be one of {', '.join(_DEVICE_CHOICES)}, not {device_pref!r}")
     cuda_ok = torch.cuda.is_available()
     if pref == "cuda" and not cuda_ok:
-        raise UserError("device 'cuda' was asked for but no CUDA device is available; use --device cpu or --device auto")
+        raise UserError(
+            "device 'cuda' was asked for but no CUDA device is available; use --device cpu or --device auto"
+        )
     use_cuda = cuda_ok and pref != "cpu"
 
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:

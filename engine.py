@@ -2,6 +2,7 @@
 
 ``main.py`` wires the pieces together; everything a loop needs arrives as an argument.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -129,8 +130,12 @@ def train_one_epoch(
             if not finite and not scaler.is_enabled():
                 state.nonfinite_in_row += 1
                 state.nonfinite_total += 1
-                logger.warning("non-finite loss/gradient at epoch %d step %d: update skipped (%d in a row)",
-                               epoch, idx, state.nonfinite_in_row)
+                logger.warning(
+                    "non-finite loss/gradient at epoch %d step %d: update skipped (%d in a row)",
+                    epoch,
+                    idx,
+                    state.nonfinite_in_row,
+                )
                 if state.nonfinite_in_row >= config.TRAIN.MAX_NONFINITE_STEPS:
                     raise UserError(
                         f"{state.nonfinite_in_row} non-finite losses in a row at epoch {epoch}; stopping, the last "
@@ -158,13 +163,26 @@ def train_one_epoch(
                 raise StopTraining(f"stopped at epoch {epoch}, batch {idx + 1}/{num_steps}")
 
         if idx % config.PRINT_FREQ == 0 or idx == num_steps - 1:
-            _log_step(config, optimizer, epoch, idx, num_steps, loss_meter, norm_meter, scaler_meter, time_meter,
-                      samples.size(0) * env.world_size, env)
+            _log_step(
+                config,
+                optimizer,
+                epoch,
+                idx,
+                num_steps,
+                loss_meter,
+                norm_meter,
+                scaler_meter,
+                time_meter,
+                samples.size(0) * env.world_size,
+                env,
+            )
             if writer is not None:
                 writer.add_scalar("train/loss", loss_meter.val, state.step)
                 writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], state.step)
                 writer.add_scalar("train/grad_norm", norm_meter.val, state.step)
-                writer.add_scalar("train/images_per_s", samples.size(0) * env.world_size / max(time_meter.val, 1e-9), state.step)
+                writer.add_scalar(
+                    "train/images_per_s", samples.size(0) * env.world_size / max(time_meter.val, 1e-9), state.step
+                )
 
     corrupt_total = int(all_reduce_sum(torch.tensor([float(corrupt_this_epoch)], device=env.device)).item())
     if corrupt_total:
@@ -186,7 +204,9 @@ class _null:
         return False
 
 
-def _log_step(config, optimizer, epoch, idx, num_steps, loss_meter, norm_meter, scaler_meter, time_meter, global_batch, env):
+def _log_step(
+    config, optimizer, epoch, idx, num_steps, loss_meter, norm_meter, scaler_meter, time_meter, global_batch, env
+):
     lr = optimizer.param_groups[0]["lr"]
     wd = max(g["weight_decay"] for g in optimizer.param_groups)
     eta = time_meter.avg * (num_steps - idx - 1)
@@ -223,7 +243,8 @@ def evaluate(config, loader, model: nn.Module, env: DistEnv) -> Dict[str, float]
         acc1, acc5 = accuracy(output, target, topk=(1, k))
         sums += torch.tensor(
             [round(acc1.item() * n / 100), round(acc5.item() * n / 100), criterion(output, target).item(), n],
-            dtype=torch.float64, device=env.device,
+            dtype=torch.float64,
+            device=env.device,
         )
         if idx % config.PRINT_FREQ == 0:
             logger.info(f"Test: [{idx}/{len(loader)}]\ttime {time.time() - end:.3f}")
@@ -256,7 +277,9 @@ def throughput(config, model: nn.Module, env: DistEnv, batch_size: Optional[int]
         with autocast_context(env.device, config.AMP_ENABLE, config.AMP_DTYPE):
             model(images)
 
-    timing = time_images_per_second(step, batch_size, env.device, warmup=3 if env.device.type == "cpu" else 50, iters=iters)
+    timing = time_images_per_second(
+        step, batch_size, env.device, warmup=3 if env.device.type == "cpu" else 50, iters=iters
+    )
     logger.info(
         f"throughput: {timing.images_per_s:.1f} images/s (batch {batch_size}, {size}x{size}, {dtype}, "
         f"device {env.device}, {timing.iters} timed iterations)"

@@ -1,4 +1,5 @@
 """The one exception type for mistakes a user can make and fix, and how a CLI reports it."""
+
 from __future__ import annotations
 
 import sys

@@ -3,6 +3,7 @@
 Library modules log through children of the ``swin`` logger (``logging.getLogger('swin.x')``)
 so their records reach the handlers installed here.
 """
+
 from __future__ import annotations
 
 import logging

@@ -6,6 +6,7 @@ the number of optimizer steps taken so far. A linear warmup from ``warmup_lr`` t
 over ``TRAIN.WARMUP_EPOCHS`` epochs comes first; with ``TRAIN.LR_SCHEDULER.WARMUP_PREFIX``
 the decay starts after it, otherwise the decay's clock starts at step 0.
 """
+
 from __future__ import annotations
 
 from typing import Any, List
@@ -121,9 +122,13 @@ def build_scheduler(
     if name == "step":
         decay_t = int(sched_cfg.DECAY_EPOCHS * n_iter_per_epoch)
         if decay_t < 1:
-            raise UserError(f"TRAIN.LR_SCHEDULER.DECAY_EPOCHS ({sched_cfg.DECAY_EPOCHS}) must be > 0 for the step schedule")
+            raise UserError(
+                f"TRAIN.LR_SCHEDULER.DECAY_EPOCHS ({sched_cfg.DECAY_EPOCHS}) must be > 0 for the step schedule"
+            )
         return StepLRScheduler(optimizer, decay_t=decay_t, decay_rate=sched_cfg.DECAY_RATE, **common)
     milestones = sorted(int(m * n_iter_per_epoch) for m in sched_cfg.MULTISTEPS)
     if not milestones or milestones[0] < 1:
-        raise UserError("TRAIN.LR_SCHEDULER.MULTISTEPS must list positive epochs for the multistep schedule, e.g. [30, 60]")
+        raise UserError(
+            "TRAIN.LR_SCHEDULER.MULTISTEPS must list positive epochs for the multistep schedule, e.g. [30, 60]"
+        )
     return MultiStepLRScheduler(optimizer, decay_t=milestones, decay_rate=sched_cfg.GAMMA, **common)

@@ -1,10 +1,11 @@
 """Train, fine-tune, evaluate and benchmark Swin Transformers.
 
-    python main.py --cfg configs/swin_tiny.yaml --data-path /data/imagenet          # one process
-    torchrun --nproc_per_node=8 main.py --cfg configs/swin_tiny.yaml --data-path ... # one node, 8 GPUs
-    python main.py --cfg ... --eval --resume ckpt.pth                              # validate and exit
-    python main.py --cfg ... --throughput                                          # images/s and exit
+python main.py --cfg configs/swin_tiny.yaml --data-path /data/imagenet          # one process
+torchrun --nproc_per_node=8 main.py --cfg configs/swin_tiny.yaml --data-path ... # one node, 8 GPUs
+python main.py --cfg ... --eval --resume ckpt.pth                              # validate and exit
+python main.py --cfg ... --throughput                                          # images/s and exit
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,12 +57,16 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, help="batch size per process (DATA.BATCH_SIZE)")
     p.add_argument("--data-path", type=str, help="dataset root holding train/ and val/ (DATA.DATA_PATH)")
     p.add_argument("--dataset", type=str, help="dataset kind: imagenet or imagenet22K (DATA.DATASET)")
-    p.add_argument("--zip", action="store_true", help="read zipped datasets (DATA.ZIP_MODE; accepted for compatibility)")
+    p.add_argument(
+        "--zip", action="store_true", help="read zipped datasets (DATA.ZIP_MODE; accepted for compatibility)"
+    )
     p.add_argument("--cache-mode", type=str, choices=["no", "full", "part"], help="zip cache mode (DATA.CACHE_MODE)")
     p.add_argument("--pretrained", help="weights to fine-tune from (.pth or .safetensors; MODEL.PRETRAINED)")
     p.add_argument("--resume", help="checkpoint to resume training from or to evaluate (MODEL.RESUME)")
     p.add_argument("--accumulation-steps", type=int, help="gradient accumulation steps (TRAIN.ACCUMULATION_STEPS)")
-    p.add_argument("--use-checkpoint", action="store_true", help="gradient checkpointing to save memory (TRAIN.USE_CHECKPOINT)")
+    p.add_argument(
+        "--use-checkpoint", action="store_true", help="gradient checkpointing to save memory (TRAIN.USE_CHECKPOINT)"
+    )
     p.add_argument("--disable_amp", action="store_true", help="train and evaluate in fp32 (AMP_ENABLE False)")
     p.add_argument("--output", type=str, metavar="PATH", help="output root; the run writes to OUTPUT/MODEL.NAME/TAG")
     p.add_argument("--tag", help="tag of the run (TAG)")
@@ -102,13 +107,24 @@ def _prepare_output(path: str) -> None:
 def _check_config(config) -> None:
     size, patch = config.DATA.IMG_SIZE, model_section(config).PATCH_SIZE
     if size < patch:
-        raise UserError(f"DATA.IMG_SIZE {size} is smaller than one {patch}x{patch} patch; use a size of at least {patch}")
+        raise UserError(
+            f"DATA.IMG_SIZE {size} is smaller than one {patch}x{patch} patch; use a size of at least {patch}"
+        )
     if config.TRAIN.ACCUMULATION_STEPS < 1:
         raise UserError(f"TRAIN.ACCUMULATION_STEPS is {config.TRAIN.ACCUMULATION_STEPS}; use 1 or more")
 
 
-def load_resume(path: str, model: nn.Module, optimizer, lr_scheduler, scaler, state: TrainState, env: DistEnv,
-                logger, model_only: bool) -> dict:
+def load_resume(
+    path: str,
+    model: nn.Module,
+    optimizer,
+    lr_scheduler,
+    scaler,
+    state: TrainState,
+    env: DistEnv,
+    logger,
+    model_only: bool,
+) -> dict:
     """Restore a full training state (or only the weights with ``model_only``)."""
     checkpoint = load_checkpoint_file(path)
     report = LoadReport()
@@ -118,14 +134,20 @@ def load_resume(path: str, model: nn.Module, optimizer, lr_scheduler, scaler, st
     # A checkpoint of a deeper model (extra blocks) or another window size used to load without a
     # word: its extra weights were dropped, its bias tables resized. That is another architecture.
     if report.unexpected:
-        raise UserError(f"{path} has {len(report.unexpected)} weights this model lacks (e.g. {report.unexpected[:3]}); "
-                        "it is another architecture: check --cfg (or fine-tune from it with --pretrained)")
+        raise UserError(
+            f"{path} has {len(report.unexpected)} weights this model lacks (e.g. {report.unexpected[:3]}); "
+            "it is another architecture: check --cfg (or fine-tune from it with --pretrained)"
+        )
     if report.resized:
-        raise UserError(f"{path} has {len(report.resized)} tensors of another window or image size (e.g. "
-                        f"{report.resized[:2]}); check --cfg (or fine-tune from it with --pretrained)")
+        raise UserError(
+            f"{path} has {len(report.resized)} tensors of another window or image size (e.g. "
+            f"{report.resized[:2]}); check --cfg (or fine-tune from it with --pretrained)"
+        )
     result = model.load_state_dict(weights, strict=False)
     if result.missing_keys:
-        raise UserError(f"{path} lacks {len(result.missing_keys)} weights of this model (e.g. {result.missing_keys[:3]}); check --cfg")
+        raise UserError(
+            f"{path} lacks {len(result.missing_keys)} weights of this model (e.g. {result.missing_keys[:3]}); check --cfg"
+        )
     logger.info("resumed weights from %s", path)
     if model_only or "optimizer" not in checkpoint:
         return checkpoint
@@ -163,8 +185,14 @@ def run(args: argparse.Namespace) -> Optional[dict]:
     if env.rank == 0:
         dump_config(config, os.path.join(config.OUTPUT, "config.yaml"))
     logger.info("config saved to %s", os.path.join(config.OUTPUT, "config.yaml"))
-    logger.info("%d train / %d val images, %d classes, world size %d, device %s",
-                len(data.dataset_train), len(data.dataset_val), data.num_classes, env.world_size, env.device)
+    logger.info(
+        "%d train / %d val images, %d classes, world size %d, device %s",
+        len(data.dataset_train),
+        len(data.dataset_val),
+        data.num_classes,
+        env.world_size,
+        env.device,
+    )
 
     model = build_model(config)
     n_params = sum(p.numel() for p in model.parameters())
@@ -189,14 +217,18 @@ def run(args: argparse.Namespace) -> Optional[dict]:
                 logger.warning("auto-resume: %s replaces --resume %s", found, resume_path)
             resume_path = found
     if resume_path:
-        load_resume(resume_path, model, optimizer, lr_scheduler, scaler, state, env, logger, model_only=config.EVAL_MODE)
+        load_resume(
+            resume_path, model, optimizer, lr_scheduler, scaler, state, env, logger, model_only=config.EVAL_MODE
+        )
     elif config.MODEL.PRETRAINED:
         load_pretrained(model, config.MODEL.PRETRAINED)
 
     if config.TRAIN.COMPILE and config.TRAIN.COMPILE_SCOPE == "blocks":
         compile_model(model, "blocks")  # in place: DDP below wraps the same module
     if env.distributed:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[env.device.index] if env.device.type == "cuda" else None
+        )
     if config.TRAIN.COMPILE and config.TRAIN.COMPILE_SCOPE != "blocks":
         model = compile_model(model, config.TRAIN.COMPILE_SCOPE)
 
@@ -238,10 +270,18 @@ def run(args: argparse.Namespace) -> Optional[dict]:
         barrier()
 
     stop = StopRequest().install()
-    hooks = StepHooks(save_step_checkpoint=save_step, stop_requested=lambda: stop.agreed(env.device),
-                      step_save_freq=config.TRAIN.STEP_SAVE_FREQ)
-    logger.info("start training: epochs %d..%d, lr %.3e (scaled), %d steps/epoch", state.epoch, config.TRAIN.EPOCHS - 1,
-                base_lr, steps_per_epoch)
+    hooks = StepHooks(
+        save_step_checkpoint=save_step,
+        stop_requested=lambda: stop.agreed(env.device),
+        step_save_freq=config.TRAIN.STEP_SAVE_FREQ,
+    )
+    logger.info(
+        "start training: epochs %d..%d, lr %.3e (scaled), %d steps/epoch",
+        state.epoch,
+        config.TRAIN.EPOCHS - 1,
+        base_lr,
+        steps_per_epoch,
+    )
     start = time.time()
     stats: dict = {}
     try:
@@ -249,13 +289,27 @@ def run(args: argparse.Namespace) -> Optional[dict]:
             state.epoch = epoch
             data.sampler_train.set_epoch(epoch)
             data.sampler_train.set_start_index(state.batch_in_epoch * config.DATA.BATCH_SIZE)
-            train_stats = train_one_epoch(config, model, criterion, data.loader_train, optimizer, lr_scheduler, scaler,
-                                          data.mixup_fn, env, state, hooks, writer)
+            train_stats = train_one_epoch(
+                config,
+                model,
+                criterion,
+                data.loader_train,
+                optimizer,
+                lr_scheduler,
+                scaler,
+                data.mixup_fn,
+                env,
+                state,
+                hooks,
+                writer,
+            )
             stats = evaluate(config, data.loader_val, model, env)
             is_best = stats["acc1"] > state.max_accuracy
             state.max_accuracy = max(state.max_accuracy, stats["acc1"])
-            logger.info(f"Accuracy of the network on the {stats['count']} test images: {stats['acc1']:.2f}%; "
-                        f"max accuracy {state.max_accuracy:.2f}%")
+            logger.info(
+                f"Accuracy of the network on the {stats['count']} test images: {stats['acc1']:.2f}%; "
+                f"max accuracy {state.max_accuracy:.2f}%"
+            )
             if writer is not None:
                 writer.add_scalar("val/acc1", stats["acc1"], epoch)
                 writer.add_scalar("val/acc5", stats["acc5"], epoch)
@@ -270,8 +324,12 @@ def run(args: argparse.Namespace) -> Optional[dict]:
                     logger.info("saved %s", path)
                 barrier()
     except StopTraining as e:
-        logger.warning("%s after %s: checkpoint written to %s; run the same command again to continue",
-                       e, stop.signal_name, config.OUTPUT)
+        logger.warning(
+            "%s after %s: checkpoint written to %s; run the same command again to continue",
+            e,
+            stop.signal_name,
+            config.OUTPUT,
+        )
         stats = {"stopped": True}
     finally:
         stop.uninstall()

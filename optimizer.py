@@ -4,6 +4,7 @@ Weight decay is applied to matrices (Linear/conv weights) only: 1-D parameters (
 biases) and the position tables (``relative_position_bias_table``, ``absolute_pos_embed``) are
 not decayed, since shrinking them toward zero only hurts.
 """
+
 from __future__ import annotations
 
 import logging

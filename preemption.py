@@ -1,4 +1,5 @@
 """Graceful stop on SIGTERM/SIGINT: finish the step, save, exit (schedulers pre-empt with SIGTERM)."""
+
 from __future__ import annotations
 
 import logging

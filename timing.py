@@ -1,4 +1,5 @@
 """Timing of forward passes and training steps: one definition for ``--throughput`` and the benchmark."""
+
 from __future__ import annotations
 
 import time
@@ -21,7 +22,12 @@ class Timing:
 
 
 def time_images_per_second(
-    step: Callable[[], object], batch_size: int, device: torch.device, warmup: int = 3, iters: int = 10, min_seconds: float = 0.0
+    step: Callable[[], object],
+    batch_size: int,
+    device: torch.device,
+    warmup: int = 3,
+    iters: int = 10,
+    min_seconds: float = 0.0,
 ) -> Timing:
     """Run ``step`` ``warmup`` times untimed, then at least ``iters`` times (and ``min_seconds``) timed.
 

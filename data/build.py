@@ -4,6 +4,7 @@
 are its parts. Nothing here mutates the (frozen) config: the number of classes comes back
 in the result, and the trainer stores it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -224,7 +225,9 @@ def build_dataset(is_train: bool, config: CfgNode) -> tuple[RobustImageDataset, 
             if len(classes) < NUM_CLASSES_22K:
                 logger.warning(
                     "%s has %d class folders; the ImageNet-22K head keeps %d outputs",
-                    root, len(classes), NUM_CLASSES_22K,
+                    root,
+                    len(classes),
+                    NUM_CLASSES_22K,
                 )
             num_classes = NUM_CLASSES_22K
         else:
@@ -372,8 +375,13 @@ def build_loader(
     mixup_fn = _build_mixup(config, num_classes)
     logger.info(
         "rank %d/%d: %d train batches of %d per epoch, %d val images on this rank, mixup %s, pin_memory %s",
-        rank, world_size, len(loader_train), batch_size, len(sampler_val),
-        "on" if mixup_fn is not None else "off", pin,
+        rank,
+        world_size,
+        len(loader_train),
+        batch_size,
+        len(sampler_val),
+        "on" if mixup_fn is not None else "off",
+        pin,
     )
     return DataBundle(
         dataset_train=dataset_train,

@@ -4,6 +4,7 @@ Each list file holds JSON: a list of ``[relative_path, label]`` pairs, paths rel
 dataset root, labels in ``[0, 21841)``. The folder form (``train/`` and ``val/`` of class
 folders) is read by ``ImageFolder`` in ``data/build.py`` instead.
 """
+
 from __future__ import annotations
 
 import json
@@ -94,9 +95,7 @@ class ImageNet22KList:
                     f"[relative_path, integer_label]"
                 )
             if not 0 <= label < NUM_CLASSES_22K:
-                raise UserError(
-                    f"entry {i} of {ann_file} has label {label}; labels must lie in [0, {NUM_CLASSES_22K})"
-                )
+                raise UserError(f"entry {i} of {ann_file} has label {label}; labels must lie in [0, {NUM_CLASSES_22K})")
             samples.append((os.path.join(self.root, entry[0]), label))
         logger.info("read %d samples from %s", len(samples), ann_file)
         return samples

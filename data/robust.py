@@ -5,6 +5,7 @@ image dataset and replaces a sample whose file cannot be read by the next readab
 reporting the unreadable path so the trainer can log and count it; with ``strict`` it raises
 ``UnreadableImageError`` (a ``UserError``) instead.
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,7 +38,7 @@ class UnreadableImageError(UserError):
         if "\n" in message:
             lines = [line for line in message.splitlines() if _MESSAGE_MARK in line]
             if lines:
-                message = lines[-1][lines[-1].index(_MESSAGE_MARK):]
+                message = lines[-1][lines[-1].index(_MESSAGE_MARK) :]
         super().__init__(message)
 
 

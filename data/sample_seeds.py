@@ -7,6 +7,7 @@ batch, so without this the augmentation after the resume would differ from an un
 run's whenever ``DATA.NUM_WORKERS > 0``. With a seed per sample, a resumed run, a run with
 another worker count and the uninterrupted run draw exactly the same augmented images.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -2,6 +2,7 @@
 
 Both take a dataset length rather than a dataset, so they can be used and tested without data.
 """
+
 from __future__ import annotations
 
 import logging

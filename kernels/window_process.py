@@ -179,9 +179,7 @@ def _check_common(t: torch.Tensor, window_size: int, H: int, W: int, what: str) 
     if window_size <= 0:
         raise ValueError(f"{what}: window_size must be positive, got {window_size}")
     if H % window_size or W % window_size:
-        raise ValueError(
-            f"{what}: H={H} and W={W} must be multiples of window_size={window_size} (pad first)"
-        )
+        raise ValueError(f"{what}: H={H} and W={W} must be multiples of window_size={window_size} (pad first)")
 
 
 def _launch(src: torch.Tensor, dst: torch.Tensor, H: int, W: int, C: int, shift: int, M: int, reverse: bool) -> None:
@@ -270,9 +268,7 @@ def fused_shift_partition(x: torch.Tensor, shift: int, window_size: int) -> torc
     return _FusedShiftPartition.apply(x, int(shift), int(window_size))
 
 
-def fused_reverse_unshift(
-    windows: torch.Tensor, shift: int, window_size: int, H: int, W: int
-) -> torch.Tensor:
+def fused_reverse_unshift(windows: torch.Tensor, shift: int, window_size: int, H: int, W: int) -> torch.Tensor:
     """Triton: (B * nW, M, M, C) -> (B, H, W, C), the inverse of :func:`fused_shift_partition`.
     Differentiable."""
     return _FusedReverseUnshift.apply(windows, int(shift), int(window_size), int(H), int(W))

@@ -1,4 +1,5 @@
 """Swin Transformer models: ``build_model(config)`` and ``load_pretrained(model, path)``."""
+
 from models.build import build_model
 from models.compile import COMPILE_SCOPES, compile_model
 from models.pretrained import LoadReport, imagenet22k_to_1k_indices, load_pretrained

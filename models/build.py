@@ -1,4 +1,5 @@
 """Model construction from the config: ``MODEL.TYPE`` picks the family, its section the shape."""
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -45,20 +46,28 @@ def _check_shape(config: CfgNode) -> None:
     s = model_section(config)
     section = f"MODEL.{'SWINV2' if config.MODEL.TYPE == 'swinv2' else 'SWIN'}"
     if len(s.DEPTHS) != len(s.NUM_HEADS):
-        raise UserError(f"{section}.DEPTHS {list(s.DEPTHS)} and NUM_HEADS {list(s.NUM_HEADS)} differ in length; give one head count per stage")
+        raise UserError(
+            f"{section}.DEPTHS {list(s.DEPTHS)} and NUM_HEADS {list(s.NUM_HEADS)} differ in length; give one head count per stage"
+        )
     for i, heads in enumerate(s.NUM_HEADS):
         dim = s.EMBED_DIM * 2**i
         if dim % heads:
-            raise UserError(f"stage {i} has {dim} channels, not divisible by {heads} heads; fix {section}.EMBED_DIM or NUM_HEADS")
+            raise UserError(
+                f"stage {i} has {dim} channels, not divisible by {heads} heads; fix {section}.EMBED_DIM or NUM_HEADS"
+            )
     if s.ATTN_IMPL not in ATTN_IMPLS:
         raise UserError(f"{section}.ATTN_IMPL must be one of {', '.join(map(repr, ATTN_IMPLS))}, not {s.ATTN_IMPL!r}")
     if config.MODEL.TYPE == "swinv2":
         sizes = list(s.PRETRAINED_WINDOW_SIZES)
         if len(sizes) != len(s.DEPTHS):
-            raise UserError(f"MODEL.SWINV2.PRETRAINED_WINDOW_SIZES {sizes} has {len(sizes)} entries for {len(s.DEPTHS)} stages; "
-                            "give one window per stage (0 = this model's own)")
+            raise UserError(
+                f"MODEL.SWINV2.PRETRAINED_WINDOW_SIZES {sizes} has {len(sizes)} entries for {len(s.DEPTHS)} stages; "
+                "give one window per stage (0 = this model's own)"
+            )
         if any(int(w) < 0 for w in sizes):
-            raise UserError(f"MODEL.SWINV2.PRETRAINED_WINDOW_SIZES {sizes} must not be negative (0 = this model's own window)")
+            raise UserError(
+                f"MODEL.SWINV2.PRETRAINED_WINDOW_SIZES {sizes} must not be negative (0 = this model's own window)"
+            )
 
 
 def build_model(

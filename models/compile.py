@@ -7,6 +7,7 @@ model is one large graph that Inductor compiles from scratch. The model object, 
 keys and its hooks stay as they are, which keeps checkpoints, DDP and gradient checkpointing
 working unchanged.
 """
+
 from __future__ import annotations
 
 import logging

@@ -10,6 +10,7 @@ ImageNet-1K classes, and re-initialises any other head of the wrong size. A chec
 other family (V1 for a V2 model, or the reverse) is refused in one line; anything else that does
 not fit is an error that lists the mismatches.
 """
+
 from __future__ import annotations
 
 import logging
@@ -102,7 +103,7 @@ def extract_state_dict(checkpoint: Dict) -> Dict[str, torch.Tensor]:
         if key in checkpoint and isinstance(checkpoint[key], dict):
             checkpoint = checkpoint[key]
             break
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in checkpoint.items()}
+    state = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in checkpoint.items()}
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
@@ -113,7 +114,7 @@ def _simmim_encoder_keys(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tens
     which fine-tuning drops) and, in older V2 ones, name the position-bias MLP ``rpe_mlp``.
     """
     if any(k.startswith("encoder.") for k in state):
-        state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+        state = {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
     return {k.replace(".rpe_mlp.", ".cpb_mlp."): v for k, v in state.items()}
 
 
@@ -133,12 +134,15 @@ def _family(keys) -> str | None:
 def _check_family(own: Dict[str, torch.Tensor], state: Dict[str, torch.Tensor], source: str) -> None:
     ours, theirs = _family(own), _family(state)
     if ours and theirs and ours != theirs:
-        raise UserError(f"{source} holds a {theirs} model but the config builds a {ours} model (MODEL.TYPE "
-                        f"{_MODEL_TYPE[ours]}); use a {theirs} config (MODEL.TYPE {_MODEL_TYPE[theirs]}) or a {ours} checkpoint")
+        raise UserError(
+            f"{source} holds a {theirs} model but the config builds a {ours} model (MODEL.TYPE "
+            f"{_MODEL_TYPE[ours]}); use a {theirs} config (MODEL.TYPE {_MODEL_TYPE[theirs]}) or a {ours} checkpoint"
+        )
 
 
-def adapt_state_dict(model: nn.Module, state: Dict[str, torch.Tensor], report: LoadReport,
-                     source: str = "checkpoint") -> Dict[str, torch.Tensor]:
+def adapt_state_dict(
+    model: nn.Module, state: Dict[str, torch.Tensor], report: LoadReport, source: str = "checkpoint"
+) -> Dict[str, torch.Tensor]:
     """Make ``state`` fit ``model`` (see module docstring); raises UserError on a wrong architecture."""
     own = model.state_dict()
     state = _simmim_encoder_keys(state)
@@ -166,7 +170,9 @@ def adapt_state_dict(model: nn.Module, state: Dict[str, torch.Tensor], report: L
             mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(target.shape)}")
     if mismatched:
         shown = "; ".join(mismatched[:4]) + (f"; and {len(mismatched) - 4} more" if len(mismatched) > 4 else "")
-        raise UserError(f"checkpoint does not fit this architecture ({len(mismatched)} mismatched): {shown}; check --cfg against the checkpoint")
+        raise UserError(
+            f"checkpoint does not fit this architecture ({len(mismatched)} mismatched): {shown}; check --cfg against the checkpoint"
+        )
     _adapt_head(model, state, own, out, report)
     return out
 
@@ -216,12 +222,16 @@ def load_pretrained(model: nn.Module, path: str) -> LoadReport:
     report = LoadReport()
     state = adapt_state_dict(model, extract_state_dict(checkpoint), report, source=path)
     result = model.load_state_dict(state, strict=False)
-    report.missing = [
-        k for k in result.missing_keys if not (k.startswith("head.") and report.head == "re-initialised")
-    ]
+    report.missing = [k for k in result.missing_keys if not (k.startswith("head.") and report.head == "re-initialised")]
     logger.info(
         "loaded %s: %d tensors, head %s, resized %d, missing %d %s, unexpected %d %s",
-        path, len(state), report.head, len(report.resized), len(report.missing), report.missing[:6],
-        len(report.unexpected), report.unexpected[:6],
+        path,
+        len(state),
+        report.head,
+        len(report.resized),
+        len(report.missing),
+        report.missing[:6],
+        len(report.unexpected),
+        report.unexpected[:6],
     )
     return report

@@ -11,6 +11,7 @@ official release, so its checkpoints load unchanged.
 Feature maps flow between modules as (B, H, W, C), which lets any input size through: blocks
 pad to a multiple of the window and crop afterwards, as the released detection backbones do.
 """
+
 from __future__ import annotations
 
 import logging
@@ -289,7 +290,9 @@ class SwinTransformerBlock(WindowBlockBase):
         self.num_heads = num_heads
         self.mlp_ratio = mlp_ratio
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = WindowAttention(dim, window_size, num_heads, qkv_bias, qk_scale, attn_drop, drop, use_rpb, attn_impl)
+        self.attn = WindowAttention(
+            dim, window_size, num_heads, qkv_bias, qk_scale, attn_drop, drop, use_rpb, attn_impl
+        )
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
@@ -298,7 +301,6 @@ class SwinTransformerBlock(WindowBlockBase):
         """(B, H, W, C) → (B, H, W, C)."""
         x = residual_add(x, self.drop_path(self._attention(self.norm1(x))))
         return residual_add(x, self.drop_path(self.mlp(self.norm2(x))))
-
 
 
 class PatchMerging(nn.Module):

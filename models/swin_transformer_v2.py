@@ -18,6 +18,7 @@ changes three things inside a block, plus the patch merging:
 ``SwinTransformerV2`` / ``SwinBackboneV2`` carry the release's parameter names and shapes, so
 its checkpoints load unchanged. Feature maps flow as (B, H, W, C), so any input size works.
 """
+
 from __future__ import annotations
 
 import math
@@ -206,8 +207,9 @@ class WindowAttentionV2(nn.Module):
             else:
                 if nW > 1:
                     bias = bias.unsqueeze(0).expand(B_ // nW, nW, h, N, N).reshape(B_, h, N, N)
-                out = F.scaled_dot_product_attention(qn, kn, _full_precision(v), attn_mask=bias.to(qn.dtype),
-                                                     dropout_p=p_drop, scale=1.0)
+                out = F.scaled_dot_product_attention(
+                    qn, kn, _full_precision(v), attn_mask=bias.to(qn.dtype), dropout_p=p_drop, scale=1.0
+                )
         if impl == "reference":
             out = attn.to(v.dtype) @ v
         else:
@@ -221,8 +223,10 @@ class WindowAttentionV2(nn.Module):
         return N * self.dim * 3 * self.dim + 2 * self.num_heads * N * N * d + N * self.dim * self.dim
 
     def extra_repr(self) -> str:
-        return (f"dim={self.dim}, window_size={self.window_size}, pretrained_window_size={self.pretrained_window_size}, "
-                f"num_heads={self.num_heads}")
+        return (
+            f"dim={self.dim}, window_size={self.window_size}, pretrained_window_size={self.pretrained_window_size}, "
+            f"num_heads={self.num_heads}"
+        )
 
 
 def unit_rows(t: torch.Tensor, scale: Optional[torch.Tensor] = None, eps: float = 1e-12) -> torch.Tensor:
@@ -245,8 +249,9 @@ def _full_precision(t: torch.Tensor) -> torch.Tensor:
 
 def _autocast_off(device: torch.device):
     """A context where autocast is off for ``device``'s type (fp32 stays fp32)."""
-    return torch.autocast(device_type=device.type if device.type in ("cuda", "cpu", "xpu", "mps") else "cpu",
-                          enabled=False)
+    return torch.autocast(
+        device_type=device.type if device.type in ("cuda", "cpu", "xpu", "mps") else "cpu", enabled=False
+    )
 
 
 class SwinTransformerBlockV2(WindowBlockBase):
@@ -276,7 +281,9 @@ class SwinTransformerBlockV2(WindowBlockBase):
         self.dim = dim
         self.num_heads = num_heads
         self.mlp_ratio = mlp_ratio
-        self.attn = WindowAttentionV2(dim, window_size, num_heads, qkv_bias, attn_drop, drop, pretrained_window_size, attn_impl)
+        self.attn = WindowAttentionV2(
+            dim, window_size, num_heads, qkv_bias, attn_drop, drop, pretrained_window_size, attn_impl
+        )
         self.norm1 = nn.LayerNorm(dim)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
@@ -346,7 +353,9 @@ class SwinTransformerV2(_V2Family, SwinTransformer):
     model's own), which sets the scale of the position-bias MLP's inputs.
     """
 
-    def __init__(self, num_classes: int = 1000, pretrained_window_sizes: Sequence[int] = (0, 0, 0, 0), **kwargs) -> None:
+    def __init__(
+        self, num_classes: int = 1000, pretrained_window_sizes: Sequence[int] = (0, 0, 0, 0), **kwargs
+    ) -> None:
         sizes = _check_pretrained_windows(pretrained_window_sizes, kwargs.get("depths", (2, 2, 6, 2)))
         super().__init__(num_classes=num_classes, pretrained_window_sizes=sizes, **kwargs)
         self.pretrained_window_sizes = sizes

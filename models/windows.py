@@ -10,6 +10,7 @@ kernel, the gather, ``torch.roll`` + partition) is made once, in :func:`shift_pa
 
 This module imports nothing from the model files; ``kernels`` imports nothing from ``models``.
 """
+
 from __future__ import annotations
 
 import math
@@ -157,7 +158,9 @@ def roll_reverse_unshift(windows: torch.Tensor, shift: int, window_size: int, H:
 _PERMUTATIONS: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def window_permutation(height: int, width: int, window_size: int, shift_size: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+def window_permutation(
+    height: int, width: int, window_size: int, shift_size: int, device: torch.device
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """(perm, inverse) of the H·W tokens of a map for shift ``s`` and window ``M``, cached.
 
     ``x.flatten(1, 2)[:, perm]`` equals ``window_partition(torch.roll(x, (-s, -s), (1, 2)), M)``
@@ -212,7 +215,9 @@ def gather_reverse_unshift(windows: torch.Tensor, shift_size: int, window_size: 
     return _PermuteTokens.apply(windows.reshape(-1, H * W, C), inverse, perm).view(-1, H, W, C)
 
 
-def shift_partition(x: torch.Tensor, shift: int, window_size: int, fused: bool = False, gather: bool = True) -> torch.Tensor:
+def shift_partition(
+    x: torch.Tensor, shift: int, window_size: int, fused: bool = False, gather: bool = True
+) -> torch.Tensor:
     """Cyclic shift by -s, then window partition: (B, H, W, C) → (B·nW, M², C).
 
     The one place that picks the implementation: the Triton kernel when ``fused`` and it can run
@@ -229,8 +234,9 @@ def shift_partition(x: torch.Tensor, shift: int, window_size: int, fused: bool =
     return roll_shift_partition(x, shift, M).view(-1, M * M, C)
 
 
-def reverse_unshift(windows: torch.Tensor, shift: int, window_size: int, H: int, W: int, fused: bool = False,
-                    gather: bool = True) -> torch.Tensor:
+def reverse_unshift(
+    windows: torch.Tensor, shift: int, window_size: int, H: int, W: int, fused: bool = False, gather: bool = True
+) -> torch.Tensor:
     """Inverse of :func:`shift_partition`: (B·nW, M², C) → (B, H, W, C), same choice of path."""
     M, C = window_size, windows.shape[-1]
     if fused:

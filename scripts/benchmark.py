@@ -40,6 +40,7 @@ bf16 on a CPU without AVX-512 BF16 / AMX is emulated (a few GFLOP/s against ~90 
 rows are timed with one warm-up and one iteration and flagged, and bf16 training is skipped
 there (it would take minutes per step and tell nothing new).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -81,9 +82,13 @@ MODELS = {
     "swinv2_tiny_w16": "configs/swinv2/swinv2_tiny_patch4_window16_256.yaml",
     "swinv2_demo": "configs/demo/swinv2_demo_digits.yaml",
 }
-TIMM_NAMES = {"swin_tiny": "swin_tiny_patch4_window7_224", "swin_small": "swin_small_patch4_window7_224",
-              "swin_base": "swin_base_patch4_window7_224", "swinv2_tiny": "swinv2_tiny_window8_256",
-              "swinv2_tiny_w16": "swinv2_tiny_window16_256"}
+TIMM_NAMES = {
+    "swin_tiny": "swin_tiny_patch4_window7_224",
+    "swin_small": "swin_small_patch4_window7_224",
+    "swin_base": "swin_base_patch4_window7_224",
+    "swinv2_tiny": "swinv2_tiny_window8_256",
+    "swinv2_tiny_w16": "swinv2_tiny_window16_256",
+}
 # The image size each timm name is built for.
 TIMM_SIZES = {"swinv2_tiny": 256, "swinv2_tiny_w16": 256}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -149,8 +154,12 @@ def build_timm(config, model_name: str) -> torch.nn.Module:
     import timm
 
     s = model_section(config)
-    kwargs = dict(img_size=config.DATA.IMG_SIZE, num_classes=config.MODEL.NUM_CLASSES,
-                  drop_rate=config.MODEL.DROP_RATE, drop_path_rate=config.MODEL.DROP_PATH_RATE)
+    kwargs = dict(
+        img_size=config.DATA.IMG_SIZE,
+        num_classes=config.MODEL.NUM_CLASSES,
+        drop_rate=config.MODEL.DROP_RATE,
+        drop_path_rate=config.MODEL.DROP_PATH_RATE,
+    )
     name = TIMM_NAMES.get(model_name)
     if config.MODEL.TYPE == "swinv2":
         from timm.models.swin_transformer_v2 import SwinTransformerV2 as TimmSwinV2
@@ -160,18 +169,35 @@ def build_timm(config, model_name: str) -> torch.nn.Module:
         pretrained = tuple(s.PRETRAINED_WINDOW_SIZES)
         if name and config.DATA.IMG_SIZE == TIMM_SIZES.get(model_name):
             return timm.create_model(name, pretrained=False, pretrained_window_sizes=pretrained, **kwargs)
-        return TimmSwinV2(patch_size=s.PATCH_SIZE, in_chans=s.IN_CHANS, embed_dim=s.EMBED_DIM, depths=tuple(s.DEPTHS),
-                          num_heads=tuple(s.NUM_HEADS), window_size=s.WINDOW_SIZE, mlp_ratio=s.MLP_RATIO,
-                          qkv_bias=s.QKV_BIAS, pretrained_window_sizes=pretrained, **kwargs)
+        return TimmSwinV2(
+            patch_size=s.PATCH_SIZE,
+            in_chans=s.IN_CHANS,
+            embed_dim=s.EMBED_DIM,
+            depths=tuple(s.DEPTHS),
+            num_heads=tuple(s.NUM_HEADS),
+            window_size=s.WINDOW_SIZE,
+            mlp_ratio=s.MLP_RATIO,
+            qkv_bias=s.QKV_BIAS,
+            pretrained_window_sizes=pretrained,
+            **kwargs,
+        )
     from timm.models.swin_transformer import SwinTransformer as TimmSwin
 
     if s.APE or not s.PATCH_NORM or not s.SHIFT or not s.RPB or s.QK_SCALE:
         raise SystemExit("this config (APE / no patch norm / no shift / no RPB / QK_SCALE) has no timm equivalent")
     if name and config.DATA.IMG_SIZE == 224:
         return timm.create_model(name, pretrained=False, **kwargs)
-    return TimmSwin(patch_size=s.PATCH_SIZE, in_chans=s.IN_CHANS, embed_dim=s.EMBED_DIM, depths=tuple(s.DEPTHS),
-                    num_heads=tuple(s.NUM_HEADS), window_size=s.WINDOW_SIZE, mlp_ratio=s.MLP_RATIO,
-                    qkv_bias=s.QKV_BIAS, **kwargs)
+    return TimmSwin(
+        patch_size=s.PATCH_SIZE,
+        in_chans=s.IN_CHANS,
+        embed_dim=s.EMBED_DIM,
+        depths=tuple(s.DEPTHS),
+        num_heads=tuple(s.NUM_HEADS),
+        window_size=s.WINDOW_SIZE,
+        mlp_ratio=s.MLP_RATIO,
+        qkv_bias=s.QKV_BIAS,
+        **kwargs,
+    )
 
 
 def paired_models(config, model_name: str, device: torch.device):
@@ -231,8 +257,13 @@ def adamw_like(model: torch.nn.Module, config, reference: torch.optim.Optimizer)
     """timm's optimizer: torch AdamW with our parameter groups and settings (lr, betas, eps, wd, impl)."""
     o = config.TRAIN.OPTIMIZER
     impl = {k: reference.defaults[k] for k in ("foreach", "fused") if reference.defaults.get(k) is not None}
-    return torch.optim.AdamW(param_groups(model, config.TRAIN.WEIGHT_DECAY), lr=float(config.TRAIN.BASE_LR),
-                             eps=float(o.EPS), betas=tuple(o.BETAS), **impl)
+    return torch.optim.AdamW(
+        param_groups(model, config.TRAIN.WEIGHT_DECAY),
+        lr=float(config.TRAIN.BASE_LR),
+        eps=float(o.EPS),
+        betas=tuple(o.BETAS),
+        **impl,
+    )
 
 
 def train_step(model, optimizer, x, y, amp: Optional[torch.dtype]) -> Callable[[], None]:
@@ -327,15 +358,16 @@ class Candidate:
         return statistics.median(self.samples) if self.samples else None
 
 
-def time_interleaved(cands: List[Candidate], batch_size: int, device: torch.device, rounds: int, iters: int,
-                     warmup: int) -> None:
+def time_interleaved(
+    cands: List[Candidate], batch_size: int, device: torch.device, rounds: int, iters: int, warmup: int
+) -> None:
     live = [c for c in cands if c.step is not None]
     for c in live:
         for _ in range(warmup):
             c.step()
     synchronize(device)
     for r in range(rounds):
-        for c in (live if r % 2 == 0 else live[::-1]):
+        for c in live if r % 2 == 0 else live[::-1]:
             c.samples.append(time_images_per_second(c.step, batch_size, device, warmup=0, iters=iters).images_per_s)
 
 
@@ -385,7 +417,9 @@ def train_peak_bytes(step: Callable[[], None], device: torch.device) -> int:
 # Main
 # ---------------------------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default="swin_tiny", help=f"{', '.join(MODELS)} or a config YAML (default swin_tiny)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--img-size", type=int, default=None, help="default: the config's DATA.IMG_SIZE")
@@ -393,16 +427,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--modes", default="eager,compiled", help="comma list of eager, compiled, blocks")
     p.add_argument("--train", action="store_true", help="also time training steps")
     p.add_argument("--memory", action="store_true", help="peak training memory per image, with/without checkpointing")
-    p.add_argument("--levers", action="store_true",
-                   help="fp32 eager rows with our speed switches flipped (forward; train too with --train)")
+    p.add_argument(
+        "--levers",
+        action="store_true",
+        help="fp32 eager rows with our speed switches flipped (forward; train too with --train)",
+    )
     p.add_argument("--iters", type=int, default=2, help="timed batches per candidate per round (default 2)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds; medians are over these (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed batches per candidate first (default 1)")
     p.add_argument("--compile-budget", type=float, default=180.0, help="seconds allowed for one compile (default 180)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
-    p.add_argument("--malloc", default="default", choices=("default", "keep"),
-                   help="'keep': glibc keeps freed memory for reuse instead of unmapping it (both models)")
+    p.add_argument(
+        "--malloc",
+        default="default",
+        choices=("default", "keep"),
+        help="'keep': glibc keeps freed memory for reuse instead of unmapping it (both models)",
+    )
     p.add_argument("--json", default=None, help="write all results here")
     p.add_argument("--opts", nargs="*", default=[], help="extra config KEY VALUE pairs for our model")
     return p.parse_args(argv)
@@ -427,11 +468,15 @@ def main(argv=None) -> dict:
     info = machine_info(device)
     info["malloc"] = "keep (mmap off, no trim)" if malloc_kept else "default"
     ours, theirs, diff = paired_models(config, args.model, device)
-    print(f"machine: {info['cpu']} | {info['logical_cpus']} logical CPUs, {info['torch_threads']} torch threads | "
-          f"GPU: {info['gpu'] or 'none'} | torch {info['torch']}, timm {info['timm']}, triton {info['triton']} | "
-          f"malloc {info['malloc']}")
-    print(f"model: {args.model} ({config.MODEL.NAME}), batch {bs}, {size}x{size}, device {device}; "
-          f"fp32 eval logits max |ours - timm| = {diff:.2e}")
+    print(
+        f"machine: {info['cpu']} | {info['logical_cpus']} logical CPUs, {info['torch_threads']} torch threads | "
+        f"GPU: {info['gpu'] or 'none'} | torch {info['torch']}, timm {info['timm']}, triton {info['triton']} | "
+        f"malloc {info['malloc']}"
+    )
+    print(
+        f"model: {args.model} ({config.MODEL.NAME}), batch {bs}, {size}x{size}, device {device}; "
+        f"fp32 eval logits max |ours - timm| = {diff:.2e}"
+    )
 
     x = torch.randn(bs, model_section(config).IN_CHANS, size, size, device=device)
     y = torch.randint(0, config.MODEL.NUM_CLASSES, (bs,), device=device)
@@ -442,9 +487,20 @@ def main(argv=None) -> dict:
     command = " ".join([os.path.basename(sys.argv[0])] + (list(argv) if argv is not None else sys.argv[1:]))
 
     def snapshot() -> dict:
-        return dict(machine=info, command=command, model=args.model, config_name=config.MODEL.NAME, batch_size=bs,
-                    img_size=size, rounds=args.rounds, iters=args.iters, logits_max_abs_diff=diff, rows=rows,
-                    levers=levers, memory=memory)
+        return dict(
+            machine=info,
+            command=command,
+            model=args.model,
+            config_name=config.MODEL.NAME,
+            batch_size=bs,
+            img_size=size,
+            rounds=args.rounds,
+            iters=args.iters,
+            logits_max_abs_diff=diff,
+            rows=rows,
+            levers=levers,
+            memory=memory,
+        )
 
     def save() -> None:
         """Written after every measurement, so a run cut short keeps what it measured."""
@@ -464,13 +520,30 @@ def main(argv=None) -> dict:
             o = c.median()
             tm = t.median() if t else None
             paired = [a / b for a, b in zip(c.samples, t.samples)] if t and len(c.samples) == len(t.samples) else []
-            rows.append(dict(phase=phase, dtype=dtype, mode=mode, variant=c.name, ours_img_s=o,
-                             timm_img_s=tm, ratio=(o / tm if o and tm else None),
-                             paired_ratio=statistics.median(paired) if paired else None, ours_samples=c.samples,
-                             timm_samples=t.samples if t else [], ours_note=c.note, timm_note=t.note if t else "",
-                             ours_compile_s=c.compile_s, timm_compile_s=t.compile_s if t else None, **(extra or {})))
-            print(f"  {phase} {dtype} {mode}: ours {fmt(o)} img/s, timm {fmt(tm)} img/s, ratio {fmt(rows[-1]['ratio'], '.3f')}, "
-                  f"paired {fmt(rows[-1]['paired_ratio'], '.3f')}", flush=True)
+            rows.append(
+                dict(
+                    phase=phase,
+                    dtype=dtype,
+                    mode=mode,
+                    variant=c.name,
+                    ours_img_s=o,
+                    timm_img_s=tm,
+                    ratio=(o / tm if o and tm else None),
+                    paired_ratio=statistics.median(paired) if paired else None,
+                    ours_samples=c.samples,
+                    timm_samples=t.samples if t else [],
+                    ours_note=c.note,
+                    timm_note=t.note if t else "",
+                    ours_compile_s=c.compile_s,
+                    timm_compile_s=t.compile_s if t else None,
+                    **(extra or {}),
+                )
+            )
+            print(
+                f"  {phase} {dtype} {mode}: ours {fmt(o)} img/s, timm {fmt(tm)} img/s, ratio {fmt(rows[-1]['ratio'], '.3f')}, "
+                f"paired {fmt(rows[-1]['paired_ratio'], '.3f')}",
+                flush=True,
+            )
         save()
 
     def run_row(phase, dtype, mode, cands, rounds, iters, warmup):
@@ -533,23 +606,42 @@ def main(argv=None) -> dict:
                 if dtype == torch.float32:
                     cands.append(Candidate(name, forward_step(maybe_compile(model, mode), x, None), note))
                 else:
-                    cands.append(Candidate(f"{name}|autocast", forward_step(maybe_compile(model, mode), x, dtype), note))
+                    cands.append(
+                        Candidate(f"{name}|autocast", forward_step(maybe_compile(model, mode), x, dtype), note)
+                    )
                     cast = copy.deepcopy(model).to(dtype)
-                    cands.append(Candidate(f"{name}|cast", forward_step(maybe_compile(cast, mode), x.to(dtype), None), note))
+                    cands.append(
+                        Candidate(f"{name}|cast", forward_step(maybe_compile(cast, mode), x.to(dtype), None), note)
+                    )
             prepare(cands, mode)
             run_row("forward", dtype_name, mode, cands, rounds, iters, warmup)
             if dtype == torch.float32:
                 record("forward", dtype_name, mode, cands)
             else:
+
                 def best(prefix):
                     got = [c for c in cands if c.name.startswith(prefix + "|") and c.median()]
                     return max(got, key=lambda c: c.median()) if got else None
+
                 b_ours, b_timm = best("ours"), best("timm")
                 if b_ours and b_timm:
-                    merged_o = Candidate("ours", None, f"{b_ours.name.split('|')[1]}; {note}".strip("; "), b_ours.compile_s, b_ours.samples)
-                    merged_t = Candidate("timm", None, f"{b_timm.name.split('|')[1]}; {note}".strip("; "), b_timm.compile_s, b_timm.samples)
-                    record("forward", dtype_name, mode, [merged_o, merged_t],
-                           {"all": {c.name: c.median() for c in cands}})
+                    merged_o = Candidate(
+                        "ours",
+                        None,
+                        f"{b_ours.name.split('|')[1]}; {note}".strip("; "),
+                        b_ours.compile_s,
+                        b_ours.samples,
+                    )
+                    merged_t = Candidate(
+                        "timm",
+                        None,
+                        f"{b_timm.name.split('|')[1]}; {note}".strip("; "),
+                        b_timm.compile_s,
+                        b_timm.samples,
+                    )
+                    record(
+                        "forward", dtype_name, mode, [merged_o, merged_t], {"all": {c.name: c.median() for c in cands}}
+                    )
                 else:
                     record("forward", dtype_name, mode, cands)
 
@@ -560,8 +652,18 @@ def main(argv=None) -> dict:
             if dtype_name == "fp16" and device.type != "cuda":
                 continue
             if dtype != torch.float32 and slow_bf16:
-                rows.append(dict(phase="train", dtype=dtype_name, mode="-", variant="ours", ours_img_s=None, timm_img_s=None,
-                                 ratio=None, ours_note="skipped: emulated bf16 on this CPU (see the forward row)"))
+                rows.append(
+                    dict(
+                        phase="train",
+                        dtype=dtype_name,
+                        mode="-",
+                        variant="ours",
+                        ours_img_s=None,
+                        timm_img_s=None,
+                        ratio=None,
+                        ours_note="skipped: emulated bf16 on this CPU (see the forward row)",
+                    )
+                )
                 continue
             amp = None if dtype == torch.float32 else dtype
             for mode in modes:
@@ -570,8 +672,10 @@ def main(argv=None) -> dict:
                 o_model, t_model = maybe_compile(copy.deepcopy(ours), mode), maybe_compile(copy.deepcopy(theirs), mode)
                 o_opt = build_optimizer(config, getattr(o_model, "_orig_mod", o_model))
                 t_opt = adamw_like(getattr(t_model, "_orig_mod", t_model), config, o_opt)
-                cands = [Candidate("ours", train_step(o_model, o_opt, x, y, amp)),
-                         Candidate("timm", train_step(t_model, t_opt, x, y, amp))]
+                cands = [
+                    Candidate("ours", train_step(o_model, o_opt, x, y, amp)),
+                    Candidate("timm", train_step(t_model, t_opt, x, y, amp)),
+                ]
                 prepare(cands, mode)
                 run_row("train", dtype_name, mode, cands, args.rounds, args.iters, args.warmup)
                 record("train", dtype_name, mode, cands)
@@ -582,19 +686,32 @@ def main(argv=None) -> dict:
         t = cands[-1]
         for c in cands:
             paired = [a / b for a, b in zip(c.samples, t.samples)]
-            levers.append(dict(phase=phase, variant=c.name, img_s=c.median(), vs_timm=c.median() / t.median(),
-                               paired_vs_timm=statistics.median(paired), samples=c.samples))
-            print(f"  lever {phase} {c.name}: {c.median():.2f} img/s, vs timm {levers[-1]['vs_timm']:.3f}, "
-                  f"paired {levers[-1]['paired_vs_timm']:.3f}", flush=True)
+            levers.append(
+                dict(
+                    phase=phase,
+                    variant=c.name,
+                    img_s=c.median(),
+                    vs_timm=c.median() / t.median(),
+                    paired_vs_timm=statistics.median(paired),
+                    samples=c.samples,
+                )
+            )
+            print(
+                f"  lever {phase} {c.name}: {c.median():.2f} img/s, vs timm {levers[-1]['vs_timm']:.3f}, "
+                f"paired {levers[-1]['paired_vs_timm']:.3f}",
+                flush=True,
+            )
         save()
 
     if args.levers:
         print("levers: forward fp32 eager ...", flush=True)
         impls = ("auto", "sdpa", "reference")
         cands = [Candidate(f"attn={i}", forward_step(variant(ours, i), x, None)) for i in impls]
-        cands += [Candidate("roll+partition", forward_step(variant(ours, gather=False), x, None)),
-                  Candidate("no eval bias cache", forward_step(variant(ours, cache=False), x, None)),
-                  Candidate("timm", forward_step(theirs, x, None))]
+        cands += [
+            Candidate("roll+partition", forward_step(variant(ours, gather=False), x, None)),
+            Candidate("no eval bias cache", forward_step(variant(ours, cache=False), x, None)),
+            Candidate("timm", forward_step(theirs, x, None)),
+        ]
         time_interleaved(cands, bs, device, args.rounds, args.iters, args.warmup)
         add_levers("forward", cands)
     if args.levers and args.train:
@@ -608,7 +725,12 @@ def main(argv=None) -> dict:
         ]:
             cands.append(Candidate(name, train_step(model, build_optimizer(cfg, model), x, y, None)))
         t_model = copy.deepcopy(theirs)
-        cands.append(Candidate("timm", train_step(t_model, adamw_like(t_model, config, build_optimizer(config, variant(ours))), x, y, None)))
+        cands.append(
+            Candidate(
+                "timm",
+                train_step(t_model, adamw_like(t_model, config, build_optimizer(config, variant(ours))), x, y, None),
+            )
+        )
         time_interleaved(cands, bs, device, args.rounds, args.iters, args.warmup)
         add_levers("train", cands)
         del cands
@@ -620,37 +742,60 @@ def main(argv=None) -> dict:
             for name, model in (("ours", ours), ("timm", theirs)):
                 m = copy.deepcopy(model)
                 m.set_grad_checkpointing(ckpt)
-                opt = build_optimizer(config, m) if name == "ours" else adamw_like(m, config, build_optimizer(config, copy.deepcopy(ours)))
+                opt = (
+                    build_optimizer(config, m)
+                    if name == "ours"
+                    else adamw_like(m, config, build_optimizer(config, copy.deepcopy(ours)))
+                )
                 peak = train_peak_bytes(train_step(m, opt, x, y, None), device)
-                memory.append(dict(model=name, checkpointing=ckpt, peak_mib=peak / 2**20, mib_per_image=peak / 2**20 / bs,
-                                   method="cuda max_memory_allocated" if device.type == "cuda" else "torch.profiler allocation events"))
+                memory.append(
+                    dict(
+                        model=name,
+                        checkpointing=ckpt,
+                        peak_mib=peak / 2**20,
+                        mib_per_image=peak / 2**20 / bs,
+                        method="cuda max_memory_allocated"
+                        if device.type == "cuda"
+                        else "torch.profiler allocation events",
+                    )
+                )
                 print(f"  memory {name} checkpointing={ckpt}: {memory[-1]['mib_per_image']:.1f} MiB/image", flush=True)
                 save()
                 del m, opt
 
     # -- report -------------------------------------------------------------------------------
     print()
-    print(f"{'phase':8s} {'dtype':5s} {'mode':9s} {'ours img/s':>11s} {'timm img/s':>11s} {'ours/timm':>9s} {'paired':>7s}  notes")
+    print(
+        f"{'phase':8s} {'dtype':5s} {'mode':9s} {'ours img/s':>11s} {'timm img/s':>11s} {'ours/timm':>9s} {'paired':>7s}  notes"
+    )
     for r in rows:
         notes = []
         if r.get("ours_compile_s") is not None or r.get("timm_compile_s") is not None:
-            notes.append(f"compile ours {fmt(r.get('ours_compile_s'), '.0f')} s, timm {fmt(r.get('timm_compile_s'), '.0f')} s")
+            notes.append(
+                f"compile ours {fmt(r.get('ours_compile_s'), '.0f')} s, timm {fmt(r.get('timm_compile_s'), '.0f')} s"
+            )
         for k in ("ours_note", "timm_note"):
             if r.get(k):
                 notes.append(f"{k.split('_')[0]}: {r[k]}")
-        print(f"{r['phase']:8s} {r['dtype']:5s} {r['mode']:9s} {fmt(r['ours_img_s']):>11s} {fmt(r['timm_img_s']):>11s} "
-              f"{fmt(r['ratio'], '.3f'):>9s} {fmt(r.get('paired_ratio'), '.3f'):>7s}  {'; '.join(notes)}")
+        print(
+            f"{r['phase']:8s} {r['dtype']:5s} {r['mode']:9s} {fmt(r['ours_img_s']):>11s} {fmt(r['timm_img_s']):>11s} "
+            f"{fmt(r['ratio'], '.3f'):>9s} {fmt(r.get('paired_ratio'), '.3f'):>7s}  {'; '.join(notes)}"
+        )
     if levers:
         print()
         print(f"{'lever (fp32 eager)':28s} {'phase':8s} {'img/s':>8s} {'vs timm':>8s} {'paired':>7s}")
         for r in levers:
-            print(f"{r['variant']:28s} {r['phase']:8s} {fmt(r['img_s']):>8s} {fmt(r['vs_timm'], '.3f'):>8s} "
-                  f"{fmt(r['paired_vs_timm'], '.3f'):>7s}")
+            print(
+                f"{r['variant']:28s} {r['phase']:8s} {fmt(r['img_s']):>8s} {fmt(r['vs_timm'], '.3f'):>8s} "
+                f"{fmt(r['paired_vs_timm'], '.3f'):>7s}"
+            )
     if memory:
         print()
         print(f"{'model':6s} {'checkpointing':13s} {'peak MiB':>9s} {'MiB/image':>9s}  method")
         for r in memory:
-            print(f"{r['model']:6s} {str(r['checkpointing']):13s} {r['peak_mib']:9.1f} {r['mib_per_image']:9.1f}  {r['method']}")
+            print(
+                f"{r['model']:6s} {str(r['checkpointing']):13s} {r['peak_mib']:9.1f} {r['mib_per_image']:9.1f}  {r['method']}"
+            )
     save()
     if args.json:
         print(f"\nwrote {args.json}")

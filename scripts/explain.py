@@ -35,6 +35,7 @@ V2's table 16·σ(MLP(Δ̂)) computed by the position-bias MLP), and with --resu
 top of the image). Stages and blocks are numbered from 1 (``--block 1.2`` is stage 1, block 2,
 as the walk prints them); heads from 0.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -121,7 +122,9 @@ class WalkResult:
         return find_record(self.records, step, stage, block)
 
 
-def find_record(records: Sequence[Record], step: str, stage: Optional[int] = None, block: Optional[int] = None) -> Record:
+def find_record(
+    records: Sequence[Record], step: str, stage: Optional[int] = None, block: Optional[int] = None
+) -> Record:
     """The first record of ``step`` (at ``stage``/``block`` when given)."""
     for r in records:
         if r.step == step and (stage is None or r.stage == stage) and (block is None or r.block == block):
@@ -186,44 +189,70 @@ class _Tracer:
 
     # -- hooks ----------------------------------------------------------------------------------
     def _on_patch_embed(self, module: PatchEmbed, args: tuple, out: torch.Tensor) -> None:
-        self.records.append(Record("patch_embed", shape_in=_shape(args[0]), shape_out=_shape(out),
-                                   info={"patch_size": module.patch_size, "embed_dim": module.embed_dim}))
+        self.records.append(
+            Record(
+                "patch_embed",
+                shape_in=_shape(args[0]),
+                shape_out=_shape(out),
+                info={"patch_size": module.patch_size, "embed_dim": module.embed_dim},
+            )
+        )
 
     def _on_stage_start(self, layer: BasicLayer, args: tuple) -> None:
         si = self._stage_of[id(layer)]
         x = args[0]
         self._stage_in[si] = _shape(x)
         first = layer.blocks[0]
-        self.records.append(Record("stage", stage=si, shape_in=_shape(x), info={
-            "depth": len(layer.blocks),
-            "heads": first.num_heads,
-            "head_dim": first.dim // first.num_heads,
-            "dim": first.dim,
-            "window_size": first.window_size,
-            "shifts": [b.shift_size for b in layer.blocks],
-        }))
+        self.records.append(
+            Record(
+                "stage",
+                stage=si,
+                shape_in=_shape(x),
+                info={
+                    "depth": len(layer.blocks),
+                    "heads": first.num_heads,
+                    "head_dim": first.dim // first.num_heads,
+                    "dim": first.dim,
+                    "window_size": first.window_size,
+                    "shifts": [b.shift_size for b in layer.blocks],
+                },
+            )
+        )
 
     def _on_stage_end(self, layer: BasicLayer, args: tuple, out: torch.Tensor) -> None:
         si = self._stage_of[id(layer)]
         _, h, w, _ = self._stage_in[si]
         params = sum(p.numel() for p in layer.parameters())
         macs = int(layer.flops(h, w))
-        self.records.append(Record("stage_cost", stage=si, shape_in=self._stage_in[si], shape_out=_shape(out),
-                                   info={"params": params, "macs": macs}))
+        self.records.append(
+            Record(
+                "stage_cost",
+                stage=si,
+                shape_in=self._stage_in[si],
+                shape_out=_shape(out),
+                info={"params": params, "macs": macs},
+            )
+        )
 
     def _on_block_start(self, blk: WindowBlockBase, args: tuple) -> None:
         self._current = self._ids[id(blk)]
         si, bi = self._current
         v2 = is_v2_block(blk)
-        rec = Record("block", stage=si, block=bi, shape_in=_shape(args[0]), info={
-            "window_size": blk.window_size,
-            "shift_size": blk.shift_size,
-            "kind": "SW-MSA" if blk.shift_size else "W-MSA",
-            "heads": blk.num_heads,
-            "head_dim": blk.dim // blk.num_heads,
-            "family": "v2" if v2 else "v1",
-            "norm": "post" if v2 else "pre",  # where the LayerNorms sit on the residual branches
-        })
+        rec = Record(
+            "block",
+            stage=si,
+            block=bi,
+            shape_in=_shape(args[0]),
+            info={
+                "window_size": blk.window_size,
+                "shift_size": blk.shift_size,
+                "kind": "SW-MSA" if blk.shift_size else "W-MSA",
+                "heads": blk.num_heads,
+                "head_dim": blk.dim // blk.num_heads,
+                "family": "v2" if v2 else "v1",
+                "norm": "post" if v2 else "pre",  # where the LayerNorms sit on the residual branches
+            },
+        )
         self._block_record = rec
         self._normed = None
         self._await_reverse = None
@@ -245,14 +274,30 @@ class _Tracer:
             # The reversed (and cropped) map is exactly what the post-norm is fed.
             self._record_reverse(_shape(args[0]), "post-norm input")
         norm = "norm1" if branch == "attention" else "norm2"
-        self.records.append(Record("post_norm", stage=si, block=bi, shape_in=_shape(args[0]), shape_out=_shape(out),
-                                   info={"branch": branch, "norm": norm}))
+        self.records.append(
+            Record(
+                "post_norm",
+                stage=si,
+                block=bi,
+                shape_in=_shape(args[0]),
+                shape_out=_shape(out),
+                info={"branch": branch, "norm": norm},
+            )
+        )
 
     def _record_reverse(self, shape_out: Tuple[int, ...], source: str) -> None:
         si, bi = self._current
         shift = self._block_record.info["shift_size"] if self._block_record is not None else 0
-        self.records.append(Record("window_reverse", stage=si, block=bi, shape_in=self._await_reverse,
-                                   shape_out=shape_out, info={"shift_size": shift, "source": source}))
+        self.records.append(
+            Record(
+                "window_reverse",
+                stage=si,
+                block=bi,
+                shape_in=self._await_reverse,
+                shape_out=shape_out,
+                info={"shift_size": shift, "source": source},
+            )
+        )
         self._await_reverse = None
 
     def _on_drop_path(self, module: nn.Module, args: tuple) -> None:
@@ -278,14 +323,19 @@ class _Tracer:
         M = attn.window_size
         n_windows = x.shape[0] // batch
         v2 = isinstance(attn, WindowAttentionV2)
-        info: Dict[str, Any] = {"shift_size": rec.info["shift_size"] if rec is not None else 0, "window_size": M,
-                                "num_windows": n_windows, "batch": batch,
-                                # V2 attends on the raw residual stream; V1 on norm1's output.
-                                "source": "block input (un-normalised)" if v2 else "norm1 output"}
+        info: Dict[str, Any] = {
+            "shift_size": rec.info["shift_size"] if rec is not None else 0,
+            "window_size": M,
+            "num_windows": n_windows,
+            "batch": batch,
+            # V2 attends on the raw residual stream; V1 on norm1's output.
+            "source": "block input (un-normalised)" if v2 else "norm1 output",
+        }
         if len(map_shape) == 4:
             info["padded_hw"] = _padded_hw(map_shape[1], map_shape[2], M)
-        self.records.append(Record("window_partition", stage=si, block=bi, shape_in=tuple(map_shape),
-                                   shape_out=_shape(x), info=info))
+        self.records.append(
+            Record("window_partition", stage=si, block=bi, shape_in=tuple(map_shape), shape_out=_shape(x), info=info)
+        )
         if rec is not None:
             rec.info["num_windows"] = n_windows
             if "padded_hw" in info:
@@ -329,25 +379,39 @@ class _Tracer:
                 if bias is not None:
                     logits = logits + bias.unsqueeze(0)
             if mask is not None:
-                logits = (logits.view(B_ // n_windows, n_windows, h, N, N) + mask.to(logits.dtype)[None, :, None]).view(B_, h, N, N)
+                logits = (logits.view(B_ // n_windows, n_windows, h, N, N) + mask.to(logits.dtype)[None, :, None]).view(
+                    B_, h, N, N
+                )
             maps = logits.softmax(dim=-1)
             # The maps are right iff they reproduce what the module returned.
             recon = attn.proj((maps @ v).transpose(1, 2).reshape(B_, N, C).to(attn.proj.weight.dtype))
             diff = float((recon.float() - out.float()).abs().max())
-        qkv_info: Dict[str, Any] = {"linear_out": linear_out, "heads": h, "head_dim": C // h,
-                                    "source": "attn._qkv: F.linear, bias (q_bias, 0, v_bias)" if v2 else "attn.qkv Linear"}
+        qkv_info: Dict[str, Any] = {
+            "linear_out": linear_out,
+            "heads": h,
+            "head_dim": C // h,
+            "source": "attn._qkv: F.linear, bias (q_bias, 0, v_bias)" if v2 else "attn.qkv Linear",
+        }
         self.records.append(Record("qkv", stage=si, block=bi, shape_in=_shape(x), shape_out=_shape(qkv), info=qkv_info))
-        info: Dict[str, Any] = {"rpb": bias is not None, "check_max_abs_diff": diff,
-                                "mask_shape": None if mask is None else _shape(mask), "cosine": v2}
+        info: Dict[str, Any] = {
+            "rpb": bias is not None,
+            "check_max_abs_diff": diff,
+            "mask_shape": None if mask is None else _shape(mask),
+            "cosine": v2,
+        }
         if v2:
-            info.update(logit_scales=[float(s) for s in extra["logit_scales"]],
-                        cosine_range=(float(extra["cosine"].min()), float(extra["cosine"].max())),
-                        bias_range=(float(bias.min()), float(bias.max())))
+            info.update(
+                logit_scales=[float(s) for s in extra["logit_scales"]],
+                cosine_range=(float(extra["cosine"].min()), float(extra["cosine"].max())),
+                bias_range=(float(bias.min()), float(bias.max())),
+            )
         else:
             info["scale"] = float(attn.scale)
         if mask is not None:
             info["masked_fraction"] = float((mask != 0).float().mean())
-        self.records.append(Record("attention", stage=si, block=bi, shape_in=_shape(q), shape_out=_shape(maps), info=info))
+        self.records.append(
+            Record("attention", stage=si, block=bi, shape_in=_shape(q), shape_out=_shape(maps), info=info)
+        )
         self._await_reverse = _shape(out)
         if (si, bi) in self.keep:
             blk = self.model.layers[si - 1].blocks[bi - 1]
@@ -363,14 +427,22 @@ class _Tracer:
                 "cosine": v2,
             }
             if v2:
-                kept.update(cosine_logits=extra["cosine"].detach().cpu(),
-                            logit_scales=extra["logit_scales"].detach().cpu())
+                kept.update(
+                    cosine_logits=extra["cosine"].detach().cpu(), logit_scales=extra["logit_scales"].detach().cpu()
+                )
             self.maps[(si, bi)] = kept
 
     def _on_merge(self, module: AnyPatchMerging, args: tuple, out: torch.Tensor) -> None:
         si = self._stage_of[id(module)]
-        self.records.append(Record("patch_merging", stage=si, shape_in=_shape(args[0]), shape_out=_shape(out),
-                                   info={"norm": "after reduction" if isinstance(module, PatchMergingV2) else "before reduction"}))
+        self.records.append(
+            Record(
+                "patch_merging",
+                stage=si,
+                shape_in=_shape(args[0]),
+                shape_out=_shape(out),
+                info={"norm": "after reduction" if isinstance(module, PatchMergingV2) else "before reduction"},
+            )
+        )
 
     def _on_head(self, module: nn.Module, args: tuple, out: torch.Tensor) -> None:
         self.records.append(Record("head", shape_in=_shape(args[0]), shape_out=_shape(out)))
@@ -464,8 +536,12 @@ def build_for_walk(config: CfgNode, img_size: Optional[int] = None, seed: int = 
     return model, config
 
 
-def walk(config: CfgNode, img_size: Optional[int] = None, model: Optional[SwinTransformer] = None,
-         images: Optional[torch.Tensor] = None) -> List[Record]:
+def walk(
+    config: CfgNode,
+    img_size: Optional[int] = None,
+    model: Optional[SwinTransformer] = None,
+    images: Optional[torch.Tensor] = None,
+) -> List[Record]:
     """The walk of one image through the model of ``config``: a list of :class:`Record`.
 
     Without ``model`` the model is built from ``config`` (random weights); without ``images`` a
@@ -504,27 +580,35 @@ def format_walk(records: Sequence[Record], title: str = "") -> str:
     lines: List[str] = []
     inp = find_record(records, "input").shape_out
     batch = inp[0]
-    lines.append(f"Walk of {'one' if batch == 1 else batch} {_x(inp[1:])} image{'s' if batch > 1 else ''} through "
-                 f"{title or 'the model'} (every shape from forward hooks on the real model; batch B = {batch})")
+    lines.append(
+        f"Walk of {'one' if batch == 1 else batch} {_x(inp[1:])} image{'s' if batch > 1 else ''} through "
+        f"{title or 'the model'} (every shape from forward hooks on the real model; batch B = {batch})"
+    )
     for r in records:
         if r.step == "patch_embed":
             _, h, w, c = r.shape_out
             p = r.info["patch_size"]
-            lines.append(f"patch embedding   {_x(r.shape_in[1:])} image → {p}×{p} patches, Linear({r.shape_in[1] * p * p}→{c}) "
-                         f"→ {h}×{w} = {h * w:,} tokens of {c} channels   [params {r.info['params']:,}, MACs {_g(r.info['macs'])}]")
+            lines.append(
+                f"patch embedding   {_x(r.shape_in[1:])} image → {p}×{p} patches, Linear({r.shape_in[1] * p * p}→{c}) "
+                f"→ {h}×{w} = {h * w:,} tokens of {c} channels   [params {r.info['params']:,}, MACs {_g(r.info['macs'])}]"
+            )
         elif r.step == "stage":
             _, h, w, c = r.shape_in
             shifts = ", ".join(str(s) for s in r.info["shifts"])
             lines.append("")
-            lines.append(f"stage {r.stage}: {h}×{w} tokens × {c} ch, {r.info['depth']} blocks, {r.info['heads']} heads of "
-                         f"{r.info['head_dim']} ch, window {r.info['window_size']}×{r.info['window_size']}, shifts [{shifts}]")
+            lines.append(
+                f"stage {r.stage}: {h}×{w} tokens × {c} ch, {r.info['depth']} blocks, {r.info['heads']} heads of "
+                f"{r.info['head_dim']} ch, window {r.info['window_size']}×{r.info['window_size']}, shifts [{shifts}]"
+            )
         elif r.step == "block":
             M, s = r.info["window_size"], r.info["shift_size"]
             nW = r.info.get("num_windows", "?")
             v2 = r.info.get("family") == "v2"
             order = ", res-post-norm (V2: attention on the raw input, LayerNorm after it)" if v2 else ""
-            lines.append(f"  block {r.stage}.{r.block}  {r.info['kind']:<6} window {M}×{M}, shift {s}, {nW} window{'' if nW == 1 else 's'}"
-                         f"{order}")
+            lines.append(
+                f"  block {r.stage}.{r.block}  {r.info['kind']:<6} window {M}×{M}, shift {s}, {nW} window{'' if nW == 1 else 's'}"
+                f"{order}"
+            )
         elif r.step == "window_partition":
             M, nW = r.info["window_size"], r.info["num_windows"]
             pad = ""
@@ -532,12 +616,16 @@ def format_walk(records: Sequence[Record], title: str = "") -> str:
                 pad = f"zero-pad to {_x(r.info['padded_hw'])}, "
             shift = f"roll by (-{r.info['shift_size']}, -{r.info['shift_size']}), " if r.info["shift_size"] else ""
             src = " (un-normalised block input)" if r.info.get("source", "").startswith("block input") else ""
-            lines.append(f"    window partition  {_map(r.shape_in)}{src} → {pad}{shift}{nW} window{'' if nW == 1 else 's'} of "
-                         f"{M}×{M} tokens  (tensor {_x(r.shape_out)})")
+            lines.append(
+                f"    window partition  {_map(r.shape_in)}{src} → {pad}{shift}{nW} window{'' if nW == 1 else 's'} of "
+                f"{M}×{M} tokens  (tensor {_x(r.shape_out)})"
+            )
         elif r.step == "qkv":
             how = "Linear" if not r.info.get("source", "").startswith("attn._qkv") else "F.linear (bias q, 0, v)"
-            lines.append(f"    qkv               {how} {_x(r.shape_in)} → {_x(r.info['linear_out'])} "
-                         f"= {_x(r.shape_out)} (q/k/v × windows × heads × tokens × head dim)")
+            lines.append(
+                f"    qkv               {how} {_x(r.shape_in)} → {_x(r.info['linear_out'])} "
+                f"= {_x(r.shape_out)} (q/k/v × windows × heads × tokens × head dim)"
+            )
         elif r.step == "attention":
             mask = ""
             if r.info["mask_shape"]:
@@ -547,35 +635,55 @@ def format_walk(records: Sequence[Record], title: str = "") -> str:
                 scales = ", ".join(f"{v:.3g}" for v in r.info["logit_scales"])
                 lo, hi = r.info["cosine_range"]
                 blo, bhi = r.info["bias_range"]
-                extra += (f", 1/τ per head [{scales}], cos in [{lo:.2f}, {hi:.2f}], "
-                          f"B = 16·σ(MLP) in [{blo:.2f}, {bhi:.2f}]")
+                extra += (
+                    f", 1/τ per head [{scales}], cos in [{lo:.2f}, {hi:.2f}], B = 16·σ(MLP) in [{blo:.2f}, {bhi:.2f}]"
+                )
             else:
-                extra = "softmax(q·kᵀ·scale" + (" + B" if r.info["rpb"] else "") + (" + mask" if r.info["mask_shape"] else "") + ")"
-            lines.append(f"    attention maps    {_x(r.shape_out)} (windows × heads × queries × keys) = {extra}{mask}; "
-                         f"reproduces the block's output to {r.info['check_max_abs_diff']:.1e}")
+                extra = (
+                    "softmax(q·kᵀ·scale"
+                    + (" + B" if r.info["rpb"] else "")
+                    + (" + mask" if r.info["mask_shape"] else "")
+                    + ")"
+                )
+            lines.append(
+                f"    attention maps    {_x(r.shape_out)} (windows × heads × queries × keys) = {extra}{mask}; "
+                f"reproduces the block's output to {r.info['check_max_abs_diff']:.1e}"
+            )
         elif r.step == "post_norm":
             if r.info["branch"] == "attention":
-                lines.append(f"    post-norm         {r.info['norm']} = LayerNorm of the attention output {_map(r.shape_out)}, "
-                             f"then x + drop_path(·)")
+                lines.append(
+                    f"    post-norm         {r.info['norm']} = LayerNorm of the attention output {_map(r.shape_out)}, "
+                    f"then x + drop_path(·)"
+                )
             else:
                 lines.append(f"    MLP, post-norm    x + drop_path({r.info['norm']}(MLP(x))) on {_map(r.shape_out)}")
         elif r.step == "window_reverse":
-            back = f" (rolled back by (+{r.info['shift_size']}, +{r.info['shift_size']}))" if r.info["shift_size"] else ""
+            back = (
+                f" (rolled back by (+{r.info['shift_size']}, +{r.info['shift_size']}))" if r.info["shift_size"] else ""
+            )
             lines.append(f"    window reverse    {_x(r.shape_in)} → {_map(r.shape_out)}{back}")
         elif r.step == "patch_merging":
             _, h0, w0, c0 = r.shape_in
             _, h1, w1, c1 = r.shape_out
             norm = ", LayerNorm after the reduction (V2)" if r.info.get("norm") == "after reduction" else ""
-            lines.append(f"  patch merging     {h0}×{w0}×{c0} → {h1}×{w1}×{c1}: {h0 * w0:,} → {h1 * w1:,} tokens ({c1} ch){norm}")
+            lines.append(
+                f"  patch merging     {h0}×{w0}×{c0} → {h1}×{w1}×{c1}: {h0 * w0:,} → {h1 * w1:,} tokens ({c1} ch){norm}"
+            )
         elif r.step == "stage_cost":
-            lines.append(f"  stage {r.stage} cost      params {r.info['params']:,} ({_m(r.info['params'])}), MACs {_g(r.info['macs'])}")
+            lines.append(
+                f"  stage {r.stage} cost      params {r.info['params']:,} ({_m(r.info['params'])}), MACs {_g(r.info['macs'])}"
+            )
         elif r.step == "head":
             lines.append("")
-            lines.append(f"head              LayerNorm, average pool, Linear {r.shape_in[-1]} → {r.shape_out[-1]} classes   "
-                         f"[params {r.info['params']:,}, MACs {_g(r.info['macs'])}]")
+            lines.append(
+                f"head              LayerNorm, average pool, Linear {r.shape_in[-1]} → {r.shape_out[-1]} classes   "
+                f"[params {r.info['params']:,}, MACs {_g(r.info['macs'])}]"
+            )
         elif r.step == "total":
-            lines.append(f"total             params {r.info['params']:,} ({_m(r.info['params'])}), MACs {_g(r.info['macs'])} "
-                         f"(model.flops(); per-stage MACs are the modules' flops())")
+            lines.append(
+                f"total             params {r.info['params']:,} ({_m(r.info['params'])}), MACs {_g(r.info['macs'])} "
+                f"(model.flops(); per-stage MACs are the modules' flops())"
+            )
     return "\n".join(lines)
 
 
@@ -618,8 +726,9 @@ def figure_geometry(model: SwinTransformer, max_side: int = 16) -> Geometry:
         if max(H1, W1) <= max_side and H1 % M == 0 and W1 % M == 0:
             return Geometry(H1, W1, M, s, shifted, f"stage-1 feature map {H1}×{W1}, M={M}, shift {s}")
         if 2 * M <= max_side:
-            return Geometry(2 * M, 2 * M, M, s, shifted,
-                            f"{2 * M}×{2 * M} map, configured M={M}, shift {s} (stage 1 is {H1}×{W1})")
+            return Geometry(
+                2 * M, 2 * M, M, s, shifted, f"{2 * M}×{2 * M} map, configured M={M}, shift {s} (stage 1 is {H1}×{W1})"
+            )
     # A stand-in block of the model's own family: its attention_mask() is the shared plumbing.
     blk = type(layer.blocks[0])(dim=4, num_heads=1, window_size=4, shift_size=2)
     why = f"configured M={M}" + ("" if shifted is not None else ", model does not shift")
@@ -694,8 +803,10 @@ def plot_windows(model: SwinTransformer, path: str) -> Dict[str, Any]:
     axes[0].set_title(f"Layer l: regular windows (W-MSA)\n{int(regular.max()) + 1} windows of {M}×{M}")
     _show_ids(axes[1], shifted)
     _grid(axes[1], H, W, M, s % M, color="crimson")
-    axes[1].set_title(f"Layer l+1: windows shifted by ({s}, {s}) (SW-MSA)\n{int(shifted.max()) + 1} windows, "
-                      f"computed as {int(cyclic.max()) + 1} by cyclic shift")
+    axes[1].set_title(
+        f"Layer l+1: windows shifted by ({s}, {s}) (SW-MSA)\n{int(shifted.max()) + 1} windows, "
+        f"computed as {int(cyclic.max()) + 1} by cyclic shift"
+    )
     fig.suptitle(f"Shifted window partition (Swin paper Fig. 2) — {g.note}", fontsize=10)
     _save(fig, path)
     # Colours repeat every 60 windows; the ids themselves are returned.
@@ -721,8 +832,15 @@ def _label_regions(ax, labels: torch.Tensor, names: List[str]) -> None:
     H, W = labels.shape
     for v in torch.unique(labels).tolist():
         ys, xs = torch.nonzero(labels == v, as_tuple=True)
-        ax.text(float(xs.float().mean()), float(ys.float().mean()), names[v], ha="center", va="center",
-                fontsize=11 if H <= 16 else 8, fontweight="bold")
+        ax.text(
+            float(xs.float().mean()),
+            float(ys.float().mean()),
+            names[v],
+            ha="center",
+            va="center",
+            fontsize=11 if H <= 16 else 8,
+            fontweight="bold",
+        )
 
 
 def plot_cyclic_shift_mask(model: SwinTransformer, path: str) -> Dict[str, Any]:
@@ -758,23 +876,38 @@ def plot_cyclic_shift_mask(model: SwinTransformer, path: str) -> Dict[str, Any]:
     _show_ids(ax1, after)
     _grid(ax1, H, W, M, 0)
     _label_regions(ax1, after, names)
-    ax1.set_title(f"After the cyclic shift torch.roll(-{s}, -{s}):\n{nH * nW_} regular windows, some mixing regions",
-                  fontsize=10)
+    ax1.set_title(
+        f"After the cyclic shift torch.roll(-{s}, -{s}):\n{nH * nW_} regular windows, some mixing regions", fontsize=10
+    )
     inner = outer[2].subgridspec(nH, nW_, wspace=0.08, hspace=0.08)
     drawn = []
     for w in range(nH * nW_):
         ax = fig.add_subplot(inner[w // nW_, w % nW_])
-        im = ax.imshow(model_mask[w].numpy(), cmap="gray", vmin=float(model_mask.min()), vmax=0, interpolation="nearest")
+        im = ax.imshow(
+            model_mask[w].numpy(), cmap="gray", vmin=float(model_mask.min()), vmax=0, interpolation="nearest"
+        )
         drawn.append(np.asarray(im.get_array()))
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_title(f"window {w}" if w else "mask, window 0", fontsize=8, pad=2)
-    fig.text(0.99, 0.02, f"mask: block.attention_mask({H}, {W}) = shift_attention_mask, {M * M}×{M * M} per window; "
-             f"white 0 = attend, black {float(model_mask.min()):g} = blocked", ha="right", fontsize=8)
+    fig.text(
+        0.99,
+        0.02,
+        f"mask: block.attention_mask({H}, {W}) = shift_attention_mask, {M * M}×{M * M} per window; "
+        f"white 0 = attend, black {float(model_mask.min()):g} = blocked",
+        ha="right",
+        fontsize=8,
+    )
     fig.suptitle(f"Cyclic shift and masked attention (Swin paper Fig. 4) — {g.note}", fontsize=11)
     _save(fig, path)
-    return {"labels_before": before.numpy(), "labels_after": after.numpy(), "mask": np.stack(drawn),
-            "model_mask": model_mask.numpy(), "labels_agree": agree, "geometry": g}
+    return {
+        "labels_before": before.numpy(),
+        "labels_after": after.numpy(),
+        "mask": np.stack(drawn),
+        "model_mask": model_mask.numpy(),
+        "labels_agree": agree,
+        "geometry": g,
+    }
 
 
 def _block(model: SwinTransformer, block: BlockId) -> WindowBlockBase:
@@ -790,8 +923,9 @@ def _check_head(blk: WindowBlockBase, head: int) -> None:
         raise UserError(f"--head {head} does not exist; this block has heads 0..{blk.num_heads - 1}")
 
 
-def plot_relative_position(model: SwinTransformer, path: str, block: BlockId = (1, 1), head: int = 0,
-                           weights: str = "random init") -> Dict[str, Any]:
+def plot_relative_position(
+    model: SwinTransformer, path: str, block: BlockId = (1, 1), head: int = 0, weights: str = "random init"
+) -> Dict[str, Any]:
     """The relative position index (M²×M²) of a block and one head's bias B = relative_position_bias()[head],
     also as its (2M-1)×(2M-1) table over offsets (Δy, Δx).
 
@@ -811,8 +945,9 @@ def plot_relative_position(model: SwinTransformer, path: str, block: BlockId = (
     axes = fig.subplots(1, 3)
     im0 = axes[0].imshow(index.numpy(), cmap="viridis", interpolation="nearest")
     fig.colorbar(im0, ax=axes[0], fraction=0.046)
-    axes[0].set_title(f"relative_position_index ({M * M}×{M * M})\nrow into the (2M-1)² = {(2 * M - 1) ** 2}-row table",
-                      fontsize=10)
+    axes[0].set_title(
+        f"relative_position_index ({M * M}×{M * M})\nrow into the (2M-1)² = {(2 * M - 1) ** 2}-row table", fontsize=10
+    )
     out: Dict[str, Any] = {"index": np.asarray(im0.get_array()), "kind": "none"}
     if v2 or attn.use_rpb:
         with torch.no_grad():
@@ -827,8 +962,10 @@ def plot_relative_position(model: SwinTransformer, path: str, block: BlockId = (
             cmap, lim = "magma", (0.0, CPB_BIAS_SCALE)
             bias_title = f"B = relative_position_bias()[{head}] = 16·σ(cpb_mlp(Δ̂)) ({M * M}×{M * M}), range 0..16"
             # On the fixed range a barely trained MLP (≈8 everywhere) looks flat: say what it spans.
-            table_title = (f"bias_table()[:, {head}] = 16·σ(cpb_mlp(log-spaced Δ̂)), values {float(table.min()):.2f}..{float(table.max()):.2f}\n"
-                           f"as a {2 * M - 1}×{2 * M - 1} grid of offsets (computed by the MLP, not learned)")
+            table_title = (
+                f"bias_table()[:, {head}] = 16·σ(cpb_mlp(log-spaced Δ̂)), values {float(table.min()):.2f}..{float(table.max()):.2f}\n"
+                f"as a {2 * M - 1}×{2 * M - 1} grid of offsets (computed by the MLP, not learned)"
+            )
         else:
             m = float(bias.abs().max()) or 1.0
             cmap, lim = "RdBu_r", (-m, m)
@@ -837,14 +974,24 @@ def plot_relative_position(model: SwinTransformer, path: str, block: BlockId = (
         im1 = axes[1].imshow(bias.numpy(), cmap=cmap, vmin=lim[0], vmax=lim[1], interpolation="nearest")
         fig.colorbar(im1, ax=axes[1], fraction=0.046)
         axes[1].set_title(bias_title, fontsize=10)
-        im2 = axes[2].imshow(table.numpy(), cmap=cmap, vmin=lim[0], vmax=lim[1], interpolation="nearest",
-                             extent=(-(M - 1) - 0.5, M - 1 + 0.5, M - 1 + 0.5, -(M - 1) - 0.5))
+        im2 = axes[2].imshow(
+            table.numpy(),
+            cmap=cmap,
+            vmin=lim[0],
+            vmax=lim[1],
+            interpolation="nearest",
+            extent=(-(M - 1) - 0.5, M - 1 + 0.5, M - 1 + 0.5, -(M - 1) - 0.5),
+        )
         fig.colorbar(im2, ax=axes[2], fraction=0.046)
         axes[2].set_xlabel("Δx (query − key)")
         axes[2].set_ylabel("Δy (query − key)")
         axes[2].set_title(table_title, fontsize=10)
-        out.update(bias=np.asarray(im1.get_array()), table=np.asarray(im2.get_array()), clim=lim,
-                   kind="mlp" if v2 else "learned")
+        out.update(
+            bias=np.asarray(im1.get_array()),
+            table=np.asarray(im2.get_array()),
+            clim=lim,
+            kind="mlp" if v2 else "learned",
+        )
     else:
         for ax in axes[1:]:
             ax.axis("off")
@@ -852,8 +999,11 @@ def plot_relative_position(model: SwinTransformer, path: str, block: BlockId = (
     for ax in axes[:2]:
         ax.set_xlabel("key token")
         ax.set_ylabel("query token")
-    what = ("Continuous position bias (Swin V2 Eq. 3–4: log-spaced offsets → MLP → 16·σ)" if v2
-            else "Relative position bias (Swin paper Eq. 4)")
+    what = (
+        "Continuous position bias (Swin V2 Eq. 3–4: log-spaced offsets → MLP → 16·σ)"
+        if v2
+        else "Relative position bias (Swin paper Eq. 4)"
+    )
     fig.suptitle(f"{what}, block {block[0]}.{block[1]}, M={M}, head {head}, weights: {weights}", fontsize=11)
     _save(fig, path)
     return out
@@ -868,8 +1018,9 @@ def _query_windows(query: Tuple[int, int], padded_hw: Tuple[int, int], M: int, s
     return int(w[0]), int(n[0])
 
 
-def attention_heatmap(block_maps: Dict[str, Any], head: int, query: Tuple[int, int], image_index: int = 0,
-                      window_only: bool = False) -> np.ndarray:
+def attention_heatmap(
+    block_maps: Dict[str, Any], head: int, query: Tuple[int, int], image_index: int = 0, window_only: bool = False
+) -> np.ndarray:
     """The attention of one query token over the keys of its window, placed on the (unpadded) map:
     the row of the map is put back through the window reverse + unshift. With ``window_only`` the
     result is instead 1 on the tokens of the query's window (masked keys included), 0 elsewhere."""
@@ -904,9 +1055,16 @@ def denormalize(image: torch.Tensor) -> np.ndarray:
     return (image * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
 
 
-def plot_attention(model: SwinTransformer, image: torch.Tensor, path: str, block: BlockId, head: int = 0,
-                   queries: Optional[Sequence[Tuple[int, int]]] = None, class_names: Optional[Sequence[str]] = None,
-                   title: str = "") -> Dict[str, Any]:
+def plot_attention(
+    model: SwinTransformer,
+    image: torch.Tensor,
+    path: str,
+    block: BlockId,
+    head: int = 0,
+    queries: Optional[Sequence[Tuple[int, int]]] = None,
+    class_names: Optional[Sequence[str]] = None,
+    title: str = "",
+) -> Dict[str, Any]:
     """Attention maps of ``block``/``head`` for a few query tokens, upsampled on top of ``image``
     (3, H, W, already preprocessed), plus the full N×N map of the first query's window.
 
@@ -959,37 +1117,57 @@ def plot_attention(model: SwinTransformer, image: torch.Tensor, path: str, block
 
     axes[0].imshow(img, extent=extent)
     window_lines(axes[0])
-    axes[0].set_title(f"input {ih}×{iw}; block {block[0]}.{block[1]} windows\n({H}×{W} tokens, M={M}, shift {s})", fontsize=9)
+    axes[0].set_title(
+        f"input {ih}×{iw}; block {block[0]}.{block[1]} windows\n({H}×{W} tokens, M={M}, shift {s})", fontsize=9
+    )
     for i, (q, heat) in enumerate(zip(queries, heatmaps)):
         ax = axes[1 + i]
         ax.imshow(img.mean(axis=2), cmap="gray", extent=extent)
         inside = attention_heatmap(bm, head, q, window_only=True) > 0
         blocked = inside & (heat < 1e-20)  # keys the shift mask hides from this query
-        ax.imshow(np.ma.masked_where(~inside | blocked, heat), cmap="inferno", alpha=0.7, extent=extent,
-                  interpolation="nearest", vmin=0, vmax=float(heat.max()) or 1.0)
+        ax.imshow(
+            np.ma.masked_where(~inside | blocked, heat),
+            cmap="inferno",
+            alpha=0.7,
+            extent=extent,
+            interpolation="nearest",
+            vmin=0,
+            vmax=float(heat.max()) or 1.0,
+        )
         if blocked.any():
             from matplotlib.colors import ListedColormap
 
-            ax.imshow(np.ma.masked_where(~blocked, blocked.astype(float)), cmap=ListedColormap(["#3b6cff"]), alpha=0.55,
-                      extent=extent, interpolation="nearest")
+            ax.imshow(
+                np.ma.masked_where(~blocked, blocked.astype(float)),
+                cmap=ListedColormap(["#3b6cff"]),
+                alpha=0.55,
+                extent=extent,
+                interpolation="nearest",
+            )
         window_lines(ax)
         ax.add_patch(_rect(q[1] * sx, q[0] * sy, sx, sy))
-        ax.set_title(f"query token ({q[0]}, {q[1]}): attention over its window\n"
-                     f"max {heat.max():.2f}" + (", blue = masked keys" if blocked.any() else ""), fontsize=9)
+        ax.set_title(
+            f"query token ({q[0]}, {q[1]}): attention over its window\n"
+            f"max {heat.max():.2f}" + (", blue = masked keys" if blocked.any() else ""),
+            fontsize=9,
+        )
     ax = axes[1 + len(queries)]
     im = ax.imshow(window_map, cmap="inferno", interpolation="nearest")
     fig.colorbar(im, ax=ax, fraction=0.046)
     ax.set_title(f"all {M * M}×{M * M} maps of the first query's window #{w0}", fontsize=9)
     ax.set_xlabel("key token")
     ax.set_ylabel("query token")
-    for a in axes[:1 + len(queries)]:
+    for a in axes[: 1 + len(queries)]:
         a.set_xticks([])
         a.set_yticks([])
     kind = "SW-MSA" if s else "W-MSA"
     if bm["cosine"]:
         kind += f", scaled cosine attention, 1/τ = {float(bm['logit_scales'][head]):.3g}"
-    fig.suptitle(f"{title + ': ' if title else ''}attention of block {block[0]}.{block[1]} ({kind}), head {head}; "
-                 f"predicted {cls_name} ({100 * p:.1f}%)", fontsize=11)
+    fig.suptitle(
+        f"{title + ': ' if title else ''}attention of block {block[0]}.{block[1]} ({kind}), head {head}; "
+        f"predicted {cls_name} ({100 * p:.1f}%)",
+        fontsize=11,
+    )
     _save(fig, path)
     return {"heatmaps": heatmaps, "queries": queries, "window_map": window_map, "window": w0, "prediction": (cls, p)}
 
@@ -1037,11 +1215,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--cfg", help="config YAML (default with --resume: the config stored in the checkpoint)")
     p.add_argument("--opts", nargs="+", default=None, help="config overrides: KEY VALUE pairs")
     p.add_argument("--img-size", type=int, help="input size to walk (default DATA.IMG_SIZE)")
-    p.add_argument("--out", default=os.path.join("output", "explain"), help="folder for the pictures (default output/explain)")
+    p.add_argument(
+        "--out", default=os.path.join("output", "explain"), help="folder for the pictures (default output/explain)"
+    )
     p.add_argument("--resume", help="checkpoint whose weights to use (bias picture, attention maps)")
     p.add_argument("--image", help="image to walk and draw attention maps for (needs --resume)")
-    p.add_argument("--block", help="STAGE.BLOCK counted from 1 for the bias and attention pictures "
-                                   "(default: the first shifted block of stage 1)")
+    p.add_argument(
+        "--block",
+        help="STAGE.BLOCK counted from 1 for the bias and attention pictures "
+        "(default: the first shifted block of stage 1)",
+    )
     p.add_argument("--head", type=int, default=0, help="attention head, counted from 0 (default 0)")
     p.add_argument("--queries", nargs="+", help="query tokens ROW,COL on the block's map for attention.png")
     p.add_argument("--no-pictures", action="store_true", help="print the walk only")
@@ -1102,11 +1285,21 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         plot_relative_position(model, os.path.join(out, "relative_position.png"), block, args.head, weights)
         written["relative_position"] = os.path.join(out, "relative_position.png")
         if args.image:
-            info = plot_attention(model, images[0], os.path.join(out, "attention.png"), block, args.head,
-                                  parse_queries(args.queries), class_names, title=os.path.basename(args.image))
+            info = plot_attention(
+                model,
+                images[0],
+                os.path.join(out, "attention.png"),
+                block,
+                args.head,
+                parse_queries(args.queries),
+                class_names,
+                title=os.path.basename(args.image),
+            )
             written["attention"] = os.path.join(out, "attention.png")
-            print(f"\nprediction for {args.image}: {class_names[info['prediction'][0]] if class_names else info['prediction'][0]} "
-                  f"({100 * info['prediction'][1]:.1f}%)")
+            print(
+                f"\nprediction for {args.image}: {class_names[info['prediction'][0]] if class_names else info['prediction'][0]} "
+                f"({100 * info['prediction'][1]:.1f}%)"
+            )
         print()
         for path in written.values():
             print(f"wrote {path}")

@@ -7,6 +7,7 @@ so ``--pretrained swin_demo.safetensors`` and ``scripts/predict.py`` work from i
 checkpoints alike: buffers derived from the window (``relative_position_index``, V2's
 ``relative_coords_table``, ``attn_mask``) are left out, as every loader rebuilds them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,9 @@ from models.pretrained import DERIVED_KEYS, extract_state_dict  # noqa: E402
 def export(checkpoint_path: str, out_path: str) -> int:
     """Write ``checkpoint_path``'s weights to ``out_path``; returns the number of tensors."""
     checkpoint = load_checkpoint_file(checkpoint_path)
-    state = {k: v.contiguous() for k, v in extract_state_dict(checkpoint).items() if k.rsplit(".", 1)[-1] not in DERIVED_KEYS}
+    state = {
+        k: v.contiguous() for k, v in extract_state_dict(checkpoint).items() if k.rsplit(".", 1)[-1] not in DERIVED_KEYS
+    }
     meta = {"format": "pt"}
     if isinstance(checkpoint.get("config"), str):
         meta["config"] = checkpoint["config"]

@@ -10,6 +10,7 @@ Parameters and FLOPs (multiply-accumulates, the paper's "FLOPs") come from model
 when available, else CPU; ``--device`` overrides) and times eval-mode forward passes of random
 images with ``timing.time_images_per_second``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,16 +44,35 @@ VARIANTS = [
     ("V2S16", "SwinV2-S", "swinv2/swinv2_small_patch4_window16_256.yaml", 49_728_418, 12.6, 257.0),
     ("V2B8", "SwinV2-B", "swinv2/swinv2_base_patch4_window8_256.yaml", 87_918_816, 20.3, 217.0),
     ("V2B16", "SwinV2-B", "swinv2/swinv2_base_patch4_window16_256.yaml", 87_918_816, 21.8, 174.0),
-    ("V2B384", "SwinV2-B 384", "swinv2/swinv2_base_patch4_window12to24_192to384_22kto1k_ft.yaml", 87_918_816, 54.7, None),
+    (
+        "V2B384",
+        "SwinV2-B 384",
+        "swinv2/swinv2_base_patch4_window12to24_192to384_22kto1k_ft.yaml",
+        87_918_816,
+        54.7,
+        None,
+    ),
     ("V2L16", "SwinV2-L", "swinv2/swinv2_large_patch4_window12to16_192to256_22kto1k_ft.yaml", 196_739_932, 47.5, None),
-    ("V2L384", "SwinV2-L 384", "swinv2/swinv2_large_patch4_window12to24_192to384_22kto1k_ft.yaml", 196_739_932, 115.4, None),
+    (
+        "V2L384",
+        "SwinV2-L 384",
+        "swinv2/swinv2_large_patch4_window12to24_192to384_22kto1k_ft.yaml",
+        196_739_932,
+        115.4,
+        None,
+    ),
 ]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="+", default=[v[0] for v in VARIANTS], choices=[v[0] for v in VARIANTS],
-                   help="which rows (default: all)")
+    p.add_argument(
+        "--models",
+        nargs="+",
+        default=[v[0] for v in VARIANTS],
+        choices=[v[0] for v in VARIANTS],
+        help="which rows (default: all)",
+    )
     p.add_argument("--throughput", action="store_true", help="also time forward passes on the device")
     p.add_argument("--batch-size", type=int, default=8, help="images per timed forward (default 8)")
     p.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu' or 'cuda'")
@@ -121,7 +141,9 @@ def main(argv=None) -> list:
         rows.append(row)
         print_row(row, header=len(rows) == 1, throughput=args.throughput)
     if args.throughput and rows:
-        print(f"\nthroughput: eval forward, batch {args.batch_size}, {'AMP' if args.amp else 'fp32'}, on {rows[0]['device']}")
+        print(
+            f"\nthroughput: eval forward, batch {args.batch_size}, {'AMP' if args.amp else 'fp32'}, on {rows[0]['device']}"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
@@ -135,8 +157,10 @@ def print_row(row: dict, header: bool, throughput: bool) -> None:
     if header:
         print(cols)
         print("-" * len(cols))
-    line = (f"{row['model']:<13} {row['img_size']:>4} {row['window']:>3} {row['params']:>12,} {row['paper_params']:>12,} "
-            f"{row['gmacs']:>8.2f} {row['paper_gflops']:>7.2f}")
+    line = (
+        f"{row['model']:<13} {row['img_size']:>4} {row['window']:>3} {row['params']:>12,} {row['paper_params']:>12,} "
+        f"{row['gmacs']:>8.2f} {row['paper_gflops']:>7.2f}"
+    )
     if throughput:
         paper = row["paper_v100_img_s"]
         line += f" {row['img_s']:>9.1f} " + (f"{paper:>10.1f}" if paper is not None else f"{'-':>10}")

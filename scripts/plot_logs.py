@@ -8,6 +8,7 @@ run. The scalars come from the TensorBoard event files ``main.py`` writes under
 ``OUTPUT_DIR/tensorboard`` (train/loss, train/lr, train/grad_norm, val/acc1, val/acc5); without
 event files the ``log_rank0.txt`` lines are parsed instead. Default output: OUTPUT_DIR/curves.png.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,7 +72,9 @@ def read_event_scalars(output_dir: str) -> Dict[str, Series]:
 
 
 _NUM = r"([-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|nan|inf))"
-_TRAIN_RE = re.compile(r"Train: \[(\d+)/\d+\]\[(\d+)/(\d+)\].*?\blr " + _NUM + r".*?\bloss " + _NUM + r" \(.*?\bgrad_norm " + _NUM)
+_TRAIN_RE = re.compile(
+    r"Train: \[(\d+)/\d+\]\[(\d+)/(\d+)\].*?\blr " + _NUM + r".*?\bloss " + _NUM + r" \(.*?\bgrad_norm " + _NUM
+)
 _VAL_RE = re.compile(r"\* Acc@1 " + _NUM + r" Acc@5 " + _NUM)
 
 
@@ -107,7 +110,9 @@ def read_scalars(output_dir: str) -> Tuple[Dict[str, Series], str]:
         return scalars, "tensorboard"
     folder = _single(_dirs_with(output_dir, lambda f: f == LOG_NAME), LOG_NAME, output_dir)
     if folder is None:
-        raise UserError(f"{output_dir} holds neither TensorBoard event files nor {LOG_NAME}; pass a run's output folder")
+        raise UserError(
+            f"{output_dir} holds neither TensorBoard event files nor {LOG_NAME}; pass a run's output folder"
+        )
     path = os.path.join(folder, LOG_NAME)
     scalars = parse_log(path)
     if not scalars:
@@ -149,7 +154,9 @@ def plot_curves(scalars: Dict[str, Series], out_path: str, title: str = "") -> s
             ax.legend()
             last = scalars.get("val/acc1")
             if last:
-                ax.annotate(f"{last[-1][1]:.1f}%", xy=last[-1], xytext=(-10, -18), textcoords="offset points", fontsize=9)
+                ax.annotate(
+                    f"{last[-1][1]:.1f}%", xy=last[-1], xytext=(-10, -18), textcoords="offset points", fontsize=9
+                )
     if title:
         fig.suptitle(title)
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)

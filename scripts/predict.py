@@ -14,6 +14,7 @@ ships; else the class indices. ``--json`` prints
 A missing path, a folder without images or an unreadable image or checkpoint is a one-line
 error and exit status 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -130,17 +131,22 @@ def load_weights(model: nn.Module, checkpoint: Dict[str, Any], path: str = "chec
     report = LoadReport()
     weights = adapt_state_dict(model, extract_state_dict(checkpoint), report)
     if report.head not in ("loaded", "mapped-22k-to-1k"):
-        raise UserError(f"{path} has no classifier for this model's {getattr(model, 'num_classes', '?')} classes; "
-                        f"train or fine-tune one first")
+        raise UserError(
+            f"{path} has no classifier for this model's {getattr(model, 'num_classes', '?')} classes; "
+            f"train or fine-tune one first"
+        )
     result = model.load_state_dict(weights, strict=False)
     if result.missing_keys:
-        raise UserError(f"{path} lacks {len(result.missing_keys)} weights of this model "
-                        f"(e.g. {result.missing_keys[:3]}); check --cfg")
+        raise UserError(
+            f"{path} lacks {len(result.missing_keys)} weights of this model "
+            f"(e.g. {result.missing_keys[:3]}); check --cfg"
+        )
     logger.info("loaded %s (%d tensors, head %s)", path, len(weights), report.head)
 
 
-def load_classifier(resume: str, cfg: Optional[str] = None, opts: Optional[Sequence[str]] = None,
-                    device: torch.device | str = "cpu") -> tuple:
+def load_classifier(
+    resume: str, cfg: Optional[str] = None, opts: Optional[Sequence[str]] = None, device: torch.device | str = "cpu"
+) -> tuple:
     """(model in eval mode on ``device``, config, class names) for checkpoint ``resume``."""
     from checkpoint import load_checkpoint_file
     from config import config_from_yaml_text, get_config
@@ -176,8 +182,15 @@ def _read(path: str, transform: Callable) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, transform: Callable, paths: Sequence[str], class_names: Optional[Sequence[str]] = None,
-            topk: int = 5, batch_size: int = 32, autocast: Optional[Callable[[], ContextManager[Any]]] = None) -> List[Dict[str, Any]]:
+def predict(
+    model: nn.Module,
+    transform: Callable,
+    paths: Sequence[str],
+    class_names: Optional[Sequence[str]] = None,
+    topk: int = 5,
+    batch_size: int = 32,
+    autocast: Optional[Callable[[], ContextManager[Any]]] = None,
+) -> List[Dict[str, Any]]:
     """Top-``topk`` classes of each image, in batches of ``batch_size``.
 
     Returns ``[{"path": p, "top": [{"class": name, "index": i, "prob": p}, ...]}, ...]`` in the
@@ -192,18 +205,27 @@ def predict(model: nn.Module, transform: Callable, paths: Sequence[str], class_n
     device = next(model.parameters()).device
     results: List[Dict[str, Any]] = []
     for start in range(0, len(paths), batch_size):
-        chunk = list(paths[start:start + batch_size])
+        chunk = list(paths[start : start + batch_size])
         images = torch.stack([_read(p, transform) for p in chunk]).to(device)
-        with (autocast() if autocast is not None else contextlib.nullcontext()):
+        with autocast() if autocast is not None else contextlib.nullcontext():
             logits = model(images)
         probs = logits.float().softmax(dim=-1)
         k = min(topk, probs.shape[-1])
         top_p, top_i = probs.topk(k, dim=-1)
         for path, ps, idx in zip(chunk, top_p.tolist(), top_i.tolist()):
-            results.append({"path": path, "top": [
-                {"class": class_names[i] if class_names is not None else str(i), "index": int(i), "prob": float(p)}
-                for p, i in zip(ps, idx)
-            ]})
+            results.append(
+                {
+                    "path": path,
+                    "top": [
+                        {
+                            "class": class_names[i] if class_names is not None else str(i),
+                            "index": int(i),
+                            "prob": float(p),
+                        }
+                        for p, i in zip(ps, idx)
+                    ],
+                }
+            )
     return results
 
 
@@ -220,14 +242,18 @@ def format_predictions(results: Sequence[Dict[str, Any]]) -> str:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and/or folders (searched recursively)")
+    p.add_argument(
+        "inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and/or folders (searched recursively)"
+    )
     p.add_argument("--resume", required=True, help="checkpoint to load (a main.py checkpoint or released weights)")
     p.add_argument("--cfg", help="config YAML (default: the config stored in the checkpoint)")
     p.add_argument("--opts", nargs="+", default=None, help="config overrides: KEY VALUE pairs")
     p.add_argument("--topk", type=int, default=5, help="classes to show per image (default 5)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of text")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device (default auto: CUDA when available)")
+    p.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="device (default auto: CUDA when available)"
+    )
     return p.parse_args(argv)
 
 
@@ -239,8 +265,15 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
     env = init_distributed(args.device)
     model, config, class_names = load_classifier(args.resume, args.cfg, args.opts, env.device)
     transform = build_transform(False, config)
-    results = predict(model, transform, paths, class_names, topk=args.topk, batch_size=args.batch_size,
-                      autocast=lambda: autocast_context(env.device, config.AMP_ENABLE, config.AMP_DTYPE))
+    results = predict(
+        model,
+        transform,
+        paths,
+        class_names,
+        topk=args.topk,
+        batch_size=args.batch_size,
+        autocast=lambda: autocast_context(env.device, config.AMP_ENABLE, config.AMP_DTYPE),
+    )
     print(json.dumps(results, indent=1) if args.json else format_predictions(results))
     return results
 

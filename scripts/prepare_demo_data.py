@@ -8,6 +8,7 @@ from 0..16 to 0..255, upsampled to size x size with bicubic interpolation and sa
 A marker file records the settings; a second run with the same settings and all files present
 does nothing (use --force to rewrite).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,9 +40,7 @@ def split_indices(targets: np.ndarray, val_fraction: float, seed: int) -> dict[s
     """Stratified train/val split of ``range(len(targets))``, sorted within each split."""
     from sklearn.model_selection import train_test_split
 
-    train, val = train_test_split(
-        np.arange(len(targets)), test_size=val_fraction, random_state=seed, stratify=targets
-    )
+    train, val = train_test_split(np.arange(len(targets)), test_size=val_fraction, random_state=seed, stratify=targets)
     return {"train": np.sort(train), "val": np.sort(val)}
 
 
@@ -91,8 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         splits = split_indices(targets, args.val_fraction, args.seed)
     except ValueError as e:
-        print(f"error: cannot split the digits with --val-fraction {args.val_fraction} ({e}); "
-              f"use a value such as 0.2", file=sys.stderr)
+        print(
+            f"error: cannot split the digits with --val-fraction {args.val_fraction} ({e}); use a value such as 0.2",
+            file=sys.stderr,
+        )
         return 2
     expected = {split: int(len(idx)) for split, idx in splits.items()}
     settings = {"size": args.size, "val_fraction": args.val_fraction, "seed": args.seed, "counts": expected}
@@ -101,15 +102,19 @@ def main(argv: list[str] | None = None) -> int:
     has_marker = os.path.isfile(marker_path)
     if os.path.isdir(args.out) and os.listdir(args.out) and not has_marker:
         # Never delete or mix into a folder this script did not write.
-        print(f"error: {args.out} already holds files not written by this script; "
-              f"choose an empty or new --out folder", file=sys.stderr)
+        print(
+            f"error: {args.out} already holds files not written by this script; choose an empty or new --out folder",
+            file=sys.stderr,
+        )
         return 2
     if has_marker and not args.force:
         with open(marker_path) as f:
             previous = json.load(f)
         if previous == settings and count_pngs(args.out) == expected:
-            print(f"{args.out} already holds {expected['train']} train and {expected['val']} val images "
-                  f"with these settings; nothing to do (use --force to rewrite)")
+            print(
+                f"{args.out} already holds {expected['train']} train and {expected['val']} val images "
+                f"with these settings; nothing to do (use --force to rewrite)"
+            )
             return 0
     if has_marker:
         remove_previous(args.out)
@@ -122,8 +127,10 @@ def main(argv: list[str] | None = None) -> int:
             to_image(digits.images[i], args.size).save(path)
     with open(marker_path, "w") as f:
         json.dump(settings, f)
-    print(f"wrote {expected['train']} train and {expected['val']} val images "
-          f"(10 classes, {args.size}x{args.size} RGB PNG) to {args.out}")
+    print(
+        f"wrote {expected['train']} train and {expected['val']} val images "
+        f"(10 classes, {args.size}x{args.size} RGB PNG) to {args.out}"
+    )
     return 0
 
 

@@ -1,4 +1,5 @@
 """Shared fixtures: the demo dataset (written once per session) and a tiny Swin config."""
+
 from __future__ import annotations
 
 import os
@@ -16,8 +17,11 @@ DEMO_CFG = os.path.join(ROOT, "configs", "demo", "swin_demo_digits.yaml")
 def demo_data(tmp_path_factory) -> str:
     """The digits ImageFolder that `make demo` trains on, written by the real script."""
     out = tmp_path_factory.mktemp("digits") / "demo_data"
-    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "prepare_demo_data.py"), "--out", str(out)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "prepare_demo_data.py"), "--out", str(out)],
+        check=True,
+        capture_output=True,
+    )
     return str(out)
 
 
@@ -34,8 +38,16 @@ def small_data(demo_data: str, tmp_path_factory) -> str:
     return str(dst)
 
 
-def run_main(args: list[str], cwd: str | None = None, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_main(
+    args: list[str], cwd: str | None = None, env: dict | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
     """Run main.py as a user would; returns the completed process (stdout+stderr captured)."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *args], cwd=cwd or ROOT, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "main.py"), *args],
+        cwd=cwd or ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

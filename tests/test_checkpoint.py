@@ -1,4 +1,5 @@
 """Checkpoint writing, safe loading, rotation, resume discovery and RNG round trips (CPU, fast)."""
+
 from __future__ import annotations
 
 import logging

@@ -1,4 +1,5 @@
 """The config system: defaults once, YAML inheritance, --opts overrides, clear refusals."""
+
 from __future__ import annotations
 
 import argparse
@@ -64,7 +65,10 @@ def test_official_release_style_yaml_loads_unchanged(tmp_path):
 
 
 def test_opts_override_file_values():
-    c = get_config(os.path.join(ROOT, "configs", "swin_tiny.yaml"), ["TRAIN.EPOCHS", "3", "MODEL.SWIN.DEPTHS", "[1,1,1,1]", "TRAIN.CLIP_GRAD", "0"])
+    c = get_config(
+        os.path.join(ROOT, "configs", "swin_tiny.yaml"),
+        ["TRAIN.EPOCHS", "3", "MODEL.SWIN.DEPTHS", "[1,1,1,1]", "TRAIN.CLIP_GRAD", "0"],
+    )
     assert c.TRAIN.EPOCHS == 3 and list(c.MODEL.SWIN.DEPTHS) == [1, 1, 1, 1] and c.TRAIN.CLIP_GRAD == 0.0
 
 
@@ -96,12 +100,36 @@ def test_odd_number_of_opts_is_refused():
 
 
 def test_cli_flags_land_on_the_official_keys(tmp_path):
-    args = parse_args([
-        "--cfg", os.path.join(ROOT, "configs", "swin_tiny.yaml"), "--batch-size", "32", "--data-path", "/d",
-        "--accumulation-steps", "2", "--use-checkpoint", "--disable_amp", "--output", str(tmp_path), "--tag", "t",
-        "--eval", "--throughput", "--fused_window_process", "--optim", "sgd", "--resume", "r.pth", "--pretrained", "p.pth",
-        "--zip", "--cache-mode", "full",
-    ])
+    args = parse_args(
+        [
+            "--cfg",
+            os.path.join(ROOT, "configs", "swin_tiny.yaml"),
+            "--batch-size",
+            "32",
+            "--data-path",
+            "/d",
+            "--accumulation-steps",
+            "2",
+            "--use-checkpoint",
+            "--disable_amp",
+            "--output",
+            str(tmp_path),
+            "--tag",
+            "t",
+            "--eval",
+            "--throughput",
+            "--fused_window_process",
+            "--optim",
+            "sgd",
+            "--resume",
+            "r.pth",
+            "--pretrained",
+            "p.pth",
+            "--zip",
+            "--cache-mode",
+            "full",
+        ]
+    )
     c = config_from_args(args)
     assert (c.DATA.BATCH_SIZE, c.DATA.DATA_PATH, c.TRAIN.ACCUMULATION_STEPS) == (32, "/d", 2)
     assert c.TRAIN.USE_CHECKPOINT and not c.AMP_ENABLE and c.EVAL_MODE and c.THROUGHPUT_MODE and c.FUSED_WINDOW_PROCESS

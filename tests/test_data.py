@@ -1,4 +1,5 @@
 """Data package: transforms, datasets and their errors, unreadable images, samplers, loaders, demo data."""
+
 from __future__ import annotations
 
 import json
@@ -449,8 +450,18 @@ def _epoch_images(config, epoch: int, start_index: int = 0) -> torch.Tensor:
 
 def test_training_augmentation_is_the_same_with_any_worker_count_and_after_a_mid_epoch_resume(tiny_root):
     # RandAugment + random crop/flip + random erasing: torch, Python and NumPy RNGs all drawn.
-    aug = ["DATA.DATA_PATH", tiny_root, "DATA.BATCH_SIZE", "2", "DATA.IMG_SIZE", "32", "AUG.REPROB", "0.5",
-           "AUG.AUTO_AUGMENT", "rand-m9-mstd0.5-inc1"]
+    aug = [
+        "DATA.DATA_PATH",
+        tiny_root,
+        "DATA.BATCH_SIZE",
+        "2",
+        "DATA.IMG_SIZE",
+        "32",
+        "AUG.REPROB",
+        "0.5",
+        "AUG.AUTO_AUGMENT",
+        "rand-m9-mstd0.5-inc1",
+    ]
     no_workers = _epoch_images(cfg(*aug), epoch=1)
     torch.manual_seed(123)  # the caller's RNG state must not matter either
     two_workers = _epoch_images(cfg(*aug, "DATA.NUM_WORKERS", "2"), epoch=1)
@@ -534,7 +545,9 @@ def test_batch_larger_than_train_share_raises_one_line_user_error(tiny_root):
 def run_prepare(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(REPO / "scripts" / "prepare_demo_data.py"), *args],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 

@@ -3,6 +3,7 @@
 Both tests start real process groups in subprocesses (2 ranks on 2 CPU cores) with a tiny Swin
 (embed 16, 32x32 inputs) so they stay fast; each process uses one intra-op thread.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,9 +23,26 @@ DEMO_BASE_LR = float(__import__("yaml").safe_load(open(DEMO_CFG))["TRAIN"]["BASE
 
 # Tiny, deterministic variant of the demo model (augmentation is off in the demo config already).
 TINY_OPTS = [
-    "DATA.IMG_SIZE", "32", "MODEL.SWIN.EMBED_DIM", "16", "MODEL.SWIN.NUM_HEADS", "[1,2,4,8]",
-    "MODEL.SWIN.DEPTHS", "[2,2,2,2]", "DATA.NUM_WORKERS", "0", "TRAIN.EPOCHS", "1", "TRAIN.WARMUP_EPOCHS", "0",
-    "AUG.COLOR_JITTER", "0.0", "MODEL.DROP_PATH_RATE", "0.0", "AMP_ENABLE", "False",
+    "DATA.IMG_SIZE",
+    "32",
+    "MODEL.SWIN.EMBED_DIM",
+    "16",
+    "MODEL.SWIN.NUM_HEADS",
+    "[1,2,4,8]",
+    "MODEL.SWIN.DEPTHS",
+    "[2,2,2,2]",
+    "DATA.NUM_WORKERS",
+    "0",
+    "TRAIN.EPOCHS",
+    "1",
+    "TRAIN.WARMUP_EPOCHS",
+    "0",
+    "AUG.COLOR_JITTER",
+    "0.0",
+    "MODEL.DROP_PATH_RATE",
+    "0.0",
+    "AMP_ENABLE",
+    "False",
 ]
 # One thread per process: 2 ranks on 2 cores, and identical kernels in every run.
 SUBPROCESS_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -132,8 +150,17 @@ def _max_diff(a: dict, b: dict) -> float:
 def test_two_gloo_ranks_with_batch_b_train_the_same_weights_as_one_process_with_batch_2b(tmp_path: Path) -> None:
     steps, global_batch, accums = 4, 8, (1, 2)
     script = tmp_path / "ddp_worker.py"
-    script.write_text(WORKER.format(root=str(ROOT), cfg=DEMO_CFG, opts=TINY_OPTS, out=str(tmp_path),
-                                    steps=steps, global_batch=global_batch, accums=accums))
+    script.write_text(
+        WORKER.format(
+            root=str(ROOT),
+            cfg=DEMO_CFG,
+            opts=TINY_OPTS,
+            out=str(tmp_path),
+            steps=steps,
+            global_batch=global_batch,
+            accums=accums,
+        )
+    )
     proc = subprocess.run([sys.executable, str(script)], env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
@@ -185,7 +212,9 @@ def _parse_eval(output: str) -> tuple[float, float, float, int]:
 
 
 @pytest.mark.slow
-def test_eval_on_two_gloo_ranks_reports_what_one_process_reports_for_an_odd_val_set(demo_data: str, tmp_path: Path) -> None:
+def test_eval_on_two_gloo_ranks_reports_what_one_process_reports_for_an_odd_val_set(
+    demo_data: str, tmp_path: Path
+) -> None:
     val_total = 15  # odd: 8 images on rank 0, 7 on rank 1, last batches partial
     data = _small_imagefolder(demo_data, tmp_path / "data", train_per_class=2, val_total=val_total)
 
@@ -199,15 +228,41 @@ def test_eval_on_two_gloo_ranks_reports_what_one_process_reports_for_an_odd_val_
     ckpt = tmp_path / "weights.pth"
     save_checkpoint(str(ckpt), {"model": model.state_dict(), "epoch": 0})
 
-    common = [str(ROOT / "main.py"), "--cfg", DEMO_CFG, "--data-path", str(data), "--batch-size", "4",
-              "--device", "cpu", "--eval", "--resume", str(ckpt), "--opts", *TINY_OPTS]
+    common = [
+        str(ROOT / "main.py"),
+        "--cfg",
+        DEMO_CFG,
+        "--data-path",
+        str(data),
+        "--batch-size",
+        "4",
+        "--device",
+        "cpu",
+        "--eval",
+        "--resume",
+        str(ckpt),
+        "--opts",
+        *TINY_OPTS,
+    ]
     # The one-process reference runs alongside the torchrun launch (both mostly start up).
-    single = subprocess.Popen([sys.executable, *common, "--output", str(tmp_path / "one")], env=_env(), cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    single = subprocess.Popen(
+        [sys.executable, *common, "--output", str(tmp_path / "one")],
+        env=_env(),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-        multi = subprocess.run([*launcher, *common, "--output", str(tmp_path / "two")], env=_env(), cwd=ROOT,
-                               capture_output=True, text=True, timeout=300)
+        multi = subprocess.run(
+            [*launcher, *common, "--output", str(tmp_path / "two")],
+            env=_env(),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     finally:
         single_out, single_err = single.communicate(timeout=300)
     assert single.returncode == 0, single_out[-3000:] + single_err[-3000:]

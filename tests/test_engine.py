@@ -1,4 +1,5 @@
 """The training loop's contract: learning, accumulation, non-finite losses, corrupt-image accounting."""
+
 from __future__ import annotations
 
 import logging
@@ -15,10 +16,32 @@ from lr_scheduler import build_scheduler
 from models import build_model
 from optimizer import build_optimizer
 
-TINY = ["DATA.IMG_SIZE", "32", "MODEL.SWIN.PATCH_SIZE", "2", "MODEL.SWIN.WINDOW_SIZE", "4", "MODEL.SWIN.EMBED_DIM", "16",
-        "MODEL.SWIN.NUM_HEADS", "[1,2,4,8]", "MODEL.SWIN.DEPTHS", "[2,2,2,2]", "MODEL.NUM_CLASSES", "5",
-        "MODEL.DROP_PATH_RATE", "0.0", "AMP_ENABLE", "False", "TRAIN.WARMUP_EPOCHS", "0", "TRAIN.EPOCHS", "10",
-        "PRINT_FREQ", "1000"]
+TINY = [
+    "DATA.IMG_SIZE",
+    "32",
+    "MODEL.SWIN.PATCH_SIZE",
+    "2",
+    "MODEL.SWIN.WINDOW_SIZE",
+    "4",
+    "MODEL.SWIN.EMBED_DIM",
+    "16",
+    "MODEL.SWIN.NUM_HEADS",
+    "[1,2,4,8]",
+    "MODEL.SWIN.DEPTHS",
+    "[2,2,2,2]",
+    "MODEL.NUM_CLASSES",
+    "5",
+    "MODEL.DROP_PATH_RATE",
+    "0.0",
+    "AMP_ENABLE",
+    "False",
+    "TRAIN.WARMUP_EPOCHS",
+    "0",
+    "TRAIN.EPOCHS",
+    "10",
+    "PRINT_FREQ",
+    "1000",
+]
 CPU = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), distributed=False)
 
 
@@ -47,8 +70,19 @@ def _hooks():
 
 def _epoch(config, model, optimizer, scheduler, scaler, loader, criterion=None, state=None):
     state = state or TrainState()
-    stats = train_one_epoch(config, model, criterion or nn.CrossEntropyLoss(), loader, optimizer, scheduler, scaler,
-                            None, CPU, state, _hooks())
+    stats = train_one_epoch(
+        config,
+        model,
+        criterion or nn.CrossEntropyLoss(),
+        loader,
+        optimizer,
+        scheduler,
+        scaler,
+        None,
+        CPU,
+        state,
+        _hooks(),
+    )
     return stats, state
 
 
@@ -117,8 +151,10 @@ def test_replaced_images_are_logged_once_and_counted_per_epoch(caplog):
         stats, state = _epoch(config, model, optimizer, scheduler, scaler, loader)
     assert stats["corrupt_images"] == 3
     named = [r.getMessage() for r in caplog.records if "unreadable image replaced" in r.getMessage()]
-    assert sorted(named) == ["unreadable image replaced by another sample: bad/a.png",
-                             "unreadable image replaced by another sample: bad/b.jpg"]
+    assert sorted(named) == [
+        "unreadable image replaced by another sample: bad/a.png",
+        "unreadable image replaced by another sample: bad/b.jpg",
+    ]
 
 
 def test_evaluate_counts_every_image_and_reports_top1_top5():

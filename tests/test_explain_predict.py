@@ -9,6 +9,7 @@ Swin V2 model checks the V2 walk (post-norm order, cosine attention maps against
 spelled out from the module's parameters, the MLP's bias table) and, saved as a checkpoint,
 explain, predict and export on it.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,22 @@ ACC_LINE = re.compile(r" \* Acc@1 ([\d.]+) Acc@5 ([\d.]+) loss ([\d.]+) images (
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # Shortest schedule measured to clear 90 % val accuracy with a margin on the digits demo (see
 # trained_demo): batch 16 at the demo's 5e-4 effective lr (BASE_LR is per 512 images), no drop path.
-DEMO_TRAIN_OPTS = ["TRAIN.EPOCHS", "6", "TRAIN.WARMUP_EPOCHS", "1", "DATA.NUM_WORKERS", "0",
-                   "DATA.BATCH_SIZE", "16", "TRAIN.BASE_LR", "1.6e-2", "MODEL.DROP_PATH_RATE", "0.0", "SAVE_FREQ", "100"]
+DEMO_TRAIN_OPTS = [
+    "TRAIN.EPOCHS",
+    "6",
+    "TRAIN.WARMUP_EPOCHS",
+    "1",
+    "DATA.NUM_WORKERS",
+    "0",
+    "DATA.BATCH_SIZE",
+    "16",
+    "TRAIN.BASE_LR",
+    "1.6e-2",
+    "MODEL.DROP_PATH_RATE",
+    "0.0",
+    "SAVE_FREQ",
+    "100",
+]
 # One thread, as measured: the run's numbers then repeat, and it stays fast on a busy machine.
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -82,8 +97,15 @@ def test_walk_of_swin_t_224_shows_the_papers_shapes(swin_t):
     merge = r("patch_merging", 1)
     assert (merge.shape_in, merge.shape_out) == ((1, 56, 56, 96), (1, 28, 28, 192))  # 3,136 → 784 tokens
     # Stage 4's 7×7 map is one window and never shifts (the release's rule).
-    assert [(b.info["num_windows"], b.info["shift_size"]) for b in result.records if b.step == "block" and b.stage == 4] == [(1, 0), (1, 0)]
-    assert [len([b for b in result.records if b.step == "block" and b.stage == s]) for s in (1, 2, 3, 4)] == [2, 2, 6, 2]
+    assert [
+        (b.info["num_windows"], b.info["shift_size"]) for b in result.records if b.step == "block" and b.stage == 4
+    ] == [(1, 0), (1, 0)]
+    assert [len([b for b in result.records if b.step == "block" and b.stage == s]) for s in (1, 2, 3, 4)] == [
+        2,
+        2,
+        6,
+        2,
+    ]
 
 
 def test_walk_attention_maps_reproduce_every_blocks_output(swin_t):
@@ -100,19 +122,35 @@ def test_walk_costs_are_the_models_own_counts(swin_t):
     assert total["macs"] == model.flops() and 4.4e9 < total["macs"] < 4.6e9  # the paper's 4.5G
     stages = [rec.info for rec in result.records if rec.step == "stage_cost"]
     assert [s["params"] for s in stages] == [sum(p.numel() for p in layer.parameters()) for layer in model.layers]
-    assert [s["macs"] for s in stages] == [model.layers[0].flops(56, 56), model.layers[1].flops(28, 28),
-                                           model.layers[2].flops(14, 14), model.layers[3].flops(7, 7)]
+    assert [s["macs"] for s in stages] == [
+        model.layers[0].flops(56, 56),
+        model.layers[1].flops(28, 28),
+        model.layers[2].flops(14, 14),
+        model.layers[3].flops(7, 7),
+    ]
     parts = result.find("patch_embed").info["macs"] + sum(s["macs"] for s in stages) + result.find("head").info["macs"]
     assert parts == total["macs"]
-    assert result.find("patch_embed").info["params"] + sum(s["params"] for s in stages) + result.find("head").info["params"] == total["params"]
+    assert (
+        result.find("patch_embed").info["params"]
+        + sum(s["params"] for s in stages)
+        + result.find("head").info["params"]
+        == total["params"]
+    )
 
 
 def test_printed_walk_of_swin_t_names_the_numbers(swin_t):
     _, result = swin_t
     text = explain.format_walk(result.records, "Swin-T")
-    for expected in ("3,136 tokens of 96 channels", "64 windows of 7×7", "3×64×3×49×32", "64×3×49×49",
-                     "64×49×96 → 56×56×96", "56×56×96 → 28×28×192: 3,136 → 784 tokens (192 ch)",
-                     "params 28,288,354", "MACs 4.494 G"):
+    for expected in (
+        "3,136 tokens of 96 channels",
+        "64 windows of 7×7",
+        "3×64×3×49×32",
+        "64×3×49×49",
+        "64×49×96 → 56×56×96",
+        "56×56×96 → 28×28×192: 3,136 → 784 tokens (192 ch)",
+        "params 28,288,354",
+        "MACs 4.494 G",
+    ):
         assert expected in text, expected
 
 
@@ -163,7 +201,9 @@ def test_demo_pictures_use_the_stage_1_map(tmp_path):
 
 
 def test_large_windows_are_drawn_on_an_8x8_map_with_m4(tmp_path):
-    model = SwinTransformer(img_size=96, patch_size=4, embed_dim=8, depths=[2], num_heads=[1], window_size=12, num_classes=2)
+    model = SwinTransformer(
+        img_size=96, patch_size=4, embed_dim=8, depths=[2], num_heads=[1], window_size=12, num_classes=2
+    )
     drawn = explain.plot_cyclic_shift_mask(model, str(tmp_path / "mask.png"))
     assert "8×8 map with M=4" in drawn["geometry"].note
     assert np.array_equal(drawn["mask"], shift_attention_mask(8, 8, 4, 2).numpy())
@@ -255,9 +295,26 @@ def test_plot_logs_falls_back_to_the_log_file(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------
 # Swin V2: the walk, the pictures, and a V2 checkpoint through explain, predict and export
 # ---------------------------------------------------------------------------------------------
-V2_OPTS = ["MODEL.TYPE", "swinv2", "MODEL.NAME", "swinv2_test", "MODEL.SWINV2.EMBED_DIM", "16",
-           "MODEL.SWINV2.DEPTHS", "[2,2,2,2]", "MODEL.SWINV2.NUM_HEADS", "[1,2,4,8]", "MODEL.SWINV2.WINDOW_SIZE", "4",
-           "MODEL.SWINV2.PATCH_SIZE", "2", "DATA.IMG_SIZE", "32", "MODEL.NUM_CLASSES", "3"]
+V2_OPTS = [
+    "MODEL.TYPE",
+    "swinv2",
+    "MODEL.NAME",
+    "swinv2_test",
+    "MODEL.SWINV2.EMBED_DIM",
+    "16",
+    "MODEL.SWINV2.DEPTHS",
+    "[2,2,2,2]",
+    "MODEL.SWINV2.NUM_HEADS",
+    "[1,2,4,8]",
+    "MODEL.SWINV2.WINDOW_SIZE",
+    "4",
+    "MODEL.SWINV2.PATCH_SIZE",
+    "2",
+    "DATA.IMG_SIZE",
+    "32",
+    "MODEL.NUM_CLASSES",
+    "3",
+]
 V2_CLASSES = ["cat", "dog", "fox"]
 # The V2 blocks the tests look at: 16×16 map with a shift (1 head), 8×8 with a shift (2 heads),
 # and stage 3's single 4×4 window (4 heads, no mask).
@@ -301,7 +358,7 @@ def _v2_probs_from_parameters(attn, x: torch.Tensor, mask) -> torch.Tensor:
     d = C // h
     w = attn.qkv.weight.detach()
     q = (x @ w[:C].T + attn.q_bias.detach()).view(B_, N, h, d).transpose(1, 2)
-    k = (x @ w[C:2 * C].T).view(B_, N, h, d).transpose(1, 2)
+    k = (x @ w[C : 2 * C].T).view(B_, N, h, d).transpose(1, 2)
     cos = (q / q.norm(dim=-1, keepdim=True)) @ (k / k.norm(dim=-1, keepdim=True)).transpose(-2, -1)
     inv_tau = attn.logit_scale.detach().view(h, 1, 1).clamp(max=math.log(100.0)).exp()
     # Offsets Δ ∈ [-(M-1), M-1]², scaled to [-8, 8], then sign·log2(1 + |Δ|)/log2(8) (V2 Eq. 4).
@@ -310,7 +367,9 @@ def _v2_probs_from_parameters(attn, x: torch.Tensor, mask) -> torch.Tensor:
     coords = torch.stack([dy, dx], -1).reshape(-1, 2)
     coords = torch.sign(coords) * torch.log2(coords.abs() + 1.0) / 3.0
     lin1, lin2 = attn.cpb_mlp[0], attn.cpb_mlp[2]
-    table = 16.0 * torch.sigmoid(torch.relu(coords @ lin1.weight.detach().T + lin1.bias.detach()) @ lin2.weight.detach().T)
+    table = 16.0 * torch.sigmoid(
+        torch.relu(coords @ lin1.weight.detach().T + lin1.bias.detach()) @ lin2.weight.detach().T
+    )
     ys, xs = torch.arange(N) // M, torch.arange(N) % M
     row = (ys[:, None] - ys[None, :] + M - 1) * (2 * M - 1) + (xs[:, None] - xs[None, :] + M - 1)  # N, N
     bias = table[row].permute(2, 0, 1)  # h, N, N
@@ -333,8 +392,10 @@ def _capture_attention_inputs(model, blocks):
     """Forward pre-hooks that keep the windows and mask each listed block's attention receives."""
     seen, handles = {}, []
     for si, bi in blocks:
+
         def hook(module, args, kwargs, key=(si, bi)):
             seen[key] = (args[0].detach().clone(), kwargs.get("mask"))
+
         handles.append(model.layers[si - 1].blocks[bi - 1].attn.register_forward_pre_hook(hook, with_kwargs=True))
     return seen, handles
 
@@ -344,11 +405,24 @@ def test_v2_walk_shows_post_norm_order_and_cosine_attention(swin_v2):
     result = explain.trace(model, torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
     steps = [(r.step, r.info.get("branch")) for r in result.records if (r.stage, r.block) == (2, 2)]
     # Attention on the raw input, reversed, then norm1 (post-norm); the MLP branch, then norm2.
-    assert steps == [("block", None), ("window_partition", None), ("qkv", None), ("attention", None),
-                     ("window_reverse", None), ("post_norm", "attention"), ("post_norm", "mlp")]
+    assert steps == [
+        ("block", None),
+        ("window_partition", None),
+        ("qkv", None),
+        ("attention", None),
+        ("window_reverse", None),
+        ("post_norm", "attention"),
+        ("post_norm", "mlp"),
+    ]
     find = result.find
-    assert find("block", 2, 2).info["norm"] == "post" and find("window_partition", 2, 2).info["source"].startswith("block input")
-    assert find("window_partition", 2, 2).shape_in == (1, 8, 8, 32) and find("window_partition", 2, 2).shape_out == (4, 16, 32)
+    assert find("block", 2, 2).info["norm"] == "post" and find("window_partition", 2, 2).info["source"].startswith(
+        "block input"
+    )
+    assert find("window_partition", 2, 2).shape_in == (1, 8, 8, 32) and find("window_partition", 2, 2).shape_out == (
+        4,
+        16,
+        32,
+    )
     assert find("qkv", 2, 2).info["linear_out"] == (4, 16, 96) and find("qkv", 2, 2).shape_out == (3, 4, 2, 16, 16)
     att = find("attention", 2, 2).info
     assert att["cosine"] and att["mask_shape"] == (4, 16, 16) and "scale" not in att
@@ -356,7 +430,10 @@ def test_v2_walk_shows_post_norm_order_and_cosine_attention(swin_v2):
     assert att["logit_scales"] == pytest.approx([2.0, 100.0], rel=1e-5)
     assert -1 - 1e-5 <= att["cosine_range"][0] < att["cosine_range"][1] <= 1 + 1e-5
     bias = model.layers[1].blocks[1].attn.relative_position_bias().detach()
-    assert att["bias_range"] == pytest.approx((float(bias.min()), float(bias.max()))) and 0 < att["bias_range"][0] < att["bias_range"][1] < 16
+    assert (
+        att["bias_range"] == pytest.approx((float(bias.min()), float(bias.max())))
+        and 0 < att["bias_range"][0] < att["bias_range"][1] < 16
+    )
     assert find("window_reverse", 2, 2).shape_out == find("post_norm", 2, 2).shape_in == (1, 8, 8, 32)
     checks = [r.info["check_max_abs_diff"] for r in result.records if r.step == "attention"]
     assert len(checks) == 8 and max(checks) < 1e-5
@@ -365,9 +442,14 @@ def test_v2_walk_shows_post_norm_order_and_cosine_attention(swin_v2):
     assert find("total").info["params"] == sum(p.numel() for p in model.parameters())
     assert find("total").info["macs"] == model.flops()
     text = explain.format_walk(result.records, "V2")
-    for expected in ("(un-normalised block input) → roll by (-2, -2), 4 windows of 4×4", "F.linear (bias q, 0, v) 4×16×32 → 4×16×96",
-                     "softmax(cos(q, k)·1/τ + B + mask), 1/τ per head [2, 100]", "norm1 = LayerNorm of the attention output 8×8×32",
-                     "x + drop_path(norm2(MLP(x))) on 8×8×32", "LayerNorm after the reduction (V2)"):
+    for expected in (
+        "(un-normalised block input) → roll by (-2, -2), 4 windows of 4×4",
+        "F.linear (bias q, 0, v) 4×16×32 → 4×16×96",
+        "softmax(cos(q, k)·1/τ + B + mask), 1/τ per head [2, 100]",
+        "norm1 = LayerNorm of the attention output 8×8×32",
+        "x + drop_path(norm2(MLP(x))) on 8×8×32",
+        "LayerNorm after the reduction (V2)",
+    ):
         assert expected in text, expected
     # V1 keeps its pre-norm walk: no post-norm steps, the partition reads norm1's output.
     v1 = explain.walk(get_config(DEMO_CFG))
@@ -396,7 +478,9 @@ def test_v2_attention_maps_equal_cosine_softmax_from_the_parameters(swin_v2, tmp
         torch.testing.assert_close(kept["logit_scales"], attn.logit_scales().detach().view(-1))
     assert seen[(1, 2)][1] is not None and seen[(3, 1)][1] is None  # shifted and unshifted blocks covered
     # The picture draws those same maps: the first query's window, and each query's row.
-    drawn = explain.plot_attention(model, image, str(tmp_path / "a.png"), block=(2, 2), head=1, queries=[(1, 1), (6, 6)])
+    drawn = explain.plot_attention(
+        model, image, str(tmp_path / "a.png"), block=(2, 2), head=1, queries=[(1, 1), (6, 6)]
+    )
     attn = model.layers[1].blocks[1].attn
     expected = _v2_probs_from_parameters(attn, *seen[(2, 2)])
     np.testing.assert_allclose(drawn["window_map"], expected[drawn["window"], 1].numpy(), atol=2e-6)
@@ -434,8 +518,17 @@ def v2_checkpoint(swin_v2, tmp_path_factory):
     model, config = swin_v2
     folder = tmp_path_factory.mktemp("v2_ckpt")
     path = str(folder / "last.pth")
-    save_checkpoint(path, {"model": model.state_dict(), "epoch": 0, "step": 0, "max_accuracy": 0.0,
-                           "config": config_yaml(config), "class_names": list(V2_CLASSES)})
+    save_checkpoint(
+        path,
+        {
+            "model": model.state_dict(),
+            "epoch": 0,
+            "step": 0,
+            "max_accuracy": 0.0,
+            "config": config_yaml(config),
+            "class_names": list(V2_CLASSES),
+        },
+    )
     image = str(folder / "img.png")
     pixels = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(image)
@@ -444,10 +537,28 @@ def v2_checkpoint(swin_v2, tmp_path_factory):
 
 def test_v2_checkpoint_explain_cli_walks_and_draws(v2_checkpoint, tmp_path, capsys):
     out = str(tmp_path / "explain")
-    assert explain.main(["--resume", v2_checkpoint["ckpt"], "--image", v2_checkpoint["image"], "--block", "2.2",
-                         "--head", "1", "--out", out]) == 0
+    assert (
+        explain.main(
+            [
+                "--resume",
+                v2_checkpoint["ckpt"],
+                "--image",
+                v2_checkpoint["image"],
+                "--block",
+                "2.2",
+                "--head",
+                "1",
+                "--out",
+                out,
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
-    assert "16×16 = 256 tokens of 16 channels" in text and "softmax(cos(q, k)·1/τ + B + mask), 1/τ per head [2, 100]" in text
+    assert (
+        "16×16 = 256 tokens of 16 channels" in text
+        and "softmax(cos(q, k)·1/τ + B + mask), 1/τ per head [2, 100]" in text
+    )
     assert "norm1 = LayerNorm of the attention output" in text
     for name in ("windows.png", "cyclic_shift_mask.png", "relative_position.png", "attention.png"):
         assert f"wrote {os.path.join(out, name)}" in text and _is_png(os.path.join(out, name))
@@ -510,8 +621,11 @@ def trained_demo(demo_data, tmp_path_factory):
     batch 16 keep a margin over 90 %.
     """
     out = tmp_path_factory.mktemp("demo_run")
-    proc = run_main(["--cfg", DEMO_CFG, "--data-path", demo_data, "--output", str(out), "--opts", *DEMO_TRAIN_OPTS],
-                    env=ONE_THREAD, timeout=1800)
+    proc = run_main(
+        ["--cfg", DEMO_CFG, "--data-path", demo_data, "--output", str(out), "--opts", *DEMO_TRAIN_OPTS],
+        env=ONE_THREAD,
+        timeout=1800,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     run_dir = os.path.join(str(out), "swin_demo_digits", "default")
     accs = [float(m.group(1)) for m in ACC_LINE.finditer(proc.stdout + proc.stderr)]
@@ -535,8 +649,23 @@ def test_predict_on_trained_demo_matches_eval_accuracy(trained_demo, tmp_path):
     correct = sum(r["top"][0]["class"] == os.path.basename(os.path.dirname(r["path"])) for r in results)
     assert correct / len(results) >= 0.90
 
-    proc = run_main(["--cfg", DEMO_CFG, "--data-path", trained_demo["data"], "--output", str(tmp_path), "--eval",
-                     "--resume", trained_demo["ckpt"], "--opts", "DATA.NUM_WORKERS", "0"], env=ONE_THREAD)
+    proc = run_main(
+        [
+            "--cfg",
+            DEMO_CFG,
+            "--data-path",
+            trained_demo["data"],
+            "--output",
+            str(tmp_path),
+            "--eval",
+            "--resume",
+            trained_demo["ckpt"],
+            "--opts",
+            "DATA.NUM_WORKERS",
+            "0",
+        ],
+        env=ONE_THREAD,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     m = ACC_LINE.search(proc.stdout)
     acc1, count = float(m.group(1)), int(m.group(4))
@@ -552,9 +681,26 @@ def test_predict_json_cli_names_classes_from_the_checkpoint(trained_demo, tmp_pa
     renamed = str(tmp_path / "renamed.pth")
     torch.save(ckpt, renamed)
     folder = os.path.join(trained_demo["data"], "val", "7")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "predict.py"), "--resume", renamed, folder,
-                           "--json", "--topk", "3", "--batch-size", "8", "--device", "cpu"],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, **ONE_THREAD})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "scripts", "predict.py"),
+            "--resume",
+            renamed,
+            folder,
+            "--json",
+            "--topk",
+            "3",
+            "--batch-size",
+            "8",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **ONE_THREAD},
+    )
     assert proc.returncode == 0, proc.stderr
     results = json.loads(proc.stdout)
     assert len(results) == len(os.listdir(folder))
@@ -583,8 +729,12 @@ def test_plot_logs_draws_the_short_runs_curves(trained_demo, tmp_path, capsys):
 def test_explain_draws_attention_of_the_trained_demo(trained_demo, tmp_path, capsys):
     image = sorted(predict.find_images([os.path.join(trained_demo["data"], "val", "3")]))[0]
     out = str(tmp_path / "explain")
-    assert explain.main(["--resume", trained_demo["ckpt"], "--image", image, "--block", "1.2", "--head", "1",
-                         "--out", out]) == 0
+    assert (
+        explain.main(
+            ["--resume", trained_demo["ckpt"], "--image", image, "--block", "1.2", "--head", "1", "--out", out]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert f"wrote {os.path.join(out, 'attention.png')}" in text and _is_png(os.path.join(out, "attention.png"))
     assert "prediction for" in text and "16×16 = 256 tokens of 48 channels" in text

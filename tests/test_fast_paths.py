@@ -11,6 +11,7 @@
   a 2-core CPU, so the compile test uses the ``aot_eager`` backend (Dynamo tracing + AOTAutograd,
   the parts that see our Python) and inductor runs only with SWIN_TEST_INDUCTOR=1.
 """
+
 from __future__ import annotations
 
 import copy
@@ -45,6 +46,7 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
 
 DEMO = os.path.join(ROOT, "configs", "demo", "swin_demo_digits.yaml")
 
@@ -336,8 +338,10 @@ def test_unknown_compile_scope_is_a_user_error():
         compile_model(_demo_model(), "layers")
 
 
-@pytest.mark.skipif(os.environ.get("SWIN_TEST_INDUCTOR") != "1",
-                    reason="inductor takes ~85 s (forward) + ~170 s (train) to compile the demo model on this 2-core "
-                           "CPU, over this file's 60 s budget; set SWIN_TEST_INDUCTOR=1 to run it")
+@pytest.mark.skipif(
+    os.environ.get("SWIN_TEST_INDUCTOR") != "1",
+    reason="inductor takes ~85 s (forward) + ~170 s (train) to compile the demo model on this 2-core "
+    "CPU, over this file's 60 s budget; set SWIN_TEST_INDUCTOR=1 to run it",
+)
 def test_compiled_model_equals_eager_inductor():
     _compile_check("inductor")

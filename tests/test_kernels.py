@@ -54,8 +54,7 @@ _CASES += [
     dict(id="float32-B2-8x8-C6-M4-s-2", B=2, H=8, W=8, C=6, M=4, shift=-2, dtype="float32"),
     dict(id="float32-B1-8x12-C6-M4-s10", B=1, H=8, W=12, C=6, M=4, shift=10, dtype="float32"),
     # Non-contiguous input (a channel slice) is made contiguous first.
-    dict(id="float32-B2-8x8-C6-M4-s2-noncontig", B=2, H=8, W=8, C=6, M=4, shift=2, dtype="float32",
-         noncontig=True),
+    dict(id="float32-B2-8x8-C6-M4-s2-noncontig", B=2, H=8, W=8, C=6, M=4, shift=2, dtype="float32", noncontig=True),
 ]
 _CASE_IDS = [c["id"] for c in _CASES]
 _DISPATCH_CASE = "dispatch-uses-kernel"
@@ -181,7 +180,7 @@ def interpreter_results() -> dict:
         f"interpreter subprocess failed (rc={proc.returncode})\n"
         f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
     )
-    return json.loads(lines[-1][len(_RESULT_MARKER):])
+    return json.loads(lines[-1][len(_RESULT_MARKER) :])
 
 
 @pytest.mark.parametrize("case_id", _CASE_IDS)
@@ -300,8 +299,9 @@ def test_import_does_not_import_triton():
     env = {**os.environ}
     env.pop("TRITON_INTERPRET", None)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
-    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=str(ROOT), capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 

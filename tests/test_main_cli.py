@@ -4,6 +4,7 @@ The happy path and a few errors run ``main.py`` in a subprocess (real exit codes
 the rest of the error matrix calls ``main.main(argv)`` in-process, which is what
 ``python main.py`` runs, to stay fast. A tiny Swin (embed 16, 32x32) on 80 digits keeps it quick.
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,9 +25,26 @@ ROOT = Path(__file__).resolve().parents[1]
 MAIN = str(ROOT / "main.py")
 DEMO_CFG = str(ROOT / "configs" / "demo" / "swin_demo_digits.yaml")
 TINY_OPTS = [
-    "DATA.IMG_SIZE", "32", "MODEL.SWIN.EMBED_DIM", "16", "MODEL.SWIN.NUM_HEADS", "[1,2,4,8]",
-    "MODEL.SWIN.DEPTHS", "[2,2,2,2]", "DATA.NUM_WORKERS", "0", "TRAIN.EPOCHS", "1", "TRAIN.WARMUP_EPOCHS", "0",
-    "AUG.COLOR_JITTER", "0.0", "MODEL.DROP_PATH_RATE", "0.0", "AMP_ENABLE", "False",
+    "DATA.IMG_SIZE",
+    "32",
+    "MODEL.SWIN.EMBED_DIM",
+    "16",
+    "MODEL.SWIN.NUM_HEADS",
+    "[1,2,4,8]",
+    "MODEL.SWIN.DEPTHS",
+    "[2,2,2,2]",
+    "DATA.NUM_WORKERS",
+    "0",
+    "TRAIN.EPOCHS",
+    "1",
+    "TRAIN.WARMUP_EPOCHS",
+    "0",
+    "AUG.COLOR_JITTER",
+    "0.0",
+    "MODEL.DROP_PATH_RATE",
+    "0.0",
+    "AMP_ENABLE",
+    "False",
 ]
 ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 ACC_LINE = re.compile(r" \* Acc@1 ([\d.]+) Acc@5 ([\d.]+) loss ([\d.]+) images (\d+)")
@@ -43,8 +61,22 @@ def _release_log_handlers():
 
 
 def _args(data: str, output: Path, *extra: str, opts: tuple[str, ...] = ()) -> list[str]:
-    return ["--cfg", DEMO_CFG, "--data-path", data, "--output", str(output), "--device", "cpu", "--batch-size", "16",
-            *extra, "--opts", *TINY_OPTS, *opts]
+    return [
+        "--cfg",
+        DEMO_CFG,
+        "--data-path",
+        data,
+        "--output",
+        str(output),
+        "--device",
+        "cpu",
+        "--batch-size",
+        "16",
+        *extra,
+        "--opts",
+        *TINY_OPTS,
+        *opts,
+    ]
 
 
 def _subprocess(args: list[str]) -> subprocess.CompletedProcess:
@@ -93,7 +125,9 @@ def test_train_then_eval_resume_reports_the_same_accuracy_and_throughput_reports
     assert train.stderr == ""  # no warnings or stray output from any stage of a real run
     trained = ACC_LINE.findall(train.stdout)[-1]
 
-    evaluated = _subprocess(_args(small_data, tmp_path, "--tag", "cli-eval", "--eval", "--resume", str(run_dir / "last.pth")))
+    evaluated = _subprocess(
+        _args(small_data, tmp_path, "--tag", "cli-eval", "--eval", "--resume", str(run_dir / "last.pth"))
+    )
     assert evaluated.returncode == 0, evaluated.stdout[-3000:] + evaluated.stderr[-3000:]
     assert "Train:" not in evaluated.stdout and evaluated.stderr == ""  # --eval only evaluates
     found = ACC_LINE.findall(evaluated.stdout)
@@ -105,7 +139,9 @@ def test_train_then_eval_resume_reports_the_same_accuracy_and_throughput_reports
 
     code, out, err = _in_process(_args(small_data, tmp_path, "--tag", "cli-tp", "--throughput"), capsys)
     assert code == 0, err
-    assert re.search(r"throughput: [\d.]+ images/s \(batch 16, 32x32, float32, device cpu, \d+ timed iterations\)", out), out
+    assert re.search(
+        r"throughput: [\d.]+ images/s \(batch 16, 32x32, float32, device cpu, \d+ timed iterations\)", out
+    ), out
     assert "Train:" not in out and "Acc@1" not in out
 
 
@@ -155,31 +191,50 @@ def _bad_yaml(tmp: Path) -> Path:
 
 # case -> (data path, tmp) -> (argv, text the error line must contain)
 USER_ERRORS = {
-    "missing-data-path": lambda data, tmp: (_args(str(tmp / "nope"), tmp), f"--data-path {tmp / 'nope'} does not exist"),
-    "train-val-class-mismatch": lambda data, tmp: (_args(_class_mismatch(data, tmp), tmp),
-                                                   "have different class folders (only in val/: extra)"),
-    "unknown-yaml-key": lambda data, tmp: (["--cfg", str(_bad_yaml(tmp))],
-                                           f"unknown config key TRAIN.EPOCH in {tmp / 'bad.yaml'}; did you mean TRAIN.EPOCHS?"),
-    "wrong-value-type": lambda data, tmp: (_args(data, tmp, opts=("TRAIN.EPOCHS", "abc")),
-                                           "wrong value type for TRAIN.EPOCHS in --opts"),
-    "image-smaller-than-a-patch": lambda data, tmp: (_args(data, tmp, opts=("DATA.IMG_SIZE", "2", "MODEL.SWIN.PATCH_SIZE", "4")),
-                                                     "DATA.IMG_SIZE 2 is smaller than one 4x4 patch"),
-    "batch-size-0": lambda data, tmp: (_args(data, tmp, "--batch-size", "0"), "DATA.BATCH_SIZE is 0; use a positive --batch-size"),
-    "batch-larger-than-train-set": lambda data, tmp: (_args(data, tmp, "--batch-size", "81"),
-                                                      "DATA.BATCH_SIZE 81 is larger than the 80 training images per process"),
+    "missing-data-path": lambda data, tmp: (
+        _args(str(tmp / "nope"), tmp),
+        f"--data-path {tmp / 'nope'} does not exist",
+    ),
+    "train-val-class-mismatch": lambda data, tmp: (
+        _args(_class_mismatch(data, tmp), tmp),
+        "have different class folders (only in val/: extra)",
+    ),
+    "unknown-yaml-key": lambda data, tmp: (
+        ["--cfg", str(_bad_yaml(tmp))],
+        f"unknown config key TRAIN.EPOCH in {tmp / 'bad.yaml'}; did you mean TRAIN.EPOCHS?",
+    ),
+    "wrong-value-type": lambda data, tmp: (
+        _args(data, tmp, opts=("TRAIN.EPOCHS", "abc")),
+        "wrong value type for TRAIN.EPOCHS in --opts",
+    ),
+    "image-smaller-than-a-patch": lambda data, tmp: (
+        _args(data, tmp, opts=("DATA.IMG_SIZE", "2", "MODEL.SWIN.PATCH_SIZE", "4")),
+        "DATA.IMG_SIZE 2 is smaller than one 4x4 patch",
+    ),
+    "batch-size-0": lambda data, tmp: (
+        _args(data, tmp, "--batch-size", "0"),
+        "DATA.BATCH_SIZE is 0; use a positive --batch-size",
+    ),
+    "batch-larger-than-train-set": lambda data, tmp: (
+        _args(data, tmp, "--batch-size", "81"),
+        "DATA.BATCH_SIZE 81 is larger than the 80 training images per process",
+    ),
 }
 
 
 @pytest.mark.parametrize("case", list(USER_ERRORS))
-def test_user_error_gives_one_error_line_and_exit_code_2(case: str, small_data: str, tmp_path: Path,
-                                                         capsys: pytest.CaptureFixture) -> None:
+def test_user_error_gives_one_error_line_and_exit_code_2(
+    case: str, small_data: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     args, expected = USER_ERRORS[case](small_data, tmp_path)
     code, _out, err = _in_process(args, capsys)
     assert code == 2, err
     assert expected in _one_error_line(err)
 
 
-def test_output_folder_that_cannot_be_written_is_a_user_error(small_data: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_output_folder_that_cannot_be_written_is_a_user_error(
+    small_data: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     # A folder below a regular file cannot be created, not even by root.
     blocker = tmp_path / "a_file"
     blocker.write_text("")
@@ -189,7 +244,9 @@ def test_output_folder_that_cannot_be_written_is_a_user_error(small_data: str, t
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root may write to read-only folders")
-def test_read_only_output_folder_is_a_user_error(small_data: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_read_only_output_folder_is_a_user_error(
+    small_data: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o500)
@@ -205,13 +262,18 @@ def test_read_only_output_folder_is_a_user_error(small_data: str, tmp_path: Path
     "opts, expected",
     [
         # Wider: the shapes differ, each mismatch is listed with both shapes.
-        (["MODEL.SWIN.EMBED_DIM", "24"],
-         r"does not fit this architecture \(\d+ mismatched\): patch_embed\.proj\.weight: checkpoint \(24, 3, 2, 2\) "
-         r"vs model \(16, 3, 2, 2\); "),
+        (
+            ["MODEL.SWIN.EMBED_DIM", "24"],
+            r"does not fit this architecture \(\d+ mismatched\): patch_embed\.proj\.weight: checkpoint \(24, 3, 2, 2\) "
+            r"vs model \(16, 3, 2, 2\); ",
+        ),
         # Every weight of the model is in the checkpoint with the right shape, but it has more blocks.
         (["MODEL.SWIN.DEPTHS", "[2,2,4,2]"], r"has 26 weights this model lacks \(e\.g\. \['layers\.2\.blocks\.2\."),
         # Same blocks, another window: the bias tables would have been silently resized.
-        (["MODEL.SWIN.WINDOW_SIZE", "2"], r"tensors of another window or image size \(e\.g\. \['layers\.0\.blocks\.0\.attn"),
+        (
+            ["MODEL.SWIN.WINDOW_SIZE", "2"],
+            r"tensors of another window or image size \(e\.g\. \['layers\.0\.blocks\.0\.attn",
+        ),
     ],
     ids=["wider", "deeper", "other-window"],
 )
@@ -226,8 +288,9 @@ def test_resume_from_a_checkpoint_of_another_architecture_is_refused_listing_the
     assert "check --cfg" in line
 
 
-def test_resume_from_a_shallower_architecture_is_refused_naming_the_missing_weights(small_data: str, tmp_path: Path,
-                                                                                   capsys: pytest.CaptureFixture) -> None:
+def test_resume_from_a_shallower_architecture_is_refused_naming_the_missing_weights(
+    small_data: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     shallow = _checkpoint_of(tmp_path, "shallow.pth", ["MODEL.SWIN.DEPTHS", "[2,2,1,2]"])
     code, _out, err = _in_process(_args(small_data, tmp_path, "--eval", "--resume", str(shallow)), capsys)
     assert code == 2
@@ -245,8 +308,9 @@ class _Payload:
         return (open, (self.marker, "w"))
 
 
-def test_malicious_pickle_passed_to_resume_is_refused_without_running_it(small_data: str, tmp_path: Path,
-                                                                         capsys: pytest.CaptureFixture) -> None:
+def test_malicious_pickle_passed_to_resume_is_refused_without_running_it(
+    small_data: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pth"
     torch.save({"model": _Payload(str(marker)), "epoch": 0}, evil)
@@ -262,10 +326,14 @@ def test_malicious_pickle_passed_to_resume_is_refused_without_running_it(small_d
 
 
 @pytest.mark.slow
-def test_best_checkpoint_holds_the_best_epoch_even_between_save_freq_boundaries(small_data: str, tmp_path: Path) -> None:
+def test_best_checkpoint_holds_the_best_epoch_even_between_save_freq_boundaries(
+    small_data: str, tmp_path: Path
+) -> None:
     import torch
 
-    run = _subprocess(_args(small_data, tmp_path, "--tag", "best", opts=("TRAIN.EPOCHS", "4", "SAVE_FREQ", "100", "SAVE_KEEP", "0")))
+    run = _subprocess(
+        _args(small_data, tmp_path, "--tag", "best", opts=("TRAIN.EPOCHS", "4", "SAVE_FREQ", "100", "SAVE_KEEP", "0"))
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     accs = [float(m.group(1)) for m in ACC_LINE.finditer(run.stdout + run.stderr)]
     assert len(accs) == 4
@@ -274,5 +342,7 @@ def test_best_checkpoint_holds_the_best_epoch_even_between_save_freq_boundaries(
     assert best["epoch"] == best_epoch and best["max_accuracy"] == pytest.approx(max(accs), abs=1e-3)
     # Every epoch that set a new best was saved, though SAVE_FREQ 100 saves only epoch 0 and the last.
     new_bests = [e for e, a in enumerate(accs) if a > max(accs[:e], default=-1.0)]
-    saved = sorted(int(p.stem.split("_")[-1]) for p in (tmp_path / "swin_demo_digits" / "best").glob("ckpt_epoch_*.pth"))
+    saved = sorted(
+        int(p.stem.split("_")[-1]) for p in (tmp_path / "swin_demo_digits" / "best").glob("ckpt_epoch_*.pth")
+    )
     assert set(new_bests) | {0, 3} == set(saved), (accs, saved)

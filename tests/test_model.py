@@ -6,6 +6,7 @@ Everything runs on CPU. Counting parameters and FLOPs builds models on the 'meta
 memory, no init); numerical tests share one randomly weighted Swin-T (module fixture) and feed
 small inputs where the statement does not depend on the size.
 """
+
 from __future__ import annotations
 
 import copy
@@ -53,8 +54,16 @@ def _config(cfg_file: str, *opts: str):
 
 # A narrow, shallow Swin (every stage keeps a regular and a shifted block) for numerical checks
 # whose statement does not depend on the width.
-SMALL = ("MODEL.SWIN.EMBED_DIM", "16", "MODEL.SWIN.DEPTHS", "[2, 2, 2, 2]", "MODEL.SWIN.NUM_HEADS", "[1, 1, 2, 4]",
-         "MODEL.DROP_PATH_RATE", "0.0")
+SMALL = (
+    "MODEL.SWIN.EMBED_DIM",
+    "16",
+    "MODEL.SWIN.DEPTHS",
+    "[2, 2, 2, 2]",
+    "MODEL.SWIN.NUM_HEADS",
+    "[1, 1, 2, 4]",
+    "MODEL.DROP_PATH_RATE",
+    "0.0",
+)
 
 
 def _meta_model(cfg_file: str, *opts: str, **build_kwargs) -> nn.Module:
@@ -111,8 +120,9 @@ def timm_swin_t(swin_t):
 def timm_swin_t_any_size(swin_t):
     """The same, built to accept any input size (strict_img_size=False: masks made per input)."""
     _, state = swin_t
-    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, drop_path_rate=0.0,
-                              strict_img_size=False)
+    model = timm.create_model(
+        "swin_tiny_patch4_window7_224", pretrained=False, drop_path_rate=0.0, strict_img_size=False
+    )
     result = model.load_state_dict(checkpoint_filter_fn(state, model))
     assert not result.missing_keys and not result.unexpected_keys
     return model.eval()
@@ -182,7 +192,9 @@ def test_swin_t_state_dict_has_the_official_keys_and_shapes():
         assert f"layers.{i}.blocks.{depth}.norm1.weight" not in shapes
         if i < 3:
             assert shapes[f"layers.{i}.downsample.reduction.weight"] == (2 * C, 4 * C)
-            assert shapes[f"layers.{i}.downsample.norm.weight"] == shapes[f"layers.{i}.downsample.norm.bias"] == (4 * C,)
+            assert (
+                shapes[f"layers.{i}.downsample.norm.weight"] == shapes[f"layers.{i}.downsample.norm.bias"] == (4 * C,)
+            )
     assert not any(k.startswith("layers.3.downsample") for k in shapes)
     assert shapes["norm.weight"] == shapes["norm.bias"] == (768,)
     assert shapes["head.weight"] == (1000, 768) and shapes["head.bias"] == (1000,)
@@ -274,8 +286,15 @@ def test_window12_384_model_matches_timm_in_eval_and_train():
     ours = build_model(_config(SWIN_B_384, *SMALL))
     state = _randomise(ours.state_dict(), seed=5)
     ours.load_state_dict(state)
-    theirs = TimmSwinTransformer(img_size=384, window_size=12, embed_dim=16, depths=(2, 2, 2, 2),
-                                 num_heads=(1, 1, 2, 4), drop_path_rate=0.0, strict_img_size=False)
+    theirs = TimmSwinTransformer(
+        img_size=384,
+        window_size=12,
+        embed_dim=16,
+        depths=(2, 2, 2, 2),
+        num_heads=(1, 1, 2, 4),
+        drop_path_rate=0.0,
+        strict_img_size=False,
+    )
     result = theirs.load_state_dict(checkpoint_filter_fn(state, theirs))
     assert not result.missing_keys and not result.unexpected_keys
     assert ours.layers[0].blocks[1].attn.relative_position_bias_table.shape == (23 * 23, 1)
@@ -285,7 +304,10 @@ def test_window12_384_model_matches_timm_in_eval_and_train():
         a, b = ours.eval()(x), theirs.eval()(x)
     assert a.std() > 0.05
     torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
-    pairs = {**GRAD_PAIRS, "layers.3.blocks.1.attn.relative_position_bias_table": "layers.3.blocks.1.attn.relative_position_bias_table"}
+    pairs = {
+        **GRAD_PAIRS,
+        "layers.3.blocks.1.attn.relative_position_bias_table": "layers.3.blocks.1.attn.relative_position_bias_table",
+    }
     # Gradients at 192² (a quarter of the cost): stages 48, 24 and 12 shift by 6 with masks; stage
     # 4 (6×6) is padded to one unshifted 12×12 window, where timm's padding and ours coincide.
     x = torch.randn(2, 3, 192, 192, generator=torch.Generator().manual_seed(6))
@@ -387,7 +409,12 @@ def test_swin_t_backbone_runs_on_any_input_size(swin_t_backbone, hw):
 def test_swin_t_backbone_runs_on_a_detection_sized_800x1333_image(swin_t_backbone):
     with torch.no_grad():
         feats = swin_t_backbone(torch.randn(1, 3, 800, 1333))
-    assert [tuple(f.shape) for f in feats] == [(1, 96, 200, 334), (1, 192, 100, 167), (1, 384, 50, 84), (1, 768, 25, 42)]
+    assert [tuple(f.shape) for f in feats] == [
+        (1, 96, 200, 334),
+        (1, 192, 100, 167),
+        (1, 384, 50, 84),
+        (1, 768, 25, 42),
+    ]
     assert all(torch.isfinite(f).all() for f in feats)
 
 
@@ -401,10 +428,10 @@ def _naive_window_attention(attn: WindowAttention, windows: torch.Tensor, mask) 
     out = torch.empty_like(windows)
     for w in range(windows.shape[0]):
         qkv = windows[w] @ attn.qkv.weight.T + attn.qkv.bias  # N, 3C
-        q, k, v = qkv[:, :C], qkv[:, C:2 * C], qkv[:, 2 * C:]
+        q, k, v = qkv[:, :C], qkv[:, C : 2 * C], qkv[:, 2 * C :]
         heads = []
         for i in range(h):
-            qi, ki, vi = (t[:, i * d:(i + 1) * d] for t in (q, k, v))
+            qi, ki, vi = (t[:, i * d : (i + 1) * d] for t in (q, k, v))
             logits = qi @ ki.T / math.sqrt(d) + table[idx.view(-1), i].view(N, N)
             if mask is not None:
                 logits = logits + mask[w % mask.shape[0]]
@@ -421,8 +448,11 @@ def _naive_window_attention(attn: WindowAttention, windows: torch.Tensor, mask) 
 # shifted stage needs padding (checked above at 224×224 and 112×224) but differ by design
 # otherwise: at 256×256 every stage pads (64→70, 32→35, 16→21, 8→14) and logits differ (~0.1).
 # So the padded path is checked against an explicit reference instead.
-@pytest.mark.parametrize("hw,shift", [((10, 12), 3), ((10, 12), 0), ((14, 21), 3)],
-                         ids=["padded-shifted", "padded-regular", "multiple-shifted"])
+@pytest.mark.parametrize(
+    "hw,shift",
+    [((10, 12), 3), ((10, 12), 0), ((14, 21), 3)],
+    ids=["padded-shifted", "padded-regular", "multiple-shifted"],
+)
 def test_block_pads_after_norm1_then_shifts_and_crops(hw, shift):
     torch.manual_seed(11)
     blk = SwinTransformerBlock(dim=32, num_heads=2, window_size=7, shift_size=shift, attn_impl="sdpa").eval()
@@ -469,7 +499,6 @@ def test_window_shrinks_to_a_stage_smaller_than_the_window():
     assert model.layers[2].blocks[1].window_size == 7 and model.layers[2].blocks[1].shift_size == 3
 
 
-
 def test_backbone_keeps_the_full_window_and_shifts_every_stage_like_the_detection_release():
     # Detection inputs (e.g. 800x1333) make stage 4 far larger than 7x7, so the backbone never
     # shrinks windows or drops the shift, whatever DATA.IMG_SIZE it was configured with.
@@ -477,6 +506,7 @@ def test_backbone_keeps_the_full_window_and_shifts_every_stage_like_the_detectio
         backbone = build_model(get_config(str(SWIN_T)), features_only=True)
     for layer in backbone.layers:
         assert [(b.window_size, b.shift_size) for b in layer.blocks][:2] == [(7, 0), (7, 3)]
+
 
 # ---------------------------------------------------------------------------------------------
 # 6. Pure functions

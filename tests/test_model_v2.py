@@ -7,6 +7,7 @@ Everything runs on CPU. Parity tests move every parameter away from its initial 
 release zero-initialises the res-post-norms, which would make every block the identity and hide
 any bug inside it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -203,8 +204,16 @@ def test_sdpa_and_reference_attention_agree(shift):
 
 
 def test_res_post_norm_block_is_the_identity_at_release_init_and_norms_after_the_branch():
-    model = SwinTransformerV2(img_size=32, patch_size=2, embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8),
-                              window_size=4, num_classes=5, drop_path_rate=0.0)
+    model = SwinTransformerV2(
+        img_size=32,
+        patch_size=2,
+        embed_dim=16,
+        depths=(2, 2, 2, 2),
+        num_heads=(1, 2, 4, 8),
+        window_size=4,
+        num_classes=5,
+        drop_path_rate=0.0,
+    )
     blk = model.layers[0].blocks[1]
     assert isinstance(blk, SwinTransformerBlockV2) and blk.shift_size == 2
     # Zero-initialised post-norms (weight and bias): every block starts as the identity.
@@ -224,8 +233,9 @@ def test_v2_patch_merging_reduces_then_normalises():
     assert merge.norm.normalized_shape == (16,) and merge.reduction.in_features == 32
     x = torch.randn(2, 6, 6, 8)
     cat = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
-    torch.testing.assert_close(merge(x), F.layer_norm(cat @ merge.reduction.weight.T, (16,), merge.norm.weight,
-                                                      merge.norm.bias))
+    torch.testing.assert_close(
+        merge(x), F.layer_norm(cat @ merge.reduction.weight.T, (16,), merge.norm.weight, merge.norm.bias)
+    )
 
 
 def test_q_and_v_have_biases_and_k_has_none():
@@ -239,8 +249,9 @@ def test_q_and_v_have_biases_and_k_has_none():
 
 
 def test_no_weight_decay_keywords_are_the_releases():
-    model = SwinTransformerV2(img_size=32, patch_size=2, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8),
-                              window_size=4)
+    model = SwinTransformerV2(
+        img_size=32, patch_size=2, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), window_size=4
+    )
     assert model.no_weight_decay_keywords() == {"cpb_mlp", "logit_scale", "relative_position_bias_table"}
     from optimizer import param_groups
 
@@ -309,13 +320,19 @@ def test_a_192_window_12_checkpoint_fine_tunes_at_256_window_16_as_timm_does(tmp
     path = tmp_path / "swinv2_tiny_window12_192.pth"
     torch.save({"model": _released_layout(pre)}, path)
 
-    config = _config(V2 / "swinv2_tiny_patch4_window16_256.yaml", "MODEL.SWINV2.PRETRAINED_WINDOW_SIZES", "[12, 12, 12, 6]",
-                     "MODEL.DROP_PATH_RATE", "0.0")
+    config = _config(
+        V2 / "swinv2_tiny_patch4_window16_256.yaml",
+        "MODEL.SWINV2.PRETRAINED_WINDOW_SIZES",
+        "[12, 12, 12, 6]",
+        "MODEL.DROP_PATH_RATE",
+        "0.0",
+    )
     ours = build_model(config)
     report = load_pretrained(ours, str(path))
     assert report.missing == [] and report.unexpected == [] and report.resized == [] and report.head == "loaded"
-    theirs = _timm_twin(ours, "swinv2_tiny_window16_256", state=torch.load(path)["model"],
-                        pretrained_window_sizes=(12, 12, 12, 6))
+    theirs = _timm_twin(
+        ours, "swinv2_tiny_window16_256", state=torch.load(path)["model"], pretrained_window_sizes=(12, 12, 12, 6)
+    )
     # Without the pretrained windows the bias MLP would see other inputs: other logits.
     plain = build_model(_config(V2 / "swinv2_tiny_patch4_window16_256.yaml", "MODEL.DROP_PATH_RATE", "0.0"))
     load_pretrained(plain, str(path))
@@ -329,8 +346,16 @@ def test_a_192_window_12_checkpoint_fine_tunes_at_256_window_16_as_timm_does(tmp
 # 4. Checkpoints: the release's layout, SimMIM encoders, the other family
 # ---------------------------------------------------------------------------------------------
 def _tiny_v2(**kwargs) -> SwinTransformerV2:
-    opts = dict(img_size=32, patch_size=2, embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=4,
-                num_classes=10, drop_path_rate=0.0)
+    opts = dict(
+        img_size=32,
+        patch_size=2,
+        embed_dim=16,
+        depths=(2, 2, 2, 2),
+        num_heads=(1, 2, 4, 8),
+        window_size=4,
+        num_classes=10,
+        drop_path_rate=0.0,
+    )
     opts.update(kwargs)
     return _randomise_(SwinTransformerV2(**opts), seed=7)
 
@@ -338,8 +363,15 @@ def _tiny_v2(**kwargs) -> SwinTransformerV2:
 def test_released_v2_checkpoint_loads_with_its_buffers_dropped_and_rebuilt(tmp_path):
     src = _tiny_v2()
     torch.save({"model": _released_layout(src)}, tmp_path / "v2.pth")
-    dst = SwinTransformerV2(img_size=32, patch_size=2, embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8),
-                            window_size=4, num_classes=10)
+    dst = SwinTransformerV2(
+        img_size=32,
+        patch_size=2,
+        embed_dim=16,
+        depths=(2, 2, 2, 2),
+        num_heads=(1, 2, 4, 8),
+        window_size=4,
+        num_classes=10,
+    )
     report = load_pretrained(dst, str(tmp_path / "v2.pth"))
     assert (report.missing, report.unexpected, report.resized, report.head) == ([], [], [], "loaded")
     for k, v in src.state_dict().items():
@@ -355,8 +387,15 @@ def test_simmim_v2_checkpoint_with_encoder_prefix_and_rpe_mlp_loads_for_fine_tun
     state["encoder.mask_token"] = torch.zeros(1, 1, 16)
     state["decoder.0.weight"] = torch.zeros(3 * 32 * 32, 128, 1, 1)
     torch.save({"model": state}, tmp_path / "simmim.pth")
-    dst = SwinTransformerV2(img_size=32, patch_size=2, embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8),
-                            window_size=4, num_classes=10)
+    dst = SwinTransformerV2(
+        img_size=32,
+        patch_size=2,
+        embed_dim=16,
+        depths=(2, 2, 2, 2),
+        num_heads=(1, 2, 4, 8),
+        window_size=4,
+        num_classes=10,
+    )
     report = load_pretrained(dst, str(tmp_path / "simmim.pth"))
     assert report.head == "re-initialised" and report.missing == [] and report.unexpected == ["mask_token"]
     mlp = dst.layers[1].blocks[1].attn.cpb_mlp[2].weight
@@ -365,9 +404,25 @@ def test_simmim_v2_checkpoint_with_encoder_prefix_and_rpe_mlp_loads_for_fine_tun
 
 
 def test_a_v1_checkpoint_for_a_v2_model_and_the_reverse_are_refused_in_one_line(tmp_path):
-    v1 = build_model(get_config(None, ["MODEL.SWIN.EMBED_DIM", "16", "MODEL.SWIN.NUM_HEADS", "[1,2,4,8]",
-                                       "DATA.IMG_SIZE", "32", "MODEL.SWIN.PATCH_SIZE", "2", "MODEL.SWIN.WINDOW_SIZE", "4",
-                                       "MODEL.NUM_CLASSES", "10"]))
+    v1 = build_model(
+        get_config(
+            None,
+            [
+                "MODEL.SWIN.EMBED_DIM",
+                "16",
+                "MODEL.SWIN.NUM_HEADS",
+                "[1,2,4,8]",
+                "DATA.IMG_SIZE",
+                "32",
+                "MODEL.SWIN.PATCH_SIZE",
+                "2",
+                "MODEL.SWIN.WINDOW_SIZE",
+                "4",
+                "MODEL.NUM_CLASSES",
+                "10",
+            ],
+        )
+    )
     v2 = _tiny_v2()
     torch.save({"model": v1.state_dict()}, tmp_path / "v1.pth")
     torch.save({"model": v2.state_dict()}, tmp_path / "v2.pth")
@@ -384,8 +439,9 @@ def test_a_v1_checkpoint_for_a_v2_model_and_the_reverse_are_refused_in_one_line(
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("hw", [(512, 512), (1280, 1280), (200, 328)])
 def test_any_input_size_runs_including_the_sizes_the_release_fails_on(hw):
-    model = SwinTransformerV2(img_size=256, embed_dim=8, depths=(1, 1, 2, 1), num_heads=(1, 1, 2, 2), window_size=8,
-                              num_classes=3).eval()
+    model = SwinTransformerV2(
+        img_size=256, embed_dim=8, depths=(1, 1, 2, 1), num_heads=(1, 1, 2, 2), window_size=8, num_classes=3
+    ).eval()
     with torch.no_grad():
         out = model(torch.randn(1, 3, *hw))
     assert out.shape == (1, 3) and torch.isfinite(out).all()
@@ -410,8 +466,13 @@ def test_padded_windows_equal_an_explicit_pad_crop_reference():
 
 
 def test_backbone_features_only_out_indices_and_frozen_stages():
-    config = _config(V2 / "swinv2_tiny_patch4_window8_256.yaml", "MODEL.SWINV2.EMBED_DIM", "16",
-                     "MODEL.SWINV2.NUM_HEADS", "[1,2,4,8]")
+    config = _config(
+        V2 / "swinv2_tiny_patch4_window8_256.yaml",
+        "MODEL.SWINV2.EMBED_DIM",
+        "16",
+        "MODEL.SWINV2.NUM_HEADS",
+        "[1,2,4,8]",
+    )
     backbone = build_model(config, features_only=True, out_indices=(1, 3), frozen_stages=1)
     feats = backbone(torch.randn(1, 3, 256, 192))
     assert [tuple(f.shape) for f in feats] == [(1, 32, 32, 24), (1, 128, 8, 6)]
@@ -495,7 +556,9 @@ def test_fp32_logits_are_closer_to_fp32_attention_than_half_precision_logits(mon
 def test_wrong_family_keys_are_refused_naming_the_section_read():
     with pytest.raises(UserError, match=r"MODEL.SWIN.WINDOW_SIZE is set, but MODEL.TYPE 'swinv2' reads MODEL.SWINV2"):
         build_model(_config(V2 / "swinv2_tiny_patch4_window8_256.yaml", "MODEL.SWIN.WINDOW_SIZE", "12"))
-    with pytest.raises(UserError, match=r"MODEL.SWINV2.PRETRAINED_WINDOW_SIZES is set, but MODEL.TYPE 'swin' reads MODEL.SWIN\b"):
+    with pytest.raises(
+        UserError, match=r"MODEL.SWINV2.PRETRAINED_WINDOW_SIZES is set, but MODEL.TYPE 'swin' reads MODEL.SWIN\b"
+    ):
         build_model(_config(None, "MODEL.SWINV2.PRETRAINED_WINDOW_SIZES", "[12, 12, 12, 6]"))
 
 
@@ -506,7 +569,9 @@ def test_unknown_model_type_lists_the_known_ones():
 
 def test_pretrained_window_sizes_of_the_wrong_length_are_refused():
     with pytest.raises(UserError, match=r"PRETRAINED_WINDOW_SIZES \[12, 12, 12\] has 3 entries for 4 stages"):
-        build_model(_config(V2 / "swinv2_tiny_patch4_window8_256.yaml", "MODEL.SWINV2.PRETRAINED_WINDOW_SIZES", "[12, 12, 12]"))
+        build_model(
+            _config(V2 / "swinv2_tiny_patch4_window8_256.yaml", "MODEL.SWINV2.PRETRAINED_WINDOW_SIZES", "[12, 12, 12]")
+        )
 
 
 def test_a_window_larger_than_the_feature_map_is_clamped_and_logged_once(caplog):

@@ -1,4 +1,5 @@
 """Parameter groups, learning-rate scaling and per-step schedules (CPU, fast)."""
+
 from __future__ import annotations
 
 import math

@@ -3,6 +3,7 @@
 Every test trains the demo architecture scaled down (embed 16, 32x32 inputs) on 80 digits
 (10 classes x 8) in subprocesses, as a user or a cluster scheduler would run and signal it.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,9 +25,26 @@ MODEL_NAME = "swin_demo_digits"
 BATCH = 16  # 80 train images -> 5 optimizer steps per epoch
 
 TINY_OPTS = [
-    "DATA.IMG_SIZE", "32", "MODEL.SWIN.EMBED_DIM", "16", "MODEL.SWIN.NUM_HEADS", "[1,2,4,8]",
-    "MODEL.SWIN.DEPTHS", "[2,2,2,2]", "DATA.NUM_WORKERS", "0", "TRAIN.EPOCHS", "2", "TRAIN.WARMUP_EPOCHS", "0",
-    "AUG.COLOR_JITTER", "0.0", "MODEL.DROP_PATH_RATE", "0.0", "AMP_ENABLE", "False",
+    "DATA.IMG_SIZE",
+    "32",
+    "MODEL.SWIN.EMBED_DIM",
+    "16",
+    "MODEL.SWIN.NUM_HEADS",
+    "[1,2,4,8]",
+    "MODEL.SWIN.DEPTHS",
+    "[2,2,2,2]",
+    "DATA.NUM_WORKERS",
+    "0",
+    "TRAIN.EPOCHS",
+    "2",
+    "TRAIN.WARMUP_EPOCHS",
+    "0",
+    "AUG.COLOR_JITTER",
+    "0.0",
+    "MODEL.DROP_PATH_RATE",
+    "0.0",
+    "AMP_ENABLE",
+    "False",
 ]
 # One intra-op thread: runs side by side on 2 cores, and the same kernels in every run.
 ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -40,8 +58,25 @@ def _env() -> dict:
 
 
 def _cmd(data: str, output: Path, tag: str, *opts: str) -> list[str]:
-    return [sys.executable, MAIN, "--cfg", DEMO_CFG, "--data-path", data, "--output", str(output), "--tag", tag,
-            "--batch-size", str(BATCH), "--device", "cpu", "--opts", *TINY_OPTS, *opts]
+    return [
+        sys.executable,
+        MAIN,
+        "--cfg",
+        DEMO_CFG,
+        "--data-path",
+        data,
+        "--output",
+        str(output),
+        "--tag",
+        tag,
+        "--batch-size",
+        str(BATCH),
+        "--device",
+        "cpu",
+        "--opts",
+        *TINY_OPTS,
+        *opts,
+    ]
 
 
 def _run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
@@ -79,7 +114,9 @@ def _start_until(cmd: list[str], marker: str, timeout: float = 240) -> tuple[sub
 
 
 @pytest.mark.slow
-def test_rerun_with_more_epochs_resumes_at_the_next_epoch_from_a_weights_only_checkpoint(small_data: str, tmp_path: Path) -> None:
+def test_rerun_with_more_epochs_resumes_at_the_next_epoch_from_a_weights_only_checkpoint(
+    small_data: str, tmp_path: Path
+) -> None:
     run_dir = tmp_path / MODEL_NAME / "grow"
     first = _run(_cmd(small_data, tmp_path, "grow", "TRAIN.EPOCHS", "1"))
     assert "Train: [0/1][4/5]" in first.stdout
@@ -132,16 +169,39 @@ def test_sigterm_finishes_the_step_writes_a_step_checkpoint_and_exits_0(small_da
 
 
 @pytest.mark.slow
-def test_sigkill_after_a_step_checkpoint_then_rerun_ends_with_the_uninterrupted_weights(small_data: str, tmp_path: Path) -> None:
+def test_sigkill_after_a_step_checkpoint_then_rerun_ends_with_the_uninterrupted_weights(
+    small_data: str, tmp_path: Path
+) -> None:
     # Augmentation stays on: random crop + flip and random erasing in two loader workers (seeded
     # per sample), Mixup/CutMix (NumPy RNG) and drop path (torch RNG) in the main process.
     # Exactness needs the main RNG states restored and the workers' augmentation independent of
     # where the epoch (re)started.
-    opts = ("TRAIN.EPOCHS", "2", "TRAIN.STEP_SAVE_FREQ", "2", "PRINT_FREQ", "1", "AUG.MIXUP", "0.8", "AUG.CUTMIX", "1.0",
-            "AUG.REPROB", "0.25", "MODEL.DROP_PATH_RATE", "0.1", "DATA.NUM_WORKERS", "2")
+    opts = (
+        "TRAIN.EPOCHS",
+        "2",
+        "TRAIN.STEP_SAVE_FREQ",
+        "2",
+        "PRINT_FREQ",
+        "1",
+        "AUG.MIXUP",
+        "0.8",
+        "AUG.CUTMIX",
+        "1.0",
+        "AUG.REPROB",
+        "0.25",
+        "MODEL.DROP_PATH_RATE",
+        "0.1",
+        "DATA.NUM_WORKERS",
+        "2",
+    )
     reference_log = open(tmp_path / "reference.log", "w")
-    reference = subprocess.Popen(_cmd(small_data, tmp_path, "reference", *opts), cwd=ROOT, env=_env(),
-                                 stdout=reference_log, stderr=subprocess.STDOUT)
+    reference = subprocess.Popen(
+        _cmd(small_data, tmp_path, "reference", *opts),
+        cwd=ROOT,
+        env=_env(),
+        stdout=reference_log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         victim_cmd = _cmd(small_data, tmp_path, "victim", *opts)
         victim, lines = _start_until(victim_cmd, "step checkpoint:")
@@ -198,20 +258,47 @@ def test_torchrun_max_restarts_restarts_the_group_after_a_killed_rank_and_ends_w
     worker = tmp_path / "elastic_worker.py"
     worker.write_text(ELASTIC_WORKER.format(root=str(ROOT)))
     # 2 ranks x batch 8 over 80 images: 5 steps per epoch; a step checkpoint every 2 steps.
-    opts = ("TRAIN.EPOCHS", "2", "TRAIN.STEP_SAVE_FREQ", "2", "PRINT_FREQ", "1", "AUG.REPROB", "0.25",
-            "MODEL.DROP_PATH_RATE", "0.1", "DATA.NUM_WORKERS", "1")
+    opts = (
+        "TRAIN.EPOCHS",
+        "2",
+        "TRAIN.STEP_SAVE_FREQ",
+        "2",
+        "PRINT_FREQ",
+        "1",
+        "AUG.REPROB",
+        "0.25",
+        "MODEL.DROP_PATH_RATE",
+        "0.1",
+        "DATA.NUM_WORKERS",
+        "1",
+    )
 
     def launch(script: str, tag: str, *extra: str) -> list[str]:
         cmd = _cmd(small_data, tmp_path, tag, *opts)
         cmd[cmd.index("--batch-size") + 1] = "8"
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *extra, script,
-                *cmd[2:]]
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            *extra,
+            script,
+            *cmd[2:],
+        ]
 
-    reference = subprocess.Popen(launch(MAIN, "reference"), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True)
+    reference = subprocess.Popen(
+        launch(MAIN, "reference"), cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
-        elastic = subprocess.run(launch(str(worker), "elastic", "--max-restarts=1", "--monitor-interval=0.5"),
-                                 cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=400)
+        elastic = subprocess.run(
+            launch(str(worker), "elastic", "--max-restarts=1", "--monitor-interval=0.5"),
+            cwd=ROOT,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
     finally:
         reference_out, _ = reference.communicate(timeout=400)
     output = elastic.stdout + elastic.stderr
@@ -267,11 +354,25 @@ def test_stop_request_ends_the_epoch_at_the_step_boundary_with_exactly_one_check
     env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), distributed=False)
     state = TrainState()
     written: list[int] = []
-    hooks = StepHooks(save_step_checkpoint=lambda: written.append(state.step),
-                      stop_requested=lambda: state.step >= stop_after, step_save_freq=2)
+    hooks = StepHooks(
+        save_step_checkpoint=lambda: written.append(state.step),
+        stop_requested=lambda: state.step >= stop_after,
+        step_save_freq=2,
+    )
     with pytest.raises(StopTraining, match=f"stopped at epoch 0, batch {stop_after}/5"):
-        train_one_epoch(config, model, torch.nn.CrossEntropyLoss(), loader, optimizer, scheduler,
-                        make_grad_scaler(env.device, False, None), None, env, state, hooks)
+        train_one_epoch(
+            config,
+            model,
+            torch.nn.CrossEntropyLoss(),
+            loader,
+            optimizer,
+            scheduler,
+            make_grad_scaler(env.device, False, None),
+            None,
+            env,
+            state,
+            hooks,
+        )
     # The checkpoint describes the state after the last finished step; a resume continues there.
     assert written == saves
     assert (state.step, state.batch_in_epoch) == (stop_after, stop_after)

@@ -1,4 +1,5 @@
 """Fine-tuning from pre-trained weights: table and embedding resizing, the 22K→1K head, custom datasets."""
+
 from __future__ import annotations
 
 import logging
@@ -78,8 +79,12 @@ def test_loading_a_window_7_checkpoint_into_a_window_12_model_resizes_every_tabl
 
 
 def test_absolute_position_embedding_is_resized_bicubically(tmp_path):
-    src = build_model(get_config(None, TINY + ["MODEL.SWIN.APE", "True", "DATA.IMG_SIZE", "32", "MODEL.SWIN.WINDOW_SIZE", "4"]))
-    dst = build_model(get_config(None, TINY + ["MODEL.SWIN.APE", "True", "DATA.IMG_SIZE", "48", "MODEL.SWIN.WINDOW_SIZE", "4"]))
+    src = build_model(
+        get_config(None, TINY + ["MODEL.SWIN.APE", "True", "DATA.IMG_SIZE", "32", "MODEL.SWIN.WINDOW_SIZE", "4"])
+    )
+    dst = build_model(
+        get_config(None, TINY + ["MODEL.SWIN.APE", "True", "DATA.IMG_SIZE", "48", "MODEL.SWIN.WINDOW_SIZE", "4"])
+    )
     path = tmp_path / "ape.pth"
     torch.save({"model": src.state_dict()}, path)
     report = load_pretrained(dst, str(path))
@@ -132,11 +137,18 @@ def test_another_class_count_reinitialises_the_head_to_zero_with_a_warning(tmp_p
 def test_another_architecture_is_refused_listing_the_mismatched_shapes(tmp_path):
     from errors import UserError
 
-    src = build_model(get_config(None, ["MODEL.SWIN.EMBED_DIM", "32", "MODEL.SWIN.NUM_HEADS", "[1,2,4,8]", "MODEL.SWIN.DEPTHS", "[1,1,1,1]"]))
+    src = build_model(
+        get_config(
+            None, ["MODEL.SWIN.EMBED_DIM", "32", "MODEL.SWIN.NUM_HEADS", "[1,2,4,8]", "MODEL.SWIN.DEPTHS", "[1,1,1,1]"]
+        )
+    )
     dst = build_model(get_config(None, TINY))
     path = tmp_path / "other.pth"
     torch.save({"model": src.state_dict()}, path)
-    with pytest.raises(UserError, match=r"does not fit this architecture .*patch_embed\.proj\.weight: checkpoint \(32, 3, 4, 4\) vs model \(16, 3, 4, 4\)"):
+    with pytest.raises(
+        UserError,
+        match=r"does not fit this architecture .*patch_embed\.proj\.weight: checkpoint \(32, 3, 4, 4\) vs model \(16, 3, 4, 4\)",
+    ):
         load_pretrained(dst, str(path))
 
 
@@ -144,7 +156,9 @@ def test_safetensors_export_loads_back_as_pretrained_weights(tmp_path):
     from scripts.export import export
 
     src = build_model(get_config(None, TINY + ["MODEL.NUM_CLASSES", "10"]))
-    torch.save({"model": src.state_dict(), "class_names": [str(i) for i in range(10)], "config": "X: 1\n"}, tmp_path / "c.pth")
+    torch.save(
+        {"model": src.state_dict(), "class_names": [str(i) for i in range(10)], "config": "X: 1\n"}, tmp_path / "c.pth"
+    )
     n = export(str(tmp_path / "c.pth"), str(tmp_path / "c.safetensors"))
     assert n == len(src.state_dict())
     dst = build_model(get_config(None, TINY + ["MODEL.NUM_CLASSES", "10"]))
@@ -161,12 +175,40 @@ def test_safetensors_export_loads_back_as_pretrained_weights(tmp_path):
 @pytest.mark.slow
 def test_a_22k_checkpoint_fine_tunes_on_the_digits_through_main_then_resumes(tmp_path, demo_data):
     """A 21,841-class checkpoint at 64x64 / window 8 fine-tunes at 32x32 / window 4 on 10 classes."""
-    pre = build_model(get_config(None, TINY + ["MODEL.NUM_CLASSES", "21841", "DATA.IMG_SIZE", "64",
-                                               "MODEL.SWIN.WINDOW_SIZE", "8", "MODEL.SWIN.PATCH_SIZE", "2"]))
+    pre = build_model(
+        get_config(
+            None,
+            TINY
+            + [
+                "MODEL.NUM_CLASSES",
+                "21841",
+                "DATA.IMG_SIZE",
+                "64",
+                "MODEL.SWIN.WINDOW_SIZE",
+                "8",
+                "MODEL.SWIN.PATCH_SIZE",
+                "2",
+            ],
+        )
+    )
     ckpt = tmp_path / "pre22k.pth"
     torch.save({"model": pre.state_dict()}, ckpt)
-    common = ["--cfg", DEMO_CFG, "--data-path", demo_data, "--output", str(tmp_path / "out"), "--tag", "ft",
-              "--opts", *TINY, "DATA.NUM_WORKERS", "0", "TRAIN.WARMUP_EPOCHS", "0"]
+    common = [
+        "--cfg",
+        DEMO_CFG,
+        "--data-path",
+        demo_data,
+        "--output",
+        str(tmp_path / "out"),
+        "--tag",
+        "ft",
+        "--opts",
+        *TINY,
+        "DATA.NUM_WORKERS",
+        "0",
+        "TRAIN.WARMUP_EPOCHS",
+        "0",
+    ]
     first = run_main(common + ["TRAIN.EPOCHS", "1", "MODEL.PRETRAINED", str(ckpt)])
     assert first.returncode == 0, first.stderr[-3000:]
     log = first.stdout + first.stderr

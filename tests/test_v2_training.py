@@ -3,6 +3,7 @@ mixed precision (bf16 and fp16), checkpoints and auto-resume, ``--eval``, ``--th
 ``--pretrained`` from the release's checkpoint layout, the refusal of a V1 checkpoint, and the V2
 demo config learning the digits.
 """
+
 from __future__ import annotations
 
 import logging
@@ -20,8 +21,20 @@ from conftest import run_main
 ROOT = Path(__file__).resolve().parents[1]
 V2_DEMO = str(ROOT / "configs" / "demo" / "swinv2_demo_digits.yaml")
 TINY_V2 = [
-    "MODEL.SWINV2.EMBED_DIM", "16", "MODEL.SWINV2.NUM_HEADS", "[1,2,4,8]", "MODEL.SWINV2.DEPTHS", "[2,2,2,2]",
-    "DATA.NUM_WORKERS", "0", "TRAIN.EPOCHS", "1", "TRAIN.WARMUP_EPOCHS", "0", "MODEL.DROP_PATH_RATE", "0.0",
+    "MODEL.SWINV2.EMBED_DIM",
+    "16",
+    "MODEL.SWINV2.NUM_HEADS",
+    "[1,2,4,8]",
+    "MODEL.SWINV2.DEPTHS",
+    "[2,2,2,2]",
+    "DATA.NUM_WORKERS",
+    "0",
+    "TRAIN.EPOCHS",
+    "1",
+    "TRAIN.WARMUP_EPOCHS",
+    "0",
+    "MODEL.DROP_PATH_RATE",
+    "0.0",
 ]
 ACC_LINE = re.compile(r" \* Acc@1 ([\d.]+) Acc@5 ([\d.]+) loss ([\d.]+) images (\d+)")
 LOSS = re.compile(r"Train: \[\d+/\d+\]\[\d+/\d+\].*?loss ([\d.naninf]+) \(")
@@ -37,8 +50,22 @@ def _release_log_handlers():
 
 
 def _args(data: str, out: Path, *extra: str, opts: tuple[str, ...] = ()) -> list[str]:
-    return ["--cfg", V2_DEMO, "--data-path", data, "--output", str(out), "--device", "cpu", "--batch-size", "16",
-            *extra, "--opts", *TINY_V2, *opts]
+    return [
+        "--cfg",
+        V2_DEMO,
+        "--data-path",
+        data,
+        "--output",
+        str(out),
+        "--device",
+        "cpu",
+        "--batch-size",
+        "16",
+        *extra,
+        "--opts",
+        *TINY_V2,
+        *opts,
+    ]
 
 
 def _run(args: list[str], capsys) -> tuple[int, str]:
@@ -50,8 +77,9 @@ def _run(args: list[str], capsys) -> tuple[int, str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("amp_dtype", ["bfloat16", "float16"])
 def test_v2_trains_with_mixed_precision_then_eval_resume_and_throughput_agree(small_data, tmp_path, capsys, amp_dtype):
-    code, out = _run(_args(small_data, tmp_path, "--tag", amp_dtype, opts=("AMP_DTYPE", amp_dtype, "TRAIN.EPOCHS", "2")),
-                     capsys)
+    code, out = _run(
+        _args(small_data, tmp_path, "--tag", amp_dtype, opts=("AMP_DTYPE", amp_dtype, "TRAIN.EPOCHS", "2")), capsys
+    )
     assert code == 0, out[-3000:]
     losses = [float(x) for x in LOSS.findall(out)]
     assert losses and all(torch.isfinite(torch.tensor(losses)))
@@ -62,8 +90,19 @@ def test_v2_trains_with_mixed_precision_then_eval_resume_and_throughput_agree(sm
     assert any(".cpb_mlp." in k for k in saved["model"])
     assert yaml.safe_load(saved["config"])["MODEL"]["TYPE"] == "swinv2"  # the merged config travels with it
 
-    code, out = _run(_args(small_data, tmp_path, "--tag", amp_dtype + "-eval", "--eval", "--resume",
-                           str(run_dir / "last.pth"), opts=("AMP_DTYPE", amp_dtype)), capsys)
+    code, out = _run(
+        _args(
+            small_data,
+            tmp_path,
+            "--tag",
+            amp_dtype + "-eval",
+            "--eval",
+            "--resume",
+            str(run_dir / "last.pth"),
+            opts=("AMP_DTYPE", amp_dtype),
+        ),
+        capsys,
+    )
     assert code == 0, out[-3000:]
     assert ACC_LINE.findall(out) == [trained]  # the same weights give the same numbers
 
@@ -75,8 +114,9 @@ def test_v2_trains_with_mixed_precision_then_eval_resume_and_throughput_agree(sm
 def test_v2_auto_resume_continues_where_it_stopped(small_data, tmp_path, capsys):
     code, out = _run(_args(small_data, tmp_path, "--tag", "resume", opts=("AMP_ENABLE", "False")), capsys)
     assert code == 0, out[-3000:]
-    code, out = _run(_args(small_data, tmp_path, "--tag", "resume", opts=("AMP_ENABLE", "False", "TRAIN.EPOCHS", "2")),
-                     capsys)
+    code, out = _run(
+        _args(small_data, tmp_path, "--tag", "resume", opts=("AMP_ENABLE", "False", "TRAIN.EPOCHS", "2")), capsys
+    )
     assert code == 0, out[-3000:]
     assert "resuming at epoch 1, batch 0" in out
     assert "Train: [1/2]" in out and "Train: [0/2]" not in out
@@ -96,8 +136,18 @@ def test_pretrained_and_eval_resume_from_the_release_layout_and_a_v1_checkpoint_
         state[name] = torch.zeros_like(buf)  # the release saves its derived buffers; they must be ignored
     state["layers.0.blocks.1.attn_mask"] = torch.ones(16, 16, 16)
     torch.save({"model": state}, tmp_path / "release_v2.pth")
-    code, out = _run(_args(small_data, tmp_path, "--tag", "ft", "--pretrained", str(tmp_path / "release_v2.pth"),
-                           opts=("AMP_ENABLE", "False")), capsys)
+    code, out = _run(
+        _args(
+            small_data,
+            tmp_path,
+            "--tag",
+            "ft",
+            "--pretrained",
+            str(tmp_path / "release_v2.pth"),
+            opts=("AMP_ENABLE", "False"),
+        ),
+        capsys,
+    )
     assert code == 0, out[-3000:]
     assert "head re-initialised" in out and "missing 0" in out and "unexpected 0" in out
 
@@ -107,16 +157,31 @@ def test_pretrained_and_eval_resume_from_the_release_layout_and_a_v1_checkpoint_
     for name, buf in model.named_buffers():
         state[name] = torch.zeros_like(buf)
     torch.save({"model": state}, tmp_path / "release_v2_10.pth")
-    code, out = _run(_args(small_data, tmp_path, "--tag", "ev", "--eval", "--resume", str(tmp_path / "release_v2_10.pth"),
-                           opts=("AMP_ENABLE", "False")), capsys)
+    code, out = _run(
+        _args(
+            small_data,
+            tmp_path,
+            "--tag",
+            "ev",
+            "--eval",
+            "--resume",
+            str(tmp_path / "release_v2_10.pth"),
+            opts=("AMP_ENABLE", "False"),
+        ),
+        capsys,
+    )
     assert code == 0, out[-3000:]
     assert "resumed weights from" in out and len(ACC_LINE.findall(out)) == 1
 
     from config import get_config
     from models import build_model
 
-    v1 = build_model(get_config(str(ROOT / "configs" / "demo" / "swin_demo_digits.yaml"),
-                                ["MODEL.SWIN.EMBED_DIM", "16", "MODEL.SWIN.NUM_HEADS", "[1,2,4,8]", "MODEL.NUM_CLASSES", "10"]))
+    v1 = build_model(
+        get_config(
+            str(ROOT / "configs" / "demo" / "swin_demo_digits.yaml"),
+            ["MODEL.SWIN.EMBED_DIM", "16", "MODEL.SWIN.NUM_HEADS", "[1,2,4,8]", "MODEL.NUM_CLASSES", "10"],
+        )
+    )
     torch.save({"model": v1.state_dict()}, tmp_path / "v1.pth")
     code, out = _run(_args(small_data, tmp_path, "--tag", "wrong", "--pretrained", str(tmp_path / "v1.pth")), capsys)
     assert code == 2
@@ -128,9 +193,27 @@ def test_pretrained_and_eval_resume_from_the_release_layout_and_a_v1_checkpoint_
 def test_v2_demo_config_learns_the_digits_in_a_few_epochs(demo_data, tmp_path):
     """The V2 demo, shortened to 4 epochs (its full 30 reach the README's figure): it must be well
     past chance (10 %) and still climbing. Measured here (fp32): 53.6, 60.8, 65.0, 70.3 %."""
-    proc = run_main(["--cfg", V2_DEMO, "--data-path", demo_data, "--output", str(tmp_path), "--device", "cpu",
-                     "--opts", "TRAIN.EPOCHS", "4", "TRAIN.WARMUP_EPOCHS", "1", "AMP_ENABLE", "False"],
-                    env={"OMP_NUM_THREADS": "2"}, timeout=1200)
+    proc = run_main(
+        [
+            "--cfg",
+            V2_DEMO,
+            "--data-path",
+            demo_data,
+            "--output",
+            str(tmp_path),
+            "--device",
+            "cpu",
+            "--opts",
+            "TRAIN.EPOCHS",
+            "4",
+            "TRAIN.WARMUP_EPOCHS",
+            "1",
+            "AMP_ENABLE",
+            "False",
+        ],
+        env={"OMP_NUM_THREADS": "2"},
+        timeout=1200,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     accs = [float(m.group(1)) for m in ACC_LINE.finditer(proc.stdout + proc.stderr)]
     assert len(accs) == 4
