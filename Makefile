@@ -1,11 +1,12 @@
 # Two commands for a newcomer: `make demo` and `make test`. Both create .venv first.
+# For contributors: `make lint` (CI runs it before the tests), `make format`, `make test-fast`.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_CFG := configs/demo/swin_demo_digits.yaml
 DEMO_OUT := output/swin_demo_digits/demo
 
-.PHONY: venv demo test test-fast clean
+.PHONY: venv demo test test-fast lint format clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +31,15 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q
+
+# ruff: the rules are in pyproject.toml; `make format` rewrites what `make lint` would refuse.
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: venv
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow"

@@ -248,7 +248,8 @@ def _refusal(path: str, err: pickle.UnpicklingError) -> UserError:
     # every other refusal is about a global, class or object it will not build.
     if re.search(r"Unsupported operand|String is too long|persistent", msg) and "GLOBAL" not in msg:
         return UserError(
-            f"cannot read checkpoint {path}: the file is corrupt or not a PyTorch checkpoint; re-create or re-download it"
+            f"cannot read checkpoint {path}: the file is corrupt or not a PyTorch checkpoint; "
+            "re-create or re-download it"
         )
     return UserError(
         f"refusing to load {path}: it holds pickled Python objects, not only weights; "

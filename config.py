@@ -11,7 +11,8 @@ import argparse
 import ast
 import difflib
 import os
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import yaml
 from yacs.config import CfgNode as CN
@@ -166,6 +167,9 @@ _C.TRAIN.COMPILE = False
 # What TRAIN.COMPILE compiles: 'blocks' (each Swin block on its own, regional: distinct block
 # shapes are traced once, so it compiles in a fraction of the time) or 'model' (one graph).
 _C.TRAIN.COMPILE_SCOPE = "blocks"
+# torch.compile backend: 'inductor' (generated kernels, the fast one); 'aot_eager' and 'eager'
+# trace without generating code (quick to compile; for checking a model compiles).
+_C.TRAIN.COMPILE_BACKEND = "inductor"
 # Write a resumable checkpoint every N optimizer steps (0 = only at epoch ends).
 _C.TRAIN.STEP_SAVE_FREQ = 0
 # Stop after this many non-finite losses in a row (fp32/bf16; fp16 is handled by the scaler).
@@ -317,7 +321,7 @@ def _is_int_for_float(original: Any, value: Any) -> bool:
 def _merge_yaml(config: CN, cfg_file: str) -> None:
     if not os.path.isfile(cfg_file):
         raise UserError(f"config file {cfg_file} does not exist; pass an existing YAML file to --cfg")
-    with open(cfg_file, "r") as f:
+    with open(cfg_file) as f:
         try:
             data = yaml.safe_load(f) or {}
         except yaml.YAMLError as e:
@@ -339,7 +343,7 @@ def _merge_yaml(config: CN, cfg_file: str) -> None:
 def _merge_opts(config: CN, opts: Sequence[str]) -> None:
     if len(opts) % 2:
         raise UserError(f"--opts takes KEY VALUE pairs; got an odd number of items: {' '.join(opts)}")
-    for key, value in zip(opts[0::2], opts[1::2]):
+    for key, value in zip(opts[0::2], opts[1::2], strict=True):
         node = config
         parts = key.split(".")
         for part in parts[:-1]:

@@ -20,8 +20,9 @@ import os
 import random
 import resource
 import sys
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, ContextManager, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -66,7 +67,7 @@ def _env_int(name: str) -> int:
         ) from None
 
 
-def _restart_scoped_store(rank: int, world_size: int) -> Optional[dist.Store]:
+def _restart_scoped_store(rank: int, world_size: int) -> dist.Store | None:
     """Under torchrun's shared agent store: that store with keys scoped to this restart attempt.
 
     torchrun (c10d rendezvous) lets the workers use its own TCP store, which outlives the
@@ -110,13 +111,15 @@ def init_distributed(device_pref: str = "auto") -> DistEnv:
         missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
         if missing and not dist.is_initialized():
             raise UserError(
-                f"RANK and WORLD_SIZE are set but {' and '.join(missing)} not; launch with torchrun or unset RANK/WORLD_SIZE"
+                f"RANK and WORLD_SIZE are set but {' and '.join(missing)} not; "
+                "launch with torchrun or unset RANK/WORLD_SIZE"
             )
         if use_cuda:
             n_gpu = torch.cuda.device_count()
             if local_rank >= n_gpu:
                 raise UserError(
-                    f"LOCAL_RANK {local_rank} has no GPU: only {n_gpu} visible; start at most {n_gpu} processes per node"
+                    f"LOCAL_RANK {local_rank} has no GPU: only {n_gpu} visible; "
+                    f"start at most {n_gpu} processes per node"
                 )
             # Set before init so NCCL binds this process to its own GPU, not all to GPU 0.
             torch.cuda.set_device(local_rank)
@@ -244,7 +247,7 @@ def cpu_has_fast_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_amp_dtype(device: torch.device, name: str) -> Optional[torch.dtype]:
+def resolve_amp_dtype(device: torch.device, name: str) -> torch.dtype | None:
     """The autocast dtype for ``name``; None means "no autocast, run in float32".
 
     'auto' = float16 on CUDA; on the CPU bfloat16 where the CPU has native bf16 instructions,
@@ -267,7 +270,7 @@ def resolve_amp_dtype(device: torch.device, name: str) -> Optional[torch.dtype]:
     return dtype
 
 
-def autocast_context(device: torch.device, enabled: bool, dtype_name: str = "auto") -> ContextManager[Any]:
+def autocast_context(device: torch.device, enabled: bool, dtype_name: str = "auto") -> AbstractContextManager[Any]:
     """``torch.autocast`` for the device type when ``enabled``, else a do-nothing context."""
     dtype = resolve_amp_dtype(device, dtype_name) if enabled else None
     if dtype is None:
@@ -275,7 +278,7 @@ def autocast_context(device: torch.device, enabled: bool, dtype_name: str = "aut
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def make_grad_scaler(device: torch.device, enabled: bool, dtype: Optional[torch.dtype]) -> torch.amp.GradScaler:
+def make_grad_scaler(device: torch.device, enabled: bool, dtype: torch.dtype | None) -> torch.amp.GradScaler:
     """A loss scaler that is active only for float16 autocast on CUDA.
 
     bfloat16 has float32's exponent range and needs no scaling; fp32 needs none either. The

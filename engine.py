@@ -9,8 +9,8 @@ import datetime
 import logging
 import math
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, Optional, Set
 
 import torch
 import torch.nn as nn
@@ -41,7 +41,7 @@ class TrainState:
     max_accuracy: float = 0.0
     nonfinite_in_row: int = 0
     nonfinite_total: int = 0
-    corrupt_seen: Set[str] = field(default_factory=set)
+    corrupt_seen: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -57,7 +57,7 @@ class StopTraining(Exception):
     """Raised inside the loop after a pre-emption checkpoint is written."""
 
 
-def _grad_norm(parameters: Iterable[nn.Parameter], max_norm: Optional[float]) -> torch.Tensor:
+def _grad_norm(parameters: Iterable[nn.Parameter], max_norm: float | None) -> torch.Tensor:
     """Clip to ``max_norm`` when set (> 0); always return the global L2 norm before clipping."""
     params = [p for p in parameters if p.grad is not None]
     if not params:
@@ -79,7 +79,7 @@ def train_one_epoch(
     state: TrainState,
     hooks: StepHooks,
     writer=None,
-) -> Dict[str, float]:
+) -> dict[str, float]:
     """One pass over ``loader`` (from ``state.batch_in_epoch`` on when resuming mid-epoch).
 
     Gradients accumulate over ``TRAIN.ACCUMULATION_STEPS`` batches; the learning rate is updated
@@ -223,7 +223,7 @@ def _log_step(
 
 
 @torch.no_grad()
-def evaluate(config, loader, model: nn.Module, env: DistEnv) -> Dict[str, float]:
+def evaluate(config, loader, model: nn.Module, env: DistEnv) -> dict[str, float]:
     """Top-1, top-5 and loss over the whole validation set, each image counted exactly once.
 
     Sums (not per-rank means) are reduced across ranks, so N ranks report what one process would.
@@ -264,7 +264,7 @@ def evaluate(config, loader, model: nn.Module, env: DistEnv) -> Dict[str, float]
 
 
 @torch.no_grad()
-def throughput(config, model: nn.Module, env: DistEnv, batch_size: Optional[int] = None, iters: int = 10) -> float:
+def throughput(config, model: nn.Module, env: DistEnv, batch_size: int | None = None, iters: int = 10) -> float:
     """Forward images/s on a random batch of the configured size (timed as the benchmark times)."""
     model.eval()
     size = config.DATA.IMG_SIZE

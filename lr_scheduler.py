@@ -9,7 +9,7 @@ the decay starts after it, otherwise the decay's clock starts at step 0.
 
 from __future__ import annotations
 
-from typing import Any, List
+from typing import Any
 
 import torch
 from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler, StepLRScheduler
@@ -54,7 +54,7 @@ class LinearLRScheduler(Scheduler):
         else:
             self.warmup_steps = [1.0 for _ in self.base_values]
 
-    def _get_lr(self, t: int) -> List[float]:
+    def _get_lr(self, t: int) -> list[float]:
         if t < self.warmup_t:
             return [self.warmup_lr_init + t * s for s in self.warmup_steps]
         if self.warmup_prefix:

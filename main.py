@@ -13,9 +13,7 @@ import datetime
 import os
 import sys
 import time
-from typing import List, Optional
 
-import torch
 import torch.nn as nn
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
@@ -50,7 +48,7 @@ from optimizer import build_optimizer, scaled_lrs
 from preemption import StopRequest
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser("Swin Transformer training and evaluation", add_help=True)
     p.add_argument("--cfg", type=str, metavar="FILE", help="path to a config YAML file")
     p.add_argument("--opts", default=None, nargs="+", help="override config options: KEY VALUE pairs")
@@ -146,7 +144,8 @@ def load_resume(
     result = model.load_state_dict(weights, strict=False)
     if result.missing_keys:
         raise UserError(
-            f"{path} lacks {len(result.missing_keys)} weights of this model (e.g. {result.missing_keys[:3]}); check --cfg"
+            f"{path} lacks {len(result.missing_keys)} weights of this model (e.g. {result.missing_keys[:3]}); "
+            "check --cfg"
         )
     logger.info("resumed weights from %s", path)
     if model_only or "optimizer" not in checkpoint:
@@ -170,7 +169,7 @@ def load_resume(
     return checkpoint
 
 
-def run(args: argparse.Namespace) -> Optional[dict]:
+def run(args: argparse.Namespace) -> dict | None:
     config = config_from_args(args)
     _check_config(config)
     env = init_distributed(config.DEVICE)
@@ -224,13 +223,13 @@ def run(args: argparse.Namespace) -> Optional[dict]:
         load_pretrained(model, config.MODEL.PRETRAINED)
 
     if config.TRAIN.COMPILE and config.TRAIN.COMPILE_SCOPE == "blocks":
-        compile_model(model, "blocks")  # in place: DDP below wraps the same module
+        compile_model(model, "blocks", config.TRAIN.COMPILE_BACKEND)  # in place: DDP below wraps the same module
     if env.distributed:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[env.device.index] if env.device.type == "cuda" else None
         )
     if config.TRAIN.COMPILE and config.TRAIN.COMPILE_SCOPE != "blocks":
-        model = compile_model(model, config.TRAIN.COMPILE_SCOPE)
+        model = compile_model(model, config.TRAIN.COMPILE_SCOPE, config.TRAIN.COMPILE_BACKEND)
 
     if config.EVAL_MODE or (config.MODEL.PRETRAINED and not resume_path):
         stats = evaluate(config, data.loader_val, model, env)
@@ -340,7 +339,7 @@ def run(args: argparse.Namespace) -> Optional[dict]:
     return stats
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         return report_user_errors(lambda: run(args), debug=args.debug)

@@ -8,7 +8,8 @@ not decayed, since shrinking them toward zero only hurts.
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import signal
 from types import FrameType
-from typing import Optional
 
 import torch
 
@@ -18,10 +17,10 @@ class StopRequest:
     """Records a termination signal instead of dying mid-step; the trainer polls :meth:`agreed`."""
 
     def __init__(self) -> None:
-        self.signal_name: Optional[str] = None
+        self.signal_name: str | None = None
         self._previous = {}
 
-    def install(self) -> "StopRequest":
+    def install(self) -> StopRequest:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
@@ -31,7 +30,7 @@ class StopRequest:
             signal.signal(sig, handler)
         self._previous.clear()
 
-    def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.signal_name is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C means "now"
         self.signal_name = signal.Signals(signum).name

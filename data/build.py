@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
@@ -181,7 +182,7 @@ def _image_folder(root: str, split: str, transform: Callable) -> ImageFolder:
     counts = [0] * len(folder.classes)
     for _, target in folder.samples:
         counts[target] += 1
-    empty = [c for c, n in zip(folder.classes, counts) if n == 0]
+    empty = [c for c, n in zip(folder.classes, counts, strict=True) if n == 0]
     if empty:
         logger.warning("%d class folders of %s hold no images: %s", len(empty), split_dir, _list_preview(empty))
     return folder

@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from errors import UserError
 
@@ -76,7 +77,7 @@ class ImageNet22KList:
                 f"ImageNet-22K annotation list {ann_file} does not exist; put it in --data-path "
                 f"or use train/ and val/ class folders"
             )
-        with open(ann_file, "r") as f:
+        with open(ann_file) as f:
             try:
                 entries = json.load(f)
             except json.JSONDecodeError as e:

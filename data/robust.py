@@ -9,7 +9,8 @@ reporting the unreadable path so the trainer can log and count it; with ``strict
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from PIL import Image, ImageFile
 from torch.utils.data import Dataset

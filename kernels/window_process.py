@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Dict, Optional, Tuple
+from typing import Any
 
 import torch
 
@@ -53,7 +53,7 @@ def _interpret_requested() -> bool:
     return os.environ.get("TRITON_INTERPRET", "").strip().lower() in _TRUE_STRINGS
 
 
-_TRITON_IMPORTABLE: Optional[bool] = None
+_TRITON_IMPORTABLE: bool | None = None
 
 
 def _triton_importable() -> bool:
@@ -84,7 +84,7 @@ def kernel_available(t: torch.Tensor) -> bool:
 # Triton kernel (built lazily, once per interpreter mode)
 # ----------------------------------------------------------------------------------------
 
-_KERNELS: Dict[bool, Any] = {}
+_KERNELS: dict[bool, Any] = {}
 
 
 def _get_kernel() -> Any:
@@ -165,7 +165,7 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def _block_sizes(C: int, interpret: bool) -> Tuple[int, int]:
+def _block_sizes(C: int, interpret: bool) -> tuple[int, int]:
     block_c = min(_next_pow2(C), 128)
     # ~4K elements per tile on GPU; the interpreter pays per program, so use bigger tiles.
     budget = 16384 if interpret else 4096
@@ -297,7 +297,7 @@ def _disable_fused(exc: BaseException) -> None:
     )
 
 
-def try_fused_shift_partition(x: torch.Tensor, shift: int, window_size: int) -> Optional[torch.Tensor]:
+def try_fused_shift_partition(x: torch.Tensor, shift: int, window_size: int) -> torch.Tensor | None:
     """The kernel's shift + partition (B·nW, M, M, C), or None where it cannot run or has failed.
 
     Bad input (ValueError) and out-of-memory still raise: neither is the kernel's fault.
@@ -315,7 +315,7 @@ def try_fused_shift_partition(x: torch.Tensor, shift: int, window_size: int) -> 
 
 def try_fused_reverse_unshift(
     windows: torch.Tensor, shift: int, window_size: int, H: int, W: int
-) -> Optional[torch.Tensor]:
+) -> torch.Tensor | None:
     """The kernel's window merge + reverse shift (B, H, W, C), or None (see above)."""
     if not _use_fused(windows):
         return None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch.nn as nn
 from yacs.config import CfgNode
@@ -47,7 +47,8 @@ def _check_shape(config: CfgNode) -> None:
     section = f"MODEL.{'SWINV2' if config.MODEL.TYPE == 'swinv2' else 'SWIN'}"
     if len(s.DEPTHS) != len(s.NUM_HEADS):
         raise UserError(
-            f"{section}.DEPTHS {list(s.DEPTHS)} and NUM_HEADS {list(s.NUM_HEADS)} differ in length; give one head count per stage"
+            f"{section}.DEPTHS {list(s.DEPTHS)} and NUM_HEADS {list(s.NUM_HEADS)} differ in length; "
+            "give one head count per stage"
         )
     for i, heads in enumerate(s.NUM_HEADS):
         dim = s.EMBED_DIM * 2**i

@@ -24,6 +24,20 @@ logger = logging.getLogger(__name__)
 COMPILE_SCOPES = ("blocks", "model")
 
 
+def allow_recompiles(needed: int) -> None:
+    """Raise Dynamo's per-code-object recompile limit to at least ``needed``.
+
+    The setting is ``recompile_limit`` from torch 2.7 on and ``cache_size_limit`` before.
+    """
+    # Imported as its own name: ``import torch._dynamo`` here would make ``torch`` a local of
+    # this function (the UnboundLocalError a linter's F823 found in compile_model).
+    import torch._dynamo as dynamo
+
+    name = "recompile_limit" if hasattr(dynamo.config, "recompile_limit") else "cache_size_limit"
+    if getattr(dynamo.config, name) < needed:
+        setattr(dynamo.config, name, needed)
+
+
 def compile_model(model: nn.Module, scope: str = "blocks", backend: str = "inductor") -> nn.Module:
     """Compile ``model`` for ``backend``; returns the module to call.
 
@@ -42,11 +56,7 @@ def compile_model(model: nn.Module, scope: str = "blocks", backend: str = "induc
     # All blocks share one forward code object, and Dynamo counts every (shape, shift, train/eval)
     # variant against one recompile limit (8 by default): without room for each distinct block in
     # both modes, the later blocks would silently fall back to eager.
-    import torch._dynamo
-
-    needed = 2 * len(blocks) + 8
-    if torch._dynamo.config.recompile_limit < needed:
-        torch._dynamo.config.recompile_limit = needed
+    allow_recompiles(2 * len(blocks) + 8)
     for blk in blocks:
         # dynamic=False: each block variant gets a graph specialized to its sizes. Left automatic,
         # Dynamo would see the second stage's sizes as "changing" and compile a symbolic-shape

@@ -18,7 +18,6 @@ import math
 import os
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Dict, List, Tuple
 
 import timm
 import torch
@@ -43,9 +42,9 @@ DERIVED_KEYS = ("relative_position_index", "attn_mask", "relative_coords_table")
 class LoadReport:
     """What :func:`load_pretrained` could not match, and what it adapted."""
 
-    missing: List[str] = field(default_factory=list)
-    unexpected: List[str] = field(default_factory=list)
-    resized: List[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    resized: list[str] = field(default_factory=list)
     head: str = "loaded"  # 'loaded', 'mapped-22k-to-1k', 're-initialised' or 'absent'
 
 
@@ -54,7 +53,7 @@ def _timm_info_file(name: str) -> str:
 
 
 @lru_cache(maxsize=1)
-def imagenet22k_to_1k_indices() -> Tuple[int, ...]:
+def imagenet22k_to_1k_indices() -> tuple[int, ...]:
     """For each ImageNet-1K class (timm's ``imagenet_synsets.txt`` order), its ImageNet-22K row.
 
     Derived from the WordNet ids in the class lists timm ships; returns 1,000 indices.
@@ -97,7 +96,7 @@ def _resize_abs_pos_embed(pos: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return resize_pos_embed(pos, (old, old), (new, new))
 
 
-def extract_state_dict(checkpoint: Dict) -> Dict[str, torch.Tensor]:
+def extract_state_dict(checkpoint: dict) -> dict[str, torch.Tensor]:
     """The weights inside a checkpoint dict: its 'model' (or 'state_dict') entry, else itself."""
     for key in ("model", "state_dict"):
         if key in checkpoint and isinstance(checkpoint[key], dict):
@@ -107,7 +106,7 @@ def extract_state_dict(checkpoint: Dict) -> Dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
-def _simmim_encoder_keys(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def _simmim_encoder_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A SimMIM pre-training checkpoint as the plain encoder it holds.
 
     The release's SimMIM checkpoints keep the encoder under ``encoder.`` (next to ``decoder.*``,
@@ -131,7 +130,7 @@ def _family(keys) -> str | None:
     return None
 
 
-def _check_family(own: Dict[str, torch.Tensor], state: Dict[str, torch.Tensor], source: str) -> None:
+def _check_family(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str) -> None:
     ours, theirs = _family(own), _family(state)
     if ours and theirs and ours != theirs:
         raise UserError(
@@ -141,14 +140,14 @@ def _check_family(own: Dict[str, torch.Tensor], state: Dict[str, torch.Tensor], 
 
 
 def adapt_state_dict(
-    model: nn.Module, state: Dict[str, torch.Tensor], report: LoadReport, source: str = "checkpoint"
-) -> Dict[str, torch.Tensor]:
+    model: nn.Module, state: dict[str, torch.Tensor], report: LoadReport, source: str = "checkpoint"
+) -> dict[str, torch.Tensor]:
     """Make ``state`` fit ``model`` (see module docstring); raises UserError on a wrong architecture."""
     own = model.state_dict()
     state = _simmim_encoder_keys(state)
     _check_family(own, state, source)
-    out: Dict[str, torch.Tensor] = {}
-    mismatched: List[str] = []
+    out: dict[str, torch.Tensor] = {}
+    mismatched: list[str] = []
     for key, value in state.items():
         if key.rsplit(".", 1)[-1] in DERIVED_KEYS:
             continue
@@ -171,13 +170,14 @@ def adapt_state_dict(
     if mismatched:
         shown = "; ".join(mismatched[:4]) + (f"; and {len(mismatched) - 4} more" if len(mismatched) > 4 else "")
         raise UserError(
-            f"checkpoint does not fit this architecture ({len(mismatched)} mismatched): {shown}; check --cfg against the checkpoint"
+            f"checkpoint does not fit this architecture ({len(mismatched)} mismatched): {shown}; "
+            "check --cfg against the checkpoint"
         )
     _adapt_head(model, state, own, out, report)
     return out
 
 
-def _adapt_head(model: nn.Module, state: Dict, own: Dict, out: Dict, report: LoadReport) -> None:
+def _adapt_head(model: nn.Module, state: dict, own: dict, out: dict, report: LoadReport) -> None:
     if "head.weight" not in own:
         report.head = "absent"
         return

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -122,7 +122,7 @@ class WindowAttention(nn.Module):
         window_size: int,
         num_heads: int,
         qkv_bias: bool = True,
-        qk_scale: Optional[float] = None,
+        qk_scale: float | None = None,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         use_rpb: bool = True,
@@ -150,7 +150,7 @@ class WindowAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         # Eval-mode cache of bias (+ mask) per padded map size; keyed on the table's version so an
         # optimizer step or a load invalidates it.
-        self._bias_cache: Dict[tuple, torch.Tensor] = {}
+        self._bias_cache: dict[tuple, torch.Tensor] = {}
 
     def relative_position_bias(self) -> torch.Tensor:
         """B of Eq. 4: (num_heads, M², M²)."""
@@ -158,7 +158,7 @@ class WindowAttention(nn.Module):
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
         return bias.view(N, N, -1).permute(2, 0, 1).contiguous()
 
-    def _attn_bias(self, mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    def _attn_bias(self, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
         """Bias and mask summed: (nW, heads, N, N), (1, heads, N, N) or None."""
         if not self.use_rpb and mask is None:
             return None
@@ -181,7 +181,7 @@ class WindowAttention(nn.Module):
             self._bias_cache[key] = bias
         return bias
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """
         Args:
             x: (B·nW, N, C) tokens of each window, N = M².
@@ -276,7 +276,7 @@ class SwinTransformerBlock(WindowBlockBase):
         shift_size: int = 0,
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
-        qk_scale: Optional[float] = None,
+        qk_scale: float | None = None,
         drop: float = 0.0,
         attn_drop: float = 0.0,
         drop_path: float = 0.0,
@@ -409,7 +409,7 @@ class SwinTrunk(nn.Module):
 
     def __init__(
         self,
-        img_size: int | Tuple[int, int] = 224,
+        img_size: int | tuple[int, int] = 224,
         patch_size: int = 4,
         in_chans: int = 3,
         embed_dim: int = 96,
@@ -451,10 +451,10 @@ class SwinTrunk(nn.Module):
         # context (building a model on 'meta' to count parameters without memory).
         dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         self.layers = nn.ModuleList()
-        self.stage_dims: List[int] = []
+        self.stage_dims: list[int] = []
         res = grid
         clamped = []
-        for i, (depth, heads) in enumerate(zip(depths, num_heads)):
+        for i, (depth, heads) in enumerate(zip(depths, num_heads, strict=True)):
             dim = embed_dim * 2**i
             if shrink_windows:
                 stage_window, stage_shift = stage_window_and_shift(min(res), window_size)
@@ -522,7 +522,7 @@ class SwinTrunk(nn.Module):
             x = x + pos.view(1, H, W, C)
         return self.pos_drop(x)
 
-    def stage_outputs(self, x: torch.Tensor) -> List[torch.Tensor]:
+    def stage_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Each stage's output before its patch merging: list of (B, H/(P·2ⁱ), W/(P·2ⁱ), C·2ⁱ)."""
         x = self.embed(x)
         outs = []
@@ -534,7 +534,7 @@ class SwinTrunk(nn.Module):
         return outs
 
 
-def resize_pos_embed(pos: torch.Tensor, old_grid: Tuple[int, int], new_grid: Tuple[int, int]) -> torch.Tensor:
+def resize_pos_embed(pos: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> torch.Tensor:
     """Bicubic resize of an absolute position embedding.
 
     Args:
@@ -576,7 +576,7 @@ class SwinTransformer(SwinTrunk):
         if num_classes > 0:
             self._init_weights(self.head)
 
-    def flops(self, img_size: Optional[Tuple[int, int]] = None) -> int:
+    def flops(self, img_size: tuple[int, int] | None = None) -> int:
         """Multiply-accumulates of one forward pass (the paper's "FLOPs"), as the release counts."""
         H, W = img_size or self.img_size
         flops = self.patch_embed.flops(H, W)
@@ -612,8 +612,8 @@ class SwinBackbone(SwinTrunk):
         self.apply(self._init_weights)
         self._freeze_stages()
 
-    def _frozen_modules(self) -> List[nn.Module]:
-        mods: List[nn.Module] = []
+    def _frozen_modules(self) -> list[nn.Module]:
+        mods: list[nn.Module] = []
         if self.frozen_stages >= 0:
             mods.append(self.patch_embed)
         if self.frozen_stages >= 1:
@@ -629,12 +629,12 @@ class SwinBackbone(SwinTrunk):
             for p in m.parameters():
                 p.requires_grad = False
 
-    def train(self, mode: bool = True) -> "SwinBackbone":
+    def train(self, mode: bool = True) -> SwinBackbone:
         super().train(mode)
         self._freeze_stages()
         return self
 
-    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         outs = []
         for i, feat in enumerate(self.stage_outputs(x)):
             if i in self.out_indices:

@@ -22,7 +22,7 @@ its checkpoints load unchanged. Feature maps flow as (B, H, W, C), so any input 
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -129,7 +129,7 @@ class WindowAttentionV2(nn.Module):
             self.v_bias = None
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        self._bias_cache: Dict[tuple, torch.Tensor] = {}
+        self._bias_cache: dict[tuple, torch.Tensor] = {}
 
     def bias_table(self) -> torch.Tensor:
         """16·σ(MLP(Δ̂)) for every relative offset: ((2M-1)², num_heads), fp32."""
@@ -146,7 +146,7 @@ class WindowAttentionV2(nn.Module):
         """1/τ per head: exp(min(logit_scale, log 100)), (num_heads, 1, 1) fp32."""
         return torch.clamp(_full_precision(self.logit_scale), max=LOGIT_SCALE_MAX).exp()
 
-    def _attn_bias(self, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def _attn_bias(self, mask: torch.Tensor | None) -> torch.Tensor:
         """Bias plus mask, fp32: (nW, heads, N, N) with a mask, else (1, heads, N, N)."""
         cacheable = eval_cache_usable(self.cache_eval_bias)
         key = None
@@ -175,7 +175,7 @@ class WindowAttentionV2(nn.Module):
         qkv = F.linear(x, self.qkv.weight, bias)
         return qkv.reshape(B_, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """
         Args:
             x: (B·nW, N, C) tokens of each window, N = M².
@@ -229,7 +229,7 @@ class WindowAttentionV2(nn.Module):
         )
 
 
-def unit_rows(t: torch.Tensor, scale: Optional[torch.Tensor] = None, eps: float = 1e-12) -> torch.Tensor:
+def unit_rows(t: torch.Tensor, scale: torch.Tensor | None = None, eps: float = 1e-12) -> torch.Tensor:
     """``F.normalize(t, dim=-1) * scale`` in one pass over ``t``: the scale is folded into the
     per-row reciprocal norm (a tensor of shape (..., 1)) before the single multiply.
 

@@ -14,7 +14,7 @@ This module imports nothing from the model files; ``kernels`` imports nothing fr
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Optional, Tuple
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -78,7 +78,7 @@ def relative_position_index(window_size: int) -> torch.Tensor:
     return rel[0] * (2 * M - 1) + rel[1]
 
 
-def shift_attention_mask(height: int, width: int, window_size: int, shift_size: int) -> Optional[torch.Tensor]:
+def shift_attention_mask(height: int, width: int, window_size: int, shift_size: int) -> torch.Tensor | None:
     """Mask that keeps attention inside each sub-window after the cyclic shift (V1 Fig. 4).
 
     After rolling the map by (-s, -s), a window at the bottom or right edge holds tokens that were
@@ -116,7 +116,7 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return x
 
 
-def stage_window_and_shift(resolution: int, window_size: int) -> Tuple[int, bool]:
+def stage_window_and_shift(resolution: int, window_size: int) -> tuple[int, bool]:
     """The release's rule (V1 and V2): a stage no larger than the window uses one whole-map window,
     unshifted.
 
@@ -155,12 +155,12 @@ def roll_reverse_unshift(windows: torch.Tensor, shift: int, window_size: int, H:
 # ``torch.roll`` on CPU is two narrow+cat copies (one per axis) and the partition a third; a
 # precomputed token permutation does all of it in a single ``index_select`` (~5x less time than
 # roll+partition for Swin-T stage 1 on the CPU here).
-_PERMUTATIONS: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
+_PERMUTATIONS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def window_permutation(
     height: int, width: int, window_size: int, shift_size: int, device: torch.device
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(perm, inverse) of the H·W tokens of a map for shift ``s`` and window ``M``, cached.
 
     ``x.flatten(1, 2)[:, perm]`` equals ``window_partition(torch.roll(x, (-s, -s), (1, 2)), M)``
@@ -274,9 +274,9 @@ class WindowBlockBase(nn.Module):
         self.window_size = window_size
         self.shift_size = shift_size
         self.fused_window_process = fused_window_process
-        self._mask_cache: Dict[tuple, Optional[torch.Tensor]] = {}
+        self._mask_cache: dict[tuple, torch.Tensor | None] = {}
 
-    def attention_mask(self, height: int, width: int, device: torch.device) -> Optional[torch.Tensor]:
+    def attention_mask(self, height: int, width: int, device: torch.device) -> torch.Tensor | None:
         """The shift mask for a padded map of ``height`` × ``width`` (cached per size)."""
         key = (height, width, device)
         if key not in self._mask_cache:

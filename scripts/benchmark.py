@@ -54,8 +54,8 @@ import signal
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -66,7 +66,7 @@ import torch.nn.functional as F  # noqa: E402
 from config import get_config, model_section  # noqa: E402
 from distributed import cpu_has_fast_bf16, synchronize  # noqa: E402
 from models.build import build_model  # noqa: E402
-from models.compile import compile_model  # noqa: E402
+from models.compile import allow_recompiles, compile_model  # noqa: E402
 from models.swin_transformer import WindowAttention  # noqa: E402
 from models.swin_transformer_v2 import WindowAttentionV2  # noqa: E402
 from models.windows import WindowBlockBase  # noqa: E402
@@ -138,7 +138,7 @@ def machine_info(device: torch.device) -> dict:
     return info
 
 
-def load_config(model: str, img_size: Optional[int], extra_opts: List[str]):
+def load_config(model: str, img_size: int | None, extra_opts: list[str]):
     path = MODELS.get(model, model)
     if not os.path.isabs(path):
         path = os.path.join(ROOT, path)
@@ -220,7 +220,7 @@ def paired_models(config, model_name: str, device: torch.device):
     return ours, theirs, diff
 
 
-def variant(model: torch.nn.Module, attn_impl: Optional[str] = None, gather: bool = True, cache: bool = True):
+def variant(model: torch.nn.Module, attn_impl: str | None = None, gather: bool = True, cache: bool = True):
     """A copy of our model with the speed switches set (same weights)."""
     m = copy.deepcopy(model)
     for mod in m.modules():
@@ -236,13 +236,13 @@ def variant(model: torch.nn.Module, attn_impl: Optional[str] = None, gather: boo
 # ---------------------------------------------------------------------------------------------
 # Steps
 # ---------------------------------------------------------------------------------------------
-def autocast(device: torch.device, dtype: Optional[torch.dtype]):
+def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
 
 
-def forward_step(model, x, amp: Optional[torch.dtype]) -> Callable[[], None]:
+def forward_step(model, x, amp: torch.dtype | None) -> Callable[[], None]:
     device = x.device
     model.eval()
 
@@ -266,7 +266,7 @@ def adamw_like(model: torch.nn.Module, config, reference: torch.optim.Optimizer)
     )
 
 
-def train_step(model, optimizer, x, y, amp: Optional[torch.dtype]) -> Callable[[], None]:
+def train_step(model, optimizer, x, y, amp: torch.dtype | None) -> Callable[[], None]:
     device = x.device
     model.train()
     scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
@@ -309,10 +309,8 @@ def compile_blocks(model: torch.nn.Module) -> torch.nn.Module:
     ``--compile`` does), timm's blocks one by one with the same recompile allowance."""
     if any(isinstance(m, WindowBlockBase) for m in model.modules()):
         return compile_model(model, "blocks")
-    import torch._dynamo
-
     blocks = [m for m in model.modules() if type(m).__name__ in ("SwinTransformerBlock", "SwinTransformerV2Block")]
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(blocks) + 8)
+    allow_recompiles(2 * len(blocks) + 8)
     for blk in blocks:
         blk.compile(dynamic=False)
     return model
@@ -349,17 +347,17 @@ def first_call(step: Callable[[], None], device: torch.device, budget_s: float) 
 @dataclass
 class Candidate:
     name: str
-    step: Optional[Callable[[], None]]
+    step: Callable[[], None] | None
     note: str = ""
-    compile_s: Optional[float] = None
-    samples: List[float] = field(default_factory=list)
+    compile_s: float | None = None
+    samples: list[float] = field(default_factory=list)
 
-    def median(self) -> Optional[float]:
+    def median(self) -> float | None:
         return statistics.median(self.samples) if self.samples else None
 
 
 def time_interleaved(
-    cands: List[Candidate], batch_size: int, device: torch.device, rounds: int, iters: int, warmup: int
+    cands: list[Candidate], batch_size: int, device: torch.device, rounds: int, iters: int, warmup: int
 ) -> None:
     live = [c for c in cands if c.step is not None]
     for c in live:
@@ -449,7 +447,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def fmt(v: Optional[float], spec: str = ".2f") -> str:
+def fmt(v: float | None, spec: str = ".2f") -> str:
     return "-" if v is None else format(v, spec)
 
 
@@ -481,9 +479,9 @@ def main(argv=None) -> dict:
     x = torch.randn(bs, model_section(config).IN_CHANS, size, size, device=device)
     y = torch.randint(0, config.MODEL.NUM_CLASSES, (bs,), device=device)
     slow_bf16 = device.type == "cpu" and not cpu_has_fast_bf16()
-    rows: List[dict] = []
-    levers: List[dict] = []
-    memory: List[dict] = []
+    rows: list[dict] = []
+    levers: list[dict] = []
+    memory: list[dict] = []
     command = " ".join([os.path.basename(sys.argv[0])] + (list(argv) if argv is not None else sys.argv[1:]))
 
     def snapshot() -> dict:
@@ -511,7 +509,7 @@ def main(argv=None) -> dict:
                 json.dump(snapshot(), f, indent=1)
             os.replace(tmp, args.json)
 
-    def record(phase, dtype, mode, cands: List[Candidate], extra: Optional[dict] = None) -> None:
+    def record(phase, dtype, mode, cands: list[Candidate], extra: dict | None = None) -> None:
         by = {c.name: c for c in cands}
         t = by.get("timm")
         for c in cands:
@@ -519,7 +517,8 @@ def main(argv=None) -> dict:
                 continue
             o = c.median()
             tm = t.median() if t else None
-            paired = [a / b for a, b in zip(c.samples, t.samples)] if t and len(c.samples) == len(t.samples) else []
+            same_rounds = t is not None and len(c.samples) == len(t.samples)
+            paired = [a / b for a, b in zip(c.samples, t.samples, strict=True)] if same_rounds else []
             rows.append(
                 dict(
                     phase=phase,
@@ -540,7 +539,8 @@ def main(argv=None) -> dict:
                 )
             )
             print(
-                f"  {phase} {dtype} {mode}: ours {fmt(o)} img/s, timm {fmt(tm)} img/s, ratio {fmt(rows[-1]['ratio'], '.3f')}, "
+                f"  {phase} {dtype} {mode}: ours {fmt(o)} img/s, timm {fmt(tm)} img/s, "
+                f"ratio {fmt(rows[-1]['ratio'], '.3f')}, "
                 f"paired {fmt(rows[-1]['paired_ratio'], '.3f')}",
                 flush=True,
             )
@@ -566,7 +566,7 @@ def main(argv=None) -> dict:
             return compile_blocks(copy.deepcopy(model))
         return model
 
-    def prepare(cands: List[Candidate], mode: str) -> None:
+    def prepare(cands: list[Candidate], mode: str) -> None:
         """For compiled candidates: time the first call (the compile) within the budget."""
         if mode == "eager":
             return
@@ -601,7 +601,7 @@ def main(argv=None) -> dict:
             if note and mode != "eager":
                 continue
             print(f"forward {dtype_name} {mode} ...", flush=True)
-            cands: List[Candidate] = []
+            cands: list[Candidate] = []
             for name, model in (("ours", ours), ("timm", theirs)):
                 if dtype == torch.float32:
                     cands.append(Candidate(name, forward_step(maybe_compile(model, mode), x, None), note))
@@ -619,7 +619,7 @@ def main(argv=None) -> dict:
                 record("forward", dtype_name, mode, cands)
             else:
 
-                def best(prefix):
+                def best(prefix, cands=cands):
                     got = [c for c in cands if c.name.startswith(prefix + "|") and c.median()]
                     return max(got, key=lambda c: c.median()) if got else None
 
@@ -682,10 +682,10 @@ def main(argv=None) -> dict:
                 del o_model, t_model, o_opt, t_opt, cands
 
     # -- levers -------------------------------------------------------------------------------
-    def add_levers(phase: str, cands: List[Candidate]) -> None:
+    def add_levers(phase: str, cands: list[Candidate]) -> None:
         t = cands[-1]
         for c in cands:
-            paired = [a / b for a, b in zip(c.samples, t.samples)]
+            paired = [a / b for a, b in zip(c.samples, t.samples, strict=True)]
             levers.append(
                 dict(
                     phase=phase,
@@ -766,7 +766,8 @@ def main(argv=None) -> dict:
     # -- report -------------------------------------------------------------------------------
     print()
     print(
-        f"{'phase':8s} {'dtype':5s} {'mode':9s} {'ours img/s':>11s} {'timm img/s':>11s} {'ours/timm':>9s} {'paired':>7s}  notes"
+        f"{'phase':8s} {'dtype':5s} {'mode':9s} {'ours img/s':>11s} {'timm img/s':>11s} "
+        f"{'ours/timm':>9s} {'paired':>7s}  notes"
     )
     for r in rows:
         notes = []
@@ -794,7 +795,8 @@ def main(argv=None) -> dict:
         print(f"{'model':6s} {'checkpointing':13s} {'peak MiB':>9s} {'MiB/image':>9s}  method")
         for r in memory:
             print(
-                f"{r['model']:6s} {str(r['checkpointing']):13s} {r['peak_mib']:9.1f} {r['mib_per_image']:9.1f}  {r['method']}"
+                f"{r['model']:6s} {str(r['checkpointing']):13s} {r['peak_mib']:9.1f} "
+                f"{r['mib_per_image']:9.1f}  {r['method']}"
             )
     save()
     if args.json:

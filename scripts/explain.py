@@ -43,8 +43,9 @@ import contextlib
 import math
 import os
 import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
@@ -57,9 +58,6 @@ from yacs.config import CfgNode  # noqa: E402
 
 import models.windows as windows_module  # noqa: E402
 from config import model_section  # noqa: E402
-from models.windows import WindowBlockBase  # noqa: E402
-from models.windows import roll_reverse_unshift as reverse_unshift  # noqa: E402
-from models.windows import roll_shift_partition as shift_partition  # noqa: E402
 from errors import UserError, report_user_errors  # noqa: E402
 from models.swin_transformer import (  # noqa: E402
     BasicLayer,
@@ -75,12 +73,15 @@ from models.swin_transformer_v2 import (  # noqa: E402
     SwinTransformerBlockV2,
     WindowAttentionV2,
 )
+from models.windows import WindowBlockBase  # noqa: E402
+from models.windows import roll_reverse_unshift as reverse_unshift  # noqa: E402
+from models.windows import roll_shift_partition as shift_partition  # noqa: E402
 
-BlockId = Tuple[int, int]  # (stage, block), both counted from 1
+BlockId = tuple[int, int]  # (stage, block), both counted from 1
 # The attention modules of the two families (V2's does not subclass V1's).
-AnyWindowAttention = Union[WindowAttention, WindowAttentionV2]
+AnyWindowAttention = WindowAttention | WindowAttentionV2
 # V2's patch merging subclasses V1's; named for the reader.
-AnyPatchMerging = Union[PatchMerging, PatchMergingV2]
+AnyPatchMerging = PatchMerging | PatchMergingV2
 
 
 def is_v2_block(blk: nn.Module) -> bool:
@@ -103,28 +104,26 @@ class Record:
     """
 
     step: str
-    stage: Optional[int] = None
-    block: Optional[int] = None
-    shape_in: Tuple[int, ...] = ()
-    shape_out: Tuple[int, ...] = ()
-    info: Dict[str, Any] = field(default_factory=dict)
+    stage: int | None = None
+    block: int | None = None
+    shape_in: tuple[int, ...] = ()
+    shape_out: tuple[int, ...] = ()
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class WalkResult:
     """Everything one traced forward pass produced."""
 
-    records: List[Record]
+    records: list[Record]
     logits: torch.Tensor
-    maps: Dict[BlockId, Dict[str, Any]]  # attention maps of the blocks asked for in keep_maps
+    maps: dict[BlockId, dict[str, Any]]  # attention maps of the blocks asked for in keep_maps
 
-    def find(self, step: str, stage: Optional[int] = None, block: Optional[int] = None) -> Record:
+    def find(self, step: str, stage: int | None = None, block: int | None = None) -> Record:
         return find_record(self.records, step, stage, block)
 
 
-def find_record(
-    records: Sequence[Record], step: str, stage: Optional[int] = None, block: Optional[int] = None
-) -> Record:
+def find_record(records: Sequence[Record], step: str, stage: int | None = None, block: int | None = None) -> Record:
     """The first record of ``step`` (at ``stage``/``block`` when given)."""
     for r in records:
         if r.step == step and (stage is None or r.stage == stage) and (block is None or r.block == block):
@@ -132,11 +131,11 @@ def find_record(
     raise KeyError(f"no {step!r} record for stage {stage} block {block}")
 
 
-def _shape(t: torch.Tensor) -> Tuple[int, ...]:
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(int(s) for s in t.shape)
 
 
-def _padded_hw(height: int, width: int, window_size: int) -> Tuple[int, int]:
+def _padded_hw(height: int, width: int, window_size: int) -> tuple[int, int]:
     """The (height, width) the block pads its map to, from the model's own padding function."""
     pad = getattr(windows_module, "pad_to_multiple", None)
     if pad is None:  # the model no longer exposes it: the release's rule
@@ -164,18 +163,18 @@ class _Tracer:
     def __init__(self, model: SwinTransformer, keep_maps: Sequence[BlockId] = ()) -> None:
         self.model = model
         self.keep = set(keep_maps)
-        self.records: List[Record] = []
-        self.maps: Dict[BlockId, Dict[str, Any]] = {}
-        self._ids: Dict[int, BlockId] = {}
-        self._stage_of: Dict[int, int] = {}
-        self._post_norm_branch: Dict[int, str] = {}  # id(norm) → 'attention' / 'mlp' (V2 blocks only)
-        self._current: Optional[BlockId] = None
-        self._block_record: Optional[Record] = None
-        self._normed: Optional[Tuple[int, ...]] = None
-        self._await_reverse: Optional[Tuple[int, ...]] = None
-        self._attn_in: Dict[str, Any] = {}
-        self._stage_in: Dict[int, Tuple[int, ...]] = {}
-        self._handles: List[Any] = []
+        self.records: list[Record] = []
+        self.maps: dict[BlockId, dict[str, Any]] = {}
+        self._ids: dict[int, BlockId] = {}
+        self._stage_of: dict[int, int] = {}
+        self._post_norm_branch: dict[int, str] = {}  # id(norm) → 'attention' / 'mlp' (V2 blocks only)
+        self._current: BlockId | None = None
+        self._block_record: Record | None = None
+        self._normed: tuple[int, ...] | None = None
+        self._await_reverse: tuple[int, ...] | None = None
+        self._attn_in: dict[str, Any] = {}
+        self._stage_in: dict[int, tuple[int, ...]] = {}
+        self._handles: list[Any] = []
         for si, layer in enumerate(model.layers, 1):
             self._stage_of[id(layer)] = si
             if layer.downsample is not None:
@@ -285,7 +284,7 @@ class _Tracer:
             )
         )
 
-    def _record_reverse(self, shape_out: Tuple[int, ...], source: str) -> None:
+    def _record_reverse(self, shape_out: tuple[int, ...], source: str) -> None:
         si, bi = self._current
         shift = self._block_record.info["shift_size"] if self._block_record is not None else 0
         self.records.append(
@@ -323,7 +322,7 @@ class _Tracer:
         M = attn.window_size
         n_windows = x.shape[0] // batch
         v2 = isinstance(attn, WindowAttentionV2)
-        info: Dict[str, Any] = {
+        info: dict[str, Any] = {
             "shift_size": rec.info["shift_size"] if rec is not None else 0,
             "window_size": M,
             "num_windows": n_windows,
@@ -353,7 +352,7 @@ class _Tracer:
         h = attn.num_heads
         v2 = isinstance(attn, WindowAttentionV2)
         n_windows = 1 if mask is None else mask.shape[0]
-        extra: Dict[str, Any] = {}
+        extra: dict[str, Any] = {}
         with torch.no_grad():
             if v2:
                 # WindowAttentionV2 projects with F.linear (bias q_bias, 0, v_bias): no hook on
@@ -386,14 +385,14 @@ class _Tracer:
             # The maps are right iff they reproduce what the module returned.
             recon = attn.proj((maps @ v).transpose(1, 2).reshape(B_, N, C).to(attn.proj.weight.dtype))
             diff = float((recon.float() - out.float()).abs().max())
-        qkv_info: Dict[str, Any] = {
+        qkv_info: dict[str, Any] = {
             "linear_out": linear_out,
             "heads": h,
             "head_dim": C // h,
             "source": "attn._qkv: F.linear, bias (q_bias, 0, v_bias)" if v2 else "attn.qkv Linear",
         }
         self.records.append(Record("qkv", stage=si, block=bi, shape_in=_shape(x), shape_out=_shape(qkv), info=qkv_info))
-        info: Dict[str, Any] = {
+        info: dict[str, Any] = {
             "rpb": bias is not None,
             "check_max_abs_diff": diff,
             "mask_shape": None if mask is None else _shape(mask),
@@ -416,7 +415,7 @@ class _Tracer:
         if (si, bi) in self.keep:
             blk = self.model.layers[si - 1].blocks[bi - 1]
             rec = self._block_record
-            kept: Dict[str, Any] = {
+            kept: dict[str, Any] = {
                 "maps": maps.detach().cpu(),
                 "mask": None if mask is None else mask.detach().cpu(),
                 "window_size": blk.window_size,
@@ -449,7 +448,7 @@ class _Tracer:
 
     # -- install / remove -----------------------------------------------------------------------
     @contextlib.contextmanager
-    def installed(self) -> Iterator["_Tracer"]:
+    def installed(self) -> Iterator[_Tracer]:
         m = self.model
         reg = self._handles
         reg.append(m.patch_embed.register_forward_hook(self._on_patch_embed))
@@ -515,7 +514,7 @@ def trace(model: SwinTransformer, images: torch.Tensor, keep_maps: Sequence[Bloc
     return WalkResult(records=records, logits=logits, maps=tracer.maps)
 
 
-def _with_img_size(config: CfgNode, img_size: Optional[int]) -> CfgNode:
+def _with_img_size(config: CfgNode, img_size: int | None) -> CfgNode:
     if img_size is None or img_size == config.DATA.IMG_SIZE:
         return config
     config = config.clone()
@@ -525,7 +524,7 @@ def _with_img_size(config: CfgNode, img_size: Optional[int]) -> CfgNode:
     return config
 
 
-def build_for_walk(config: CfgNode, img_size: Optional[int] = None, seed: int = 0) -> Tuple[SwinTransformer, CfgNode]:
+def build_for_walk(config: CfgNode, img_size: int | None = None, seed: int = 0) -> tuple[SwinTransformer, CfgNode]:
     """The classifier of ``config`` (at ``img_size`` if given) with seeded random weights, in eval mode."""
     from models import build_model
 
@@ -538,10 +537,10 @@ def build_for_walk(config: CfgNode, img_size: Optional[int] = None, seed: int = 
 
 def walk(
     config: CfgNode,
-    img_size: Optional[int] = None,
-    model: Optional[SwinTransformer] = None,
-    images: Optional[torch.Tensor] = None,
-) -> List[Record]:
+    img_size: int | None = None,
+    model: SwinTransformer | None = None,
+    images: torch.Tensor | None = None,
+) -> list[Record]:
     """The walk of one image through the model of ``config``: a list of :class:`Record`.
 
     Without ``model`` the model is built from ``config`` (random weights); without ``images`` a
@@ -577,7 +576,7 @@ def _g(n: float) -> str:
 
 def format_walk(records: Sequence[Record], title: str = "") -> str:
     """The walk as text, one line per step (numbers as recorded)."""
-    lines: List[str] = []
+    lines: list[str] = []
     inp = find_record(records, "input").shape_out
     batch = inp[0]
     lines.append(
@@ -590,7 +589,8 @@ def format_walk(records: Sequence[Record], title: str = "") -> str:
             p = r.info["patch_size"]
             lines.append(
                 f"patch embedding   {_x(r.shape_in[1:])} image → {p}×{p} patches, Linear({r.shape_in[1] * p * p}→{c}) "
-                f"→ {h}×{w} = {h * w:,} tokens of {c} channels   [params {r.info['params']:,}, MACs {_g(r.info['macs'])}]"
+                f"→ {h}×{w} = {h * w:,} tokens of {c} channels   "
+                f"[params {r.info['params']:,}, MACs {_g(r.info['macs'])}]"
             )
         elif r.step == "stage":
             _, h, w, c = r.shape_in
@@ -606,7 +606,8 @@ def format_walk(records: Sequence[Record], title: str = "") -> str:
             v2 = r.info.get("family") == "v2"
             order = ", res-post-norm (V2: attention on the raw input, LayerNorm after it)" if v2 else ""
             lines.append(
-                f"  block {r.stage}.{r.block}  {r.info['kind']:<6} window {M}×{M}, shift {s}, {nW} window{'' if nW == 1 else 's'}"
+                f"  block {r.stage}.{r.block}  {r.info['kind']:<6} window {M}×{M}, shift {s}, "
+                f"{nW} window{'' if nW == 1 else 's'}"
                 f"{order}"
             )
         elif r.step == "window_partition":
@@ -671,7 +672,8 @@ def format_walk(records: Sequence[Record], title: str = "") -> str:
             )
         elif r.step == "stage_cost":
             lines.append(
-                f"  stage {r.stage} cost      params {r.info['params']:,} ({_m(r.info['params'])}), MACs {_g(r.info['macs'])}"
+                f"  stage {r.stage} cost      params {r.info['params']:,} ({_m(r.info['params'])}), "
+                f"MACs {_g(r.info['macs'])}"
             )
         elif r.step == "head":
             lines.append("")
@@ -690,7 +692,7 @@ def format_walk(records: Sequence[Record], title: str = "") -> str:
 # ---------------------------------------------------------------------------------------------
 # Pictures
 # ---------------------------------------------------------------------------------------------
-def _figure(width: float, height: float, layout: Optional[str] = "constrained"):
+def _figure(width: float, height: float, layout: str | None = "constrained"):
     from matplotlib.figure import Figure  # the Agg canvas, no pyplot state
 
     return Figure(figsize=(width, height), dpi=100, layout=layout)
@@ -785,7 +787,7 @@ def _grid(ax, height: int, width: int, window_size: int, offset: int, color: str
     ax.set_yticks([])
 
 
-def plot_windows(model: SwinTransformer, path: str) -> Dict[str, Any]:
+def plot_windows(model: SwinTransformer, path: str) -> dict[str, Any]:
     """Paper Fig. 2: regular windows of layer l and shifted windows of layer l+1.
 
     Returns the window id of every token: 'regular' (the model's partition), 'shifted' (the
@@ -814,7 +816,7 @@ def plot_windows(model: SwinTransformer, path: str) -> Dict[str, Any]:
     return {"regular": regular.numpy(), "shifted": shifted.numpy(), "cyclic": cyclic.numpy(), "geometry": g}
 
 
-def _letters(n: int) -> List[str]:
+def _letters(n: int) -> list[str]:
     out = []
     for i in range(n):
         name, j = "", i
@@ -827,7 +829,7 @@ def _letters(n: int) -> List[str]:
     return out
 
 
-def _label_regions(ax, labels: torch.Tensor, names: List[str]) -> None:
+def _label_regions(ax, labels: torch.Tensor, names: list[str]) -> None:
     """Write each region's letter once, at the centre of its largest connected run."""
     H, W = labels.shape
     for v in torch.unique(labels).tolist():
@@ -843,7 +845,7 @@ def _label_regions(ax, labels: torch.Tensor, names: List[str]) -> None:
         )
 
 
-def plot_cyclic_shift_mask(model: SwinTransformer, path: str) -> Dict[str, Any]:
+def plot_cyclic_shift_mask(model: SwinTransformer, path: str) -> dict[str, Any]:
     """Paper Fig. 4: shifted-window regions before and after the cyclic roll, and the attention mask
     the batched windows need. The mask panels show ``block.attention_mask(H, W)`` of the model.
 
@@ -925,7 +927,7 @@ def _check_head(blk: WindowBlockBase, head: int) -> None:
 
 def plot_relative_position(
     model: SwinTransformer, path: str, block: BlockId = (1, 1), head: int = 0, weights: str = "random init"
-) -> Dict[str, Any]:
+) -> dict[str, Any]:
     """The relative position index (M²×M²) of a block and one head's bias B = relative_position_bias()[head],
     also as its (2M-1)×(2M-1) table over offsets (Δy, Δx).
 
@@ -948,7 +950,7 @@ def plot_relative_position(
     axes[0].set_title(
         f"relative_position_index ({M * M}×{M * M})\nrow into the (2M-1)² = {(2 * M - 1) ** 2}-row table", fontsize=10
     )
-    out: Dict[str, Any] = {"index": np.asarray(im0.get_array()), "kind": "none"}
+    out: dict[str, Any] = {"index": np.asarray(im0.get_array()), "kind": "none"}
     if v2 or attn.use_rpb:
         with torch.no_grad():
             bias = attn.relative_position_bias()[head].detach().float().cpu()
@@ -963,7 +965,8 @@ def plot_relative_position(
             bias_title = f"B = relative_position_bias()[{head}] = 16·σ(cpb_mlp(Δ̂)) ({M * M}×{M * M}), range 0..16"
             # On the fixed range a barely trained MLP (≈8 everywhere) looks flat: say what it spans.
             table_title = (
-                f"bias_table()[:, {head}] = 16·σ(cpb_mlp(log-spaced Δ̂)), values {float(table.min()):.2f}..{float(table.max()):.2f}\n"
+                f"bias_table()[:, {head}] = 16·σ(cpb_mlp(log-spaced Δ̂)), "
+                f"values {float(table.min()):.2f}..{float(table.max()):.2f}\n"
                 f"as a {2 * M - 1}×{2 * M - 1} grid of offsets (computed by the MLP, not learned)"
             )
         else:
@@ -1009,7 +1012,7 @@ def plot_relative_position(
     return out
 
 
-def _query_windows(query: Tuple[int, int], padded_hw: Tuple[int, int], M: int, shift: int) -> Tuple[int, int]:
+def _query_windows(query: tuple[int, int], padded_hw: tuple[int, int], M: int, shift: int) -> tuple[int, int]:
     """(window, token) of a map position after the block's shift + partition (found by running it)."""
     Hp, Wp = padded_hw
     idx = torch.arange(Hp * Wp, dtype=torch.float32).view(1, Hp, Wp, 1)
@@ -1019,7 +1022,7 @@ def _query_windows(query: Tuple[int, int], padded_hw: Tuple[int, int], M: int, s
 
 
 def attention_heatmap(
-    block_maps: Dict[str, Any], head: int, query: Tuple[int, int], image_index: int = 0, window_only: bool = False
+    block_maps: dict[str, Any], head: int, query: tuple[int, int], image_index: int = 0, window_only: bool = False
 ) -> np.ndarray:
     """The attention of one query token over the keys of its window, placed on the (unpadded) map:
     the row of the map is put back through the window reverse + unshift. With ``window_only`` the
@@ -1036,10 +1039,10 @@ def attention_heatmap(
     return heat.numpy()
 
 
-def default_queries(hw: Tuple[int, int]) -> List[Tuple[int, int]]:
+def default_queries(hw: tuple[int, int]) -> list[tuple[int, int]]:
     H, W = hw
     qs = [(H // 2, W // 2), (H // 4, W // 4), (H // 4, (3 * W) // 4), (H - 1, W - 1)]
-    out: List[Tuple[int, int]] = []
+    out: list[tuple[int, int]] = []
     for q in qs:
         if q not in out:
             out.append(q)
@@ -1061,10 +1064,10 @@ def plot_attention(
     path: str,
     block: BlockId,
     head: int = 0,
-    queries: Optional[Sequence[Tuple[int, int]]] = None,
-    class_names: Optional[Sequence[str]] = None,
+    queries: Sequence[tuple[int, int]] | None = None,
+    class_names: Sequence[str] | None = None,
     title: str = "",
-) -> Dict[str, Any]:
+) -> dict[str, Any]:
     """Attention maps of ``block``/``head`` for a few query tokens, upsampled on top of ``image``
     (3, H, W, already preprocessed), plus the full N×N map of the first query's window.
 
@@ -1120,7 +1123,7 @@ def plot_attention(
     axes[0].set_title(
         f"input {ih}×{iw}; block {block[0]}.{block[1]} windows\n({H}×{W} tokens, M={M}, shift {s})", fontsize=9
     )
-    for i, (q, heat) in enumerate(zip(queries, heatmaps)):
+    for i, (q, heat) in enumerate(zip(queries, heatmaps, strict=True)):
         ax = axes[1 + i]
         ax.imshow(img.mean(axis=2), cmap="gray", extent=extent)
         inside = attention_heatmap(bm, head, q, window_only=True) > 0
@@ -1189,7 +1192,7 @@ def parse_block(text: str) -> BlockId:
         raise UserError(f"--block takes STAGE.BLOCK counted from 1, e.g. 1.2; got {text!r}") from None
 
 
-def parse_queries(items: Optional[Sequence[str]]) -> Optional[List[Tuple[int, int]]]:
+def parse_queries(items: Sequence[str] | None) -> list[tuple[int, int]] | None:
     if not items:
         return None
     out = []
@@ -1210,7 +1213,7 @@ def default_block(model: SwinTransformer) -> BlockId:
     return (1, 1)
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cfg", help="config YAML (default with --resume: the config stored in the checkpoint)")
     p.add_argument("--opts", nargs="+", default=None, help="config overrides: KEY VALUE pairs")
@@ -1231,7 +1234,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load_config(cfg: Optional[str], opts: Optional[Sequence[str]], checkpoint: Optional[dict]) -> CfgNode:
+def load_config(cfg: str | None, opts: Sequence[str] | None, checkpoint: dict | None) -> CfgNode:
     from config import config_from_yaml_text, get_config
 
     if cfg:
@@ -1241,7 +1244,7 @@ def load_config(cfg: Optional[str], opts: Optional[Sequence[str]], checkpoint: O
     raise UserError("pass --cfg (or --resume with a checkpoint that stores its config)")
 
 
-def run(args: argparse.Namespace) -> Dict[str, Any]:
+def run(args: argparse.Namespace) -> dict[str, Any]:
     from checkpoint import load_checkpoint_file
     from data.build import build_transform
     from data.robust import load_rgb
@@ -1255,7 +1258,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         raise UserError(f"image {args.image} does not exist")
     checkpoint = load_checkpoint_file(args.resume) if args.resume else None
     config = load_config(args.cfg, args.opts, checkpoint)
-    class_names: Optional[List[str]] = None
+    class_names: list[str] | None = None
     if checkpoint is not None:
         config = predict_mod.config_for_checkpoint(config, checkpoint)
     model, config = build_for_walk(config, args.img_size)
@@ -1274,7 +1277,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         images = torch.randn(1, model_section(config).IN_CHANS, size, size, generator=torch.Generator().manual_seed(0))
     result = trace(model, images)
     print(format_walk(result.records, f"{config.MODEL.NAME} at {size}×{size}"))
-    written: Dict[str, str] = {}
+    written: dict[str, str] = {}
     if not args.no_pictures:
         block = parse_block(args.block) if args.block else default_block(model)
         out = args.out
@@ -1297,7 +1300,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             )
             written["attention"] = os.path.join(out, "attention.png")
             print(
-                f"\nprediction for {args.image}: {class_names[info['prediction'][0]] if class_names else info['prediction'][0]} "
+                f"\nprediction for {args.image}: "
+                f"{class_names[info['prediction'][0]] if class_names else info['prediction'][0]} "
                 f"({100 * info['prediction'][1]:.1f}%)"
             )
         print()
@@ -1306,7 +1310,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     return {"records": result.records, "pictures": written}
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     return report_user_errors(lambda: run(args))
 

@@ -101,11 +101,7 @@ def measure_throughput(config, device: torch.device, batch_size: int, amp: bool,
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
             return model(images)
 
-    result = time_images_per_second(step, batch_size, device, warmup=warmup, iters=iters)
-    del model, images
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return result.images_per_s
+    return time_images_per_second(step, batch_size, device, warmup=warmup, iters=iters).images_per_s
 
 
 def main(argv=None) -> list:
@@ -135,6 +131,8 @@ def main(argv=None) -> list:
         }
         if args.throughput:
             row["img_s"] = measure_throughput(config, device, args.batch_size, args.amp, args.warmup, args.iters)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # the model measured is gone: hand its memory back before the next
             row["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
             row["batch_size"] = args.batch_size
             row["amp"] = args.amp
@@ -142,7 +140,8 @@ def main(argv=None) -> list:
         print_row(row, header=len(rows) == 1, throughput=args.throughput)
     if args.throughput and rows:
         print(
-            f"\nthroughput: eval forward, batch {args.batch_size}, {'AMP' if args.amp else 'fp32'}, on {rows[0]['device']}"
+            f"\nthroughput: eval forward, batch {args.batch_size}, {'AMP' if args.amp else 'fp32'}, "
+            f"on {rows[0]['device']}"
         )
     if args.json:
         with open(args.json, "w") as f:

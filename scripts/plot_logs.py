@@ -15,20 +15,20 @@ import argparse
 import os
 import re
 import sys
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 from errors import UserError, report_user_errors  # noqa: E402
 
-Series = List[Tuple[float, float]]  # (step or epoch, value), sorted by the first
+Series = list[tuple[float, float]]  # (step or epoch, value), sorted by the first
 TAGS = ("train/loss", "train/lr", "train/grad_norm", "val/acc1", "val/acc5")
 LOG_NAME = "log_rank0.txt"
 _EVENT_PREFIX = "events.out.tfevents"
 
 
-def _dirs_with(root: str, match) -> List[str]:
+def _dirs_with(root: str, match) -> list[str]:
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
@@ -37,7 +37,7 @@ def _dirs_with(root: str, match) -> List[str]:
     return found
 
 
-def _single(dirs: List[str], what: str, root: str) -> Optional[str]:
+def _single(dirs: list[str], what: str, root: str) -> str | None:
     if not dirs:
         return None
     if len(dirs) > 1:
@@ -46,11 +46,11 @@ def _single(dirs: List[str], what: str, root: str) -> Optional[str]:
     return dirs[0]
 
 
-def _sorted_unique(points: Dict[float, float]) -> Series:
+def _sorted_unique(points: dict[float, float]) -> Series:
     return sorted(points.items())
 
 
-def read_event_scalars(output_dir: str) -> Dict[str, Series]:
+def read_event_scalars(output_dir: str) -> dict[str, Series]:
     """Scalars of the run's TensorBoard event files (all files of its folder; a later value at the
     same step, from a resumed run, wins). Empty when there are no event files."""
     folder = _single(_dirs_with(output_dir, lambda f: f.startswith(_EVENT_PREFIX)), "TensorBoard logs", output_dir)
@@ -61,10 +61,10 @@ def read_event_scalars(output_dir: str) -> Dict[str, Series]:
     acc = EventAccumulator(folder, size_guidance={SCALARS: 0})  # 0 = keep every point
     acc.Reload()
     available = set(acc.Tags().get("scalars", []))
-    out: Dict[str, Series] = {}
+    out: dict[str, Series] = {}
     for tag in TAGS:
         if tag in available:
-            points: Dict[float, float] = {}
+            points: dict[float, float] = {}
             for event in acc.Scalars(tag):
                 points[float(event.step)] = float(event.value)
             out[tag] = _sorted_unique(points)
@@ -78,12 +78,12 @@ _TRAIN_RE = re.compile(
 _VAL_RE = re.compile(r"\* Acc@1 " + _NUM + r" Acc@5 " + _NUM)
 
 
-def parse_log(path: str) -> Dict[str, Series]:
+def parse_log(path: str) -> dict[str, Series]:
     """Scalars from ``log_rank0.txt``: the 'Train: [epoch/E][i/N] ... lr ... loss v (avg) ...
     grad_norm v (avg)' lines (step = epoch·N + i + 1, as the trainer counts optimizer steps without
     accumulation) and the ' * Acc@1 a Acc@5 b' line that ends each epoch's validation."""
-    series: Dict[str, Dict[float, float]] = {tag: {} for tag in TAGS}
-    epoch: Optional[int] = None
+    series: dict[str, dict[float, float]] = {tag: {} for tag in TAGS}
+    epoch: int | None = None
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             m = _TRAIN_RE.search(line)
@@ -101,7 +101,7 @@ def parse_log(path: str) -> Dict[str, Series]:
     return {tag: _sorted_unique(points) for tag, points in series.items() if points}
 
 
-def read_scalars(output_dir: str) -> Tuple[Dict[str, Series], str]:
+def read_scalars(output_dir: str) -> tuple[dict[str, Series], str]:
     """The run's scalars and where they came from ('tensorboard' or the log file's path)."""
     if not os.path.isdir(output_dir):
         raise UserError(f"{output_dir} is not a folder; pass a run's output folder (OUTPUT/MODEL.NAME/TAG)")
@@ -120,7 +120,7 @@ def read_scalars(output_dir: str) -> Tuple[Dict[str, Series], str]:
     return scalars, path
 
 
-def plot_curves(scalars: Dict[str, Series], out_path: str, title: str = "") -> str:
+def plot_curves(scalars: dict[str, Series], out_path: str, title: str = "") -> str:
     """2×2 panels: loss, learning rate, grad norm (per step), val Acc@1/Acc@5 (per epoch)."""
     from matplotlib.figure import Figure
 
@@ -137,7 +137,7 @@ def plot_curves(scalars: Dict[str, Series], out_path: str, title: str = "") -> s
         for tag in tags:
             points = scalars.get(tag, [])
             if points:
-                xs, ys = zip(*points)
+                xs, ys = zip(*points, strict=True)
                 label = {"val/acc1": "Acc@1", "val/acc5": "Acc@5"}.get(tag, tag)
                 ax.plot(xs, ys, marker="o" if xlabel == "epoch" else None, ms=4, lw=1.4, label=label)
                 drawn = True
@@ -164,7 +164,7 @@ def plot_curves(scalars: Dict[str, Series], out_path: str, title: str = "") -> s
     return out_path
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("output_dir", metavar="OUTPUT_DIR", help="a run's output folder (OUTPUT/MODEL.NAME/TAG)")
     p.add_argument("--out", help="PNG to write (default OUTPUT_DIR/curves.png)")
@@ -180,7 +180,7 @@ def run(args: argparse.Namespace) -> str:
     return out
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     return report_user_errors(lambda: run(args))
 

@@ -23,7 +23,9 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from typing import Any
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
@@ -48,13 +50,13 @@ def _image_extensions() -> tuple:
     return tuple(e.lower() for e in IMG_EXTENSIONS)
 
 
-def find_images(inputs: Sequence[str]) -> List[str]:
+def find_images(inputs: Sequence[str]) -> list[str]:
     """Image files named in ``inputs``: files as given, folders searched recursively (sorted,
     hidden entries skipped). Raises UserError for a missing path or a folder without images."""
     if not inputs:
         raise UserError("name at least one image or folder")
     exts = _image_extensions()
-    found: List[str] = []
+    found: list[str] = []
     for item in inputs:
         if os.path.isfile(item):
             found.append(item)
@@ -75,7 +77,7 @@ def find_images(inputs: Sequence[str]) -> List[str]:
 # ---------------------------------------------------------------------------------------------
 # Model and class names
 # ---------------------------------------------------------------------------------------------
-def imagenet_class_names() -> List[str]:
+def imagenet_class_names() -> list[str]:
     """The 1,000 ImageNet-1K class names in the standard order (timm's shipped class lists)."""
     try:
         from timm.data import ImageNetInfo
@@ -88,7 +90,7 @@ def imagenet_class_names() -> List[str]:
         folder = os.path.join(os.path.dirname(timm.__file__), "data", "_info")
         with open(os.path.join(folder, "imagenet_synsets.txt")) as f:
             synsets = f.read().split()
-        lemmas: Dict[str, str] = {}
+        lemmas: dict[str, str] = {}
         with open(os.path.join(folder, "imagenet_synset_to_lemma.txt")) as f:
             for line in f:
                 wnid, _, lemma = line.rstrip("\n").partition("\t")
@@ -96,7 +98,7 @@ def imagenet_class_names() -> List[str]:
         return [lemmas.get(w, w) for w in synsets]
 
 
-def resolve_class_names(checkpoint: Dict[str, Any], num_classes: int) -> List[str]:
+def resolve_class_names(checkpoint: dict[str, Any], num_classes: int) -> list[str]:
     """Names of the ``num_classes`` outputs: the checkpoint's 'class_names', else ImageNet-1K's for a
     1,000-class model, else the indices as strings."""
     names = checkpoint.get("class_names") if isinstance(checkpoint, dict) else None
@@ -109,7 +111,7 @@ def resolve_class_names(checkpoint: Dict[str, Any], num_classes: int) -> List[st
     return [str(i) for i in range(num_classes)]
 
 
-def config_for_checkpoint(config: CfgNode, checkpoint: Dict[str, Any]) -> CfgNode:
+def config_for_checkpoint(config: CfgNode, checkpoint: dict[str, Any]) -> CfgNode:
     """``config`` with MODEL.NUM_CLASSES set to the checkpoint's classifier size (a training config
     file keeps the default 1,000; the trainer sets the dataset's count)."""
     from models.pretrained import extract_state_dict
@@ -124,7 +126,7 @@ def config_for_checkpoint(config: CfgNode, checkpoint: Dict[str, Any]) -> CfgNod
     return config
 
 
-def load_weights(model: nn.Module, checkpoint: Dict[str, Any], path: str = "checkpoint") -> None:
+def load_weights(model: nn.Module, checkpoint: dict[str, Any], path: str = "checkpoint") -> None:
     """Load a checkpoint's weights for inference; UserError unless every weight and the head fit."""
     from models.pretrained import LoadReport, adapt_state_dict, extract_state_dict
 
@@ -145,7 +147,7 @@ def load_weights(model: nn.Module, checkpoint: Dict[str, Any], path: str = "chec
 
 
 def load_classifier(
-    resume: str, cfg: Optional[str] = None, opts: Optional[Sequence[str]] = None, device: torch.device | str = "cpu"
+    resume: str, cfg: str | None = None, opts: Sequence[str] | None = None, device: torch.device | str = "cpu"
 ) -> tuple:
     """(model in eval mode on ``device``, config, class names) for checkpoint ``resume``."""
     from checkpoint import load_checkpoint_file
@@ -186,11 +188,11 @@ def predict(
     model: nn.Module,
     transform: Callable,
     paths: Sequence[str],
-    class_names: Optional[Sequence[str]] = None,
+    class_names: Sequence[str] | None = None,
     topk: int = 5,
     batch_size: int = 32,
-    autocast: Optional[Callable[[], ContextManager[Any]]] = None,
-) -> List[Dict[str, Any]]:
+    autocast: Callable[[], AbstractContextManager[Any]] | None = None,
+) -> list[dict[str, Any]]:
     """Top-``topk`` classes of each image, in batches of ``batch_size``.
 
     Returns ``[{"path": p, "top": [{"class": name, "index": i, "prob": p}, ...]}, ...]`` in the
@@ -203,7 +205,7 @@ def predict(
         raise UserError(f"--topk must be at least 1, got {topk}")
     model.eval()
     device = next(model.parameters()).device
-    results: List[Dict[str, Any]] = []
+    results: list[dict[str, Any]] = []
     for start in range(0, len(paths), batch_size):
         chunk = list(paths[start : start + batch_size])
         images = torch.stack([_read(p, transform) for p in chunk]).to(device)
@@ -212,7 +214,7 @@ def predict(
         probs = logits.float().softmax(dim=-1)
         k = min(topk, probs.shape[-1])
         top_p, top_i = probs.topk(k, dim=-1)
-        for path, ps, idx in zip(chunk, top_p.tolist(), top_i.tolist()):
+        for path, ps, idx in zip(chunk, top_p.tolist(), top_i.tolist(), strict=True):
             results.append(
                 {
                     "path": path,
@@ -222,16 +224,16 @@ def predict(
                             "index": int(i),
                             "prob": float(p),
                         }
-                        for p, i in zip(ps, idx)
+                        for p, i in zip(ps, idx, strict=True)
                     ],
                 }
             )
     return results
 
 
-def format_predictions(results: Sequence[Dict[str, Any]]) -> str:
+def format_predictions(results: Sequence[dict[str, Any]]) -> str:
     """Text output: each path, then its classes ranked, with probability and class index."""
-    lines: List[str] = []
+    lines: list[str] = []
     width = min(40, max((len(t["class"]) for r in results for t in r["top"]), default=1))
     for r in results:
         lines.append(r["path"])
@@ -240,7 +242,7 @@ def format_predictions(results: Sequence[Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
         "inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and/or folders (searched recursively)"
@@ -257,7 +259,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     from data.build import build_transform
     from distributed import autocast_context, init_distributed
 
@@ -278,7 +280,7 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
     return results
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     from distributed import cleanup
 

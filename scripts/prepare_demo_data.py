@@ -54,7 +54,7 @@ def count_pngs(out: str) -> dict[str, int]:
     counts = {}
     for split in SPLITS:
         n = 0
-        for dirpath, _, files in os.walk(os.path.join(out, split)):
+        for _, _, files in os.walk(os.path.join(out, split)):
             n += sum(f.endswith(".png") for f in files)
         counts[split] = n
     return counts

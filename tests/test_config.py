@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import pytest
@@ -57,7 +56,10 @@ def test_base_chain_applies_in_order_and_child_wins(tmp_path):
 
 def test_official_release_style_yaml_loads_unchanged(tmp_path):
     # Exponents without a dot (YAML reads them as strings) and ints for float keys, as released files have.
-    text = "MODEL:\n  TYPE: swin\n  NAME: x\nTRAIN:\n  BASE_LR: 2e-05\n  WEIGHT_DECAY: 1e-8\n  CLIP_GRAD: 5\nAMP_OPT_LEVEL: O1\n"
+    text = (
+        "MODEL:\n  TYPE: swin\n  NAME: x\nTRAIN:\n  BASE_LR: 2e-05\n  WEIGHT_DECAY: 1e-8\n  CLIP_GRAD: 5\n"
+        "AMP_OPT_LEVEL: O1\n"
+    )
     (tmp_path / "c.yaml").write_text(text)
     c = get_config(str(tmp_path / "c.yaml"))
     assert c.TRAIN.BASE_LR == 2e-5 and c.TRAIN.WEIGHT_DECAY == 1e-8

@@ -312,11 +312,11 @@ def test_ranks_checking_the_same_output_folder_do_not_fail_each_other(tmp_path: 
 def test_a_restarted_attempt_keeps_its_keys_apart_from_the_killed_attempts_in_the_agents_store(monkeypatch) -> None:
     # torchrun's agent hosts one store for all attempts; a key the killed attempt left behind
     # (a Gloo address, an NCCL id) must not be what the next attempt reads.
+    from datetime import timedelta
+
     import torch.distributed as dist
 
     from distributed import _restart_scoped_store
-
-    from datetime import timedelta
 
     agent = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=20))
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")

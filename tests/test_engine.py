@@ -107,7 +107,7 @@ def test_two_accumulated_half_batches_equal_one_full_batch_step():
     config2, model2, opt2, sched2, scaler2 = _setup(sgd + ["TRAIN.ACCUMULATION_STEPS", "2"])
     _, state = _epoch(config2, model2, opt2, sched2, scaler2, halves)
     assert state.step == 1
-    for (name, a), b in zip(model1.state_dict().items(), model2.state_dict().values()):
+    for (name, a), b in zip(model1.state_dict().items(), model2.state_dict().values(), strict=True):
         assert torch.allclose(a, b, atol=1e-6), name
 
 

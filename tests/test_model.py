@@ -179,7 +179,7 @@ def test_swin_t_state_dict_has_the_official_keys_and_shapes():
     assert shapes["patch_embed.proj.bias"] == (96,)
     assert shapes["patch_embed.norm.weight"] == shapes["patch_embed.norm.bias"] == (96,)
     depths, dims, heads = (2, 2, 6, 2), (96, 192, 384, 768), (3, 6, 12, 24)
-    for i, (depth, C, h) in enumerate(zip(depths, dims, heads)):
+    for i, (depth, C, h) in enumerate(zip(depths, dims, heads, strict=True)):
         for j in range(depth):
             p = f"layers.{i}.blocks.{j}."
             assert shapes[p + "norm1.weight"] == shapes[p + "norm1.bias"] == (C,)
@@ -207,7 +207,7 @@ def test_released_checkpoint_layout_with_derived_buffers_loads_with_nothing_miss
     _, state = swin_t
     released = dict(state)
     # The release also stores each block's index buffer, and the mask of every shifted block.
-    for i, (res, depth) in enumerate(zip((56, 28, 14, 7), (2, 2, 6, 2))):
+    for i, (res, depth) in enumerate(zip((56, 28, 14, 7), (2, 2, 6, 2), strict=True)):
         for j in range(depth):
             released[f"layers.{i}.blocks.{j}.attn.relative_position_index"] = relative_position_index(7)
             if j % 2 == 1 and res > 7:

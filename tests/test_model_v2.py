@@ -581,3 +581,25 @@ def test_a_window_larger_than_the_feature_map_is_clamped_and_logged_once(caplog)
     lines = [r.getMessage() for r in caplog.records if "larger than the feature map" in r.getMessage()]
     assert lines == ["window 16 is larger than the feature map: stage 4 (8x8) uses window 8, unshifted (as released)"]
     assert model.layers[3].blocks[1].shift_size == 0
+
+
+def test_v2_blocks_compile_and_equal_eager_in_eval_and_training():
+    import copy
+
+    import torch._dynamo
+
+    from models import compile_model
+
+    torch._dynamo.reset()
+    model = _tiny_v2()
+    eager = copy.deepcopy(model)
+    assert compile_model(model, "blocks", backend="aot_eager") is model
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), eager.eval()(x), atol=1e-5, rtol=0)
+    model.train()(x).square().mean().backward()
+    eager.train()(x).square().mean().backward()
+    ref = dict(eager.named_parameters())
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n].grad, atol=1e-5, rtol=1e-4, msg=n)
+    torch._dynamo.reset()

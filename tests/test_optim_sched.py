@@ -140,9 +140,9 @@ def test_cosine_schedule_values() -> None:
     assert _lr_at(sched, opt, total - 1) == pytest.approx(1e-5, rel=0.05)
     assert _lr_at(sched, opt, total) == pytest.approx(1e-5)
     after = [_lr_at(sched, opt, t) for t in range(warmup_end, total + 1)]
-    assert all(a >= b for a, b in zip(after, after[1:]))
+    assert all(a >= b for a, b in zip(after, after[1:], strict=False))
     during = [_lr_at(sched, opt, t) for t in range(0, warmup_end + 1)]
-    assert all(a < b for a, b in zip(during, during[1:]))
+    assert all(a < b for a, b in zip(during, during[1:], strict=False))
 
 
 @pytest.mark.parametrize("name", ["linear", "step", "multistep"])
@@ -151,7 +151,7 @@ def test_other_schedules(name: str) -> None:
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-6)
     assert _lr_at(sched, opt, 20) == pytest.approx(1e-3)
     values = [_lr_at(sched, opt, t) for t in range(20, 101)]
-    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
     if name == "linear":
         assert _lr_at(sched, opt, 60) == pytest.approx((1e-3 + 1e-5) / 2)
         assert _lr_at(sched, opt, 100) == pytest.approx(1e-5)

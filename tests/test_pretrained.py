@@ -147,7 +147,8 @@ def test_another_architecture_is_refused_listing_the_mismatched_shapes(tmp_path)
     torch.save({"model": src.state_dict()}, path)
     with pytest.raises(
         UserError,
-        match=r"does not fit this architecture .*patch_embed\.proj\.weight: checkpoint \(32, 3, 4, 4\) vs model \(16, 3, 4, 4\)",
+        match=r"does not fit this architecture .*patch_embed\.proj\.weight: "
+        r"checkpoint \(32, 3, 4, 4\) vs model \(16, 3, 4, 4\)",
     ):
         load_pretrained(dst, str(path))
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import run_main
 
 import logger as logger_module
 import main as main_module
-from conftest import run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 V2_DEMO = str(ROOT / "configs" / "demo" / "swinv2_demo_digits.yaml")
