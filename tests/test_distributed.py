@@ -146,15 +146,25 @@ def _max_diff(a: dict, b: dict) -> float:
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point())
 
 
+# The same tiny model as Swin V2 (its demo config, the MODEL.SWINV2 section).
+V2_DEMO_CFG = str(ROOT / "configs" / "demo" / "swinv2_demo_digits.yaml")
+TINY_OPTS_V2 = [o.replace("MODEL.SWIN.", "MODEL.SWINV2.") for o in TINY_OPTS]
+FAMILIES = {"v1": (DEMO_CFG, TINY_OPTS), "v2": (V2_DEMO_CFG, TINY_OPTS_V2)}
+
+
 @pytest.mark.slow
-def test_two_gloo_ranks_with_batch_b_train_the_same_weights_as_one_process_with_batch_2b(tmp_path: Path) -> None:
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_two_gloo_ranks_with_batch_b_train_the_same_weights_as_one_process_with_batch_2b(
+    tmp_path: Path, family: str
+) -> None:
     steps, global_batch, accums = 4, 8, (1, 2)
+    cfg, opts = FAMILIES[family]
     script = tmp_path / "ddp_worker.py"
     script.write_text(
         WORKER.format(
             root=str(ROOT),
-            cfg=DEMO_CFG,
-            opts=TINY_OPTS,
+            cfg=cfg,
+            opts=opts,
             out=str(tmp_path),
             steps=steps,
             global_batch=global_batch,

@@ -603,3 +603,16 @@ def test_v2_blocks_compile_and_equal_eager_in_eval_and_training():
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, ref[n].grad, atol=1e-5, rtol=1e-4, msg=n)
     torch._dynamo.reset()
+
+
+def test_a_22k_v2_head_maps_onto_the_1k_classes_as_for_v1(tmp_path):
+    from models import imagenet22k_to_1k_indices
+
+    src = _tiny_v2(num_classes=21841)
+    torch.save({"model": _released_layout(src)}, tmp_path / "v2_22k.pth")
+    dst = _tiny_v2(num_classes=1000)
+    report = load_pretrained(dst, str(tmp_path / "v2_22k.pth"))
+    assert report.head == "mapped-22k-to-1k" and report.missing == [] and report.unexpected == []
+    rows = torch.tensor(imagenet22k_to_1k_indices())
+    assert torch.equal(dst.head.weight, src.head.weight[rows]) and torch.equal(dst.head.bias, src.head.bias[rows])
+    assert int(rows[850]) == 5564  # teddy bear, absent from the 22K synsets: the release's row
