@@ -368,8 +368,9 @@ def find_resume_checkpoint(output_dir: str) -> str | None:
 # ----------------------------------------------------------------------------- RNG state
 
 
-def capture_rng_state() -> dict:
-    """Python, NumPy, torch CPU and CUDA RNG states in a weights-only-safe form.
+def capture_rng_state(device: torch.device | None = None) -> dict:
+    """Python, NumPy, torch CPU and (on a CUDA ``device``) that device's RNG states, in a
+    weights-only-safe form.
 
     NumPy's state array becomes a list of ints and Python's state tuple plain lists, since
     weights-only loading refuses numpy arrays.
@@ -386,14 +387,14 @@ def capture_rng_state() -> dict:
             "cached_gaussian": float(cached),
         },
         "torch": torch.get_rng_state(),
-        "cuda": distributed.get_cuda_rng_states(),
+        "cuda": distributed.get_cuda_rng_states(device),
     }
 
 
-def restore_rng_state(state: dict) -> None:
+def restore_rng_state(state: dict, device: torch.device | None = None) -> None:
     """Inverse of :func:`capture_rng_state`; entries that are missing are left alone.
 
-    CUDA states are restored only when the device count matches (a warning otherwise).
+    A CUDA state goes to this rank's ``device`` (a warning when it cannot be matched to it).
     """
     if "python" in state:
         version, internal, gauss_next = state["python"]
@@ -406,5 +407,9 @@ def restore_rng_state(state: dict) -> None:
         # set_rng_state wants a CPU uint8 tensor; map_location may have moved it.
         torch.set_rng_state(state["torch"].detach().cpu().to(torch.uint8))
     cuda_states = state.get("cuda") or []
-    if cuda_states and not distributed.set_cuda_rng_states(cuda_states):
-        logger.warning("CUDA RNG state of %d device(s) not restored: device count differs", len(cuda_states))
+    if cuda_states and not distributed.set_cuda_rng_states(cuda_states, device):
+        logger.warning(
+            "CUDA RNG state (%d saved) not restored on device %s: the run now uses another device layout",
+            len(cuda_states),
+            device,
+        )

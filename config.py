@@ -276,6 +276,9 @@ _C.LOCAL_RANK = 0
 _C.FUSED_WINDOW_PROCESS = False
 # Fused LayerNorm (accepted for compatibility; torch's layer norm is used).
 _C.FUSED_LAYERNORM = False
+# float32 matrix products on CUDA: 'high' (TF32 tensor cores on Ampere and newer), 'highest'
+# (full fp32, PyTorch's default) or 'medium'. Has no effect on the CPU.
+_C.CUDA_MATMUL_PRECISION = "high"
 # Device: 'auto' (CUDA when available), 'cpu' or 'cuda'.
 _C.DEVICE = "auto"
 # Show tracebacks for user errors.

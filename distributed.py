@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
 import os
 import random
@@ -313,20 +314,62 @@ def seed_everything(seed: int, rank: int = 0) -> int:
     return s
 
 
-def get_cuda_rng_states() -> list[torch.Tensor]:
-    """The RNG state of every visible CUDA device (empty list without CUDA)."""
-    if not torch.cuda.is_available():
-        return []
-    return [s.cpu() for s in torch.cuda.get_rng_state_all()]
+def get_cuda_rng_states(device: torch.device | None = None) -> list[torch.Tensor]:
+    """The RNG state of this rank's CUDA device, as a one-element list; empty off CUDA.
 
-
-def set_cuda_rng_states(states: list[torch.Tensor]) -> bool:
-    """Restore CUDA RNG states saved by :func:`get_cuda_rng_states`.
-
-    Returns False (and changes nothing) when CUDA is missing or the device count differs,
-    since states cannot be matched to devices then.
+    Only the rank's own device: the other GPUs of a node belong to the other ranks. A CPU run
+    never touches CUDA here (reading a state would initialise it).
     """
-    if not states or not torch.cuda.is_available() or len(states) != torch.cuda.device_count():
+    if device is None or device.type != "cuda":
+        return []
+    return [torch.cuda.get_rng_state(device).cpu()]
+
+
+def set_cuda_rng_states(states: list[torch.Tensor], device: torch.device | None = None) -> bool:
+    """Restore a state saved by :func:`get_cuda_rng_states` into this rank's device.
+
+    Older checkpoints hold one state per visible GPU: the one at this device's index is taken
+    when the count matches. Returns False (and changes nothing) when nothing fits.
+    """
+    if not states or device is None or device.type != "cuda":
         return False
-    torch.cuda.set_rng_state_all([s.cpu().to(torch.uint8) for s in states])
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if len(states) == 1:
+        state = states[0]
+    elif len(states) == torch.cuda.device_count():
+        state = states[index]
+    else:
+        return False
+    torch.cuda.set_rng_state(state.cpu().to(torch.uint8), device)
     return True
+
+
+def configure_matmul_precision(device: torch.device, precision: str) -> None:
+    """On CUDA, float32 matrix products at ``precision``: 'high' lets Ampere and newer GPUs use
+    TF32 tensor cores (PyTorch's default, 'highest', runs them at full fp32 speed, several times
+    slower); 'highest' keeps full fp32. Nothing changes on the CPU, where 'high' could let oneDNN
+    trade precision too."""
+    if precision not in _MATMUL_PRECISIONS:
+        raise UserError(f"CUDA_MATMUL_PRECISION must be one of {', '.join(_MATMUL_PRECISIONS)}, not {precision!r}")
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision(precision)
+
+
+_MATMUL_PRECISIONS = ("highest", "high", "medium")
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.parallel.DistributedDataParallel:
+    """DistributedDataParallel for this rank's device.
+
+    ``broadcast_buffers=False``: the model's buffers (position indices, V2's coordinate tables)
+    are derived from its shape, identical on every rank, so re-broadcasting them every forward
+    only costs a collective; and that collective in the eval forward would hang a rank that has
+    no validation batch while the others wait for it.
+    """
+    ddp = torch.nn.parallel.DistributedDataParallel
+    # torch 2.14 renames the switch (the buffers are still synced once at construction, which is
+    # harmless: they are equal); torch 2.11, on the GPU machine, knows only the old name.
+    no_sync = (
+        "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters else "broadcast_buffers"
+    )
+    return ddp(model, device_ids=[device.index] if device.type == "cuda" else None, **{no_sync: False})

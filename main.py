@@ -33,10 +33,12 @@ from distributed import (
     all_gather_object,
     barrier,
     cleanup,
+    configure_matmul_precision,
     init_distributed,
     make_grad_scaler,
     resolve_amp_dtype,
     seed_everything,
+    wrap_ddp,
 )
 from engine import StepHooks, StopTraining, TrainState, evaluate, throughput, train_one_epoch
 from errors import UserError, report_user_errors
@@ -44,7 +46,7 @@ from logger import create_logger
 from lr_scheduler import build_scheduler
 from models import build_model, compile_model, load_pretrained
 from models.pretrained import LoadReport, adapt_state_dict, extract_state_dict
-from optimizer import build_optimizer, scaled_lrs
+from optimizer import build_optimizer, load_optimizer_state, scaled_lrs
 from preemption import StopRequest
 
 
@@ -150,7 +152,7 @@ def load_resume(
     logger.info("resumed weights from %s", path)
     if model_only or "optimizer" not in checkpoint:
         return checkpoint
-    optimizer.load_state_dict(checkpoint["optimizer"])
+    load_optimizer_state(optimizer, checkpoint["optimizer"])
     lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
     if checkpoint.get("scaler") and scaler.is_enabled():
         scaler.load_state_dict(checkpoint["scaler"])
@@ -164,7 +166,14 @@ def load_resume(
     state.step = int(checkpoint.get("step", 0))
     rng = checkpoint.get("rng")
     if isinstance(rng, list) and len(rng) == env.world_size:
-        restore_rng_state(rng[env.rank])
+        restore_rng_state(rng[env.rank], env.device)
+    elif isinstance(rng, list):
+        # Augmentation is seeded per sample, so images stay the same; dropout and drop path draw anew.
+        logger.warning(
+            "RNG states of %d ranks not restored in a world of %d: random streams restart from the seed",
+            len(rng),
+            env.world_size,
+        )
     logger.info("resuming at epoch %d, batch %d (optimizer step %d)", state.epoch, state.batch_in_epoch, state.step)
     return checkpoint
 
@@ -173,6 +182,7 @@ def run(args: argparse.Namespace) -> dict | None:
     config = config_from_args(args)
     _check_config(config)
     env = init_distributed(config.DEVICE)
+    configure_matmul_precision(env.device, config.CUDA_MATMUL_PRECISION)
     _prepare_output(config.OUTPUT)
     logger = create_logger(config.OUTPUT, dist_rank=env.rank, name="swin")
     seed_everything(config.SEED, env.rank)
@@ -225,9 +235,7 @@ def run(args: argparse.Namespace) -> dict | None:
     if config.TRAIN.COMPILE and config.TRAIN.COMPILE_SCOPE == "blocks":
         compile_model(model, "blocks", config.TRAIN.COMPILE_BACKEND)  # in place: DDP below wraps the same module
     if env.distributed:
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[env.device.index] if env.device.type == "cuda" else None
-        )
+        model = wrap_ddp(model, env.device)
     if config.TRAIN.COMPILE and config.TRAIN.COMPILE_SCOPE != "blocks":
         model = compile_model(model, config.TRAIN.COMPILE_SCOPE, config.TRAIN.COMPILE_BACKEND)
 
@@ -246,7 +254,7 @@ def run(args: argparse.Namespace) -> dict | None:
         writer = SummaryWriter(os.path.join(config.OUTPUT, "tensorboard"))
 
     def checkpoint_state(step_level: bool) -> dict:
-        rng = all_gather_object(capture_rng_state())
+        rng = all_gather_object(capture_rng_state(env.device))
         return {
             "model": model_without_ddp.state_dict(),
             "optimizer": optimizer.state_dict(),

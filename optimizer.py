@@ -111,6 +111,24 @@ def build_optimizer(config: Any, model: nn.Module) -> torch.optim.Optimizer:
         raise UserError(f"TRAIN.OPTIMIZER.IMPL {opt_cfg.IMPL!r} does not work here ({reason}); use 'auto'") from None
 
 
+# Per-group flags that choose torch's implementation, not the optimisation itself.
+_IMPL_FLAGS = ("foreach", "fused", "capturable")
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict(state)``, keeping this run's implementation flags.
+
+    A saved state brings back the flags of the run that wrote it: a checkpoint written on the CPU
+    (foreach) would turn a fused CUDA AdamW into foreach, and the fp16 scaler's step then fails;
+    the reverse asks for fused kernels the CPU may lack. Moments, steps and lrs come from
+    ``state``; the flags are re-applied from the optimizer as built here.
+    """
+    flags = {k: optimizer.defaults[k] for k in _IMPL_FLAGS if k in optimizer.defaults}
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        group.update(flags)
+
+
 def scaled_lrs(config: Any, world_size: int) -> tuple[float, float, float]:
     """(base_lr, warmup_lr, min_lr) scaled linearly with the total batch, as the official release.
 

@@ -311,6 +311,33 @@ def _build_mixup(config: CfgNode, num_classes: int) -> Mixup | None:
     )
 
 
+def local_world_size() -> int:
+    """Processes of this job on this machine (torchrun's LOCAL_WORLD_SIZE; 1 without it)."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def loader_workers(requested: int, local_processes: int, cpus: int | None = None) -> int:
+    """``requested`` loader workers per process, capped at this machine's share of CPU cores.
+
+    The release's default (8 per GPU) on a 2-core machine starts 8 processes that compete for 2
+    cores, and PyTorch warns; each process gets at most ``cpus // local_processes`` (at least 1
+    when any were asked for). The cap is logged once.
+    """
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    share = max(1, cpus // max(1, local_processes))
+    if requested > share:
+        logger.info(
+            "DATA.NUM_WORKERS %d capped to %d per process: %d CPU cores for %d process(es) on this machine",
+            requested,
+            share,
+            cpus,
+            local_processes,
+        )
+        return share
+    return requested
+
+
 def build_loader(
     config: CfgNode,
     world_size: int,
@@ -337,6 +364,7 @@ def build_loader(
     num_workers = int(config.DATA.NUM_WORKERS)
     if num_workers < 0:
         raise UserError(f"DATA.NUM_WORKERS is {num_workers}; use 0 (load in the main process) or more")
+    num_workers = loader_workers(num_workers, local_world_size())
     _check_mixup(config)
 
     dataset_train, num_classes = build_dataset(True, config)

@@ -216,18 +216,7 @@ class WindowAttention(nn.Module):
                 q, k, v, attn_mask=bias, dropout_p=self.attn_drop_p if self.training else 0.0, scale=self.scale
             )
         else:
-            # Windows of one image share the mask: fold windows into the head axis so the bias
-            # broadcasts over the batch instead of being expanded B times.
-            shape = (B_ // nW, nW * h, N, -1)
-            bias4 = None if bias is None else bias.expand(nW, h, N, N).reshape(1, nW * h, N, N)
-            out = F.scaled_dot_product_attention(
-                q.reshape(shape),
-                k.reshape(shape),
-                v.reshape(shape),
-                attn_mask=bias4,
-                dropout_p=self.attn_drop_p if self.training else 0.0,
-                scale=self.scale,
-            ).view(B_, h, N, -1)
+            out = sdpa_windows_folded(q, k, v, bias, nW, self.attn_drop_p if self.training else 0.0, self.scale)
         x = out.transpose(1, 2).reshape(B_, N, C)
         return self.proj_drop(self.proj(x))
 
@@ -235,6 +224,35 @@ class WindowAttention(nn.Module):
         """Multiply-accumulates for one window of N tokens (as the official release counts)."""
         d = self.dim // self.num_heads
         return N * self.dim * 3 * self.dim + 2 * self.num_heads * N * N * d + N * self.dim * self.dim
+
+
+def sdpa_windows_folded(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None,
+    n_windows: int,
+    dropout_p: float,
+    scale: float,
+) -> torch.Tensor:
+    """``scaled_dot_product_attention`` with the windows of each image folded into the head axis,
+    so one (nW, heads, N, N) bias + mask broadcasts over the batch instead of being expanded B
+    times (the CUDA path for shifted windows).
+
+    Args:
+        q, k, v: (B·nW, heads, N, d). bias: (nW, heads, N, N), (1, heads, N, N) or None.
+    Returns:
+        (B·nW, heads, N, d).
+    """
+    B_, h, N, _ = q.shape
+    shape = (B_ // n_windows, n_windows * h, N, -1)
+    bias4 = None if bias is None else bias.expand(n_windows, h, N, N).reshape(1, n_windows * h, N, N)
+    out = F.scaled_dot_product_attention(
+        q.reshape(shape), k.reshape(shape), v.reshape(shape), attn_mask=bias4, dropout_p=dropout_p, scale=scale
+    )
+    # reshape, not view: CUDA's memory-efficient kernel (taken whenever the mask needs a gradient,
+    # and for fp32) returns a layout that view() refuses.
+    return out.reshape(B_, h, N, -1)
 
 
 def residual_add(x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:

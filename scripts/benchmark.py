@@ -356,6 +356,12 @@ class Candidate:
         return statistics.median(self.samples) if self.samples else None
 
 
+def min_seconds(device: torch.device) -> float:
+    """Shortest timed span per measurement: a GPU step takes milliseconds, so a couple of batches
+    would time launch jitter; a CPU step already takes seconds."""
+    return 1.0 if device.type == "cuda" else 0.0
+
+
 def time_interleaved(
     cands: list[Candidate], batch_size: int, device: torch.device, rounds: int, iters: int, warmup: int
 ) -> None:
@@ -366,7 +372,10 @@ def time_interleaved(
     synchronize(device)
     for r in range(rounds):
         for c in live if r % 2 == 0 else live[::-1]:
-            c.samples.append(time_images_per_second(c.step, batch_size, device, warmup=0, iters=iters).images_per_s)
+            timing = time_images_per_second(
+                c.step, batch_size, device, warmup=0, iters=iters, min_seconds=min_seconds(device)
+            )
+            c.samples.append(timing.images_per_s)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,7 +428,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--model", default="swin_tiny", help=f"{', '.join(MODELS)} or a config YAML (default swin_tiny)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, help="images per step (default 16 on the CPU, 128 on CUDA)")
     p.add_argument("--img-size", type=int, default=None, help="default: the config's DATA.IMG_SIZE")
     p.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16, fp16 (fp16: CUDA only)")
     p.add_argument("--modes", default="eager,compiled", help="comma list of eager, compiled, blocks")
@@ -462,7 +471,7 @@ def main(argv=None) -> dict:
         raise SystemExit("--device cuda: no CUDA device available")
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     config = load_config(args.model, args.img_size, args.opts)
-    bs, size = args.batch_size, config.DATA.IMG_SIZE
+    bs, size = args.batch_size or (128 if device.type == "cuda" else 16), config.DATA.IMG_SIZE
     info = machine_info(device)
     info["malloc"] = "keep (mmap off, no trim)" if malloc_kept else "default"
     ours, theirs, diff = paired_models(config, args.model, device)

@@ -575,3 +575,16 @@ def test_prepare_demo_data_refuses_a_folder_it_did_not_write(tmp_path):
     result = run_prepare("--out", str(tmp_path))
     assert result.returncode == 2 and "not written by this script" in result.stderr
     assert (tmp_path / "mine.txt").read_text() == "keep me"
+
+
+def test_loader_workers_are_capped_at_the_machines_share_of_cores(caplog):
+    import logging
+
+    from data.build import loader_workers
+
+    with caplog.at_level(logging.INFO, logger="data.build"):
+        assert loader_workers(8, 1, cpus=2) == 2  # the release's default on a 2-core machine
+    assert "DATA.NUM_WORKERS 8 capped to 2 per process: 2 CPU cores for 1 process(es)" in caplog.text
+    assert loader_workers(8, 4, cpus=2) == 1  # never zero when workers were asked for
+    assert loader_workers(8, 2, cpus=64) == 8  # enough cores: as asked
+    assert loader_workers(0, 1, cpus=2) == 0  # loading in the main process stays so

@@ -343,3 +343,67 @@ def test_a_restarted_attempt_keeps_its_keys_apart_from_the_killed_attempts_in_th
     # Outside torchrun's shared store, rank 0 hosts a fresh store per attempt: nothing to scope.
     monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE")
     assert _restart_scoped_store(0, 1) is None
+
+
+# --------------------------------------------------------------------------- CUDA paths, on the CPU
+
+
+def test_cpu_run_saves_no_cuda_rng_state_and_never_touches_cuda(monkeypatch):
+    import checkpoint as ck
+
+    def boom(*args, **kwargs):
+        raise AssertionError("CUDA touched by a CPU run")
+
+    monkeypatch.setattr(torch.cuda, "get_rng_state", boom)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", boom)
+    assert ck.capture_rng_state(torch.device("cpu"))["cuda"] == []
+
+
+def test_cuda_rng_state_is_this_ranks_device_only(monkeypatch):
+    import distributed
+
+    seen = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: torch.full((4,), device.index, dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: seen.append((int(state[0]), device.index)))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    saved = distributed.get_cuda_rng_states(torch.device("cuda", 2))
+    assert len(saved) == 1 and int(saved[0][0]) == 2
+    assert distributed.set_cuda_rng_states(saved, torch.device("cuda", 3)) and seen[-1] == (2, 3)
+    # An older checkpoint with every GPU's state: this device's entry.
+    old = [torch.full((4,), i, dtype=torch.uint8) for i in range(4)]
+    assert distributed.set_cuda_rng_states(old, torch.device("cuda", 1)) and seen[-1] == (1, 1)
+    assert not distributed.set_cuda_rng_states(old[:3], torch.device("cuda", 1))  # cannot be matched
+    assert not distributed.set_cuda_rng_states(saved, torch.device("cpu"))
+
+
+def test_tf32_is_enabled_on_cuda_only_and_configurable(monkeypatch):
+    import distributed
+    from errors import UserError
+
+    calls = []
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", calls.append)
+    distributed.configure_matmul_precision(torch.device("cpu"), "high")
+    assert calls == []
+    distributed.configure_matmul_precision(torch.device("cuda", 0), "high")
+    distributed.configure_matmul_precision(torch.device("cuda", 0), "highest")
+    assert calls == ["high", "highest"]
+    with pytest.raises(UserError, match="CUDA_MATMUL_PRECISION must be one of highest, high, medium"):
+        distributed.configure_matmul_precision(torch.device("cuda", 0), "tf32")
+
+
+def test_ddp_does_not_rebroadcast_the_derived_buffers(tmp_path):
+    """The position buffers are the same on every rank; a broadcast per forward would also make
+    an eval forward a collective that hangs a rank with no validation batch."""
+    import torch.distributed as dist
+
+    import distributed
+    from config import get_config
+    from models import build_model
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = build_model(get_config(V2_DEMO_CFG, TINY_OPTS_V2))
+        ddp = distributed.wrap_ddp(model, torch.device("cpu"))
+        assert getattr(ddp, "forward_sync_buffers", ddp.broadcast_buffers) is False and ddp.module is model
+    finally:
+        dist.destroy_process_group()

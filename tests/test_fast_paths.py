@@ -345,3 +345,50 @@ def test_unknown_compile_scope_is_a_user_error():
 )
 def test_compiled_model_equals_eager_inductor():
     _compile_check("inductor")
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA paths, checked on the CPU
+# ---------------------------------------------------------------------------------------------
+def test_folded_window_sdpa_accepts_the_layout_of_cudas_memory_efficient_kernel(monkeypatch):
+    """CUDA's memory-efficient sdpa (every training step, and fp32) returns (B, H, N, d) in a
+    (B, N, H, d) memory layout; the folded path used ``view`` on it and crashed."""
+    from models.swin_transformer import sdpa_windows_folded
+
+    real = F.scaled_dot_product_attention
+
+    def efficient_layout(*args, **kwargs):
+        out = real(*args, **kwargs)  # B, H, N, d
+        strided = out.transpose(1, 2).contiguous().transpose(1, 2)
+        assert not strided.is_contiguous()
+        return strided
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", efficient_layout)
+    g = torch.Generator().manual_seed(0)
+    B, nW, h, N, d = 2, 4, 3, 16, 8
+    q, k, v = (torch.randn(B * nW, h, N, d, generator=g) for _ in range(3))
+    bias = torch.randn(nW, h, N, N, generator=g)
+    out = sdpa_windows_folded(q, k, v, bias, nW, 0.0, d**-0.5)
+    per_window = bias.unsqueeze(0).expand(B, nW, h, N, N).reshape(B * nW, h, N, N)
+    ref = torch.softmax(q @ k.transpose(-2, -1) * d**-0.5 + per_window, -1) @ v
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["v1", "v2"])
+def test_a_block_keeps_an_fp32_residual_stream_under_autocast(family):
+    """Under autocast the branches come out in bf16/fp16; the residual sum must stay fp32, as in
+    the release and timm (an in-place add into the branch would store the stream in half)."""
+    from models.swin_transformer_v2 import SwinTransformerBlockV2
+
+    cls = SwinTransformerBlock if family == "v1" else SwinTransformerBlockV2
+    torch.manual_seed(0)
+    blk = cls(dim=24, num_heads=3, window_size=4, shift_size=2)
+    if family == "v2":
+        with torch.no_grad():  # post-norms start at zero: make the branches contribute
+            for norm in (blk.norm1, blk.norm2):
+                norm.weight.fill_(1.0)
+    x = torch.randn(2, 8, 8, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = blk(x)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, blk(x), atol=0.15, rtol=0.05)

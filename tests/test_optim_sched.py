@@ -186,3 +186,28 @@ def test_no_warmup_starts_at_base_lr() -> None:
     _, opt, sched = _sched("cosine", WARMUP_EPOCHS=0)
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-3)
     assert _lr_at(sched, opt, 50) == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * 0.5)))
+
+
+def test_resuming_keeps_this_runs_optimizer_implementation_not_the_checkpoints():
+    """A checkpoint written by a fused (CUDA) AdamW resumed by a foreach one, and the reverse:
+    the moments and step come from the file, the implementation flags stay this run's."""
+    from optimizer import load_optimizer_state
+
+    model = nn.Linear(4, 3)
+    writer = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
+    model(torch.randn(2, 4)).sum().backward()
+    writer.step()
+    saved = writer.state_dict()
+    for group in saved["param_groups"]:  # as a fused CUDA run writes it
+        group["fused"], group["foreach"] = True, None
+
+    reader = torch.optim.AdamW(model.parameters(), lr=5e-4, foreach=True)
+    load_optimizer_state(reader, saved)
+    assert all(g["foreach"] is True and not g["fused"] for g in reader.param_groups)
+    assert reader.param_groups[0]["lr"] == 1e-3  # the saved lr, as load_state_dict gives
+    p = next(model.parameters())
+    torch.testing.assert_close(reader.state[p]["exp_avg"], writer.state[p]["exp_avg"])
+    # Without the helper, plain load_state_dict takes the file's flags.
+    plain = torch.optim.AdamW(model.parameters(), lr=5e-4, foreach=True)
+    plain.load_state_dict(saved)
+    assert plain.param_groups[0]["fused"] is True
