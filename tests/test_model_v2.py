@@ -103,7 +103,7 @@ def _released_layout(model: SwinTransformerV2) -> dict:
 
 
 def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max())
+    return float((a - b).detach().abs().max())
 
 
 # Our parameter name → timm's: timm merges at the start of the next stage and names the head head.fc.
