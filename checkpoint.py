@@ -242,15 +242,25 @@ def save_step_checkpoint(output_dir: str, state: dict) -> str:
 # ----------------------------------------------------------------------------- reading
 
 
+def _unreadable(path: str) -> UserError:
+    """A file torch cannot read as a checkpoint, said in the user's terms."""
+    try:
+        empty = os.path.getsize(path) == 0
+    except OSError:
+        empty = False
+    what = "is empty" if empty else "is truncated, or is not a PyTorch checkpoint"
+    return UserError(
+        f"cannot read checkpoint {path}: the file {what}; pass a complete checkpoint "
+        "(a .pth written by torch.save, or a .safetensors file), or copy or download it again"
+    )
+
+
 def _refusal(path: str, err: pickle.UnpicklingError) -> UserError:
     msg = str(err)
     # The weights-only unpickler reports bytes that are no (supported) pickle at all as these;
     # every other refusal is about a global, class or object it will not build.
     if re.search(r"Unsupported operand|String is too long|persistent", msg) and "GLOBAL" not in msg:
-        return UserError(
-            f"cannot read checkpoint {path}: the file is corrupt or not a PyTorch checkpoint; "
-            "re-create or re-download it"
-        )
+        return _unreadable(path)
     return UserError(
         f"refusing to load {path}: it holds pickled Python objects, not only weights; "
         "re-save it from a trusted environment as a plain state_dict (or .safetensors)"
@@ -263,12 +273,11 @@ def _torch_load(path: str, map_location: Any, mmap: bool) -> Any:
     except pickle.UnpicklingError as e:
         raise _refusal(path, e) from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as e:
-        # Truncated zip archives raise RuntimeError ("failed finding central directory"),
-        # empty files EOFError; first line only, to keep the message one line.
-        reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
-        raise UserError(
-            f"cannot read checkpoint {path} (truncated or corrupt: {reason}); delete it or pick another file"
-        ) from None
+        # Truncated zip archives raise RuntimeError ("failed finding central directory"), empty
+        # files EOFError, text files KeyError or "[Errno 22]": none of that means anything to the
+        # user, so it goes to the debug log and the message says what the file is.
+        logger.debug("torch.load(%s) failed: %r", path, e)
+        raise _unreadable(path) from None
 
 
 def load_checkpoint_file(path: str, map_location: Any = "cpu") -> dict:

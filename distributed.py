@@ -233,6 +233,25 @@ def reset_peak_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def describe_precision(device: torch.device, enabled: bool, dtype_name: str) -> str:
+    """The precision a run computes in, and why, in words for its first log lines."""
+    if not enabled:
+        return "float32 (AMP_ENABLE False)"
+    dtype = resolve_amp_dtype(device, dtype_name)
+    auto = str(dtype_name).strip().lower() == "auto"
+    if dtype is None:
+        return "float32 (AMP_DTYPE auto: this CPU has no native bfloat16, which would be emulated and far slower)"
+    name = "bfloat16" if dtype == torch.bfloat16 else "float16"
+    scaled = " with loss scaling" if dtype == torch.float16 and device.type == "cuda" else ""
+    if not auto:
+        why = f"AMP_DTYPE {dtype_name}"
+    elif device.type == "cuda":
+        why = "AMP_DTYPE auto on CUDA"
+    else:
+        why = "AMP_DTYPE auto: this CPU has native bfloat16 (AVX-512 BF16 or AMX)"
+    return f"{name} autocast{scaled}, float32 weights ({why})"
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX).

@@ -8,9 +8,11 @@ from __future__ import annotations
 import datetime
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -19,6 +21,7 @@ from timm.utils import AverageMeter, accuracy
 from config import model_section
 from distributed import (
     DistEnv,
+    all_gather_object,
     all_reduce_sum,
     autocast_context,
     max_memory_mb,
@@ -210,9 +213,12 @@ def _log_step(
     lr = optimizer.param_groups[0]["lr"]
     wd = max(g["weight_decay"] for g in optimizer.param_groups)
     eta = time_meter.avg * (num_steps - idx - 1)
+    # The whole run at this epoch's pace (evaluation time not included).
+    run_eta = eta + time_meter.avg * num_steps * max(0, config.TRAIN.EPOCHS - epoch - 1)
     logger.info(
         f"Train: [{epoch}/{config.TRAIN.EPOCHS}][{idx}/{num_steps}]\t"
-        f"eta {datetime.timedelta(seconds=int(eta))} lr {lr:.6f}\t wd {wd:.4f}\t"
+        f"eta {datetime.timedelta(seconds=int(eta))} (run {datetime.timedelta(seconds=int(run_eta))}) "
+        f"lr {lr:.6f}\t wd {wd:.4f}\t"
         f"time {time_meter.val:.4f} ({time_meter.avg:.4f})\t"
         f"loss {loss_meter.val:.4f} ({loss_meter.avg:.4f})\t"
         f"grad_norm {norm_meter.val:.4f} ({norm_meter.avg:.4f})\t"
@@ -222,27 +228,80 @@ def _log_step(
     )
 
 
-@torch.no_grad()
-def evaluate(config, loader, model: nn.Module, env: DistEnv) -> dict[str, float]:
-    """Top-1, top-5 and loss over the whole validation set, each image counted exactly once.
+# How many unreadable files the evaluation summary line names; the rest are counted.
+EVAL_NAMED_UNREADABLE = 3
 
-    Sums (not per-rank means) are reduced across ranks, so N ranks report what one process would.
+
+def _short_path(path: str, root: str) -> str:
+    """``path`` relative to the data folder ``root`` when it lies inside it (shorter log lines)."""
+    if root:
+        rel = os.path.relpath(path, root)
+        if rel.split(os.sep)[0] != os.pardir:
+            return rel
+    return path
+
+
+def eval_summary(result: dict[str, Any], data_root: str = "") -> str:
+    """The line that ends an evaluation, as scripts and tests parse it.
+
+    `` * Acc@1 A Acc@5 B loss L images N``, and when files were excluded
+    `` of T, K unreadable: p1, p2, p3 (+M more)`` after it, paths relative to ``data_root``.
+    """
+    line = (
+        f" * Acc@1 {result['acc1']:.3f} Acc@5 {result['acc5']:.3f} loss {result['loss']:.4f} images {result['count']}"
+    )
+    unreadable = result.get("unreadable") or []
+    if unreadable:
+        named = ", ".join(_short_path(p, data_root) for p in unreadable[:EVAL_NAMED_UNREADABLE])
+        more = len(unreadable) - EVAL_NAMED_UNREADABLE
+        line += f" of {result['total']}, {len(unreadable)} unreadable: {named}"
+        if more > 0:
+            line += f" (+{more} more)"
+    return line
+
+
+@torch.no_grad()
+def evaluate(config, loader, model: nn.Module, env: DistEnv) -> dict[str, Any]:
+    """Top-1, top-5 and loss over the readable validation images, each counted exactly once.
+
+    A row whose ``replaced`` path is set comes from a file that could not be read: it is
+    excluded from the metrics (whatever image the loader put there, a placeholder or, from a
+    substituting loader, another sample) and named. Sums (not per-rank means) are reduced across
+    ranks and the excluded paths gathered, so N ranks report what one process would.
+
+    Returns ``acc1``, ``acc5``, ``loss`` (over the scored images), ``count`` (images scored),
+    ``total`` (images in the set: scored + unreadable) and ``unreadable`` (sorted paths). A set
+    with no readable image is a ``UserError``; ``DATA.STRICT`` already failed in the loader.
     """
     model.eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")
-    sums = torch.zeros(4, dtype=torch.float64, device=env.device)  # correct@1, correct@5, loss, count
+    # correct@1, correct@5, loss, scored, unreadable
+    sums = torch.zeros(5, dtype=torch.float64, device=env.device)
+    unreadable: list[str] = []
     end = time.time()
-    for idx, (images, target, _replaced) in enumerate(loader):
+    for idx, (images, target, replaced) in enumerate(loader):
         images = images.to(env.device, non_blocking=True)
         target = target.to(env.device, non_blocking=True)
         with autocast_context(env.device, config.AMP_ENABLE, config.AMP_DTYPE):
             output = model(images)
         output = output.float()
+        bad = [p for p in replaced if p]
+        if bad:
+            # The whole batch ran (fixed shapes); only the readable rows are scored.
+            unreadable.extend(bad)
+            keep = torch.tensor([not p for p in replaced], dtype=torch.bool, device=output.device)
+            output, target = output[keep], target[keep]
         n = target.size(0)
-        k = min(5, output.size(1))
-        acc1, acc5 = accuracy(output, target, topk=(1, k))
+        if n:
+            k = min(5, output.size(1))
+            acc1, acc5 = accuracy(output, target, topk=(1, k))
+            correct1, correct5 = round(acc1.item() * n / 100), round(acc5.item() * n / 100)
+            loss_sum = criterion(output, target).item()
+        else:
+            correct1 = correct5 = 0
+            loss_sum = 0.0
         sums += torch.tensor(
-            [round(acc1.item() * n / 100), round(acc5.item() * n / 100), criterion(output, target).item(), n],
+            [correct1, correct5, loss_sum, n, len(bad)],
             dtype=torch.float64,
             device=env.device,
         )
@@ -250,16 +309,32 @@ def evaluate(config, loader, model: nn.Module, env: DistEnv) -> dict[str, float]
             logger.info(f"Test: [{idx}/{len(loader)}]\ttime {time.time() - end:.3f}")
         end = time.time()
     sums = all_reduce_sum(sums)
-    count = int(sums[3].item())
+    count, n_unreadable = int(sums[3].item()), int(sums[4].item())
+    if n_unreadable:
+        # Every rank sees the same sum, so all of them take part in the gather or none does.
+        unreadable = sorted(p for paths in all_gather_object(unreadable) for p in paths)
+    total = count + n_unreadable
     if count == 0:
+        if n_unreadable:
+            raise UserError(
+                f"none of the {total} validation images could be read "
+                f"(e.g. {', '.join(unreadable[:EVAL_NAMED_UNREADABLE])}); check DATA.DATA_PATH/val"
+            )
         raise UserError("the validation set yielded no images; check DATA.DATA_PATH/val")
-    result = {
+    result: dict[str, Any] = {
         "acc1": 100.0 * sums[0].item() / count,
         "acc5": 100.0 * sums[1].item() / count,
         "loss": sums[2].item() / count,
         "count": count,
+        "total": total,
+        "unreadable": unreadable,
     }
-    logger.info(f" * Acc@1 {result['acc1']:.3f} Acc@5 {result['acc5']:.3f} loss {result['loss']:.4f} images {count}")
+    line = eval_summary(result, str(config.DATA.DATA_PATH))
+    if unreadable:
+        # A warning, not info: the metrics cover fewer images than the folder holds.
+        logger.warning(line)
+    else:
+        logger.info(line)
     return result
 
 

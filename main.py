@@ -26,7 +26,7 @@ from checkpoint import (
     save_epoch_checkpoint,
     save_step_checkpoint,
 )
-from config import config_from_args, dump_config, model_section
+from config import config_from_args, default_config, dump_config, model_section
 from data import build_loader
 from distributed import (
     DistEnv,
@@ -34,6 +34,7 @@ from distributed import (
     barrier,
     cleanup,
     configure_matmul_precision,
+    describe_precision,
     init_distributed,
     make_grad_scaler,
     resolve_amp_dtype,
@@ -49,35 +50,112 @@ from models.pretrained import LoadReport, adapt_state_dict, extract_state_dict
 from optimizer import build_optimizer, load_optimizer_state, scaled_lrs
 from preemption import StopRequest
 
+_EXAMPLES = """examples:
+  python main.py --cfg configs/demo/swin_demo_digits.yaml --data-path demo_data         # train on one CPU/GPU
+  torchrun --nproc_per_node=8 main.py --cfg configs/swin_tiny.yaml --data-path /data/imagenet  # one node, 8 GPUs
+  python main.py --cfg configs/swin_tiny.yaml --eval --resume best.pth --data-path /data/imagenet
+  python main.py --cfg configs/swin_tiny.yaml --throughput --batch-size 8                 # no data needed
+
+Every config key can be set with --opts KEY VALUE ...; the flags above are shortcuts for the
+common ones (the config key each sets is named in brackets, with its default). Flag spellings of the official
+release are kept; each has a dashed or underscored alias."""
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each option's config key with its default (config.py's, unless --cfg or --opts change it)
+    in brackets; the examples kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if text.endswith("]") and "[" in text:
+            key = text[text.rindex("[") + 1 : -1]
+            value = _config_default(key.split(" ")[0])
+            if value is not None:
+                text = f"{text[:-1]}, default {value if value != '' else 'unset'}]"
+        return text
+
+
+def _config_default(key: str):
+    """config.py's default of ``key`` (dotted), or None when the key is not a config key."""
+    node = default_config()
+    for part in key.split("."):
+        if part not in node:
+            return None
+        node = node[part]
+    return node
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser("Swin Transformer training and evaluation", add_help=True)
-    p.add_argument("--cfg", type=str, metavar="FILE", help="path to a config YAML file")
-    p.add_argument("--opts", default=None, nargs="+", help="override config options: KEY VALUE pairs")
-    p.add_argument("--batch-size", type=int, help="batch size per process (DATA.BATCH_SIZE)")
-    p.add_argument("--data-path", type=str, help="dataset root holding train/ and val/ (DATA.DATA_PATH)")
-    p.add_argument("--dataset", type=str, help="dataset kind: imagenet or imagenet22K (DATA.DATASET)")
-    p.add_argument(
-        "--zip", action="store_true", help="read zipped datasets (DATA.ZIP_MODE; accepted for compatibility)"
+    p = argparse.ArgumentParser(
+        prog="main.py",
+        description="Train, fine-tune, evaluate and benchmark Swin Transformers (V1 and V2).",
+        epilog=_EXAMPLES,
+        formatter_class=_HelpFormatter,
     )
-    p.add_argument("--cache-mode", type=str, choices=["no", "full", "part"], help="zip cache mode (DATA.CACHE_MODE)")
-    p.add_argument("--pretrained", help="weights to fine-tune from (.pth or .safetensors; MODEL.PRETRAINED)")
-    p.add_argument("--resume", help="checkpoint to resume training from or to evaluate (MODEL.RESUME)")
-    p.add_argument("--accumulation-steps", type=int, help="gradient accumulation steps (TRAIN.ACCUMULATION_STEPS)")
-    p.add_argument(
-        "--use-checkpoint", action="store_true", help="gradient checkpointing to save memory (TRAIN.USE_CHECKPOINT)"
+    run = p.add_argument_group("what to run")
+    run.add_argument("--cfg", type=str, metavar="FILE", help="config YAML file (defaults for every key: config.py)")
+    run.add_argument("--opts", nargs="+", metavar="KEY VALUE", help="override config keys, e.g. TRAIN.EPOCHS 30")
+    run.add_argument("--eval", action="store_true", help="only evaluate the --resume checkpoint [EVAL_MODE]")
+    run.add_argument(
+        "--throughput",
+        action="store_true",
+        help="only measure images/s on a random batch; reads no data [THROUGHPUT_MODE]",
     )
-    p.add_argument("--disable_amp", action="store_true", help="train and evaluate in fp32 (AMP_ENABLE False)")
-    p.add_argument("--output", type=str, metavar="PATH", help="output root; the run writes to OUTPUT/MODEL.NAME/TAG")
-    p.add_argument("--tag", help="tag of the run (TAG)")
-    p.add_argument("--eval", action="store_true", help="only evaluate (EVAL_MODE)")
-    p.add_argument("--throughput", action="store_true", help="only measure images/s (THROUGHPUT_MODE)")
-    p.add_argument("--fused_window_process", action="store_true", help="fused shift + window partition kernel")
-    p.add_argument("--fused_layernorm", action="store_true", help="fused layer norm (accepted; torch's is used)")
-    p.add_argument("--optim", type=str, help="optimizer: adamw or sgd (TRAIN.OPTIMIZER.NAME)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (TRAIN.COMPILE)")
-    p.add_argument("--device", type=str, choices=["auto", "cpu", "cuda"], help="device (DEVICE); auto prefers CUDA")
-    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    run.add_argument(
+        "--device", type=str, choices=["auto", "cpu", "cuda"], help="where to run; auto prefers CUDA [DEVICE]"
+    )
+    run.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+
+    data = p.add_argument_group("data")
+    data.add_argument(
+        "--data-path", "--data_path", type=str, help="dataset root holding train/ and val/ [DATA.DATA_PATH]"
+    )
+    data.add_argument("--dataset", type=str, help="imagenet (any ImageFolder) or imagenet22K [DATA.DATASET]")
+    data.add_argument("--batch-size", "--batch_size", type=int, help="batch size per process [DATA.BATCH_SIZE]")
+    data.add_argument("--zip", action="store_true", help="zipped datasets (accepted for compatibility) [DATA.ZIP_MODE]")
+    data.add_argument(
+        "--cache-mode",
+        "--cache_mode",
+        type=str,
+        choices=["no", "full", "part"],
+        help="zip cache mode [DATA.CACHE_MODE]",
+    )
+
+    weights = p.add_argument_group("weights and checkpoints")
+    weights.add_argument("--pretrained", help="weights to fine-tune from, .pth or .safetensors [MODEL.PRETRAINED]")
+    weights.add_argument("--resume", help="checkpoint to continue training from, or to evaluate [MODEL.RESUME]")
+    weights.add_argument(
+        "--output", type=str, metavar="PATH", help="output root; the run writes to OUTPUT/MODEL.NAME/TAG [OUTPUT]"
+    )
+    weights.add_argument("--tag", help="name of the run, the last folder of its output [TAG]")
+
+    train = p.add_argument_group("training")
+    train.add_argument(
+        "--accumulation-steps",
+        "--accumulation_steps",
+        type=int,
+        help="batches per optimizer step [TRAIN.ACCUMULATION_STEPS]",
+    )
+    train.add_argument(
+        "--use-checkpoint",
+        "--use_checkpoint",
+        action="store_true",
+        help="gradient checkpointing [TRAIN.USE_CHECKPOINT]",
+    )
+    train.add_argument(
+        "--disable_amp", "--disable-amp", action="store_true", help="run in fp32 (AMP_ENABLE False) [AMP_ENABLE]"
+    )
+    train.add_argument("--optim", type=str, help="adamw or sgd [TRAIN.OPTIMIZER.NAME]")
+    train.add_argument("--compile", action="store_true", help="torch.compile, block by block [TRAIN.COMPILE]")
+    train.add_argument(
+        "--fused_window_process",
+        "--fused-window-process",
+        action="store_true",
+        help="Triton shift + window partition kernel, on CUDA [FUSED_WINDOW_PROCESS]",
+    )
+    train.add_argument(
+        "--fused_layernorm", "--fused-layernorm", action="store_true", help="accepted; torch's layer norm is used"
+    )
     # torch.distributed.launch passes --local_rank; torchrun sets LOCAL_RANK instead.
     p.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -178,6 +256,35 @@ def load_resume(
     return checkpoint
 
 
+def config_file_name(config) -> str:
+    """Each mode keeps its own record: ``config.yaml`` stays the training run's config."""
+    if config.EVAL_MODE:
+        return "config_eval.yaml"
+    if config.THROUGHPUT_MODE:
+        return "config_throughput.yaml"
+    return "config.yaml"
+
+
+def save_run_config(config, env: DistEnv, logger) -> None:
+    path = os.path.join(config.OUTPUT, config_file_name(config))
+    if env.rank == 0:
+        dump_config(config, path)
+    logger.info("config saved to %s", path)
+
+
+def run_throughput(config, env: DistEnv, logger) -> float:
+    """``--throughput``: images/s of the configured model on a random batch; no data, no checkpoint."""
+    save_run_config(config, env, logger)
+    if config.MODEL.RESUME or config.MODEL.PRETRAINED:
+        logger.info("throughput does not depend on the weights: the checkpoint is not read")
+    model = build_model(config).to(env.device)
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info("model %s: %s parameters, %.3f GMACs", config.MODEL.NAME, f"{n_params:,}", model.flops() / 1e9)
+    if config.TRAIN.COMPILE:
+        model = compile_model(model, config.TRAIN.COMPILE_SCOPE, config.TRAIN.COMPILE_BACKEND)
+    return throughput(config, model, env)
+
+
 def run(args: argparse.Namespace) -> dict | None:
     config = config_from_args(args)
     _check_config(config)
@@ -187,20 +294,25 @@ def run(args: argparse.Namespace) -> dict | None:
     logger = create_logger(config.OUTPUT, dist_rank=env.rank, name="swin")
     seed_everything(config.SEED, env.rank)
 
+    logger.info(
+        "device %s, world size %d, precision %s",
+        env.device,
+        env.world_size,
+        describe_precision(env.device, config.AMP_ENABLE, config.AMP_DTYPE),
+    )
+    if config.THROUGHPUT_MODE and not config.EVAL_MODE:
+        return {"images_per_s": run_throughput(config, env, logger)}
+
     data = build_loader(config, env.world_size, env.rank, pin_memory=env.device.type == "cuda")
     config.defrost()
     config.MODEL.NUM_CLASSES = data.num_classes
     config.freeze()
-    if env.rank == 0:
-        dump_config(config, os.path.join(config.OUTPUT, "config.yaml"))
-    logger.info("config saved to %s", os.path.join(config.OUTPUT, "config.yaml"))
+    save_run_config(config, env, logger)
     logger.info(
-        "%d train / %d val images, %d classes, world size %d, device %s",
+        "%d train / %d val images, %d classes",
         len(data.dataset_train),
         len(data.dataset_val),
         data.num_classes,
-        env.world_size,
-        env.device,
     )
 
     model = build_model(config)
@@ -239,13 +351,23 @@ def run(args: argparse.Namespace) -> dict | None:
     if config.TRAIN.COMPILE and config.TRAIN.COMPILE_SCOPE != "blocks":
         model = compile_model(model, config.TRAIN.COMPILE_SCOPE, config.TRAIN.COMPILE_BACKEND)
 
+    if not config.EVAL_MODE and state.epoch >= config.TRAIN.EPOCHS:
+        logger.info(
+            "this run is complete (%d of %d epochs, best accuracy %.2f%%) in %s: nothing to train; to train longer, "
+            "run again with --opts TRAIN.EPOCHS N (N > %d), or start another run with --tag",
+            state.epoch,
+            config.TRAIN.EPOCHS,
+            state.max_accuracy,
+            config.OUTPUT,
+            config.TRAIN.EPOCHS,
+        )
+        return {"complete": True, "max_accuracy": state.max_accuracy}
+
     if config.EVAL_MODE or (config.MODEL.PRETRAINED and not resume_path):
         stats = evaluate(config, data.loader_val, model, env)
         logger.info(f"Accuracy of the network on the {stats['count']} test images: {stats['acc1']:.2f}%")
         if config.EVAL_MODE:
             return stats
-    if config.THROUGHPUT_MODE:
-        return {"images_per_s": throughput(config, model, env)}
 
     writer = None
     if env.rank == 0:
@@ -282,12 +404,17 @@ def run(args: argparse.Namespace) -> dict | None:
         stop_requested=lambda: stop.agreed(env.device),
         step_save_freq=config.TRAIN.STEP_SAVE_FREQ,
     )
+    steps_to_go = (
+        config.TRAIN.EPOCHS - state.epoch
+    ) * steps_per_epoch - state.batch_in_epoch // config.TRAIN.ACCUMULATION_STEPS
     logger.info(
-        "start training: epochs %d..%d, lr %.3e (scaled), %d steps/epoch",
+        "start training: epochs %d..%d of %d, %d optimizer steps per epoch, %d to go, lr %.3e (scaled)",
         state.epoch,
         config.TRAIN.EPOCHS - 1,
-        base_lr,
+        config.TRAIN.EPOCHS,
         steps_per_epoch,
+        steps_to_go,
+        base_lr,
     )
     start = time.time()
     stats: dict = {}

@@ -188,11 +188,14 @@ def _image_folder(root: str, split: str, transform: Callable) -> ImageFolder:
     return folder
 
 
-def build_dataset(is_train: bool, config: CfgNode) -> tuple[RobustImageDataset, int]:
+def build_dataset(is_train: bool, config: CfgNode, substitute: bool | None = None) -> tuple[RobustImageDataset, int]:
     """The train or val dataset and the number of classes of the model.
 
     Returns ``(dataset, num_classes)``; ``dataset[i]`` is ``(image, target, replaced)`` as
     described in ``RobustImageDataset`` and ``dataset.classes`` lists the class names.
+    ``substitute`` (default: ``is_train``) says whether an unreadable file is replaced by the next
+    readable sample (training) or comes back as a placeholder for the caller to exclude
+    (evaluation, so the metrics are over the named files only); ``DATA.STRICT`` raises instead.
     DATA.DATASET 'imagenet': ImageFolder over ``DATA_PATH/train`` or ``DATA_PATH/val``,
     ``num_classes`` = number of class folders. 'imagenet22K': the same folder layout when
     present, else the official annotation lists ``ILSVRC2011fall_whole_map_{train,val}.txt``;
@@ -234,7 +237,9 @@ def build_dataset(is_train: bool, config: CfgNode) -> tuple[RobustImageDataset, 
         else:
             num_classes = len(classes)
 
-    dataset = RobustImageDataset(base, strict=bool(config.DATA.STRICT))
+    # Evaluation never substitutes: a stand-in image would be scored as if it were the unreadable one.
+    substitute = is_train if substitute is None else substitute
+    dataset = RobustImageDataset(base, strict=bool(config.DATA.STRICT), substitute=substitute)
     logger.info("%s set: %d images, %d classes, from %s", split, len(dataset), num_classes, root)
     return dataset, num_classes
 
@@ -247,8 +252,10 @@ class DataBundle:
     """What ``build_loader`` returns; fields read as attributes or as ``bundle["name"]``.
 
     Batches of ``loader_train`` / ``loader_val`` are ``(images, targets, replaced)``: images
-    float (B, 3, IMG_SIZE, IMG_SIZE), targets int64 (B,), replaced a tuple of B path strings
-    ("" where the sample was read normally). ``mixup_fn`` is None when Mixup/CutMix are off.
+    float (B, 3, IMG_SIZE, IMG_SIZE), targets int64 (B,), replaced a sequence of B path strings
+    ("" where the sample was read normally, else the unreadable file's path). In training such a
+    row holds the next readable sample; in validation it holds a placeholder that
+    ``engine.evaluate`` excludes. ``mixup_fn`` is None when Mixup/CutMix are off.
     """
 
     dataset_train: RobustImageDataset

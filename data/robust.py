@@ -1,8 +1,10 @@
 """Reading images so that a broken file never becomes silent noise.
 
 ``load_rgb`` fully decodes a file (truncated files raise). ``RobustImageDataset`` wraps an
-image dataset and replaces a sample whose file cannot be read by the next readable one,
-reporting the unreadable path so the trainer can log and count it; with ``strict`` it raises
+image dataset and, for a sample whose file cannot be read, either replaces it by the next
+readable one (training: the batch keeps its size) or returns a blank placeholder to be dropped
+(evaluation: metrics must be over the files named, never over a stand-in); either way it reports
+the unreadable path so the caller can log, count or exclude it. With ``strict`` it raises
 ``UnreadableImageError`` (a ``UserError``) instead.
 """
 
@@ -23,6 +25,19 @@ logger = logging.getLogger(__name__)
 
 # How many following samples are tried before giving up on a run of unreadable files.
 MAX_REPLACEMENT_TRIES = 10
+
+# Side of the black placeholder returned for an unreadable file when not substituting; the
+# transform resizes it like any image, so it batches with the real ones (and is never scored).
+PLACEHOLDER_SIDE = 32
+
+# What PIL raises for a missing, unidentifiable, truncated or corrupt file; anything else is a bug.
+UNREADABLE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    Image.DecompressionBombError,
+)
 
 # Marks our one-line message inside the multi-line text DataLoader workers re-raise with.
 _MESSAGE_MARK = "unreadable image "
@@ -57,7 +72,8 @@ def load_rgb(path: str) -> Image.Image:
         return img.convert("RGB")
 
 
-def _reason(exc: BaseException) -> str:
+def unreadable_reason(exc: BaseException) -> str:
+    """``exc`` as one short line, ``"<Type>: <first line of the message>"``, for naming a bad file."""
     text = str(exc).splitlines()[0] if str(exc) else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
@@ -70,24 +86,35 @@ class RobustImageDataset(Dataset):
     (class names indexed by target), as torchvision's ``ImageFolder`` does.
 
     ``image`` is ``transform(loader(path))``; ``target`` is the int class index (after
-    ``target_transform``). When the file at ``index`` cannot be loaded, the sample at
-    ``index + 1`` (wrapping around) is returned instead, then ``index + 2``, ... up to
-    ``max_tries`` others; ``replaced`` is then the path of the unreadable file at ``index``,
-    otherwise ``""``. Only loading is guarded: errors raised by the transform propagate.
-    With ``strict=True`` the first unreadable file raises ``UnreadableImageError``.
+    ``target_transform``). ``replaced`` is ``""`` for a file read normally and the path of the
+    file at ``index`` when that file cannot be loaded; what comes instead depends on
+    ``substitute``:
+
+    * True (training): the sample at ``index + 1`` (wrapping around) is returned, then
+      ``index + 2``, ... up to ``max_tries`` others, image and target; the batch keeps its size
+      and the trainer counts the replacement.
+    * False (evaluation): ``transform`` of a black placeholder image with the file's own target,
+      so batches still collate; the caller must drop every row whose ``replaced`` is set
+      (``engine.evaluate`` does), since scoring a stand-in would measure a different set.
+
+    Only loading is guarded: errors raised by the transform propagate. With ``strict=True`` the
+    first unreadable file raises ``UnreadableImageError`` in either mode.
 
     The key may also be ``(index, seed)`` (what ``ResumableSampler(sample_seeds=True)``
     yields): the transform then draws its randomness from ``seed`` alone, whichever process
     or worker runs it, and the caller's RNG states are left as they were.
     """
 
-    def __init__(self, base: Any, strict: bool = False, max_tries: int = MAX_REPLACEMENT_TRIES) -> None:
+    def __init__(
+        self, base: Any, strict: bool = False, max_tries: int = MAX_REPLACEMENT_TRIES, substitute: bool = True
+    ) -> None:
         for attr in ("samples", "loader", "transform", "target_transform", "classes"):
             if not hasattr(base, attr):
                 raise TypeError(f"RobustImageDataset needs a dataset with .{attr}, got {type(base).__name__}")
         self.base = base
         self.strict = strict
         self.max_tries = max_tries
+        self.substitute = substitute
 
     @property
     def samples(self) -> Sequence[tuple[str, int]]:
@@ -122,9 +149,9 @@ class RobustImageDataset(Dataset):
         path = self.base.samples[index][0]
         try:
             return self.base.loader(path), ""
-        except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+        except UNREADABLE_ERRORS as e:
             # PIL reports corrupt data through all of these; anything else is a bug and propagates.
-            return None, _reason(e)
+            return None, unreadable_reason(e)
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, Any, str]:
         index, seed = key if isinstance(key, tuple) else (key, None)
@@ -139,8 +166,12 @@ class RobustImageDataset(Dataset):
             if self.strict:
                 raise UnreadableImageError(
                     f"{_MESSAGE_MARK}{replaced} ({reason}); delete or replace the file, "
-                    f"or set DATA.STRICT False to train on without it"
+                    f"or set DATA.STRICT False to {'train on' if self.substitute else 'evaluate'} without it"
                 )
+        if img is None and not self.substitute:
+            logger.debug("unreadable image %s (%s); returning a placeholder to be excluded", replaced, reason)
+            img = Image.new("RGB", (PLACEHOLDER_SIDE, PLACEHOLDER_SIDE))
+        elif img is None:
             logger.debug("unreadable image %s (%s); substituting the next sample", replaced, reason)
             for step in range(1, min(self.max_tries, n - 1) + 1):
                 chosen = (index + step) % n

@@ -11,7 +11,9 @@ V1 or V2; the weights must be of that family); its number of classes is the chec
 names: the checkpoint's 'class_names'; else, for a 1,000-class model, the ImageNet-1K names timm
 ships; else the class indices. ``--json`` prints
 ``[{"path": ..., "top": [{"class": ..., "index": ..., "prob": ...}, ...]}, ...]``.
-A missing path, a folder without images or an unreadable image or checkpoint is a one-line
+An unreadable image among others is named on stderr and skipped: the others are classified and
+the exit status stays 0. A missing path, a folder without images, an unreadable checkpoint, or
+images none of which can be read (a single unreadable image given alone, say) is a one-line
 error and exit status 2.
 """
 
@@ -172,15 +174,32 @@ def load_classifier(
 # ---------------------------------------------------------------------------------------------
 # Prediction
 # ---------------------------------------------------------------------------------------------
+class UnreadableImage(UserError):
+    """An input image that cannot be decoded; ``path`` names it for the skip report."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"cannot read image {path} ({reason})")
+        self.path = path
+        self.reason = reason
+
+
 def _read(path: str, transform: Callable) -> torch.Tensor:
-    from data.robust import load_rgb
+    from data.robust import UNREADABLE_ERRORS, load_rgb, unreadable_reason
 
     try:
         image = load_rgb(path)
-    except (OSError, SyntaxError, ValueError) as e:
-        reason = (str(e).splitlines() or [type(e).__name__])[0]
-        raise UserError(f"cannot read image {path} ({reason})") from None
+    except UNREADABLE_ERRORS as e:
+        raise UnreadableImage(path, unreadable_reason(e)) from None
     return transform(image)
+
+
+def _none_readable(skipped: Sequence[UnreadableImage]) -> UserError:
+    """The error for inputs of which no image could be read: the file's own message for one."""
+    if len(skipped) == 1:
+        return UserError(str(skipped[0]))
+    named = ", ".join(s.path for s in skipped[:3])
+    more = f" (+{len(skipped) - 3} more)" if len(skipped) > 3 else ""
+    return UserError(f"none of the {len(skipped)} images can be read: {named}{more}; check the files")
 
 
 @torch.no_grad()
@@ -193,11 +212,14 @@ def predict(
     batch_size: int = 32,
     autocast: Callable[[], AbstractContextManager[Any]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Top-``topk`` classes of each image, in batches of ``batch_size``.
+    """Top-``topk`` classes of each readable image, in batches of ``batch_size``.
 
     Returns ``[{"path": p, "top": [{"class": name, "index": i, "prob": p}, ...]}, ...]`` in the
-    order of ``paths``, most probable first. ``autocast`` (a factory of context managers) wraps the
-    forward pass; the model's device is used for the inputs.
+    order of ``paths``, most probable first. An image that cannot be read is logged as a warning
+    naming it and left out (never replaced by another, and one bad file does not sink the rest);
+    when no image at all can be read, the ``UserError`` names them (for a single path, its own
+    "cannot read image" message). ``autocast`` (a factory of context managers) wraps the forward
+    pass; the model's device is used for the inputs.
     """
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
@@ -206,9 +228,19 @@ def predict(
     model.eval()
     device = next(model.parameters()).device
     results: list[dict[str, Any]] = []
+    skipped: list[UnreadableImage] = []
     for start in range(0, len(paths), batch_size):
-        chunk = list(paths[start : start + batch_size])
-        images = torch.stack([_read(p, transform) for p in chunk]).to(device)
+        chunk, tensors = [], []
+        for path in paths[start : start + batch_size]:
+            try:
+                tensors.append(_read(path, transform))
+            except UnreadableImage as e:
+                skipped.append(e)
+                continue
+            chunk.append(path)
+        if not chunk:
+            continue
+        images = torch.stack(tensors).to(device)
         with autocast() if autocast is not None else contextlib.nullcontext():
             logits = model(images)
         probs = logits.float().softmax(dim=-1)
@@ -228,6 +260,13 @@ def predict(
                     ],
                 }
             )
+    if skipped and not results:
+        raise _none_readable(skipped)
+    # Reported once the outcome is known, so an all-unreadable input gives the one error line only.
+    for e in skipped:
+        logger.warning("%s; skipped", e)
+    if len(skipped) > 1:
+        logger.warning("%d of %d images skipped as unreadable", len(skipped), len(paths))
     return results
 
 
@@ -284,9 +323,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     from distributed import cleanup
 
+    # Skipped images are reported on stderr like errors, keeping stdout (text or JSON) clean.
+    warnings = logging.StreamHandler(sys.stderr)
+    warnings.setLevel(logging.WARNING)
+    warnings.setFormatter(logging.Formatter("warning: %(message)s"))
+    logger.addHandler(warnings)
     try:
         return report_user_errors(lambda: run(args))
     finally:
+        logger.removeHandler(warnings)
         cleanup()
 
 

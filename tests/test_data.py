@@ -269,7 +269,9 @@ def test_truncated_image_is_replaced_by_the_next_sample_and_reported(tmp_path, f
             save_image(tmp_path / split / cls / f"{i}.{ext}", i, size=(40, 40), fmt=fmt)
     broken = tmp_path / "val" / "a" / f"0.{ext}"
     truncate(broken)
-    ds, _ = build_dataset(False, cfg("DATA.DATA_PATH", tmp_path, "DATA.IMG_SIZE", "40", "TEST.CROP", "False"))
+    # The val transform is deterministic, so the stand-in can be compared; training substitutes.
+    config = cfg("DATA.DATA_PATH", tmp_path, "DATA.IMG_SIZE", "40", "TEST.CROP", "False")
+    ds, _ = build_dataset(False, config, substitute=True)
     img, target, replaced = ds[0]
     next_img, next_target, next_replaced = ds[1]
     assert replaced == str(broken) and next_replaced == ""
@@ -280,7 +282,7 @@ def test_truncated_image_is_replaced_by_the_next_sample_and_reported(tmp_path, f
 def test_replacement_wraps_around_to_the_first_sample(tmp_path):
     root = make_folder(tmp_path, {"train": {"a": 1, "b": 1}, "val": {"a": 1, "b": 1}})
     truncate(root / "val" / "b" / "0.png")
-    ds, _ = build_dataset(False, cfg("DATA.DATA_PATH", root))
+    ds, _ = build_dataset(False, cfg("DATA.DATA_PATH", root), substitute=True)
     img, target, replaced = ds[1]
     assert target == 0 and replaced.endswith(os.path.join("b", "0.png"))
     assert torch.equal(img, ds[0][0])
@@ -307,13 +309,42 @@ def test_strict_error_stays_one_line_when_raised_in_a_loader_worker(tmp_path):
 
 
 def test_run_of_unreadable_images_beyond_the_try_limit_raises(tmp_path):
-    root = make_folder(tmp_path, {"train": {"a": 1}, "val": {"a": 2}})
+    root = make_folder(tmp_path, {"train": {"a": 2}, "val": {"a": 1}})
     for i in range(2):
-        truncate(root / "val" / "a" / f"{i}.png")
-    ds, _ = build_dataset(False, cfg("DATA.DATA_PATH", root))
+        truncate(root / "train" / "a" / f"{i}.png")
+    ds, _ = build_dataset(True, cfg("DATA.DATA_PATH", root))
     with pytest.raises(UserError) as err:
         ds[0]
     assert "all unreadable" in assert_one_line(err)
+
+
+def test_val_set_never_substitutes_an_unreadable_image_it_marks_it_for_exclusion(tmp_path):
+    root = make_folder(tmp_path, {"train": {"a": 1, "b": 1}, "val": {"a": 2, "b": 2}})
+    broken = root / "val" / "a" / "1.png"
+    broken.write_bytes(np.random.default_rng(0).bytes(300))  # not an image at all
+    config = cfg("DATA.DATA_PATH", root, "DATA.IMG_SIZE", "16")
+    ds, _ = build_dataset(False, config)
+    img, target, replaced = ds[1]
+    # Its own class and a blank stand-in, not the next sample: nothing here may be scored as it.
+    assert replaced == str(broken) and target == 0
+    assert img.shape == ds[0][0].shape and not torch.equal(img, ds[2][0])
+    assert unnormalize(img).abs().max() < 1e-6
+    # Batches keep every row and say which one to drop.
+    images, targets, names = next(iter(build_loader(config, 1, 0).loader_val))
+    assert list(names) == ["", str(broken)] and targets.tolist() == [0, 0] and images.shape[0] == 2
+    # Training still substitutes.
+    train, _ = build_dataset(True, config, substitute=None)
+    assert train.substitute and not ds.substitute
+
+
+def test_strict_val_set_names_the_file_and_says_evaluation_can_go_on_without_it(tmp_path):
+    root = make_folder(tmp_path, {"train": {"a": 1}, "val": {"a": 2}})
+    truncate(root / "val" / "a" / "0.png")
+    ds, _ = build_dataset(False, cfg("DATA.DATA_PATH", root, "DATA.STRICT", "True"))
+    with pytest.raises(UnreadableImageError) as err:
+        ds[0]
+    msg = assert_one_line(err)
+    assert str(root / "val" / "a" / "0.png") in msg and "DATA.STRICT False to evaluate without it" in msg
 
 
 def test_loader_rejects_truncated_files_even_if_pil_was_told_to_accept_them(tmp_path):

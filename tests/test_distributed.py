@@ -290,6 +290,86 @@ def test_eval_on_two_gloo_ranks_reports_what_one_process_reports_for_an_odd_val_
     assert "7 val images on this rank" in (run_dir / "log_rank1.txt").read_text()
 
 
+@pytest.mark.slow
+def test_two_gloo_ranks_exclude_and_name_unreadable_val_images_as_one_process_does(
+    demo_data: str, tmp_path: Path
+) -> None:
+    val_total = 15
+    data = _small_imagefolder(demo_data, tmp_path / "data", train_per_class=2, val_total=val_total)
+    # Random bytes under .png names, one in the share of each rank (ExactEvalSampler: index % 2).
+    bad = [data / "val" / "3" / "bad.png", data / "val" / "8" / "bad.png"]
+    for i, path in enumerate(bad):
+        path.write_bytes(os.urandom(1500 + i))
+
+    from checkpoint import save_checkpoint
+    from config import get_config
+    from data import build_dataset, build_loader
+    from distributed import DistEnv
+    from engine import eval_summary, evaluate
+    from models import build_model
+
+    opts = TINY_OPTS + ["MODEL.NUM_CLASSES", "10", "DATA.BATCH_SIZE", "4", "DATA.DATA_PATH", str(data)]
+    config = get_config(DEMO_CFG, opts)
+    paths = [p for p, _ in build_dataset(False, config)[0].samples]
+    assert sorted(paths.index(str(p)) % 2 for p in bad) == [0, 1]
+
+    torch.manual_seed(3)
+    model = build_model(config)
+    ckpt = tmp_path / "weights.pth"
+    save_checkpoint(str(ckpt), {"model": model.state_dict(), "epoch": 0})
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    multi = subprocess.Popen(
+        [
+            *launcher,
+            str(ROOT / "main.py"),
+            "--cfg",
+            DEMO_CFG,
+            "--data-path",
+            str(data),
+            "--batch-size",
+            "4",
+            "--device",
+            "cpu",
+            "--eval",
+            "--resume",
+            str(ckpt),
+            "--output",
+            str(tmp_path / "two"),
+            "--opts",
+            *TINY_OPTS,
+        ],
+        env=_env(),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        # The one-process reference, evaluated here while the ranks start up.
+        cpu = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), distributed=False)
+        single = evaluate(config, build_loader(config, 1, 0).loader_val, model, cpu)
+    finally:
+        multi_out, multi_err = multi.communicate(timeout=300)
+    assert multi.returncode == 0, "\n".join(re.findall(r".*error: .*", multi_err)) + multi_err[-3000:]
+
+    assert single["count"] == val_total and single["total"] == val_total + 2
+    assert single["unreadable"] == sorted(str(p) for p in bad)
+    expected = eval_summary(single, str(data))
+    assert expected.endswith(
+        f"images 15 of 17, 2 unreadable: {os.path.join('val', '3', 'bad.png')}, {os.path.join('val', '8', 'bad.png')}"
+    )
+    # Each rank read one bad file, yet both report both files and the totals of the whole set.
+    run_dir = tmp_path / "two" / "swin_demo_digits" / "default"
+    for rank in (0, 1):
+        lines = [line for line in (run_dir / f"log_rank{rank}.txt").read_text().splitlines() if ACC_LINE.search(line)]
+        assert len(lines) == 1, lines
+        acc1, acc5, loss, count = ACC_LINE.search(lines[0]).groups()
+        assert (acc1, acc5, int(count)) == (f"{single['acc1']:.3f}", f"{single['acc5']:.3f}", val_total)
+        assert float(loss) == pytest.approx(single["loss"], abs=1e-4)  # printed with 4 decimals
+        assert lines[0].endswith(expected[expected.index(" of ") :])
+    assert ACC_LINE.search(multi_out), multi_out[-3000:]  # rank 0 also shows it on the console
+
+
 # --------------------------------------------------------------------------- shared output folder
 
 

@@ -1,16 +1,22 @@
-"""The training loop's contract: learning, accumulation, non-finite losses, corrupt-image accounting."""
+"""The loops' contract: learning, accumulation, non-finite losses, corrupt-image accounting, exact evaluation."""
 
 from __future__ import annotations
 
 import logging
+import os
+import re
+import shutil
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from conftest import ROOT
 
 from config import get_config
+from data import build_loader
 from distributed import DistEnv, make_grad_scaler
-from engine import StepHooks, TrainState, evaluate, train_one_epoch
+from engine import StepHooks, TrainState, eval_summary, evaluate, train_one_epoch
 from errors import UserError
 from lr_scheduler import build_scheduler
 from models import build_model
@@ -169,3 +175,116 @@ def test_evaluate_counts_every_image_and_reports_top1_top5():
     assert stats["acc1"] == pytest.approx(top1)
     assert stats["acc5"] == pytest.approx(100.0)  # 5 classes: the top 5 always hold the target
     assert stats["loss"] == pytest.approx(nn.functional.cross_entropy(logits, targets).item(), rel=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# Evaluation with unreadable validation images: named, excluded, never substituted
+# -----------------------------------------------------------------------------
+DEMO_CFG = os.path.join(ROOT, "configs", "demo", "swin_demo_digits.yaml")
+TINY_DEMO = [
+    "DATA.IMG_SIZE",
+    "32",
+    "MODEL.SWIN.EMBED_DIM",
+    "16",
+    "MODEL.SWIN.NUM_HEADS",
+    "[1,2,4,8]",
+    "MODEL.SWIN.DEPTHS",
+    "[2,2,2,2]",
+    "MODEL.NUM_CLASSES",
+    "10",
+    "DATA.NUM_WORKERS",
+    "0",
+    "DATA.BATCH_SIZE",
+    "4",
+    "AMP_ENABLE",
+    "False",
+    "PRINT_FREQ",
+    "1000",
+]
+ACC_LINE = re.compile(r" \* Acc@1 ([\d.]+) Acc@5 ([\d.]+) loss ([\d.]+) images (\d+)")
+
+
+def _demo_eval(data_path, *opts):
+    """``evaluate`` as ``main.py --eval`` runs it on ``data_path``, with one fixed tiny model."""
+    config = get_config(DEMO_CFG, TINY_DEMO + ["DATA.DATA_PATH", str(data_path), *opts])
+    torch.manual_seed(3)
+    model = build_model(config)
+    return evaluate(config, build_loader(config, 1, 0).loader_val, model, CPU)
+
+
+def _summary_lines(caplog):
+    return [r.getMessage() for r in caplog.records if ACC_LINE.search(r.getMessage())]
+
+
+@pytest.fixture
+def val_with_bad_png(small_data, tmp_path):
+    """``small_data`` (15 val images) plus ``val/3/bad.png`` holding random bytes, and the clean copy."""
+    bad_root = tmp_path / "with_bad"
+    shutil.copytree(small_data, bad_root)
+    bad = bad_root / "val" / "3" / "bad.png"
+    bad.write_bytes(np.random.default_rng(0).bytes(2000))
+    return {"clean": small_data, "bad": bad_root, "bad_file": str(bad)}
+
+
+def test_evaluate_names_an_unreadable_val_image_and_scores_only_the_readable_ones(val_with_bad_png, caplog):
+    with caplog.at_level(logging.INFO, logger="swin"):
+        clean = _demo_eval(val_with_bad_png["clean"])
+        clean_lines = _summary_lines(caplog)
+        caplog.clear()
+        stats = _demo_eval(val_with_bad_png["bad"])
+        lines = _summary_lines(caplog)
+    assert stats["count"] == clean["count"] == 15 and stats["total"] == 16
+    assert stats["unreadable"] == [val_with_bad_png["bad_file"]]
+    # Exactly the metrics of the folder without the file: no stand-in image was scored.
+    assert (stats["acc1"], stats["acc5"]) == (clean["acc1"], clean["acc5"])
+    assert stats["loss"] == pytest.approx(clean["loss"], rel=1e-5)
+    # Without unreadable files the line is as it always was; with one it says so after the count.
+    assert clean_lines == [f" * Acc@1 {clean['acc1']:.3f} Acc@5 {clean['acc5']:.3f} loss {clean['loss']:.4f} images 15"]
+    assert len(lines) == 1 and ACC_LINE.search(lines[0]).group(4) == "15"
+    assert lines[0].endswith(f"images 15 of 16, 1 unreadable: {os.path.join('val', '3', 'bad.png')}")
+    assert [r.levelno for r in caplog.records if ACC_LINE.search(r.getMessage())] == [logging.WARNING]
+
+
+def test_strict_evaluation_fails_with_one_line_naming_the_unreadable_image(val_with_bad_png):
+    with pytest.raises(UserError) as err:
+        _demo_eval(val_with_bad_png["bad"], "DATA.STRICT", "True")
+    message = str(err.value)
+    assert "\n" not in message and val_with_bad_png["bad_file"] in message
+
+
+def test_evaluate_excludes_flagged_rows_even_from_a_loader_that_substituted_them():
+    config, model, *_ = _setup()
+    flagged = {(0, 1): "val/a.png", (2, 0): "val/b.png", (2, 4): "val/c.png"}
+    loader = _batches(3, batch=5, replaced=flagged)
+    stats = evaluate(config, loader, model, CPU)
+    readable = [
+        (x[[j for j in range(5) if (i, j) not in flagged]], t[[j for j in range(5) if (i, j) not in flagged]], ())
+        for i, (x, t, _) in enumerate(loader)
+    ]
+    reference = evaluate(config, readable, model, CPU)
+    assert stats["count"] == reference["count"] == 12 and stats["total"] == 15
+    assert stats["unreadable"] == ["val/a.png", "val/b.png", "val/c.png"]
+    assert (stats["acc1"], stats["acc5"]) == (reference["acc1"], reference["acc5"])
+    assert stats["loss"] == pytest.approx(reference["loss"], rel=1e-5)
+    assert reference["total"] == 12 and reference["unreadable"] == []
+
+
+def test_a_val_set_with_no_readable_image_is_a_one_line_user_error():
+    config, model, *_ = _setup()
+    loader = _batches(1, batch=2, replaced={(0, 0): "val/a.png", (0, 1): "val/b.png"})
+    with pytest.raises(UserError, match=r"none of the 2 validation images could be read \(e\.g\. val/a\.png"):
+        evaluate(config, loader, model, CPU)
+
+
+def test_summary_names_three_unreadable_files_and_counts_the_rest():
+    result = {"acc1": 50.0, "acc5": 100.0, "loss": 1.25, "count": 5, "total": 10}
+    paths = [f"/data/val/{c}/x.png" for c in "abcde"]
+    line = eval_summary({**result, "unreadable": paths}, "/data")
+    assert line == (
+        " * Acc@1 50.000 Acc@5 100.000 loss 1.2500 images 5 of 10, 5 unreadable: "
+        "val/a/x.png, val/b/x.png, val/c/x.png (+2 more)"
+    )
+    assert eval_summary({**result, "unreadable": []}) == " * Acc@1 50.000 Acc@5 100.000 loss 1.2500 images 5"
+    # Files outside the data folder keep their full path.
+    outside = eval_summary({**result, "total": 6, "unreadable": ["/elsewhere/y.png"]}, "/data")
+    assert outside.endswith("images 5 of 6, 1 unreadable: /elsewhere/y.png")

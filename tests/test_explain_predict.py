@@ -607,6 +607,46 @@ def test_v2_checkpoint_predicts_and_exports(v2_checkpoint, tmp_path, capsys):
     assert top2 == top
 
 
+def test_predict_names_and_skips_an_unreadable_image_among_others(v2_checkpoint, tmp_path, capsys):
+    import shutil
+
+    from data.build import build_transform
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    good = [str(folder / "a.png"), str(folder / "c.png")]
+    for path in good:
+        shutil.copy(v2_checkpoint["image"], path)
+    bad = str(folder / "b.png")
+    with open(bad, "wb") as f:
+        f.write(np.random.default_rng(0).bytes(2000))
+
+    model, config, names = predict.load_classifier(v2_checkpoint["ckpt"])
+    transform = build_transform(False, config)
+    # Never replaced by a neighbour: the readable images get exactly their own predictions.
+    results = predict.predict(model, transform, [good[0], bad, good[1]], names, topk=2)
+    assert results == predict.predict(model, transform, good, names, topk=2)
+
+    argv = ["--resume", v2_checkpoint["ckpt"], str(folder), "--json", "--device", "cpu"]
+    assert predict.main(argv) == 0
+    out = capsys.readouterr()
+    assert [r["path"] for r in json.loads(out.out)] == good
+    assert out.err.startswith(f"warning: cannot read image {bad} (") and out.err.rstrip().endswith("; skipped")
+
+
+def test_predict_on_unreadable_images_only_is_a_one_line_error_exit_2(v2_checkpoint, tmp_path, capsys):
+    bad = [str(tmp_path / "x.png"), str(tmp_path / "y.png")]
+    for path in bad:
+        with open(path, "wb") as f:
+            f.write(b"not an image")
+    assert predict.main(["--resume", v2_checkpoint["ckpt"], bad[0], "--device", "cpu"]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.startswith(f"error: cannot read image {bad[0]} (") and out.err.count("\n") == 1
+    assert predict.main(["--resume", v2_checkpoint["ckpt"], *bad, "--device", "cpu"]) == 2
+    out = capsys.readouterr()
+    assert out.err == f"error: none of the 2 images can be read: {bad[0]}, {bad[1]}; check the files\n"
+
+
 # ---------------------------------------------------------------------------------------------
 # With a trained demo checkpoint
 # ---------------------------------------------------------------------------------------------

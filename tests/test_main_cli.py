@@ -377,3 +377,65 @@ def test_compile_scope_trains_through_main_and_ends_with_the_eager_weights(
     assert compiled.keys() == eager.keys()  # no '_orig_mod.' prefixes in the checkpoint
     for k, v in eager.items():
         torch.testing.assert_close(compiled[k], v, atol=1e-5, rtol=1e-5, msg=k)
+
+
+# --------------------------------------------------------------------------- a new user's first hour
+
+
+def test_help_names_the_program_groups_the_options_and_shows_defaults_and_examples(capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        main_module.parse_args(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: main.py ")
+    for group in ("what to run:", "data:", "weights and checkpoints:", "training:", "examples:"):
+        assert group in text
+    assert "[DATA.BATCH_SIZE, default 128]" in text and "[DEVICE, default auto]" in text
+    assert text.count("python main.py --cfg") + text.count("main.py --cfg") >= 3
+    # The release's spellings and their aliases both parse.
+    args = main_module.parse_args(["--disable-amp", "--batch_size", "4", "--fused-window-process", "--data_path", "d"])
+    assert args.disable_amp and args.batch_size == 4 and args.fused_window_process and args.data_path == "d"
+
+
+@pytest.mark.slow
+def test_a_finished_run_says_so_modes_keep_their_own_config_and_the_log_states_precision(
+    small_data: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    code, out, err = _in_process(_args(small_data, tmp_path, "--tag", "done"), capsys)
+    assert code == 0, err[-3000:]
+    log = out + err
+    assert "device cpu, world size 1, precision float32 (AMP_ENABLE False)" in log
+    assert "start training: epochs 0..0 of 1, 5 optimizer steps per epoch, 5 to go" in log
+    assert re.search(r"Train: \[0/1\]\[4/5\]\teta 0:00:00 \(run 0:00:00\) lr", log)
+
+    # Run again: nothing to train, and it says how to continue.
+    code, out, err = _in_process(_args(small_data, tmp_path, "--tag", "done"), capsys)
+    assert code == 0, err[-3000:]
+    log = out + err
+    assert "this run is complete (1 of 1 epochs" in log and "--opts TRAIN.EPOCHS N (N > 1)" in log
+    assert "Train:" not in log
+
+    run_dir = tmp_path / "swin_demo_digits" / "done"
+    code, out, err = _in_process(
+        _args(small_data, tmp_path, "--tag", "done", "--eval", "--resume", str(run_dir / "last.pth")), capsys
+    )
+    assert code == 0, err[-3000:]
+    import yaml
+
+    training = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert training["EVAL_MODE"] is False and training["THROUGHPUT_MODE"] is False
+    assert yaml.safe_load((run_dir / "config_eval.yaml").read_text())["EVAL_MODE"] is True
+
+
+@pytest.mark.parametrize("content", [b"", b"hello, this is not a checkpoint", b"PK\x03\x04" + bytes(100)])
+def test_unreadable_checkpoints_are_one_line_in_user_terms(
+    small_data: str, tmp_path: Path, capsys, content: bytes
+) -> None:
+    path = tmp_path / "mine.pth"
+    path.write_bytes(content)
+    code, out, err = _in_process(_args(small_data, tmp_path, "--eval", "--resume", str(path)), capsys)
+    line = _one_error_line(err)
+    assert code == 2 and line.startswith(f"error: cannot read checkpoint {path}: the file ")
+    assert ("is empty" in line) == (content == b"")
+    for internal in ("Errno", "pop from", "EOFError", "KeyError", "delete it"):
+        assert internal not in line

@@ -229,8 +229,34 @@ def test_v2_demo_config_learns_the_digits_in_a_few_epochs(demo_data, tmp_path):
     assert accs[-1] >= accs[0] + 10.0, accs
 
 
-def test_v2_throughput_needs_no_gpu_and_states_the_model(small_data, tmp_path, capsys):
-    code, out = _run(_args(small_data, tmp_path, "--tag", "tp", "--throughput", opts=("AMP_ENABLE", "False")), capsys)
+def test_throughput_needs_no_data_and_keeps_the_training_config(tmp_path, capsys):
+    """--throughput runs on a random batch: no --data-path, no loader, and it writes its own
+    config file, so the training run's config.yaml in the same folder is left alone."""
+    run_dir = tmp_path / "swinv2_demo_digits" / "tp"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("the training run's config\n")
+    args = [
+        "--cfg",
+        V2_DEMO,
+        "--output",
+        str(tmp_path),
+        "--device",
+        "cpu",
+        "--batch-size",
+        "8",
+        "--tag",
+        "tp",
+        "--throughput",
+        "--opts",
+        *TINY_V2,
+        "AMP_ENABLE",
+        "False",
+        "DATA.DATA_PATH",
+        "",
+    ]
+    code, out = _run(args, capsys)
     assert code == 0, out[-2000:]
-    assert "model swinv2_demo_digits" in out and re.search(r"throughput: [\d.]+ images/s", out)
-    assert (tmp_path / "swinv2_demo_digits" / "tp" / "config.yaml").is_file()
+    assert "model swinv2_demo_digits" in out and re.search(r"throughput: [\d.]+ images/s \(batch 8, 32x32", out)
+    assert "train /" not in out  # no dataset was read
+    assert (run_dir / "config.yaml").read_text() == "the training run's config\n"
+    assert yaml.safe_load((run_dir / "config_throughput.yaml").read_text())["THROUGHPUT_MODE"] is True
