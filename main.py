@@ -279,7 +279,13 @@ def run_throughput(config, env: DistEnv, logger) -> float:
         logger.info("throughput does not depend on the weights: the checkpoint is not read")
     model = build_model(config).to(env.device)
     n_params = sum(p.numel() for p in model.parameters())
-    logger.info("model %s: %s parameters, %.3f GMACs", config.MODEL.NAME, f"{n_params:,}", model.flops() / 1e9)
+    logger.info(
+        "model %s: %s parameters, %.3f GMACs (%d classes: MODEL.NUM_CLASSES, as no dataset is read)",
+        config.MODEL.NAME,
+        f"{n_params:,}",
+        model.flops() / 1e9,
+        config.MODEL.NUM_CLASSES,
+    )
     if config.TRAIN.COMPILE:
         model = compile_model(model, config.TRAIN.COMPILE_SCOPE, config.TRAIN.COMPILE_BACKEND)
     return throughput(config, model, env)

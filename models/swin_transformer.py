@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -150,7 +150,7 @@ class WindowAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         # Eval-mode cache of bias (+ mask) per padded map size; keyed on the table's version so an
         # optimizer step or a load invalidates it.
-        self._bias_cache: dict[tuple, torch.Tensor] = {}
+        self._bias_cache = EvalTensorCache()
 
     def relative_position_bias(self) -> torch.Tensor:
         """B of Eq. 4: (num_heads, M², M²)."""
@@ -162,24 +162,15 @@ class WindowAttention(nn.Module):
         """Bias and mask summed: (nW, heads, N, N), (1, heads, N, N) or None."""
         if not self.use_rpb and mask is None:
             return None
-        cacheable = eval_cache_usable(self.cache_eval_bias)
-        key = None
-        if cacheable:
-            version = self.relative_position_bias_table._version if self.use_rpb else 0
-            key = (None if mask is None else (mask.shape, mask.data_ptr()), dtype, version)
-            hit = self._bias_cache.get(key)
-            if hit is not None:
-                return hit
-        bias = self.relative_position_bias().unsqueeze(0) if self.use_rpb else None
-        if mask is not None:
-            mask = mask.unsqueeze(1)
-            bias = mask if bias is None else bias + mask
-        bias = bias.to(dtype)
-        if cacheable:
-            if len(self._bias_cache) > 8:
-                self._bias_cache.clear()
-            self._bias_cache[key] = bias
-        return bias
+
+        def build() -> torch.Tensor:
+            bias = self.relative_position_bias().unsqueeze(0) if self.use_rpb else None
+            if mask is not None:
+                bias = mask.unsqueeze(1) if bias is None else bias + mask.unsqueeze(1)
+            return bias.to(dtype)
+
+        weights = [self.relative_position_bias_table] if self.use_rpb else []
+        return self._bias_cache(self.cache_eval_bias, lambda: (mask_key(mask), dtype, weights_key(weights)), build)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """
@@ -276,6 +267,40 @@ def eval_cache_usable(enabled: bool) -> bool:
     """Whether a module may reuse a tensor derived from its weights (attention bias + mask) from
     an earlier call: only in inference, never while tracing or compiling."""
     return enabled and not torch.is_grad_enabled() and not torch.jit.is_tracing() and not _is_compiling()
+
+
+def weights_key(params) -> tuple:
+    """Identifies the current values of ``params``: an optimizer step or a load bumps a version;
+    ``.to(dtype/device)`` swaps the storage without bumping it."""
+    return tuple((p._version, p.data_ptr()) for p in params)
+
+
+def mask_key(mask: torch.Tensor | None) -> tuple | None:
+    """Identifies a cached shift mask (blocks keep one tensor per padded map size)."""
+    return None if mask is None else (tuple(mask.shape), mask.data_ptr())
+
+
+class EvalTensorCache:
+    """A few tensors derived from weights (attention bias plus mask), kept between inference
+    calls; in training, tracing or compiling every call builds afresh.
+
+    The caller's key says what the tensor depends on (``weights_key``, ``mask_key``, dtype).
+    """
+
+    def __init__(self, limit: int = 8) -> None:
+        self.limit = limit
+        self._store: dict[tuple, torch.Tensor] = {}
+
+    def __call__(self, enabled: bool, key: Callable[[], tuple], build: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if not eval_cache_usable(enabled):
+            return build()
+        k = key()
+        hit = self._store.get(k)
+        if hit is None:
+            if len(self._store) >= self.limit:
+                self._store.clear()
+            hit = self._store[k] = build()
+        return hit
 
 
 class SwinTransformerBlock(WindowBlockBase):

@@ -31,11 +31,13 @@ from timm.layers import DropPath
 
 from models.swin_transformer import (
     ATTN_IMPLS,
+    EvalTensorCache,
     Mlp,
     PatchMerging,
     SwinBackbone,
     SwinTransformer,
-    eval_cache_usable,
+    mask_key,
+    weights_key,
 )
 from models.windows import WindowBlockBase, relative_position_index
 
@@ -129,7 +131,7 @@ class WindowAttentionV2(nn.Module):
             self.v_bias = None
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        self._bias_cache: dict[tuple, torch.Tensor] = {}
+        self._bias_cache = EvalTensorCache()
 
     def bias_table(self) -> torch.Tensor:
         """16·σ(MLP(Δ̂)) for every relative offset: ((2M-1)², num_heads), fp32."""
@@ -148,23 +150,13 @@ class WindowAttentionV2(nn.Module):
 
     def _attn_bias(self, mask: torch.Tensor | None) -> torch.Tensor:
         """Bias plus mask, fp32: (nW, heads, N, N) with a mask, else (1, heads, N, N)."""
-        cacheable = eval_cache_usable(self.cache_eval_bias)
-        key = None
-        if cacheable:
-            # Storage too: .to(dtype/device) swaps the tensors without bumping their versions.
-            versions = tuple((p._version, p.data_ptr()) for p in self.cpb_mlp.parameters())
-            key = (None if mask is None else (mask.shape, mask.data_ptr()), versions)
-            hit = self._bias_cache.get(key)
-            if hit is not None:
-                return hit
-        bias = self.relative_position_bias().unsqueeze(0)
-        if mask is not None:
-            bias = bias + mask.unsqueeze(1).to(bias.dtype)
-        if cacheable:
-            if len(self._bias_cache) > 8:
-                self._bias_cache.clear()
-            self._bias_cache[key] = bias
-        return bias
+
+        def build() -> torch.Tensor:
+            bias = self.relative_position_bias().unsqueeze(0)
+            return bias if mask is None else bias + mask.unsqueeze(1).to(bias.dtype)
+
+        weights = list(self.cpb_mlp.parameters())
+        return self._bias_cache(self.cache_eval_bias, lambda: (mask_key(mask), weights_key(weights)), build)
 
     def _qkv(self, x: torch.Tensor) -> torch.Tensor:
         """(B_, N, C) → (3, B_, heads, N, d): one matmul, bias (q_bias, 0, v_bias)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -36,6 +37,19 @@ def small_data(demo_data: str, tmp_path_factory) -> str:
             for name in names[: per_class or (2 if int(c) < 5 else 1)]:
                 shutil.copy(os.path.join(demo_data, split, c, name), dst / split / c / name)
     return str(dst)
+
+
+@pytest.fixture(autouse=True)
+def _release_log_handlers():
+    """In-process runs of main.py attach file/console handlers to the 'swin' and root loggers;
+    drop them after each test so the next one's output is its own."""
+    yield
+    import logger as logger_module
+
+    for lg in (logging.getLogger("swin"), logging.getLogger()):
+        for h in [h for h in lg.handlers if getattr(h, logger_module._OWNED, False)]:
+            lg.removeHandler(h)
+            h.close()
 
 
 def run_main(

@@ -392,3 +392,40 @@ def test_a_block_keeps_an_fp32_residual_stream_under_autocast(family):
         out = blk(x)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, blk(x), atol=0.15, rtol=0.05)
+
+
+@pytest.mark.parametrize("family", ["v1", "v2"])
+def test_eval_cache_is_invalidated_by_a_dtype_change(family):
+    """``.to(dtype)`` swaps the weights' storage without bumping their versions: the cached bias
+    of the old dtype must not be served to the converted model."""
+    from models.swin_transformer_v2 import SwinTransformerV2
+
+    torch.manual_seed(0)
+    if family == "v1":
+        model = _demo_model().eval()
+    else:
+        model = SwinTransformerV2(
+            img_size=32,
+            patch_size=2,
+            embed_dim=16,
+            depths=(2, 2, 2, 2),
+            num_heads=(1, 2, 4, 8),
+            window_size=4,
+            num_classes=10,
+        ).eval()
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, torch.nn.LayerNorm):
+                    m.weight.fill_(1.0)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        model(x)  # fills the cache in fp32
+        model.double()  # new storage, same versions
+        cached = model(x.double())
+        uncached = copy.deepcopy(model)
+        for m in uncached.modules():
+            if hasattr(m, "cache_eval_bias"):
+                m.cache_eval_bias = False
+        uncached = uncached(x.double())
+    assert cached.dtype == torch.float64
+    torch.testing.assert_close(cached, uncached, atol=0, rtol=0)

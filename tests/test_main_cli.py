@@ -7,7 +7,6 @@ the rest of the error matrix calls ``main.main(argv)`` in-process, which is what
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import shutil
@@ -18,7 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import logger as logger_module
 import main as main_module
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,16 +46,6 @@ TINY_OPTS = [
 ]
 ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 ACC_LINE = re.compile(r" \* Acc@1 ([\d.]+) Acc@5 ([\d.]+) loss ([\d.]+) images (\d+)")
-
-
-@pytest.fixture(autouse=True)
-def _release_log_handlers():
-    """In-process runs attach file/console handlers to the 'swin' and root loggers; drop them."""
-    yield
-    for lg in (logging.getLogger("swin"), logging.getLogger()):
-        for h in [h for h in lg.handlers if getattr(h, logger_module._OWNED, False)]:
-            lg.removeHandler(h)
-            h.close()
 
 
 def _args(data: str, output: Path, *extra: str, opts: tuple[str, ...] = ()) -> list[str]:

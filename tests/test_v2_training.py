@@ -6,7 +6,6 @@ demo config learning the digits.
 
 from __future__ import annotations
 
-import logging
 import re
 from pathlib import Path
 
@@ -15,7 +14,6 @@ import torch
 import yaml
 from conftest import run_main
 
-import logger as logger_module
 import main as main_module
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,15 +36,6 @@ TINY_V2 = [
 ]
 ACC_LINE = re.compile(r" \* Acc@1 ([\d.]+) Acc@5 ([\d.]+) loss ([\d.]+) images (\d+)")
 LOSS = re.compile(r"Train: \[\d+/\d+\]\[\d+/\d+\].*?loss ([\d.naninf]+) \(")
-
-
-@pytest.fixture(autouse=True)
-def _release_log_handlers():
-    yield
-    for lg in (logging.getLogger("swin"), logging.getLogger()):
-        for h in [h for h in lg.handlers if getattr(h, logger_module._OWNED, False)]:
-            lg.removeHandler(h)
-            h.close()
 
 
 def _args(data: str, out: Path, *extra: str, opts: tuple[str, ...] = ()) -> list[str]:
