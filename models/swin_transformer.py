@@ -197,7 +197,7 @@ class WindowAttention(nn.Module):
             attn = attn.softmax(dim=-1)
             attn = F.dropout(attn, self.attn_drop_p, self.training)
             out = attn @ v
-        elif nW == 1 or x.device.type == "cpu":
+        elif nW == 1 or not folds_windows(x.device):
             # q, k, v go in as strided views of qkv (no copies). One bias for all windows
             # broadcasts; a per-window bias is expanded over the batch, which on the CPU is
             # cheaper than the q/k/v copies of the folded layout below.
@@ -215,6 +215,13 @@ class WindowAttention(nn.Module):
         """Multiply-accumulates for one window of N tokens (as the official release counts)."""
         d = self.dim // self.num_heads
         return N * self.dim * 3 * self.dim + 2 * self.num_heads * N * N * d + N * self.dim * self.dim
+
+
+def folds_windows(device: torch.device) -> bool:
+    """Whether shifted-window sdpa folds the windows into the head axis (CUDA: the mask then
+    broadcasts over the batch) rather than expanding the bias B times (CPU: cheaper there than
+    the q/k/v copies of the folded layout)."""
+    return device.type != "cpu"
 
 
 def sdpa_windows_folded(

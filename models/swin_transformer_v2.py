@@ -36,7 +36,9 @@ from models.swin_transformer import (
     PatchMerging,
     SwinBackbone,
     SwinTransformer,
+    folds_windows,
     mask_key,
+    sdpa_windows_folded,
     weights_key,
 )
 from models.windows import WindowBlockBase, relative_position_index
@@ -196,6 +198,8 @@ class WindowAttentionV2(nn.Module):
                 attn = (qn @ kn.transpose(-2, -1)).view(B_ // nW, nW, h, N, N) + bias.unsqueeze(0).to(qn.dtype)
                 attn = attn.view(B_, h, N, N).softmax(dim=-1)
                 attn = F.dropout(attn, p_drop, self.training)
+            elif nW > 1 and folds_windows(x.device):
+                out = sdpa_windows_folded(qn, kn, _full_precision(v), bias.to(qn.dtype), nW, p_drop, 1.0)
             else:
                 if nW > 1:
                     bias = bias.unsqueeze(0).expand(B_ // nW, nW, h, N, N).reshape(B_, h, N, N)

@@ -429,3 +429,36 @@ def test_eval_cache_is_invalidated_by_a_dtype_change(family):
         uncached = uncached(x.double())
     assert cached.dtype == torch.float64
     torch.testing.assert_close(cached, uncached, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["v1", "v2"])
+def test_the_cuda_folded_window_path_equals_the_reference_on_the_cpu(monkeypatch, family):
+    """The branch CUDA takes for shifted windows (windows folded into heads), forced on the CPU."""
+    import models.swin_transformer as v1
+    import models.swin_transformer_v2 as v2
+    from models.windows import shift_attention_mask
+
+    torch.manual_seed(0)
+    if family == "v1":
+        ref = WindowAttention(16, 4, 2, attn_impl="reference")
+        with torch.no_grad():
+            ref.relative_position_bias_table.normal_(0, 0.5)
+        fast = WindowAttention(16, 4, 2, attn_impl="sdpa")
+    else:
+        ref = v2.WindowAttentionV2(16, 4, 2, attn_impl="reference")
+        fast = v2.WindowAttentionV2(16, 4, 2, attn_impl="sdpa")
+    fast.load_state_dict(ref.state_dict())
+    calls = []
+    real = v1.sdpa_windows_folded
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    for module in (v1, v2):
+        monkeypatch.setattr(module, "folds_windows", lambda device: True)
+        monkeypatch.setattr(module, "sdpa_windows_folded", spy)
+    x = torch.randn(8, 16, 16)  # 2 images x 4 windows
+    mask = shift_attention_mask(8, 8, 4, 2)
+    torch.testing.assert_close(fast(x, mask), ref(x, mask), atol=1e-5, rtol=0)
+    assert calls, "the folded path was not taken"
