@@ -345,17 +345,13 @@ def test_a_192_window_12_checkpoint_fine_tunes_at_256_window_16_as_timm_does(tmp
 # ---------------------------------------------------------------------------------------------
 # 4. Checkpoints: the release's layout, SimMIM encoders, the other family
 # ---------------------------------------------------------------------------------------------
+# A small V2 whose every stage keeps a regular and a shifted block (32x32, 2x2 patches, window 4).
+TINY_SHAPE = dict(img_size=32, patch_size=2, embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=4)
+
+
 def _tiny_v2(**kwargs) -> SwinTransformerV2:
-    opts = dict(
-        img_size=32,
-        patch_size=2,
-        embed_dim=16,
-        depths=(2, 2, 2, 2),
-        num_heads=(1, 2, 4, 8),
-        window_size=4,
-        num_classes=10,
-        drop_path_rate=0.0,
-    )
+    """TINY_SHAPE with 10 classes, no drop path and every parameter moved off its initial value."""
+    opts = dict(TINY_SHAPE, num_classes=10, drop_path_rate=0.0)
     opts.update(kwargs)
     return _randomise_(SwinTransformerV2(**opts), seed=7)
 
@@ -363,15 +359,7 @@ def _tiny_v2(**kwargs) -> SwinTransformerV2:
 def test_released_v2_checkpoint_loads_with_its_buffers_dropped_and_rebuilt(tmp_path):
     src = _tiny_v2()
     torch.save({"model": _released_layout(src)}, tmp_path / "v2.pth")
-    dst = SwinTransformerV2(
-        img_size=32,
-        patch_size=2,
-        embed_dim=16,
-        depths=(2, 2, 2, 2),
-        num_heads=(1, 2, 4, 8),
-        window_size=4,
-        num_classes=10,
-    )
+    dst = SwinTransformerV2(**TINY_SHAPE, num_classes=10)
     report = load_pretrained(dst, str(tmp_path / "v2.pth"))
     assert (report.missing, report.unexpected, report.resized, report.head) == ([], [], [], "loaded")
     for k, v in src.state_dict().items():
@@ -387,15 +375,7 @@ def test_simmim_v2_checkpoint_with_encoder_prefix_and_rpe_mlp_loads_for_fine_tun
     state["encoder.mask_token"] = torch.zeros(1, 1, 16)
     state["decoder.0.weight"] = torch.zeros(3 * 32 * 32, 128, 1, 1)
     torch.save({"model": state}, tmp_path / "simmim.pth")
-    dst = SwinTransformerV2(
-        img_size=32,
-        patch_size=2,
-        embed_dim=16,
-        depths=(2, 2, 2, 2),
-        num_heads=(1, 2, 4, 8),
-        window_size=4,
-        num_classes=10,
-    )
+    dst = SwinTransformerV2(**TINY_SHAPE, num_classes=10)
     report = load_pretrained(dst, str(tmp_path / "simmim.pth"))
     assert report.head == "re-initialised" and report.missing == [] and report.unexpected == ["mask_token"]
     mlp = dst.layers[1].blocks[1].attn.cpb_mlp[2].weight
