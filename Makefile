@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 DEMO_CFG := configs/demo/swin_demo_digits.yaml
 DEMO_OUT := output/swin_demo_digits/demo
 
-.PHONY: venv demo test test-fast lint format clean
+.PHONY: venv demo test test-fast lint format gpu-check clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ format: venv
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow"
+
+# On a GPU machine, with its own python3 (torch there; yacs/termcolor from .whl/ if missing).
+gpu-check:
+	$(PYTHON) scripts/gpu_check.py --out $${OUT:-output/gpu-check}
 
 clean:
 	rm -rf output demo_data .pytest_cache
