@@ -248,11 +248,12 @@ _C.TEST.SHUFFLE = False
 # -----------------------------------------------------------------------------
 # Legacy apex switch of the official release (accepted, AMP_ENABLE decides).
 _C.ENABLE_AMP = False
-# Mixed precision: fp16 + GradScaler on CUDA, bf16 on CPU (see AMP_DTYPE).
+# Mixed precision (see AMP_DTYPE for which half type).
 _C.AMP_ENABLE = True
 # Legacy apex opt level (accepted for compatibility, unused).
 _C.AMP_OPT_LEVEL = ""
-# Autocast dtype: 'auto' (fp16 on CUDA, bf16 on CPU), 'bfloat16' or 'float16'.
+# Autocast dtype: 'auto' (bf16 on GPUs that support it, else fp16 with the loss scaler; bf16 on
+# CPUs with native bf16, else fp32), 'bfloat16' or 'float16'.
 _C.AMP_DTYPE = "auto"
 # Output root; the run writes to OUTPUT/MODEL.NAME/TAG.
 _C.OUTPUT = "output"

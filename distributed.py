@@ -246,7 +246,7 @@ def describe_precision(device: torch.device, enabled: bool, dtype_name: str) -> 
     if not auto:
         why = f"AMP_DTYPE {dtype_name}"
     elif device.type == "cuda":
-        why = "AMP_DTYPE auto on CUDA"
+        why = f"AMP_DTYPE auto: this GPU {'supports' if dtype == torch.bfloat16 else 'lacks'} bfloat16"
     else:
         why = "AMP_DTYPE auto: this CPU has native bfloat16 (AVX-512 BF16 or AMX)"
     return f"{name} autocast{scaled}, float32 weights ({why})"
@@ -270,14 +270,16 @@ def cpu_has_fast_bf16() -> bool:
 def resolve_amp_dtype(device: torch.device, name: str) -> torch.dtype | None:
     """The autocast dtype for ``name``; None means "no autocast, run in float32".
 
-    'auto' = float16 on CUDA; on the CPU bfloat16 where the CPU has native bf16 instructions,
+    'auto' = bfloat16 on GPUs that support it (Ampere and newer: no loss scaler needed, and fp16
+    runs of the release report NaN losses), float16 with the loss scaler on older GPUs; on the CPU
+    bfloat16 where the CPU has native bf16 instructions,
     else None (logged once). 'bfloat16' and 'float16' are taken as given; bfloat16 on a GPU
     without support is a UserError.
     """
     key = str(name).strip().lower()
     if key == "auto":
         if device.type == "cuda":
-            return torch.float16
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         if cpu_has_fast_bf16():
             return torch.bfloat16
         _log_once("this CPU has no native bfloat16 instructions: mixed precision is off, training runs in float32")

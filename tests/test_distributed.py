@@ -487,3 +487,21 @@ def test_ddp_does_not_rebroadcast_the_derived_buffers(tmp_path):
         assert getattr(ddp, "forward_sync_buffers", ddp.broadcast_buffers) is False and ddp.module is model
     finally:
         dist.destroy_process_group()
+
+
+def test_auto_precision_is_bf16_on_gpus_that_support_it_and_fp16_with_the_scaler_on_older_ones(monkeypatch):
+    import distributed
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert distributed.resolve_amp_dtype(cuda, "auto") == torch.bfloat16
+    assert not distributed.make_grad_scaler(cuda, True, torch.bfloat16).is_enabled()
+    assert "bfloat16 autocast, float32 weights (AMP_DTYPE auto: this GPU supports bfloat16)" in (
+        distributed.describe_precision(cuda, True, "auto")
+    )
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert distributed.resolve_amp_dtype(cuda, "auto") == torch.float16
+    assert distributed.describe_precision(cuda, True, "auto") == (
+        "float16 autocast with loss scaling, float32 weights (AMP_DTYPE auto: this GPU lacks bfloat16)"
+    )
+    assert distributed.describe_precision(torch.device("cpu"), False, "auto") == "float32 (AMP_ENABLE False)"
