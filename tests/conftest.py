@@ -13,6 +13,14 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CFG = os.path.join(ROOT, "configs", "demo", "swin_demo_digits.yaml")
 
+# A tiny, deterministic run of the demo config (embed 16, 32x32, one epoch, fp32, no loader
+# workers, no colour jitter or drop path), for the tests that run main.py end to end.
+TINY_RUN_OPTS = [
+    *("DATA.IMG_SIZE", "32", "MODEL.SWIN.EMBED_DIM", "16", "MODEL.SWIN.NUM_HEADS", "[1,2,4,8]"),
+    *("MODEL.SWIN.DEPTHS", "[2,2,2,2]", "DATA.NUM_WORKERS", "0", "TRAIN.EPOCHS", "1", "TRAIN.WARMUP_EPOCHS", "0"),
+    *("AUG.COLOR_JITTER", "0.0", "MODEL.DROP_PATH_RATE", "0.0", "AMP_ENABLE", "False"),
+]
+
 
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> str:

@@ -22,28 +22,9 @@ import main as main_module
 ROOT = Path(__file__).resolve().parents[1]
 MAIN = str(ROOT / "main.py")
 DEMO_CFG = str(ROOT / "configs" / "demo" / "swin_demo_digits.yaml")
-TINY_OPTS = [
-    "DATA.IMG_SIZE",
-    "32",
-    "MODEL.SWIN.EMBED_DIM",
-    "16",
-    "MODEL.SWIN.NUM_HEADS",
-    "[1,2,4,8]",
-    "MODEL.SWIN.DEPTHS",
-    "[2,2,2,2]",
-    "DATA.NUM_WORKERS",
-    "0",
-    "TRAIN.EPOCHS",
-    "1",
-    "TRAIN.WARMUP_EPOCHS",
-    "0",
-    "AUG.COLOR_JITTER",
-    "0.0",
-    "MODEL.DROP_PATH_RATE",
-    "0.0",
-    "AMP_ENABLE",
-    "False",
-]
+from conftest import TINY_RUN_OPTS
+
+TINY_OPTS = TINY_RUN_OPTS
 ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 ACC_LINE = re.compile(r" \* Acc@1 ([\d.]+) Acc@5 ([\d.]+) loss ([\d.]+) images (\d+)")
 

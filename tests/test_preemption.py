@@ -24,28 +24,9 @@ DEMO_CFG = str(ROOT / "configs" / "demo" / "swin_demo_digits.yaml")
 MODEL_NAME = "swin_demo_digits"
 BATCH = 16  # 80 train images -> 5 optimizer steps per epoch
 
-TINY_OPTS = [
-    "DATA.IMG_SIZE",
-    "32",
-    "MODEL.SWIN.EMBED_DIM",
-    "16",
-    "MODEL.SWIN.NUM_HEADS",
-    "[1,2,4,8]",
-    "MODEL.SWIN.DEPTHS",
-    "[2,2,2,2]",
-    "DATA.NUM_WORKERS",
-    "0",
-    "TRAIN.EPOCHS",
-    "2",
-    "TRAIN.WARMUP_EPOCHS",
-    "0",
-    "AUG.COLOR_JITTER",
-    "0.0",
-    "MODEL.DROP_PATH_RATE",
-    "0.0",
-    "AMP_ENABLE",
-    "False",
-]
+from conftest import TINY_RUN_OPTS
+
+TINY_OPTS = [*TINY_RUN_OPTS, "TRAIN.EPOCHS", "2"]  # later keys win
 # One intra-op thread: runs side by side on 2 cores, and the same kernels in every run.
 ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
