@@ -5,6 +5,10 @@ All schedules count optimizer steps (``t_in_epochs=False``): call
 the number of optimizer steps taken so far. A linear warmup from ``warmup_lr`` to ``base_lr``
 over ``TRAIN.WARMUP_EPOCHS`` epochs comes first; with ``TRAIN.LR_SCHEDULER.WARMUP_PREFIX``
 the decay starts after it, otherwise the decay's clock starts at step 0.
+
+Layer-wise lr decay: a param group with an ``lr_scale`` (optimizer.param_groups) gets the
+schedule's lr times that scale, at every step (timm's ``Scheduler.update_groups`` applies it,
+and so does :class:`LinearLRScheduler`, which updates through it).
 """
 
 from __future__ import annotations
@@ -81,7 +85,8 @@ def build_scheduler(
     ``base_lr``/``warmup_lr``/``min_lr``: already scaled (optimizer.scaled_lrs). Every param
     group's lr and initial_lr are set to ``base_lr`` first (the optimizer was built with the
     unscaled TRAIN.BASE_LR); after construction the optimizer holds the lr of step 0
-    (``warmup_lr`` when there is a warmup). Impossible settings raise UserError.
+    (``warmup_lr`` when there is a warmup), times each group's ``lr_scale`` where it has one.
+    Impossible settings raise UserError.
 
     'cosine': cosine from base_lr to min_lr. 'linear': straight line from base_lr to min_lr.
     'step': x DECAY_RATE every DECAY_EPOCHS. 'multistep': x GAMMA at each epoch in MULTISTEPS.
@@ -110,11 +115,30 @@ def build_scheduler(
         )
 
     for group in optimizer.param_groups:
-        # timm reads the schedule's peak from 'initial_lr' (setdefault), so overwrite both.
+        # timm reads the schedule's peak from 'initial_lr' (setdefault), so overwrite both; the
+        # unscaled base lr here, the group's lr_scale is applied by the scheduler.
         group["lr"] = base_lr
         group["initial_lr"] = base_lr
-
     common = dict(warmup_lr_init=warmup_lr, warmup_t=warmup_steps, t_in_epochs=False, warmup_prefix=prefix)
+
+    scheduler = _build(name, sched_cfg, optimizer, n_iter_per_epoch, decay_steps, min_lr, common)
+    lr0 = scheduler._get_lr(0)
+    for group, value in zip(optimizer.param_groups, lr0, strict=True):
+        # Layer-wise lr decay relies on the scheduler applying 'lr_scale' (timm >= 0.9 does).
+        if abs(group["lr"] - value * group.get("lr_scale", 1.0)) > 1e-12 + 1e-6 * abs(value):
+            raise RuntimeError("the installed timm ignores param groups' lr_scale; upgrade timm (>= 1.0)")
+    return scheduler
+
+
+def _build(
+    name: str,
+    sched_cfg: Any,
+    optimizer: torch.optim.Optimizer,
+    n_iter_per_epoch: int,
+    decay_steps: int,
+    min_lr: float,
+    common: dict,
+) -> Scheduler:
     if name == "cosine":
         return CosineLRScheduler(optimizer, t_initial=decay_steps, lr_min=min_lr, cycle_limit=1, **common)
     if name == "linear":

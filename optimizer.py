@@ -3,12 +3,16 @@
 Weight decay is applied to matrices (Linear/conv weights) only: 1-D parameters (norm weights,
 biases) and the position tables (``relative_position_bias_table``, ``absolute_pos_embed``) are
 not decayed, since shrinking them toward zero only hurts.
+
+Layer-wise lr decay (TRAIN.LAYER_DECAY < 1): the groups are split further by layer, each with an
+``lr_scale`` the schedulers apply (see :func:`layer_id` and :func:`param_groups`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -42,30 +46,130 @@ def _names_from(model: nn.Module, method: str) -> set[str]:
     return set(fn()) if callable(fn) else set()
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Trainable parameters split into a decayed and a non-decayed group (empty groups dropped).
+# Parameters of the patch embedding's layer (id 0), after any 'encoder.' prefix is stripped.
+_EMBED_NAMES = ("mask_token", "absolute_pos_embed")
+_EMBED_PREFIXES = ("patch_embed.",)
+_BLOCK = re.compile(r"layers\.(\d+)\.blocks\.(\d+)\.")
+_MERGE = re.compile(r"layers\.(\d+)\.downsample\.")
 
-    No decay for: 1-D tensors, names ending in '.bias', names in ``model.no_weight_decay()``,
-    names containing a keyword from ``model.no_weight_decay_keywords()`` or NO_DECAY_KEYWORDS.
-    Each group carries a 'name' ('decay' / 'no_decay') for logging.
+
+def layer_id(name: str, depths: Sequence[int]) -> int:
+    """The layer id of parameter ``name`` for layer-wise lr decay, numbered as the Swin release.
+
+    With L = sum(depths): the patch embedding (and ``mask_token``, ``absolute_pos_embed``) is 0;
+    block j of stage i is sum(depths[:i]) + j + 1; the patch merging at the end of stage i takes
+    the id of that stage's last block, sum(depths[:i + 1]); everything else (final norm, head,
+    any name it does not know) is L + 1. A leading 'encoder.' (SimMIM's wrapper) is ignored.
+
+    >>> depths = (2, 2, 18, 2)
+    >>> layer_id("patch_embed.proj.weight", depths), layer_id("encoder.mask_token", depths)
+    (0, 0)
+    >>> layer_id("layers.0.blocks.0.attn.qkv.weight", depths)
+    1
+    >>> layer_id("layers.2.blocks.5.mlp.fc1.bias", depths)
+    10
+    >>> layer_id("layers.1.downsample.reduction.weight", depths)
+    4
+    >>> layer_id("norm.weight", depths), layer_id("head.bias", depths), layer_id("decoder.0.weight", depths)
+    (25, 25, 25)
+    """
+    if name.startswith("encoder."):
+        name = name[len("encoder.") :]
+    if name in _EMBED_NAMES or name.startswith(_EMBED_PREFIXES):
+        return 0
+    m = _BLOCK.match(name)
+    if m:
+        stage, block = int(m.group(1)), int(m.group(2))
+        return sum(depths[:stage]) + block + 1
+    m = _MERGE.match(name)
+    if m:
+        return sum(depths[: int(m.group(1)) + 1])
+    return sum(depths) + 1
+
+
+def model_depths(model: nn.Module) -> list[int] | None:
+    """Blocks per stage: ``model.depths``, else counted from ``model.layers[i].blocks``.
+
+    Looks through SimMIM's ``encoder`` too; None for a model with neither.
     """
     model = _unwrap(model)
+    for m in (model, getattr(model, "encoder", None)):
+        if not isinstance(m, nn.Module):
+            continue
+        depths = getattr(m, "depths", None)
+        if depths is not None:
+            return [int(d) for d in depths]
+        layers = getattr(m, "layers", None)
+        if isinstance(layers, nn.ModuleList) and len(layers) and all(hasattr(s, "blocks") for s in layers):
+            return [len(s.blocks) for s in layers]
+    return None
+
+
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict[str, Any]]:
+    """Trainable parameters in groups by weight decay and, with ``layer_decay`` < 1, by layer.
+
+    No weight decay for: 1-D tensors, names ending in '.bias', names in ``model.no_weight_decay()``,
+    names containing a keyword from ``model.no_weight_decay_keywords()`` or NO_DECAY_KEYWORDS.
+
+    ``layer_decay`` 1.0: a decayed and a non-decayed group, named 'decay' / 'no_decay'.
+    Otherwise one group per (layer id, decay / no decay), named e.g. 'layer_3_decay', with
+    ``lr_scale`` = layer_decay ** (L + 1 - id) (ids from :func:`layer_id`, L = sum of depths);
+    the schedulers multiply each group's lr by it. Groups come last layer first, so
+    ``param_groups[0]`` (what the training log shows) has the full lr. Empty groups are dropped.
+    A layer decay outside (0, 1], or one asked of a model without stages, raises UserError.
+    """
+    model = _unwrap(model)
+    layer_decay = float(layer_decay)
+    depths: list[int] | None = None
+    if layer_decay != 1.0:
+        if not 0.0 < layer_decay <= 1.0:
+            raise UserError(
+                f"TRAIN.LAYER_DECAY must be in (0, 1] (1.0 = off, the release fine-tunes with 0.75), not {layer_decay}"
+            )
+        depths = model_depths(model)
+        if depths is None:
+            raise UserError(
+                f"TRAIN.LAYER_DECAY {layer_decay} needs a model with Swin stages (layers.N.blocks); "
+                f"{type(model).__name__} has none: set TRAIN.LAYER_DECAY 1.0"
+            )
     skip = _names_from(model, "no_weight_decay")
     keywords = tuple(_names_from(model, "no_weight_decay_keywords")) + NO_DECAY_KEYWORDS
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue  # frozen parameters must not be stepped (weight decay would still move them)
-        if p.ndim <= 1 or name.endswith(".bias") or name in skip or any(k in name for k in keywords):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    groups = [
-        {"params": decay, "weight_decay": float(weight_decay), "name": "decay"},
-        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
-    ]
-    return [g for g in groups if g["params"]]
+        no_wd = p.ndim <= 1 or name.endswith(".bias") or name in skip or any(k in name for k in keywords)
+        lid = 0 if depths is None else layer_id(name, depths)
+        key = (lid, no_wd)
+        if key not in groups:
+            kind = "no_decay" if no_wd else "decay"
+            groups[key] = {"params": [], "weight_decay": 0.0 if no_wd else float(weight_decay), "name": kind}
+            if depths is not None:
+                groups[key]["name"] = f"layer_{lid}_{kind}"
+                groups[key]["lr_scale"] = layer_decay ** (sum(depths) + 1 - lid)
+        groups[key]["params"].append(p)
+    # Last layer first, then decayed before non-decayed (with layer decay off: 'decay', 'no_decay').
+    return [groups[k] for k in sorted(groups, key=lambda k: (-k[0], k[1]))]
+
+
+def groups_table(groups: list[dict[str, Any]]) -> str:
+    """The layer-wise groups as a text table: one row per layer id, its lr scale, and the
+    tensors / elements with and without weight decay."""
+    rows: dict[int, dict[str, Any]] = {}
+    for g in groups:
+        m = re.fullmatch(r"layer_(\d+)_(decay|no_decay)", str(g.get("name", "")))
+        lid = int(m.group(1)) if m else -1
+        row = rows.setdefault(lid, {"scale": float(g.get("lr_scale", 1.0)), "decay": (0, 0), "no_decay": (0, 0)})
+        kind = "decay" if g["weight_decay"] else "no_decay"
+        t, n = row[kind]
+        row[kind] = (t + len(g["params"]), n + sum(p.numel() for p in g["params"]))
+    header = f"{'layer':>5}  {'lr scale':>9}  {'decay tensors/elements':>24}  {'no-decay tensors/elements':>27}"
+    lines = [header]
+    for lid in sorted(rows):
+        r = rows[lid]
+        cells = [f"{r[k][0]:>4} / {r[k][1]:>14,}" for k in ("decay", "no_decay")]
+        lines.append(f"{lid if lid >= 0 else '?':>5}  {r['scale']:>9.4g}  {cells[0]:>24}  {cells[1]:>27}")
+    return "\n".join(lines)
 
 
 def _impl_kwargs(impl: str, params: Iterable[torch.Tensor]) -> dict[str, bool]:
@@ -86,21 +190,36 @@ def _impl_kwargs(impl: str, params: Iterable[torch.Tensor]) -> dict[str, bool]:
 def build_optimizer(config: Any, model: nn.Module) -> torch.optim.Optimizer:
     """AdamW or SGD (per TRAIN.OPTIMIZER.NAME) over :func:`param_groups` with lr=TRAIN.BASE_LR.
 
+    With TRAIN.LAYER_DECAY < 1 the groups are per layer (each lr = TRAIN.BASE_LR x its
+    ``lr_scale``), and a table of them is logged once at INFO.
+
     The scheduler (lr_scheduler.build_scheduler) sets the real, scaled learning rate. Unknown
     names or implementations raise UserError. Build it after moving the model to its device
     (the 'auto' implementation looks at where the parameters are).
     """
     opt_cfg = config.TRAIN.OPTIMIZER
-    groups = param_groups(model, config.TRAIN.WEIGHT_DECAY)
+    layer_decay = float(getattr(config.TRAIN, "LAYER_DECAY", 1.0))
+    groups = param_groups(model, config.TRAIN.WEIGHT_DECAY, layer_decay)
     if not groups:
         raise UserError("the model has no trainable parameters; nothing to optimize")
-    if float(getattr(config.TRAIN, "LAYER_DECAY", 1.0)) != 1.0:
-        logger.warning("TRAIN.LAYER_DECAY=%s is not supported and is ignored (1.0 = off)", config.TRAIN.LAYER_DECAY)
     name = str(opt_cfg.NAME).strip().lower()
     if name not in ("adamw", "sgd"):
         raise UserError(f"unknown optimizer {opt_cfg.NAME!r} in TRAIN.OPTIMIZER.NAME; use 'adamw' or 'sgd'")
     impl = _impl_kwargs(opt_cfg.IMPL, [p for g in groups for p in g["params"]])
     lr = float(config.TRAIN.BASE_LR)
+    for g in groups:
+        if "lr_scale" in g:
+            g["lr"] = lr * g["lr_scale"]  # right even before a scheduler sets the real lr
+    if layer_decay != 1.0:
+        depths = model_depths(model) or []
+        logger.info(
+            "layer-wise lr decay %g: lr x %g^(%d - layer id) over %d param groups\n%s",
+            layer_decay,
+            layer_decay,
+            sum(depths) + 1,
+            len(groups),
+            groups_table(groups),
+        )
     try:
         if name == "adamw":
             return torch.optim.AdamW(groups, lr=lr, eps=float(opt_cfg.EPS), betas=tuple(opt_cfg.BETAS), **impl)
@@ -115,6 +234,44 @@ def build_optimizer(config: Any, model: nn.Module) -> torch.optim.Optimizer:
 _IMPL_FLAGS = ("foreach", "fused", "capturable")
 
 
+def _layer_decay_of(groups: list[dict[str, Any]]) -> float:
+    """The layer decay that gave these groups their ``lr_scale`` (1.0 for groups without one)."""
+    scaled = []
+    for g in groups:
+        m = re.fullmatch(r"layer_(\d+)_(?:no_)?decay", str(g.get("name", "")))
+        if m and "lr_scale" in g:
+            scaled.append((int(m.group(1)), float(g["lr_scale"])))
+    if not scaled:
+        return 1.0
+    top = max(lid for lid, _ in scaled)
+    lid, scale = min(scaled)
+    # The top layer has scale 1 in practice; divide by its scale in case it is frozen/absent.
+    top_scale = max(s for i, s in scaled if i == top)
+    return (scale / top_scale) ** (1.0 / (top - lid)) if top > lid and scale > 0 else 1.0
+
+
+def _check_same_groups(current: list[dict[str, Any]], saved: list[dict[str, Any]]) -> None:
+    """UserError unless ``saved`` (a state dict's param_groups) has this optimizer's groups."""
+    same = len(saved) == len(current) and all(
+        len(s.get("params", [])) == len(c["params"])
+        and abs(float(s.get("lr_scale", 1.0)) - float(c.get("lr_scale", 1.0)))
+        <= 1e-9 * max(1.0, float(c.get("lr_scale", 1.0)))
+        for s, c in zip(saved, current, strict=False)
+    )
+    if same:
+        return
+    was, now = _layer_decay_of(saved), _layer_decay_of(current)
+    if abs(was - now) > 1e-6:
+        raise UserError(
+            f"the checkpoint was trained with TRAIN.LAYER_DECAY {was:g}, this run uses {now:g}; "
+            f"resume with --opts TRAIN.LAYER_DECAY {was:g} (or start from its weights with --pretrained)"
+        )
+    raise UserError(
+        f"the checkpoint's optimizer has {len(saved)} parameter groups, this run's {len(current)} "
+        "(other trainable parameters or TRAIN.LAYER_DECAY); resume with the same config, or use --pretrained"
+    )
+
+
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
     """``optimizer.load_state_dict(state)``, keeping this run's implementation flags.
 
@@ -122,7 +279,11 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
     (foreach) would turn a fused CUDA AdamW into foreach, and the fp16 scaler's step then fails;
     the reverse asks for fused kernels the CPU may lack. Moments, steps and lrs come from
     ``state``; the flags are re-applied from the optimizer as built here.
+
+    A state of other parameter groups (another TRAIN.LAYER_DECAY: other groups or other lr
+    scales) raises UserError.
     """
+    _check_same_groups(optimizer.param_groups, state.get("param_groups", []))
     flags = {k: optimizer.defaults[k] for k in _IMPL_FLAGS if k in optimizer.defaults}
     optimizer.load_state_dict(state)
     for group in optimizer.param_groups:
