@@ -17,6 +17,11 @@ A checkpoint is a dict::
 Only tensors, numbers, strings, None and lists/tuples/dicts of them are stored, so every file
 loads with ``torch.load(..., weights_only=True)``: loading never executes code from the file.
 
+Training checkpoints of the official release load too (sections "the release's yacs config" and
+"the release's training state" below): they pickle the run's yacs ``CfgNode`` whole, and that one
+class is let through, built as a plain dict and handed on as YAML text like ours. Any other class
+is refused.
+
 Files in the output folder: ``ckpt_epoch_{N}.pth`` (the ``keep`` newest are kept),
 ``last.pth`` and ``best.pth`` (never pruned), ``ckpt_step.pth`` (mid-epoch resume point).
 """
@@ -36,6 +41,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 import distributed
 from errors import UserError
@@ -261,15 +267,80 @@ def _refusal(path: str, err: pickle.UnpicklingError) -> UserError:
     # every other refusal is about a global, class or object it will not build.
     if re.search(r"Unsupported operand|String is too long|persistent", msg) and "GLOBAL" not in msg:
         return _unreadable(path)
+    found = re.search(r"GLOBAL ([\w.]+)", msg)
+    if found and found.group(1) == _CFGNODE:  # only where this torch cannot map the class
+        return UserError(
+            f"cannot load {path}: reading the yacs config pickled in official checkpoints needs torch 2.6 or newer; "
+            "upgrade torch (pip install -U torch)"
+        )
+    what = f" ({found.group(1)})" if found else ""
     return UserError(
-        f"refusing to load {path}: it holds pickled Python objects, not only weights; "
+        f"refusing to load {path}: it holds pickled Python objects{what}, not only weights and a yacs config; "
         "re-save it from a trusted environment as a plain state_dict (or .safetensors)"
     )
 
 
+# ----------------------------------------------------------------------------- the release's yacs config
+
+# The official release's save_checkpoint pickles its config, a yacs CfgNode, whole. Weights-only
+# loading refuses it: CfgNode is a class, and a dict subclass the unpickler cannot fill. Rather than
+# allow the real class (whose code would then run on load), exactly this one global name is allowed
+# and bound to a stand-in that builds an empty OrderedDict, which the unpickler fills with plain
+# items and attributes like any state_dict. Every other global is still refused before anything runs.
+_CFGNODE = "yacs.config.CfgNode"
+
+
+class _CfgNodeAsDict:
+    """What ``yacs.config.CfgNode`` unpickles to: a plain, empty OrderedDict; arguments are ignored."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> collections.OrderedDict:  # type: ignore[misc]
+        return collections.OrderedDict()
+
+
+def _yacs_config_allowed() -> contextlib.AbstractContextManager:
+    """Allow ``yacs.config.CfgNode`` (as :class:`_CfgNodeAsDict`) for one load; needs torch 2.6+.
+
+    Older torch has no (object, name) form of safe globals: the load then refuses the class, and
+    :func:`_refusal` asks for a newer torch.
+    """
+    # Major and minor only: builds such as 2.6.0a0+git... have the feature too.
+    if tuple(int(x) for x in re.findall(r"\d+", torch.__version__)[:2]) < (2, 6):
+        return contextlib.nullcontext()
+    return torch.serialization.safe_globals([(_CfgNodeAsDict, _CFGNODE)])
+
+
+_YAML_LEAVES = (int, float, bool, str, type(None))
+
+
+def _plain(obj: Any) -> Any:
+    """A config tree as plain dicts, lists and scalars; TypeError for anything else."""
+    if isinstance(obj, dict):
+        if not all(isinstance(k, str) for k in obj):
+            raise TypeError("config keys must be strings")
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if type(obj) in _YAML_LEAVES:
+        return obj
+    raise TypeError(f"config value of type {type(obj).__name__}")
+
+
+def _config_as_yaml(checkpoint: dict, path: str) -> None:
+    """Turn a config stored as a mapping (the release's CfgNode, rebuilt as dicts) into the YAML
+    text our checkpoints store, in place; one that is no plain tree is left as it is."""
+    config = checkpoint.get("config")
+    if not isinstance(config, dict):
+        return
+    try:
+        checkpoint["config"] = yaml.safe_dump(_plain(config), sort_keys=False)
+    except (TypeError, yaml.YAMLError) as e:
+        logger.debug("config of %s not converted to YAML: %s", path, e)
+
+
 def _torch_load(path: str, map_location: Any, mmap: bool) -> Any:
     try:
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        with _yacs_config_allowed():
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         raise _refusal(path, e) from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as e:
@@ -283,9 +354,11 @@ def _torch_load(path: str, map_location: Any, mmap: bool) -> Any:
 def load_checkpoint_file(path: str, map_location: Any = "cpu") -> dict:
     """Load a checkpoint without executing any code from it.
 
-    ``.pth``/``.pt``/other: ``torch.load(path, map_location, weights_only=True)``.
-    ``.safetensors``: ``{'model': tensors}``. Raises UserError when the file is missing,
-    truncated or unreadable, or holds pickled Python objects (refused before anything runs).
+    ``.pth``/``.pt``/other: ``torch.load(path, map_location, weights_only=True)``, with the one
+    class of the official release's checkpoints allowed: their pickled yacs config, which comes
+    back as YAML text under 'config', as in ours. ``.safetensors``: ``{'model': tensors}``.
+    Raises UserError when the file is missing, truncated or unreadable, or holds any other
+    pickled Python object (refused before anything runs).
     """
     if not os.path.exists(path):
         raise UserError(f"checkpoint {path} does not exist; check the path")
@@ -298,6 +371,7 @@ def load_checkpoint_file(path: str, map_location: Any = "cpu") -> dict:
         raise UserError(
             f"checkpoint {path} holds a {type(obj).__name__}, not a dict of weights; save a state_dict instead"
         )
+    _config_as_yaml(obj, path)
     return obj
 
 
@@ -422,3 +496,185 @@ def restore_rng_state(state: dict, device: torch.device | None = None) -> None:
             len(cuda_states),
             device,
         )
+
+
+# ----------------------------------------------------------------------------- the release's training state
+
+# What defines a timm schedule; compared to tell whether the release's schedule is this run's.
+_SCHEDULE_KEYS = (
+    "t_in_epochs",
+    "t_initial",
+    "warmup_t",
+    "warmup_prefix",
+    "warmup_lr_init",
+    "lr_min",
+    "base_values",
+    "decay_t",
+    "decay_rate",
+    "gamma",
+)
+
+
+def is_official_training_checkpoint(checkpoint: dict) -> bool:
+    """A training checkpoint written by the official release's ``save_checkpoint`` (model,
+    optimizer, lr_scheduler, scaler, epoch, max_accuracy, config), not by ours: it has an
+    optimizer state but no global 'step' (ours always store one)."""
+    return "optimizer" in checkpoint and "step" not in checkpoint
+
+
+def _close(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, bool) or isinstance(b, bool) or not isinstance(a, (int, float)) or not isinstance(b, (int, float)):
+        return a == b
+    return abs(float(a) - float(b)) <= 1e-9 * max(1.0, abs(float(a)), abs(float(b)))
+
+
+def schedule_differences(saved: dict, ours: dict) -> list[str]:
+    """How a saved timm scheduler state differs from this run's (``key saved vs ours``); [] if not."""
+    out = []
+    for key in _SCHEDULE_KEYS:
+        if key not in saved and key not in ours:
+            continue
+        a, b = saved.get(key, "unset"), ours.get(key, "unset")
+        if not _close(a, b):
+            out.append(f"{key} {a} vs {b}")
+    return out
+
+
+def _optimizer_kind(group: dict) -> str:
+    return "AdamW" if "betas" in group else "SGD" if "momentum" in group else "unknown"
+
+
+def remap_optimizer_state(
+    saved: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer, saved_order: list[str]
+) -> tuple[dict | None, str]:
+    """The release's ``optimizer.state_dict()`` renumbered for ``optimizer``, or (None, why not).
+
+    Optimizer states name parameters by position. The release numbers them group by group
+    ([decay, no_decay], as its set_weight_decay makes them), each in ``model.named_parameters()``
+    order, which is the order of its model's state_dict (``saved_order``, buffers left out here
+    as they are not parameters of ``model``). Each of this optimizer's groups is matched to the
+    release's group at the same place, by size, decay and kind of optimizer, and every moment
+    must have its parameter's shape.
+    """
+    if not isinstance(saved, dict) or not isinstance(saved.get("param_groups"), list):
+        return None, "it holds no optimizer state_dict"
+    groups = saved["param_groups"]
+    ours = optimizer.param_groups
+    if len(groups) != len(ours):
+        return None, f"it has {len(groups)} parameter groups, this run {len(ours)}"
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    param_of = dict(model.named_parameters())
+    position = {k: i for i, k in enumerate(saved_order)}
+    saved_state = saved.get("state") or {}
+    state: dict[int, Any] = {}
+    new_groups = []
+    base = 0
+    for i, (theirs, mine) in enumerate(zip(groups, ours, strict=True)):
+        names = [name_of.get(id(p)) for p in mine["params"]]
+        if any(n is None for n in names):
+            return None, "this optimizer holds parameters that are not the model's"
+        missing = [n for n in names if n not in position]
+        if missing:
+            return None, f"its model has no {missing[0]}"
+        if len(theirs.get("params", [])) != len(names):
+            return None, f"group {i} holds {len(theirs.get('params', []))} tensors, this run's {len(names)}"
+        if (float(theirs.get("weight_decay", 0.0)) == 0.0) != (float(mine.get("weight_decay", 0.0)) == 0.0):
+            return None, f"group {i} is decayed in one and not in the other"
+        if _optimizer_kind(theirs) != _optimizer_kind(mine):
+            return None, f"it is an {_optimizer_kind(theirs)} state, this run uses {_optimizer_kind(mine)}"
+        ours_at = {n: base + j for j, n in enumerate(names)}
+        for saved_id, name in zip(theirs["params"], sorted(names, key=position.__getitem__), strict=True):
+            if saved_id not in saved_state:
+                continue
+            entry = saved_state[saved_id]
+            shape = tuple(param_of[name].shape)
+            for key, value in entry.items():
+                if isinstance(value, torch.Tensor) and value.ndim > 0 and tuple(value.shape) != shape:
+                    return None, f"its {key} for {name} has shape {tuple(value.shape)}, the parameter {shape}"
+            state[ours_at[name]] = entry
+        new_groups.append({**theirs, "params": list(range(base, base + len(names)))})
+        base += len(names)
+    return {"state": state, "param_groups": new_groups}, ""
+
+
+def restore_official_training_state(
+    checkpoint: dict,
+    path: str,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: Any,
+    scaler: torch.amp.GradScaler,
+    steps_per_epoch: int,
+) -> tuple[int, int, float]:
+    """Continue training from the release's checkpoint; returns (epoch to start, global step, best accuracy).
+
+    The model's weights are loaded already. Its 'epoch' is the epoch it finished, so training
+    goes on at the next one, at optimizer step ``epoch * steps_per_epoch``. The optimizer state
+    is renumbered to this optimizer (:func:`remap_optimizer_state`), or, where it does not fit,
+    left fresh. The lr schedule is this run's, built from the config and set to that step: the
+    log says whether the release's was the same. The loss scaler's state is loaded where this
+    run scales losses (float16 on CUDA). Each decision is one log line.
+    """
+    from models.pretrained import extract_state_dict
+    from optimizer import load_optimizer_state
+
+    epoch = int(checkpoint.get("epoch", -1)) + 1
+    step = epoch * int(steps_per_epoch)
+    max_accuracy = float(checkpoint.get("max_accuracy", 0.0))
+    logger.info(
+        "%s is a training checkpoint of the official release: epoch %d done, best accuracy %.2f%%",
+        path,
+        epoch - 1,
+        max_accuracy,
+    )
+
+    saved_order = list(extract_state_dict(checkpoint))
+    remapped, why = remap_optimizer_state(checkpoint["optimizer"], model, optimizer, saved_order)
+    if remapped is not None:
+        keep = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        try:
+            load_optimizer_state(optimizer, remapped)
+        except (UserError, ValueError) as e:
+            remapped, why = None, str(e)
+        else:
+            for group, ours in zip(optimizer.param_groups, keep, strict=True):
+                for key, value in ours.items():
+                    group.setdefault(key, value)  # our group names (and lr scales), which it lacks
+            logger.info("optimizer: the release's state loaded (moments of %d parameters)", len(remapped["state"]))
+    if remapped is None:
+        logger.warning("optimizer: the release's state does not fit this run (%s): starting a fresh one", why)
+
+    saved_schedule = checkpoint.get("lr_scheduler")
+    diffs = (
+        schedule_differences(saved_schedule, lr_scheduler.state_dict())
+        if isinstance(saved_schedule, dict)
+        else ["no state saved"]
+    )
+    lr_scheduler.step_update(step)
+    lr = optimizer.param_groups[0]["lr"]
+    if diffs:
+        logger.info(
+            "lr schedule: rebuilt from this run's config at step %d (lr %.3e); the release's differs: %s",
+            step,
+            lr,
+            "; ".join(diffs[:3]),
+        )
+    else:
+        logger.info("lr schedule: the release's equals this run's, carried over at step %d (lr %.3e)", step, lr)
+
+    saved_scaler = checkpoint.get("scaler") or {}
+    if not scaler.is_enabled():
+        logger.info("loss scaler: not used by this run (no float16 on CUDA); the release's state is not needed")
+    elif not saved_scaler:
+        logger.info("loss scaler: the release saved none; starting at scale %g", scaler.get_scale())
+    else:
+        try:
+            scaler.load_state_dict(saved_scaler)
+            logger.info("loss scaler: the release's state loaded (scale %g)", scaler.get_scale())
+        except (KeyError, RuntimeError, TypeError, ValueError) as e:
+            logger.warning(
+                "loss scaler: the release's state is unusable (%s): starting at scale %g", e, scaler.get_scale()
+            )
+    return epoch, step, max_accuracy
