@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from timm.utils import AverageMeter, accuracy
 
-from config import model_section
+from config import is_pretraining, model_section
 from distributed import (
     DistEnv,
     all_gather_object,
@@ -69,10 +69,16 @@ def _grad_norm(parameters: Iterable[nn.Parameter], max_norm: float | None) -> to
     return torch.nn.utils.clip_grad_norm_(params, limit)
 
 
+def model_inputs(samples: torch.Tensor | list | tuple, device: torch.device) -> list[torch.Tensor]:
+    """The model's positional inputs on ``device``: ``[images]``, or SimMIM's ``[images, masks]``."""
+    parts = samples if isinstance(samples, (list, tuple)) else [samples]
+    return [p.to(device, non_blocking=True) for p in parts]
+
+
 def train_one_epoch(
     config,
     model: nn.Module,
-    criterion: nn.Module,
+    criterion: nn.Module | None,
     loader,
     optimizer: torch.optim.Optimizer,
     lr_scheduler,
@@ -87,7 +93,8 @@ def train_one_epoch(
 
     Gradients accumulate over ``TRAIN.ACCUMULATION_STEPS`` batches; the learning rate is updated
     every optimizer step. A non-finite gradient norm (fp32/bf16) skips the update; too many in a
-    row stop the run. Returns the epoch's averages.
+    row stop the run. ``criterion`` None: the model returns its own loss (SimMIM pre-training,
+    whose batches are ``(images, masks)``). Returns the epoch's averages.
     """
     model.train()
     optimizer.zero_grad(set_to_none=True)
@@ -108,17 +115,17 @@ def train_one_epoch(
                 if path not in state.corrupt_seen:
                     state.corrupt_seen.add(path)
                     logger.warning("unreadable image replaced by another sample: %s", path)
-        samples = samples.to(env.device, non_blocking=True)
+        inputs = model_inputs(samples, env.device)
         targets = targets.to(env.device, non_blocking=True)
         if mixup_fn is not None:
-            samples, targets = mixup_fn(samples, targets)
+            inputs[0], targets = mixup_fn(inputs[0], targets)
 
         is_update = (idx + 1) % accum == 0
         sync_ctx = model.no_sync() if (env.distributed and not is_update and hasattr(model, "no_sync")) else _null()
         with sync_ctx:
             with autocast_context(env.device, config.AMP_ENABLE, config.AMP_DTYPE):
-                outputs = model(samples)
-                loss = criterion(outputs, targets)
+                outputs = model(*inputs)
+                loss = outputs if criterion is None else criterion(outputs, targets)
             scaler.scale(loss / accum).backward()
 
         if is_update:
@@ -176,7 +183,7 @@ def train_one_epoch(
                 norm_meter,
                 scaler_meter,
                 time_meter,
-                samples.size(0) * env.world_size,
+                targets.size(0) * env.world_size,
                 env,
             )
             if writer is not None:
@@ -184,7 +191,7 @@ def train_one_epoch(
                 writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], state.step)
                 writer.add_scalar("train/grad_norm", norm_meter.val, state.step)
                 writer.add_scalar(
-                    "train/images_per_s", samples.size(0) * env.world_size / max(time_meter.val, 1e-9), state.step
+                    "train/images_per_s", targets.size(0) * env.world_size / max(time_meter.val, 1e-9), state.step
                 )
 
     corrupt_total = int(all_reduce_sum(torch.tensor([float(corrupt_this_epoch)], device=env.device)).item())
@@ -339,18 +346,61 @@ def evaluate(config, loader, model: nn.Module, env: DistEnv) -> dict[str, Any]:
 
 
 @torch.no_grad()
+def evaluate_reconstruction(config, loader, model: nn.Module, env: DistEnv) -> dict[str, Any]:
+    """SimMIM's validation: the mean reconstruction loss over the readable images.
+
+    Batches are ``((images, masks), _, replaced)`` with masks fixed per image (seeded by the
+    eval sampler), so the figure is comparable between epochs and runs. Every image has the same
+    number of masked pixels, so the per-image mean is the batch loss weighted by batch size;
+    sums are reduced across ranks. Returns ``loss``, ``count``, ``total`` and ``unreadable``.
+    """
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=env.device)  # loss · n, scored, unreadable
+    unreadable: list[str] = []
+    for (images, masks), _, replaced in loader:
+        keep = torch.tensor([not p for p in replaced], dtype=torch.bool)
+        unreadable.extend(p for p in replaced if p)
+        n = int(keep.sum())
+        if n:
+            images, masks = model_inputs((images[keep], masks[keep]), env.device)
+            with autocast_context(env.device, config.AMP_ENABLE, config.AMP_DTYPE):
+                loss = model(images, masks)
+            sums += torch.tensor([float(loss) * n, n, 0], dtype=torch.float64, device=env.device)
+        sums[2] += len(replaced) - n
+    sums = all_reduce_sum(sums)
+    count, n_unreadable = int(sums[1].item()), int(sums[2].item())
+    if n_unreadable:
+        unreadable = sorted(p for paths in all_gather_object(unreadable) for p in paths)
+    if count == 0:
+        raise UserError("the validation set yielded no readable image; check the val/ folder of DATA.DATA_PATH")
+    result = {"loss": sums[0].item() / count, "count": count, "total": count + n_unreadable, "unreadable": unreadable}
+    line = f" * reconstruction loss {result['loss']:.4f} images {count}"
+    if unreadable:
+        line += f" of {result['total']}, {n_unreadable} unreadable: " + ", ".join(unreadable[:EVAL_NAMED_UNREADABLE])
+        logger.warning(line)
+    else:
+        logger.info(line)
+    return result
+
+
+@torch.no_grad()
 def throughput(config, model: nn.Module, env: DistEnv, batch_size: int | None = None, iters: int = 10) -> float:
     """Forward images/s on a random batch of the configured size (timed as the benchmark times)."""
     model.eval()
     size = config.DATA.IMG_SIZE
     batch_size = batch_size or config.DATA.BATCH_SIZE
     images = torch.randn(batch_size, model_section(config).IN_CHANS, size, size, device=env.device)
+    inputs = [images]
+    if is_pretraining(config):
+        # SimMIM takes a token mask too; which tokens are masked does not change the cost.
+        grid = size // model_section(config).PATCH_SIZE
+        inputs.append(torch.zeros(batch_size, grid, grid, dtype=torch.long, device=env.device))
     amp = resolve_amp_dtype(env.device, config.AMP_DTYPE) if config.AMP_ENABLE else None
     dtype = "float32" if amp is None else str(amp).replace("torch.", "") + " autocast"
 
     def step():
         with autocast_context(env.device, config.AMP_ENABLE, config.AMP_DTYPE):
-            model(images)
+            model(*inputs)
 
     timing = time_images_per_second(
         step, batch_size, env.device, warmup=3 if env.device.type == "cpu" else 50, iters=iters

@@ -141,24 +141,35 @@ class ResumableSampler(Sampler[int]):
         return self.num_samples - self._start_index
 
 
+# The epoch slot of evaluation seeds: one no training epoch uses.
+EVAL_EPOCH = (1 << 63) - 1
+
+
 class ExactEvalSampler(Sampler[int]):
     """Evaluation sampler that visits every index exactly once across all ranks.
 
     Rank ``r`` gets ``range(r, dataset_len, num_replicas)``: no padding and no duplicates, so
     summed metrics are exact. Shares differ in size by at most one (a rank may get none when
-    ``dataset_len < num_replicas``).
+    ``dataset_len < num_replicas``). With ``sample_seeds_from`` each item is
+    ``(index, seed)``, the seed a function of ``sample_seeds_from`` and the index only.
     """
 
-    def __init__(self, dataset_len: int, num_replicas: int, rank: int) -> None:
+    def __init__(self, dataset_len: int, num_replicas: int, rank: int, sample_seeds_from: int | None = None) -> None:
         _check_rank(num_replicas, rank)
         if dataset_len < 0:
             raise ValueError(f"dataset_len must be >= 0, got {dataset_len}")
         self.dataset_len = dataset_len
         self.num_replicas = num_replicas
         self.rank = rank
+        self.sample_seeds_from = sample_seeds_from
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.dataset_len, self.num_replicas))
+    def __iter__(self) -> Iterator[int | tuple[int, int]]:
+        indices = range(self.rank, self.dataset_len, self.num_replicas)
+        if self.sample_seeds_from is None:
+            return iter(indices)
+        # Random but fixed evaluation (SimMIM's masks): the seed depends on the image alone, so any
+        # world size and every epoch score the same draws.
+        return ((i, sample_seed(self.sample_seeds_from, EVAL_EPOCH, i)) for i in indices)
 
     def __len__(self) -> int:
         return len(range(self.rank, self.dataset_len, self.num_replicas))

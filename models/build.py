@@ -7,8 +7,9 @@ from collections.abc import Sequence
 import torch.nn as nn
 from yacs.config import CfgNode
 
-from config import check_model_section, model_section
+from config import check_model_section, is_pretraining, model_section
 from errors import UserError
+from models.simmim import SimMIM
 from models.swin_transformer import ATTN_IMPLS, SwinBackbone, SwinTransformer
 from models.swin_transformer_v2 import SwinBackboneV2, SwinTransformerV2
 
@@ -77,11 +78,15 @@ def build_model(
     out_indices: Sequence[int] = (0, 1, 2, 3),
     frozen_stages: int = -1,
 ) -> nn.Module:
-    """The classifier of ``config`` (``MODEL.TYPE`` 'swin' or 'swinv2'), or with ``features_only``
-    the backbone."""
+    """The classifier of ``config`` (``MODEL.TYPE`` 'swin' or 'swinv2'), with ``features_only``
+    the backbone, and for ``TRAIN.PRETRAIN simmim`` the SimMIM model around a head-less encoder."""
     _check_shape(config)
     kwargs = swin_kwargs(config)
     v2 = config.MODEL.TYPE == "swinv2"
+    if is_pretraining(config) and not features_only:
+        encoder = (SwinTransformerV2 if v2 else SwinTransformer)(num_classes=0, **kwargs)
+        target = config.MODEL.SIMMIM.NORM_TARGET
+        return SimMIM(encoder, norm_target=bool(target.ENABLE), norm_target_window=int(target.PATCH_SIZE))
     if features_only:
         backbone = SwinBackboneV2 if v2 else SwinBackbone
         return backbone(out_indices=out_indices, frozen_stages=frozen_stages, **kwargs)

@@ -562,7 +562,13 @@ class SwinTrunk(nn.Module):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) image → (B, H/P, W/P, C) tokens, with the absolute embedding if on."""
-        x = self.patch_embed(x)
+        return self.add_position(self.patch_embed(x))
+
+    def add_position(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch tokens (B, H/P, W/P, C) plus the absolute position embedding (if on), then dropout.
+
+        Separate from :meth:`embed` so that SimMIM can swap masked tokens in before it.
+        """
         if self.ape:
             B, H, W, C = x.shape
             pos = self.absolute_pos_embed
