@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from errors import UserError
+from models.layouts import detect_layout, to_official
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ class LoadReport:
     unexpected: list[str] = field(default_factory=list)
     resized: list[str] = field(default_factory=list)
     head: str = "loaded"  # 'loaded', 'mapped-22k-to-1k', 're-initialised' or 'absent'
+    # Pre-training parts a classifier has no use for (SimMIM's decoder and mask token).
+    dropped: list[str] = field(default_factory=list)
 
 
 def _timm_info_file(name: str) -> str:
@@ -106,14 +109,17 @@ def extract_state_dict(checkpoint: dict) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
-def _simmim_encoder_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _simmim_encoder_keys(state: dict[str, torch.Tensor], report: LoadReport) -> dict[str, torch.Tensor]:
     """A SimMIM pre-training checkpoint as the plain encoder it holds.
 
-    The release's SimMIM checkpoints keep the encoder under ``encoder.`` (next to ``decoder.*``,
-    which fine-tuning drops) and, in older V2 ones, name the position-bias MLP ``rpe_mlp``.
+    The release's SimMIM checkpoints keep the encoder under ``encoder.`` next to ``decoder.*``
+    and ``encoder.mask_token``, which fine-tuning drops (listed in ``report.dropped``); older V2
+    ones name the position-bias MLP ``rpe_mlp``.
     """
     if any(k.startswith("encoder.") for k in state):
+        report.dropped += [k for k in state if not k.startswith("encoder.") or k == "encoder.mask_token"]
         state = {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
+        state.pop("mask_token", None)
     return {k.replace(".rpe_mlp.", ".cpb_mlp."): v for k, v in state.items()}
 
 
@@ -144,7 +150,13 @@ def adapt_state_dict(
 ) -> dict[str, torch.Tensor]:
     """Make ``state`` fit ``model`` (see module docstring); raises UserError on a wrong architecture."""
     own = model.state_dict()
-    state = _simmim_encoder_keys(state)
+    if not any(k.startswith("encoder.") for k in own):
+        # A classifier (or backbone) loading a SimMIM checkpoint; a SimMIM model keeps the keys as they are.
+        state = _simmim_encoder_keys(state, report)
+        layout = detect_layout(state)
+        if layout != "official":
+            logger.info("%s is in %s's layout: keys mapped to the release's", source, layout)
+            state = to_official(state, layout)
     _check_family(own, state, source)
     out: dict[str, torch.Tensor] = {}
     mismatched: list[str] = []
@@ -211,21 +223,51 @@ def _zero_head(model: nn.Module) -> None:
             model.head.bias.zero_()
 
 
-def load_pretrained(model: nn.Module, path: str) -> LoadReport:
-    """Load weights from ``path`` (.pth/.pt checkpoint or .safetensors) into ``model`` for fine-tuning.
+PURPOSES = ("finetune", "resume", "inference")
 
-    Returns a :class:`LoadReport` of what did not match. Optimizer and epoch are not restored.
+
+def load_weights(
+    model: nn.Module, source: str | dict, purpose: str = "finetune", name: str | None = None
+) -> LoadReport:
+    """The one way weights get into a model: ``--pretrained``, ``--resume``/``--eval``, predict, explain.
+
+    ``source``: a path (.pth/.pt/.safetensors) or a checkpoint dict already read (``name`` then
+    names it in messages). Any layout :func:`adapt_state_dict` knows is accepted. ``purpose``:
+
+    * 'finetune': adapt what legitimately differs (tables and embeddings resized, the head mapped
+      22K→1K or re-initialised, SimMIM's decoder dropped); the report says what.
+    * 'resume' (training or evaluation): the same architecture only: no resized, unexpected or
+      missing weight, and the head must fit; each is a one-line ``UserError``.
+    * 'inference' (predict, explain): as 'resume', but a 22K head mapped to the 1K classes is fine.
     """
     from checkpoint import load_checkpoint_file
 
-    checkpoint = load_checkpoint_file(path)
+    if purpose not in PURPOSES:
+        raise ValueError(f"purpose must be one of {PURPOSES}, not {purpose!r}")
+    checkpoint = load_checkpoint_file(source) if isinstance(source, str) else source
+    name = name or (source if isinstance(source, str) else "checkpoint")
     report = LoadReport()
-    state = adapt_state_dict(model, extract_state_dict(checkpoint), report, source=path)
+    state = adapt_state_dict(model, extract_state_dict(checkpoint), report, source=name)
+    if purpose != "finetune":
+        _require_same_architecture(report, name, purpose)
     result = model.load_state_dict(state, strict=False)
     report.missing = [k for k in result.missing_keys if not (k.startswith("head.") and report.head == "re-initialised")]
+    if purpose != "finetune" and report.missing:
+        raise UserError(
+            f"{name} lacks {len(report.missing)} weights of this model (e.g. {report.missing[:3]}); check --cfg"
+        )
+    if report.dropped:
+        logger.info(
+            "%s is a SimMIM pre-training checkpoint: its encoder is loaded; %d pre-training tensors dropped "
+            "(decoder and mask token: %s)",
+            name,
+            len(report.dropped),
+            ", ".join(report.dropped[:4]),
+        )
     logger.info(
-        "loaded %s: %d tensors, head %s, resized %d, missing %d %s, unexpected %d %s",
-        path,
+        "loaded %s for %s: %d tensors, head %s, resized %d, missing %d %s, unexpected %d %s",
+        name,
+        purpose,
         len(state),
         report.head,
         len(report.resized),
@@ -235,3 +277,27 @@ def load_pretrained(model: nn.Module, path: str) -> LoadReport:
         report.unexpected[:6],
     )
     return report
+
+
+def _require_same_architecture(report: LoadReport, name: str, purpose: str) -> None:
+    heads = ("loaded", "absent", "mapped-22k-to-1k") if purpose == "inference" else ("loaded", "absent")
+    if report.head not in heads:
+        raise UserError(f"{name} has a classifier for another number of classes; use --pretrained to fine-tune from it")
+    # A deeper model's extra blocks dropped, or tables of another window resized, would load
+    # without a word: that is another architecture.
+    if report.unexpected:
+        raise UserError(
+            f"{name} has {len(report.unexpected)} weights this model lacks (e.g. {report.unexpected[:3]}); "
+            "it is another architecture: check --cfg (or fine-tune from it with --pretrained)"
+        )
+    if report.resized:
+        raise UserError(
+            f"{name} has {len(report.resized)} tensors of another window or image size (e.g. "
+            f"{report.resized[:2]}); check --cfg (or fine-tune from it with --pretrained)"
+        )
+
+
+def load_pretrained(model: nn.Module, path: str) -> LoadReport:
+    """Load weights from ``path`` (.pth/.pt checkpoint or .safetensors) into ``model`` for fine-tuning:
+    ``load_weights(model, path, 'finetune')``. Optimizer and epoch are not restored."""
+    return load_weights(model, path, "finetune")

@@ -1234,38 +1234,38 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load_config(cfg: str | None, opts: Sequence[str] | None, checkpoint: dict | None) -> CfgNode:
-    from config import config_from_yaml_text, get_config
+def load_config(cfg: str | None, opts: Sequence[str] | None) -> CfgNode:
+    """The config of a walk without a checkpoint: ``--cfg`` with ``--opts``."""
+    from config import get_config
 
     if cfg:
         return get_config(cfg, opts)
-    if checkpoint is not None and isinstance(checkpoint.get("config"), str):
-        return config_from_yaml_text(checkpoint["config"], opts)
     raise UserError("pass --cfg (or --resume with a checkpoint that stores its config)")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from checkpoint import load_checkpoint_file
+    from config import config_for_checkpoint
     from data.build import build_transform
+    from data.class_names import resolve_class_names
     from data.robust import load_rgb
-
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import predict as predict_mod
+    from models import load_weights
 
     if args.image and not args.resume:
         raise UserError("--image draws the attention of trained weights; pass --resume CKPT as well")
     if args.image and not os.path.isfile(args.image):
         raise UserError(f"image {args.image} does not exist")
     checkpoint = load_checkpoint_file(args.resume) if args.resume else None
-    config = load_config(args.cfg, args.opts, checkpoint)
-    class_names: list[str] | None = None
     if checkpoint is not None:
-        config = predict_mod.config_for_checkpoint(config, checkpoint)
+        config = config_for_checkpoint(checkpoint, args.cfg, args.opts, source=args.resume)
+    else:
+        config = load_config(args.cfg, args.opts)
+    class_names: list[str] | None = None
     model, config = build_for_walk(config, args.img_size)
     weights = "random init (seed 0)"
     if checkpoint is not None:
-        predict_mod.load_weights(model, checkpoint, args.resume)
-        class_names = predict_mod.resolve_class_names(checkpoint, config.MODEL.NUM_CLASSES)
+        load_weights(model, checkpoint, "inference", name=args.resume)
+        class_names = resolve_class_names(checkpoint, config.MODEL.NUM_CLASSES)
         weights = os.path.basename(args.resume)
     size = int(config.DATA.IMG_SIZE)
     if args.image:

@@ -1,11 +1,17 @@
-"""Export a checkpoint's weights as safetensors (no pickle: loading it can never run code).
+"""Export a checkpoint's weights as safetensors or a plain weights file, in the release's or timm's layout.
 
     python scripts/export.py output/swin_demo_digits/demo/best.pth --out swin_demo.safetensors
+    python scripts/export.py best.pth --out swin_tiny_timm.pth --layout timm    # timm's model.load_state_dict
 
-The file carries the model weights plus, as metadata, the config (YAML text) and the class names,
-so ``--pretrained swin_demo.safetensors`` and ``scripts/predict.py`` work from it alone. V1 and V2
-checkpoints alike: buffers derived from the window (``relative_position_index``, V2's
-``relative_coords_table``, ``attn_mask``) are left out, as every loader rebuilds them.
+``.safetensors`` (no pickle: loading it can never run code) carries the weights plus, as metadata,
+the config (YAML text) and the class names, so ``--pretrained swin_demo.safetensors`` and
+``scripts/predict.py`` work from it alone (from an official training checkpoint, the yacs config
+it carries is exported as YAML). ``.pth`` holds ``{'model': weights}`` in the release's layout
+(what the official code's ``--pretrained``/``--resume`` read), or with ``--layout timm`` timm's
+bare state dict (merging at the start of the next stage, ``head.fc``), which timm's
+``swin_*``/``swinv2_*`` models load strictly. V1 and V2 alike: buffers derived from the window
+(``relative_position_index``, V2's ``relative_coords_table``, ``attn_mask``) are left out, as
+every loader rebuilds them.
 """
 
 from __future__ import annotations
@@ -17,38 +23,56 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from checkpoint import load_checkpoint_file  # noqa: E402
-from errors import report_user_errors  # noqa: E402
+from errors import UserError, report_user_errors  # noqa: E402
+from models.layouts import from_official, to_official  # noqa: E402
 from models.pretrained import DERIVED_KEYS, extract_state_dict  # noqa: E402
 
 
-def export(checkpoint_path: str, out_path: str) -> int:
-    """Write ``checkpoint_path``'s weights to ``out_path``; returns the number of tensors."""
+def export(checkpoint_path: str, out_path: str, layout: str = "official") -> int:
+    """Write ``checkpoint_path``'s weights to ``out_path`` (``.safetensors`` or ``.pth``) in
+    ``layout`` ('official' or 'timm'); returns the number of tensors."""
+    if not out_path.endswith((".safetensors", ".pth", ".pt")):
+        raise UserError(f"--out {out_path} must end in .safetensors or .pth")
     checkpoint = load_checkpoint_file(checkpoint_path)
     state = {
         k: v.contiguous() for k, v in extract_state_dict(checkpoint).items() if k.rsplit(".", 1)[-1] not in DERIVED_KEYS
     }
-    meta = {"format": "pt"}
+    state = from_official(to_official(state), layout)
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    if not out_path.endswith(".safetensors"):
+        # timm's models load a bare state dict; the release's code reads the 'model' entry.
+        torch.save(state if layout == "timm" else {"model": state}, out_path)
+        return len(state)
+    meta = {"format": "pt", "layout": layout}
     if isinstance(checkpoint.get("config"), str):
         meta["config"] = checkpoint["config"]
     if checkpoint.get("class_names"):
         meta["class_names"] = json.dumps(list(checkpoint["class_names"]))
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     save_file(state, out_path, metadata=meta)
     return len(state)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="a .pth checkpoint written by main.py (or a released one)")
-    p.add_argument("--out", required=True, help="the .safetensors file to write")
+    p.add_argument(
+        "checkpoint",
+        help="a .pth checkpoint written by main.py (or released weights, or an official training checkpoint)",
+    )
+    p.add_argument("--out", required=True, help="the file to write: .safetensors, or .pth")
+    p.add_argument(
+        "--layout", choices=["official", "timm"], default="official", help="key layout to write (default: official)"
+    )
     args = p.parse_args(argv)
-    if not args.out.endswith(".safetensors"):
-        print("error: --out must end in .safetensors", file=sys.stderr)
-        return 2
-    return report_user_errors(lambda: print(f"wrote {export(args.checkpoint, args.out)} tensors to {args.out}"))
+
+    def run() -> None:
+        n = export(args.checkpoint, args.out, args.layout)
+        sys.stdout.write(f"wrote {n} tensors ({args.layout} layout) to {args.out}\n")
+
+    return report_user_errors(run)
 
 
 if __name__ == "__main__":

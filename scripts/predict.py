@@ -6,8 +6,9 @@
 Folders are searched recursively for images. Preprocessing is the evaluation transform of the
 config (``data.build_transform(False, config)``) and the forward pass runs under the same
 autocast as ``main.py --eval``, so the predictions are the ones evaluation scores. The model is
-built from --cfg, else from the config stored in the checkpoint (its ``MODEL.TYPE`` picks Swin
-V1 or V2; the weights must be of that family); its number of classes is the checkpoint's. Class
+built from --cfg, else from the config stored in the checkpoint (ours, or the yacs config of an
+official training checkpoint; its ``MODEL.TYPE`` picks Swin V1 or V2; the weights must be of
+that family); its number of classes is the checkpoint's. Class
 names: the checkpoint's 'class_names'; else, for a 1,000-class model, the ImageNet-1K names timm
 ships; else the class indices. ``--json`` prints
 ``[{"path": ..., "top": [{"class": ..., "index": ..., "prob": ...}, ...]}, ...]``.
@@ -34,13 +35,10 @@ sys.path.insert(0, REPO_ROOT)
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
-from yacs.config import CfgNode  # noqa: E402
 
 from errors import UserError, report_user_errors  # noqa: E402
 
 logger = logging.getLogger("swin.predict")
-
-IMAGENET1K_CLASSES = 1000
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,93 +77,19 @@ def find_images(inputs: Sequence[str]) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # Model and class names
 # ---------------------------------------------------------------------------------------------
-def imagenet_class_names() -> list[str]:
-    """The 1,000 ImageNet-1K class names in the standard order (timm's shipped class lists)."""
-    try:
-        from timm.data import ImageNetInfo
-
-        info = ImageNetInfo()
-        return [info.index_to_description(i) for i in range(info.num_classes())]
-    except ImportError:
-        import timm
-
-        folder = os.path.join(os.path.dirname(timm.__file__), "data", "_info")
-        with open(os.path.join(folder, "imagenet_synsets.txt")) as f:
-            synsets = f.read().split()
-        lemmas: dict[str, str] = {}
-        with open(os.path.join(folder, "imagenet_synset_to_lemma.txt")) as f:
-            for line in f:
-                wnid, _, lemma = line.rstrip("\n").partition("\t")
-                lemmas[wnid] = lemma
-        return [lemmas.get(w, w) for w in synsets]
-
-
-def resolve_class_names(checkpoint: dict[str, Any], num_classes: int) -> list[str]:
-    """Names of the ``num_classes`` outputs: the checkpoint's 'class_names', else ImageNet-1K's for a
-    1,000-class model, else the indices as strings."""
-    names = checkpoint.get("class_names") if isinstance(checkpoint, dict) else None
-    if isinstance(names, (list, tuple)) and len(names) == num_classes and all(isinstance(n, str) for n in names):
-        return list(names)
-    if names:
-        logger.warning("checkpoint has %d class names for %d outputs; ignoring them", len(names), num_classes)
-    if num_classes == IMAGENET1K_CLASSES:
-        return imagenet_class_names()
-    return [str(i) for i in range(num_classes)]
-
-
-def config_for_checkpoint(config: CfgNode, checkpoint: dict[str, Any]) -> CfgNode:
-    """``config`` with MODEL.NUM_CLASSES set to the checkpoint's classifier size (a training config
-    file keeps the default 1,000; the trainer sets the dataset's count)."""
-    from models.pretrained import extract_state_dict
-
-    head = extract_state_dict(checkpoint).get("head.weight")
-    if head is None or head.shape[0] == config.MODEL.NUM_CLASSES:
-        return config
-    config = config.clone()
-    config.defrost()
-    config.MODEL.NUM_CLASSES = int(head.shape[0])
-    config.freeze()
-    return config
-
-
-def load_weights(model: nn.Module, checkpoint: dict[str, Any], path: str = "checkpoint") -> None:
-    """Load a checkpoint's weights for inference; UserError unless every weight and the head fit."""
-    from models.pretrained import LoadReport, adapt_state_dict, extract_state_dict
-
-    report = LoadReport()
-    weights = adapt_state_dict(model, extract_state_dict(checkpoint), report)
-    if report.head not in ("loaded", "mapped-22k-to-1k"):
-        raise UserError(
-            f"{path} has no classifier for this model's {getattr(model, 'num_classes', '?')} classes; "
-            f"train or fine-tune one first"
-        )
-    result = model.load_state_dict(weights, strict=False)
-    if result.missing_keys:
-        raise UserError(
-            f"{path} lacks {len(result.missing_keys)} weights of this model "
-            f"(e.g. {result.missing_keys[:3]}); check --cfg"
-        )
-    logger.info("loaded %s (%d tensors, head %s)", path, len(weights), report.head)
-
-
 def load_classifier(
     resume: str, cfg: str | None = None, opts: Sequence[str] | None = None, device: torch.device | str = "cpu"
 ) -> tuple:
     """(model in eval mode on ``device``, config, class names) for checkpoint ``resume``."""
     from checkpoint import load_checkpoint_file
-    from config import config_from_yaml_text, get_config
-    from models import build_model
+    from config import config_for_checkpoint
+    from data.class_names import resolve_class_names
+    from models import build_model, load_weights
 
     checkpoint = load_checkpoint_file(resume)
-    if cfg:
-        config = get_config(cfg, opts)
-    elif isinstance(checkpoint.get("config"), str):
-        config = config_from_yaml_text(checkpoint["config"], opts)
-    else:
-        raise UserError(f"{resume} stores no config; pass --cfg")
-    config = config_for_checkpoint(config, checkpoint)
+    config = config_for_checkpoint(checkpoint, cfg, opts, source=resume)
     model = build_model(config)
-    load_weights(model, checkpoint, resume)
+    load_weights(model, checkpoint, "inference", name=resume)
     model.to(device)
     model.eval()
     return model, config, resolve_class_names(checkpoint, config.MODEL.NUM_CLASSES)
@@ -286,7 +210,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and/or folders (searched recursively)"
     )
-    p.add_argument("--resume", required=True, help="checkpoint to load (a main.py checkpoint or released weights)")
+    p.add_argument(
+        "--resume",
+        required=True,
+        help="checkpoint to load (a main.py checkpoint, released weights or an official training checkpoint)",
+    )
     p.add_argument("--cfg", help="config YAML (default: the config stored in the checkpoint)")
     p.add_argument("--opts", nargs="+", default=None, help="config overrides: KEY VALUE pairs")
     p.add_argument("--topk", type=int, default=5, help="classes to show per image (default 5)")

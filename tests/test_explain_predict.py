@@ -260,10 +260,12 @@ def test_predict_cli_bad_path_is_one_line_error_exit_2(tmp_path, capsys):
 
 
 def test_class_names_checkpoint_then_imagenet_then_indices():
-    assert predict.resolve_class_names({"class_names": ["cat", "dog"]}, 2) == ["cat", "dog"]
-    names = predict.resolve_class_names({}, 1000)
+    from data.class_names import resolve_class_names
+
+    assert resolve_class_names({"class_names": ["cat", "dog"]}, 2) == ["cat", "dog"]
+    names = resolve_class_names({}, 1000)
     assert len(names) == 1000 and names[0].startswith("tench") and names[999].startswith("toilet tissue")
-    assert predict.resolve_class_names({"class_names": ["a"]}, 3) == ["0", "1", "2"]
+    assert resolve_class_names({"class_names": ["a"]}, 3) == ["0", "1", "2"]
 
 
 # ---------------------------------------------------------------------------------------------
