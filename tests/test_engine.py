@@ -164,16 +164,22 @@ def test_replaced_images_are_logged_once_and_counted_per_epoch(caplog):
 
 
 def test_evaluate_counts_every_image_and_reports_top1_top5():
-    config, model, *_ = _setup()
-    loader = _batches(3, batch=5)
+    # 12 classes, so top-5 is a real cut (with 5 classes it would always be 100 %).
+    config, model, *_ = _setup(["MODEL.NUM_CLASSES", "12"])
+    g = torch.Generator().manual_seed(5)
+    loader = [
+        (torch.randn(5, 3, 32, 32, generator=g), torch.randint(0, 12, (5,), generator=g), ("",) * 5) for _ in range(3)
+    ]
     stats = evaluate(config, loader, model, CPU)
     assert stats["count"] == 15
     with torch.no_grad():
         logits = torch.cat([model.eval()(x) for x, _, _ in loader])
     targets = torch.cat([t for _, t, _ in loader])
-    top1 = (logits.argmax(1) == targets).float().mean().item() * 100
-    assert stats["acc1"] == pytest.approx(top1)
-    assert stats["acc5"] == pytest.approx(100.0)  # 5 classes: the top 5 always hold the target
+    # Counted independently: the rank of each target's logit among the 12.
+    rank = (logits > logits.gather(1, targets[:, None])).sum(1)
+    assert stats["acc1"] == pytest.approx((rank == 0).float().mean().item() * 100)
+    assert stats["acc5"] == pytest.approx((rank < 5).float().mean().item() * 100)
+    assert 0 < stats["acc5"] < 100  # the fixed seed gives a case where top-5 matters
     assert stats["loss"] == pytest.approx(nn.functional.cross_entropy(logits, targets).item(), rel=1e-5)
 
 

@@ -138,15 +138,25 @@ def test_block_with_gather_equals_block_with_roll_exactly(hw):
 
 
 def test_permutation_built_under_inference_mode_serves_training():
-    model = _demo_model()
-    x = torch.randn(2, 3, 32, 32)
+    import models.windows as windows_module
+
+    model = _demo_model(**{"MODEL.DROP_PATH_RATE": 0.0})
+    reference = copy.deepcopy(model)
     # Fresh sizes, so the permutations and masks are first built inside inference_mode.
     x_odd = torch.randn(2, 3, 36, 44)
+    windows_module._PERMUTATIONS.clear()
     with torch.inference_mode():
         model.eval()(x_odd)
-    model.train()
-    model(x_odd).sum().backward()
-    model(x).sum().backward()
+    built = list(windows_module._PERMUTATIONS.values())
+    assert built and not any(t.is_inference() for pair in built for t in pair)
+    # Training reuses them (an inference tensor saved for backward would raise) with the same
+    # gradients as a model whose permutations were built outside inference_mode.
+    model.train()(x_odd).sum().backward()
+    windows_module._PERMUTATIONS.clear()
+    reference.train()(x_odd).sum().backward()
+    grads = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.equal(p.grad, grads[name].grad), name
 
 
 # ---------------------------------------------------------------------------------------------
