@@ -38,17 +38,32 @@ _C.DATA.DATASET = "imagenet"
 _C.DATA.IMG_SIZE = 224
 # Interpolation for resizing: 'random', 'bilinear' or 'bicubic'.
 _C.DATA.INTERPOLATION = "bicubic"
-# Read images from zip archives (official release option; accepted, folders are read directly).
+# Read the zip layout instead of folders: DATA_PATH/{train,val}.zip with {train,val}_map.txt
+# ('relative/path<TAB>label' per line); ImageNet-1K style only (data/zip_dataset.py).
 _C.DATA.ZIP_MODE = False
-# Cache mode of the zip reader: 'no', 'full' or 'part' (accepted for compatibility).
+# What each rank keeps of the zip in RAM: 'no' nothing, 'full' every image, 'part' the indices
+# i % world_size == rank. Sampling stays the global shuffle in every mode; val caches 'part' unless 'no'.
 _C.DATA.CACHE_MODE = "part"
+# On-disk layout: 'folder' (ImageFolder train/ and val/), 'zip' (the same as ZIP_MODE True) or
+# 'shards' (WebDataset-style tar shards, data/shards.py; README "Sharded tar datasets").
+_C.DATA.FORMAT = "folder"
+# Training shards for FORMAT shards: a brace pattern (/d/train-{000000..000146}.tar), a glob, a
+# folder of .tar files or one .tar; "" means the folder DATA_PATH/train.
+_C.DATA.SHARDS_TRAIN = ""
+# Validation shards, given as SHARDS_TRAIN is; "" means the folder DATA_PATH/val.
+_C.DATA.SHARDS_VAL = ""
+# Shards: samples in the training shuffle buffer of each rank (0 or 1: shard order, no buffer).
+_C.DATA.SHUFFLE_BUFFER = 2000
+# Shards: training samples per epoch over all ranks (0: every sample of the shard index once);
+# each rank takes ceil(EPOCH_SAMPLES / world size), so every rank runs the same number of steps.
+_C.DATA.EPOCH_SAMPLES = 0
 # Pin CPU memory in the DataLoader for faster host-to-device copies.
 _C.DATA.PIN_MEMORY = True
 # DataLoader worker processes per rank.
 _C.DATA.NUM_WORKERS = 8
-# SimMIM mask patch size (official key, unused by supervised training).
+# SimMIM: side in pixels of the square patches masked together (a multiple of the model patch).
 _C.DATA.MASK_PATCH_SIZE = 32
-# SimMIM mask ratio (official key, unused by supervised training).
+# SimMIM: fraction of mask patches masked in each image (rounded up).
 _C.DATA.MASK_RATIO = 0.6
 # Fail on the first unreadable image instead of substituting another sample.
 _C.DATA.STRICT = False
@@ -73,6 +88,14 @@ _C.MODEL.DROP_RATE = 0.0
 _C.MODEL.DROP_PATH_RATE = 0.1
 # Label smoothing, used when Mixup/CutMix are off.
 _C.MODEL.LABEL_SMOOTHING = 0.1
+
+# SimMIM pre-training (official keys; read with TRAIN.PRETRAIN simmim)
+_C.MODEL.SIMMIM = CN()
+_C.MODEL.SIMMIM.NORM_TARGET = CN()
+# Predict each pixel normalised by the mean and std of its neighbourhood instead of raw pixels.
+_C.MODEL.SIMMIM.NORM_TARGET.ENABLE = False
+# Side of that neighbourhood (odd).
+_C.MODEL.SIMMIM.NORM_TARGET.PATCH_SIZE = 47
 
 # Swin Transformer parameters
 _C.MODEL.SWIN = CN()
@@ -174,8 +197,10 @@ _C.TRAIN.COMPILE_BACKEND = "inductor"
 _C.TRAIN.STEP_SAVE_FREQ = 0
 # Stop after this many non-finite losses in a row (fp32/bf16; fp16 is handled by the scaler).
 _C.TRAIN.MAX_NONFINITE_STEPS = 20
-# Layer-wise learning-rate decay (official key; 1.0 = off).
+# Layer-wise lr decay (official key; 1.0 = off): lr x LAYER_DECAY^(sum(depths) + 1 - layer id); see README.
 _C.TRAIN.LAYER_DECAY = 1.0
+# Self-supervised pre-training instead of classification: '' (off) or 'simmim' (--pretrain simmim).
+_C.TRAIN.PRETRAIN = ""
 
 # LR scheduler
 _C.TRAIN.LR_SCHEDULER = CN()
@@ -374,6 +399,25 @@ def _coerce_types(config: CN) -> None:
         raise UserError(f"MODEL.SWIN.QK_SCALE must be a number or null, not {config.MODEL.SWIN.QK_SCALE!r}")
     if config.AUG.CUTMIX_MINMAX is not None and isinstance(config.AUG.CUTMIX_MINMAX, str):
         config.AUG.CUTMIX_MINMAX = ast.literal_eval(config.AUG.CUTMIX_MINMAX)
+    _reconcile_data_format(config)
+
+
+DATA_FORMATS = ("folder", "zip", "shards")
+
+
+def _reconcile_data_format(config: CN) -> None:
+    """Make DATA.FORMAT and DATA.ZIP_MODE (--zip) say the same thing: 'zip' sets ZIP_MODE and
+    ZIP_MODE makes the format 'zip', so code reading either key sees the zip layout."""
+    fmt = str(config.DATA.FORMAT).strip().lower()
+    if fmt not in DATA_FORMATS:
+        raise UserError(f"DATA.FORMAT is {config.DATA.FORMAT!r}; use one of {', '.join(DATA_FORMATS)}")
+    if config.DATA.ZIP_MODE and fmt == "shards":
+        raise UserError("--zip (DATA.ZIP_MODE) and DATA.FORMAT shards name two layouts; keep one of them")
+    if fmt == "zip":
+        config.DATA.ZIP_MODE = True
+    elif config.DATA.ZIP_MODE:
+        fmt = "zip"
+    config.DATA.FORMAT = fmt
 
 
 # MODEL.TYPE -> the section of MODEL that describes the architecture.
@@ -386,6 +430,17 @@ def model_section(config: CN) -> CN:
     if name is None:
         raise UserError(f"unknown MODEL.TYPE {config.MODEL.TYPE!r}; use one of {', '.join(map(repr, MODEL_SECTIONS))}")
     return config.MODEL[name]
+
+
+PRETRAIN_MODES = ("", "simmim")
+
+
+def is_pretraining(config: CN) -> bool:
+    """True for SimMIM pre-training (``TRAIN.PRETRAIN simmim``); an unknown mode is a ``UserError``."""
+    mode = str(config.TRAIN.PRETRAIN).strip().lower()
+    if mode not in PRETRAIN_MODES:
+        raise UserError(f"TRAIN.PRETRAIN is {config.TRAIN.PRETRAIN!r}; use 'simmim' or '' (supervised training)")
+    return mode == "simmim"
 
 
 def check_model_section(config: CN) -> None:
@@ -449,6 +504,7 @@ def config_from_args(args: argparse.Namespace) -> CN:
         "TRAIN.USE_CHECKPOINT": True if args.use_checkpoint else None,
         "TRAIN.COMPILE": True if getattr(args, "compile", False) else None,
         "TRAIN.OPTIMIZER.NAME": args.optim,
+        "TRAIN.PRETRAIN": getattr(args, "pretrain", None),
         "AMP_ENABLE": False if args.disable_amp else None,
         "OUTPUT": args.output,
         "TAG": args.tag,
@@ -478,6 +534,46 @@ def dump_config(config: CN, path: str) -> None:
     """Write the merged config as YAML (the record of a run)."""
     with open(path, "w") as f:
         f.write(config.dump())
+
+
+def _head_rows(checkpoint: dict) -> int | None:
+    """Output count of a checkpoint's classifier (release, timm or torchvision names), or None."""
+    state = checkpoint
+    for key in ("model", "state_dict"):
+        if isinstance(checkpoint.get(key), dict):
+            state = checkpoint[key]
+            break
+    for key in ("head.weight", "head.fc.weight", "module.head.weight"):
+        value = state.get(key)
+        if value is not None and getattr(value, "ndim", 0) == 2:
+            return int(value.shape[0])
+    return None
+
+
+def config_for_checkpoint(
+    checkpoint: dict, cfg_file: str | None = None, opts: Sequence[str] | None = None, source: str = "checkpoint"
+) -> CN:
+    """The config that rebuilds a checkpoint's model, frozen.
+
+    ``cfg_file`` (with ``opts``) when given, else the YAML text the checkpoint carries (ours, or an
+    official training checkpoint's yacs config as loaded); MODEL.NUM_CLASSES is then the
+    checkpoint's classifier size (a training config file keeps the default 1,000; the trainer set
+    the dataset's count). No config anywhere is a one-line ``UserError``.
+    """
+    if cfg_file:
+        config = get_config(cfg_file, opts)
+    elif isinstance(checkpoint.get("config"), str):
+        config = config_from_yaml_text(checkpoint["config"], opts)
+    else:
+        raise UserError(f"{source} stores no config; pass --cfg with the config it was trained with")
+    rows = _head_rows(checkpoint)
+    if rows is None or rows == config.MODEL.NUM_CLASSES:
+        return config
+    config = config.clone()
+    config.defrost()
+    config.MODEL.NUM_CLASSES = rows
+    config.freeze()
+    return config
 
 
 def config_from_yaml_text(text: str, opts: Sequence[str] | None = None) -> CN:

@@ -21,12 +21,14 @@ from checkpoint import (
     capture_rng_state,
     config_yaml,
     find_resume_checkpoint,
+    is_official_training_checkpoint,
     load_checkpoint_file,
+    restore_official_training_state,
     restore_rng_state,
     save_epoch_checkpoint,
     save_step_checkpoint,
 )
-from config import config_from_args, default_config, dump_config, model_section
+from config import config_from_args, default_config, dump_config, is_pretraining, model_section
 from data import build_loader
 from distributed import (
     DistEnv,
@@ -41,12 +43,19 @@ from distributed import (
     seed_everything,
     wrap_ddp,
 )
-from engine import StepHooks, StopTraining, TrainState, evaluate, throughput, train_one_epoch
+from engine import (
+    StepHooks,
+    StopTraining,
+    TrainState,
+    evaluate,
+    evaluate_reconstruction,
+    throughput,
+    train_one_epoch,
+)
 from errors import UserError, report_user_errors
 from logger import create_logger
 from lr_scheduler import build_scheduler
-from models import build_model, compile_model, load_pretrained
-from models.pretrained import LoadReport, adapt_state_dict, extract_state_dict
+from models import build_model, compile_model, load_weights
 from optimizer import build_optimizer, load_optimizer_state, scaled_lrs
 from preemption import StopRequest
 
@@ -55,6 +64,8 @@ _EXAMPLES = """examples:
   torchrun --nproc_per_node=8 main.py --cfg configs/swin_tiny.yaml --data-path /data/imagenet  # one node, 8 GPUs
   python main.py --cfg configs/swin_tiny.yaml --eval --resume best.pth --data-path /data/imagenet
   python main.py --cfg configs/swin_tiny.yaml --throughput --batch-size 8                 # no data needed
+  python main.py --cfg configs/simmim/simmim_pretrain__swin_base__img192_window6__800ep.yaml --pretrain simmim \
+      --data-path /data/images                                                          # SimMIM pre-training
 
 Every config key can be set with --opts KEY VALUE ...; the flags above are shortcuts for the
 common ones (the config key each sets is named in brackets, with its default). Flag spellings of the official
@@ -112,13 +123,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     data.add_argument("--dataset", type=str, help="imagenet (any ImageFolder) or imagenet22K [DATA.DATASET]")
     data.add_argument("--batch-size", "--batch_size", type=int, help="batch size per process [DATA.BATCH_SIZE]")
-    data.add_argument("--zip", action="store_true", help="zipped datasets (accepted for compatibility) [DATA.ZIP_MODE]")
+    data.add_argument(
+        "--zip",
+        action="store_true",
+        help="read DATA_PATH/{train,val}.zip and {train,val}_map.txt instead of folders [DATA.ZIP_MODE]",
+    )
     data.add_argument(
         "--cache-mode",
         "--cache_mode",
         type=str,
         choices=["no", "full", "part"],
-        help="zip cache mode [DATA.CACHE_MODE]",
+        help="with --zip, images each rank keeps in RAM: no (none), part (1/world of them) or full [DATA.CACHE_MODE]",
     )
 
     weights = p.add_argument_group("weights and checkpoints")
@@ -146,6 +161,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--disable_amp", "--disable-amp", action="store_true", help="run in fp32 (AMP_ENABLE False) [AMP_ENABLE]"
     )
     train.add_argument("--optim", type=str, help="adamw or sgd [TRAIN.OPTIMIZER.NAME]")
+    train.add_argument(
+        "--pretrain",
+        type=str,
+        choices=["simmim"],
+        help="self-supervised pre-training on unlabelled images instead of classification [TRAIN.PRETRAIN]",
+    )
     train.add_argument("--compile", action="store_true", help="torch.compile, block by block [TRAIN.COMPILE]")
     train.add_argument(
         "--fused_window_process",
@@ -202,33 +223,21 @@ def load_resume(
     env: DistEnv,
     logger,
     model_only: bool,
+    steps_per_epoch: int = 0,
 ) -> dict:
-    """Restore a full training state (or only the weights with ``model_only``)."""
+    """Restore a full training state (or only the weights with ``model_only``); a training
+    checkpoint of the official release goes on at its next epoch (``steps_per_epoch`` places the
+    lr schedule)."""
     checkpoint = load_checkpoint_file(path)
-    report = LoadReport()
-    weights = adapt_state_dict(model, extract_state_dict(checkpoint), report, source=path)
-    if report.head != "loaded":
-        raise UserError(f"{path} has a classifier for another number of classes; use --pretrained to fine-tune from it")
-    # A checkpoint of a deeper model (extra blocks) or another window size used to load without a
-    # word: its extra weights were dropped, its bias tables resized. That is another architecture.
-    if report.unexpected:
-        raise UserError(
-            f"{path} has {len(report.unexpected)} weights this model lacks (e.g. {report.unexpected[:3]}); "
-            "it is another architecture: check --cfg (or fine-tune from it with --pretrained)"
-        )
-    if report.resized:
-        raise UserError(
-            f"{path} has {len(report.resized)} tensors of another window or image size (e.g. "
-            f"{report.resized[:2]}); check --cfg (or fine-tune from it with --pretrained)"
-        )
-    result = model.load_state_dict(weights, strict=False)
-    if result.missing_keys:
-        raise UserError(
-            f"{path} lacks {len(result.missing_keys)} weights of this model (e.g. {result.missing_keys[:3]}); "
-            "check --cfg"
-        )
+    load_weights(model, checkpoint, "resume", name=path)
     logger.info("resumed weights from %s", path)
     if model_only or "optimizer" not in checkpoint:
+        return checkpoint
+    if is_official_training_checkpoint(checkpoint):
+        state.epoch, state.step, state.max_accuracy = restore_official_training_state(
+            checkpoint, path, model, optimizer, lr_scheduler, scaler, steps_per_epoch
+        )
+        logger.info("resuming at epoch %d (optimizer step %d)", state.epoch, state.step)
         return checkpoint
     load_optimizer_state(optimizer, checkpoint["optimizer"])
     lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
@@ -314,12 +323,16 @@ def run(args: argparse.Namespace) -> dict | None:
     config.MODEL.NUM_CLASSES = data.num_classes
     config.freeze()
     save_run_config(config, env, logger)
-    logger.info(
-        "%d train / %d val images, %d classes",
-        len(data.dataset_train),
-        len(data.dataset_val),
-        data.num_classes,
-    )
+    pretraining = is_pretraining(config)
+    n_val = len(data.dataset_val) if data.dataset_val is not None else 0
+    if pretraining:
+        logger.info("SimMIM pre-training: %d train / %d val images (labels unused)", len(data.dataset_train), n_val)
+        if config.EVAL_MODE and data.loader_val is None:
+            raise UserError(f"--eval needs a val/ folder of images in {config.DATA.DATA_PATH} to score reconstructions")
+    else:
+        logger.info("%d train / %d val images, %d classes", len(data.dataset_train), n_val, data.num_classes)
+        if config.MODEL.NAME.startswith("simmim_pretrain"):
+            logger.warning("%s is a SimMIM pre-training config: add --pretrain simmim to pre-train", config.MODEL.NAME)
 
     model = build_model(config)
     n_params = sum(p.numel() for p in model.parameters())
@@ -333,7 +346,8 @@ def run(args: argparse.Namespace) -> dict | None:
     lr_scheduler = build_scheduler(config, optimizer, steps_per_epoch, base_lr, warmup_lr, min_lr)
     amp_dtype = resolve_amp_dtype(env.device, config.AMP_DTYPE)
     scaler = make_grad_scaler(env.device, config.AMP_ENABLE, amp_dtype)
-    criterion = build_criterion(config, data.mixup_fn is not None)
+    # SimMIM returns its own reconstruction loss.
+    criterion = None if pretraining else build_criterion(config, data.mixup_fn is not None)
     state = TrainState()
 
     resume_path = config.MODEL.RESUME
@@ -345,10 +359,20 @@ def run(args: argparse.Namespace) -> dict | None:
             resume_path = found
     if resume_path:
         load_resume(
-            resume_path, model, optimizer, lr_scheduler, scaler, state, env, logger, model_only=config.EVAL_MODE
+            resume_path,
+            model,
+            optimizer,
+            lr_scheduler,
+            scaler,
+            state,
+            env,
+            logger,
+            model_only=config.EVAL_MODE,
+            steps_per_epoch=steps_per_epoch,
         )
     elif config.MODEL.PRETRAINED:
-        load_pretrained(model, config.MODEL.PRETRAINED)
+        # Pre-training from supervised weights starts the encoder from them; the decoder stays new.
+        load_weights(model.encoder if pretraining else model, config.MODEL.PRETRAINED, "finetune")
 
     if config.TRAIN.COMPILE and config.TRAIN.COMPILE_SCOPE == "blocks":
         compile_model(model, "blocks", config.TRAIN.COMPILE_BACKEND)  # in place: DDP below wraps the same module
@@ -369,9 +393,11 @@ def run(args: argparse.Namespace) -> dict | None:
         )
         return {"complete": True, "max_accuracy": state.max_accuracy}
 
-    if config.EVAL_MODE or (config.MODEL.PRETRAINED and not resume_path):
-        stats = evaluate(config, data.loader_val, model, env)
-        logger.info(f"Accuracy of the network on the {stats['count']} test images: {stats['acc1']:.2f}%")
+    validate = evaluate_reconstruction if pretraining else evaluate
+    if (config.EVAL_MODE or (config.MODEL.PRETRAINED and not resume_path)) and data.loader_val is not None:
+        stats = validate(config, data.loader_val, model, env)
+        if not pretraining:
+            logger.info(f"Accuracy of the network on the {stats['count']} test images: {stats['acc1']:.2f}%")
         if config.EVAL_MODE:
             return stats
 
@@ -443,19 +469,22 @@ def run(args: argparse.Namespace) -> dict | None:
                 hooks,
                 writer,
             )
-            stats = evaluate(config, data.loader_val, model, env)
-            is_best = stats["acc1"] > state.max_accuracy
-            state.max_accuracy = max(state.max_accuracy, stats["acc1"])
-            logger.info(
-                f"Accuracy of the network on the {stats['count']} test images: {stats['acc1']:.2f}%; "
-                f"max accuracy {state.max_accuracy:.2f}%"
-            )
+            stats = validate(config, data.loader_val, model, env) if data.loader_val is not None else {}
+            # Pre-training has no accuracy: checkpoints follow SAVE_FREQ only, as released.
+            is_best = "acc1" in stats and stats["acc1"] > state.max_accuracy
+            if "acc1" in stats:
+                state.max_accuracy = max(state.max_accuracy, stats["acc1"])
+                logger.info(
+                    f"Accuracy of the network on the {stats['count']} test images: {stats['acc1']:.2f}%; "
+                    f"max accuracy {state.max_accuracy:.2f}%"
+                )
             if writer is not None:
-                writer.add_scalar("val/acc1", stats["acc1"], epoch)
-                writer.add_scalar("val/acc5", stats["acc5"], epoch)
-                writer.add_scalar("val/loss", stats["loss"], epoch)
+                for key in ("acc1", "acc5", "loss"):
+                    if key in stats:
+                        writer.add_scalar(f"val/{key}", stats[key], epoch)
                 writer.add_scalar("train/epoch_loss", train_stats["loss"], epoch)
                 writer.flush()
+            stats["train_loss"] = train_stats["loss"]
             # A new best is always saved, so best.pth never lags behind a SAVE_FREQ boundary.
             if epoch % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1 or is_best:
                 payload = checkpoint_state(step_level=False)

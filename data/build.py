@@ -22,11 +22,15 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from yacs.config import CfgNode
 
+from config import is_pretraining
 from errors import UserError
 
 from .imagenet22k import NUM_CLASSES_22K, ImageNet22KList, annotation_file
 from .robust import RobustImageDataset, load_rgb
 from .samplers import ExactEvalSampler, ResumableSampler
+from .shards import build_shard_dataset, build_shard_sampler
+from .simmim import SimMIMTransform, build_pretraining_dataset, pretraining_folders
+from .zip_dataset import build_zip_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +192,20 @@ def _image_folder(root: str, split: str, transform: Callable) -> ImageFolder:
     return folder
 
 
-def build_dataset(is_train: bool, config: CfgNode, substitute: bool | None = None) -> tuple[RobustImageDataset, int]:
+def _process_rank() -> tuple[int, int]:
+    """(rank, world size) of this process: the process group's, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def build_dataset(
+    is_train: bool,
+    config: CfgNode,
+    substitute: bool | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> tuple[RobustImageDataset, int]:
     """The train or val dataset and the number of classes of the model.
 
     Returns ``(dataset, num_classes)``; ``dataset[i]`` is ``(image, target, replaced)`` as
@@ -199,20 +216,44 @@ def build_dataset(is_train: bool, config: CfgNode, substitute: bool | None = Non
     DATA.DATASET 'imagenet': ImageFolder over ``DATA_PATH/train`` or ``DATA_PATH/val``,
     ``num_classes`` = number of class folders. 'imagenet22K': the same folder layout when
     present, else the official annotation lists ``ILSVRC2011fall_whole_map_{train,val}.txt``;
-    ``num_classes`` is 21,841 either way. Raises ``UserError`` for a missing or inconsistent
-    dataset.
+    ``num_classes`` is 21,841 either way. With DATA.ZIP_MODE ('imagenet' only): the zip layout
+    ``{train,val}.zip`` + ``{train,val}_map.txt`` read by ``data/zip_dataset.py``, ``num_classes``
+    = largest label + 1, cached per DATA.CACHE_MODE for ``rank`` of ``world_size`` (default: the
+    process group's; the train set is not cached under EVAL_MODE). With DATA.FORMAT shards: the
+    tar shards of DATA.SHARDS_TRAIN / SHARDS_VAL as a ``data.shards.ShardDataset`` (same item
+    format). Raises ``UserError`` for a missing or inconsistent dataset.
     """
     root = config.DATA.DATA_PATH
     kind = config.DATA.DATASET
     if kind not in DATASETS:
         raise UserError(f"DATA.DATASET is {kind!r}; use 'imagenet' (any ImageFolder) or 'imagenet22K'")
+    if config.DATA.FORMAT == "shards":
+        # WebDataset-style tar shards (data/shards.py); DATA_PATH is only their default location.
+        shard_substitute = is_train if substitute is None else substitute
+        cap = NUM_CLASSES_22K if kind == "imagenet22K" else None
+        return build_shard_dataset(config, is_train, build_transform(is_train, config), shard_substitute, cap)
     _check_data_path(root)
-    if config.DATA.ZIP_MODE:
-        logger.warning("DATA.ZIP_MODE is accepted for compatibility only; reading image folders directly")
+    if config.DATA.ZIP_MODE and kind == "imagenet22K":
+        raise UserError(
+            "--zip reads the ImageNet-1K zip layout only; ImageNet-22K from zips is not supported yet: "
+            "drop --zip and use the 22K class folders or annotation lists"
+        )
     transform = build_transform(is_train, config)
     split = "train" if is_train else "val"
 
-    if kind == "imagenet22K" and not (
+    if config.DATA.ZIP_MODE:
+        group_rank, group_size = _process_rank()
+        # --eval never reads the train set: caching it would only cost time and memory.
+        cache_mode = "no" if is_train and config.EVAL_MODE else str(config.DATA.CACHE_MODE)
+        base, num_classes = build_zip_dataset(
+            root,
+            is_train,
+            transform,
+            cache_mode,
+            rank=group_rank if rank is None else rank,
+            world_size=group_size if world_size is None else world_size,
+        )
+    elif kind == "imagenet22K" and not (
         _has_class_folders(os.path.join(root, "train")) and _has_class_folders(os.path.join(root, "val"))
     ):
         base: Any = ImageNet22KList(root, annotation_file(root, is_train), transform=transform)
@@ -256,12 +297,16 @@ class DataBundle:
     ("" where the sample was read normally, else the unreadable file's path). In training such a
     row holds the next readable sample; in validation it holds a placeholder that
     ``engine.evaluate`` excludes. ``mixup_fn`` is None when Mixup/CutMix are off.
+
+    SimMIM pre-training (``TRAIN.PRETRAIN simmim``): images are ``(images, masks)`` pairs (see
+    ``data/simmim.py``), targets are all 0, ``num_classes`` is 0, and the validation set and
+    loader are None when the data folder has no ``val/``.
     """
 
     dataset_train: RobustImageDataset
-    dataset_val: RobustImageDataset
+    dataset_val: RobustImageDataset | None
     loader_train: DataLoader
-    loader_val: DataLoader
+    loader_val: DataLoader | None
     sampler_train: ResumableSampler
     sampler_val: ExactEvalSampler
     mixup_fn: Mixup | None
@@ -372,15 +417,48 @@ def build_loader(
     if num_workers < 0:
         raise UserError(f"DATA.NUM_WORKERS is {num_workers}; use 0 (load in the main process) or more")
     num_workers = loader_workers(num_workers, local_world_size())
-    _check_mixup(config)
+    pretraining = is_pretraining(config)
+    if not pretraining:
+        _check_mixup(config)
 
-    dataset_train, num_classes = build_dataset(True, config)
-    dataset_val, _ = build_dataset(False, config)
+    if pretraining and config.DATA.FORMAT == "shards":
+        raise UserError("SimMIM pre-training reads class folders or --zip, not DATA.FORMAT shards yet")
+    if pretraining and config.DATA.ZIP_MODE:
+        # The release's zip layout; its labels are read and ignored.
+        _check_data_path(config.DATA.DATA_PATH)
+        zips = {
+            is_train: build_zip_dataset(
+                config.DATA.DATA_PATH,
+                is_train,
+                SimMIMTransform(config, is_train),
+                str(config.DATA.CACHE_MODE),
+                rank=rank,
+                world_size=world_size,
+            )[0]
+            for is_train in (True, False)
+        }
+        dataset_train = RobustImageDataset(zips[True], strict=bool(config.DATA.STRICT), substitute=True)
+        dataset_val = RobustImageDataset(zips[False], strict=bool(config.DATA.STRICT), substitute=False)
+        num_classes = 0
+    elif pretraining:
+        train_dir, val_dir = pretraining_folders(config.DATA.DATA_PATH)
+        dataset_train = build_pretraining_dataset(config, train_dir, is_train=True)
+        dataset_val = build_pretraining_dataset(config, val_dir, is_train=False) if val_dir else None
+        num_classes = 0
+    else:
+        dataset_train, num_classes = build_dataset(True, config)
+        dataset_val, _ = build_dataset(False, config)
 
     # Seeded per sample: augmentation is the same with any worker count and after a mid-epoch resume.
-    sampler_train = ResumableSampler(
-        len(dataset_train), world_size, rank, shuffle=True, seed=int(config.SEED), drop_last=False, sample_seeds=True
-    )
+    if config.DATA.FORMAT == "shards" and not pretraining:
+        # Shards in a per-epoch order, split across ranks by position, then a shuffle buffer.
+        sampler_train = build_shard_sampler(config, dataset_train, world_size, rank)
+    else:
+        n_train = len(dataset_train)
+        seed = int(config.SEED)
+        sampler_train = ResumableSampler(
+            n_train, world_size, rank, shuffle=True, seed=seed, drop_last=False, sample_seeds=True
+        )
     if sampler_train.num_samples < batch_size:
         raise UserError(
             f"DATA.BATCH_SIZE {batch_size} is larger than the {sampler_train.num_samples} training images per "
@@ -389,7 +467,9 @@ def build_loader(
         )
     if train_start_index:
         sampler_train.set_start_index(train_start_index)
-    sampler_val = ExactEvalSampler(len(dataset_val), world_size, rank)
+    # SimMIM's validation masks are random but the same in every evaluation.
+    val_seeds = int(config.SEED) if pretraining else None
+    sampler_val = ExactEvalSampler(len(dataset_val or ()), world_size, rank, sample_seeds_from=val_seeds)
 
     pin = bool(config.DATA.PIN_MEMORY) and pin_memory
     common: dict[str, Any] = dict(
@@ -406,9 +486,13 @@ def build_loader(
         generator=torch.Generator().manual_seed(int(config.SEED) + rank),
         **common,
     )
-    loader_val = DataLoader(dataset_val, sampler=sampler_val, shuffle=False, drop_last=False, **common)
+    loader_val = (
+        DataLoader(dataset_val, sampler=sampler_val, shuffle=False, drop_last=False, **common)
+        if dataset_val is not None
+        else None
+    )
 
-    mixup_fn = _build_mixup(config, num_classes)
+    mixup_fn = None if pretraining else _build_mixup(config, num_classes)
     logger.info(
         "rank %d/%d: %d train batches of %d per epoch, %d val images on this rank, mixup %s, pin_memory %s",
         rank,
@@ -428,5 +512,5 @@ def build_loader(
         sampler_val=sampler_val,
         mixup_fn=mixup_fn,
         num_classes=num_classes,
-        class_names=list(dataset_train.classes),
+        class_names=[] if pretraining else list(dataset_train.classes),
     )
