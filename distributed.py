@@ -164,11 +164,6 @@ def get_world_size() -> int:
     return dist.get_world_size() if _initialized() else 1
 
 
-def is_main_process() -> bool:
-    """True on rank 0 (the rank that logs to the console and writes checkpoints)."""
-    return get_rank() == 0
-
-
 def barrier() -> None:
     """Wait for every rank; returns at once without a process group."""
     if not _initialized() or get_world_size() == 1:

@@ -71,13 +71,10 @@ def _triton_importable() -> bool:
 
 
 def kernel_available(t: torch.Tensor) -> bool:
-    """True when Triton imports and ``t`` is on CUDA or ``TRITON_INTERPRET=1`` is set. Never raises."""
-    try:
-        if not _triton_importable():
-            return False
-        return bool(getattr(t, "is_cuda", False)) or _interpret_requested()
-    except Exception:  # pragma: no cover - defensive: this must never raise
+    """True when Triton imports and ``t`` is on CUDA or ``TRITON_INTERPRET=1`` is set."""
+    if not _triton_importable():
         return False
+    return bool(getattr(t, "is_cuda", False)) or _interpret_requested()
 
 
 # ----------------------------------------------------------------------------------------
