@@ -601,7 +601,7 @@ def test_v2_checkpoint_predicts_and_exports(v2_checkpoint, tmp_path, capsys):
 
     out = str(tmp_path / "v2.safetensors")
     assert export.main([v2_checkpoint["ckpt"], "--out", out]) == 0
-    assert capsys.readouterr().out.strip() == f"wrote {len(saved)} tensors to {out}"
+    assert capsys.readouterr().out.strip() == f"wrote {len(saved)} tensors (official layout) to {out}"
     model2, config2, names2 = predict.load_classifier(out)
     assert isinstance(model2, SwinTransformerV2) and config2.MODEL.SWINV2.WINDOW_SIZE == 4 and names2 == V2_CLASSES
     assert all(torch.equal(v, saved[k]) for k, v in model2.state_dict().items())

@@ -324,7 +324,7 @@ def test_resume_with_other_groups_or_schedule_starts_a_fresh_optimizer_and_rebui
 def test_pretrained_fine_tunes_from_the_release_checkpoint(release, tmp_path, capsys):
     assert main_module.main(_args(release["data"], tmp_path, "--tag", "ft", "--pretrained", release["path"])) == 0
     out = capsys.readouterr().out
-    assert f"loaded {release['path']}: " in out and "head loaded" in out
+    assert f"loaded {release['path']} for finetune: " in out and "head loaded" in out
     assert "Train: [0/2]" in out  # a fine-tuning run starts at epoch 0 with its own optimizer
     assert "official release" not in out
 
@@ -349,7 +349,7 @@ def test_predict_explain_and_export_read_the_release_checkpoint(release, tmp_pat
 
     out = str(tmp_path / "release.safetensors")
     assert export.main([release["path"], "--out", out]) == 0
-    assert capsys.readouterr().out.strip() == f"wrote {len(saved)} tensors to {out}"
+    assert capsys.readouterr().out.strip() == f"wrote {len(saved)} tensors (official layout) to {out}"
     exported = ck.load_checkpoint_file(out)
     assert config_from_yaml_text(exported["config"]).MODEL.SWIN.EMBED_DIM == 16
     assert predict.main(["--resume", out, image, "--json", "--device", "cpu"]) == 0

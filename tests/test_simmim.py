@@ -357,3 +357,25 @@ def test_pretraining_reads_the_release_zip_layout_with_the_same_images_and_masks
     (a_img, a_mask), _, _ = next(iter(folders.loader_val))
     (b_img, b_mask), _, _ = next(iter(zipped.loader_val))
     assert torch.equal(a_img, b_img) and torch.equal(a_mask, b_mask)
+
+
+def test_a_v2_encoder_with_the_normalised_target_trains_and_its_mask_token_gets_gradients():
+    config = get_config(
+        str(ROOT / "configs" / "demo" / "swinv2_demo_digits.yaml"),
+        ["TRAIN.PRETRAIN", "simmim", "DATA.MASK_PATCH_SIZE", "8", "MODEL.SWINV2.EMBED_DIM", "16"]
+        + ["MODEL.SWINV2.NUM_HEADS", "[1,2,4,8]", "MODEL.SIMMIM.NORM_TARGET.ENABLE", "True"]
+        + ["MODEL.SIMMIM.NORM_TARGET.PATCH_SIZE", "7"],
+    )
+    model = build_model(config)
+    assert model.norm_target and model.norm_target_window == 7
+    torch.manual_seed(0)
+    images = torch.randn(4, 3, 32, 32)
+    masks = torch.stack([torch.from_numpy(MaskGenerator(32, 8, 2, 0.6)()) for _ in range(4)])
+    loss = model(images, masks)
+    loss.backward()
+    assert torch.isfinite(loss) and model.encoder.mask_token.grad.abs().sum() > 0
+    # the target really is the normalised image: the loss against it, not against raw pixels
+    with torch.no_grad():
+        prediction = model.reconstruct(images, masks)
+        expected = masked_l1_loss(normalise_targets(images, 7), prediction, pixel_mask(masks, 2))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
