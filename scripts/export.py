@@ -2,6 +2,8 @@
 
     python scripts/export.py output/swin_demo_digits/demo/best.pth --out swin_demo.safetensors
     python scripts/export.py best.pth --out swin_tiny_timm.pth --layout timm    # timm's model.load_state_dict
+    python scripts/export.py best.pth --out swin_tiny.onnx [--img-size 224]     # ONNX, checked by onnxruntime
+    python scripts/export.py output/swin_large/run/ckpt_epoch_89.dcp --out swin_large.pth  # an --fsdp folder
 
 ``.safetensors`` (no pickle: loading it can never run code) carries the weights plus, as metadata,
 the config (YAML text) and the class names, so ``--pretrained swin_demo.safetensors`` and
@@ -11,7 +13,8 @@ it carries is exported as YAML). ``.pth`` holds ``{'model': weights}`` in the re
 bare state dict (merging at the start of the next stage, ``head.fc``), which timm's
 ``swin_*``/``swinv2_*`` models load strictly. V1 and V2 alike: buffers derived from the window
 (``relative_position_index``, V2's ``relative_coords_table``, ``attn_mask``) are left out, as
-every loader rebuilds them.
+every loader rebuilds them. A sharded checkpoint folder of an ``--fsdp`` run is gathered whole in
+this one process, without a process group (``checkpoint.load_checkpoint_file`` reads it).
 """
 
 from __future__ import annotations
@@ -32,11 +35,32 @@ from models.layouts import from_official, to_official  # noqa: E402
 from models.pretrained import DERIVED_KEYS, extract_state_dict  # noqa: E402
 
 
+def export_to_onnx(checkpoint_path: str, out_path: str, img_size: int | None = None) -> float:
+    """The checkpoint's classifier as ONNX at ``img_size`` (default: its DATA.IMG_SIZE), verified by
+    onnxruntime; returns the max logit difference."""
+    from config import config_for_checkpoint
+    from models import build_model, load_weights
+    from models.onnx_export import export_onnx, verify_onnx
+
+    checkpoint = load_checkpoint_file(checkpoint_path)
+    config = config_for_checkpoint(checkpoint, source=checkpoint_path)
+    if img_size:
+        config = config.clone()
+        config.defrost()
+        config.DATA.IMG_SIZE = int(img_size)
+        config.freeze()
+    model = build_model(config)
+    load_weights(model, checkpoint, "inference", name=checkpoint_path)
+    size = int(config.DATA.IMG_SIZE)
+    export_onnx(model, out_path, size)
+    return verify_onnx(model, out_path, size)
+
+
 def export(checkpoint_path: str, out_path: str, layout: str = "official") -> int:
     """Write ``checkpoint_path``'s weights to ``out_path`` (``.safetensors`` or ``.pth``) in
     ``layout`` ('official' or 'timm'); returns the number of tensors."""
     if not out_path.endswith((".safetensors", ".pth", ".pt")):
-        raise UserError(f"--out {out_path} must end in .safetensors or .pth")
+        raise UserError(f"--out {out_path} must end in .safetensors, .pth or .onnx")
     checkpoint = load_checkpoint_file(checkpoint_path)
     state = {
         k: v.contiguous() for k, v in extract_state_dict(checkpoint).items() if k.rsplit(".", 1)[-1] not in DERIVED_KEYS
@@ -60,15 +84,21 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "checkpoint",
-        help="a .pth checkpoint written by main.py (or released weights, or an official training checkpoint)",
+        help="a .pth checkpoint written by main.py (or released weights, or an official training checkpoint), "
+        "or a sharded checkpoint folder (.dcp) of an --fsdp run",
     )
-    p.add_argument("--out", required=True, help="the file to write: .safetensors, or .pth")
+    p.add_argument("--out", required=True, help="the file to write: .safetensors, .pth or .onnx")
     p.add_argument(
         "--layout", choices=["official", "timm"], default="official", help="key layout to write (default: official)"
     )
+    p.add_argument("--img-size", type=int, help="ONNX only: the input size to export (default: the checkpoint's)")
     args = p.parse_args(argv)
 
     def run() -> None:
+        if args.out.endswith(".onnx"):
+            diff = export_to_onnx(args.checkpoint, args.out, args.img_size)
+            sys.stdout.write(f"wrote {args.out}; onnxruntime's logits within {diff:.1e} of PyTorch's\n")
+            return
         n = export(args.checkpoint, args.out, args.layout)
         sys.stdout.write(f"wrote {n} tensors ({args.layout} layout) to {args.out}\n")
 

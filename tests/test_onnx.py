@@ -1,0 +1,58 @@
+"""ONNX export (issue "Speed on every machine", item 4): V1 and V2 classifiers export with the
+shift as a gather (no ``roll``), any batch size, and onnxruntime gives PyTorch's logits."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import export as export_script  # noqa: E402
+
+from checkpoint import config_yaml  # noqa: E402
+from config import get_config  # noqa: E402
+from models import build_model  # noqa: E402
+
+TINY = {
+    "swin": ["MODEL.SWIN.EMBED_DIM", "16", "MODEL.SWIN.NUM_HEADS", "[1,2,4,8]", "MODEL.NUM_CLASSES", "10"],
+    "swinv2": ["MODEL.SWINV2.EMBED_DIM", "16", "MODEL.SWINV2.NUM_HEADS", "[1,2,4,8]", "MODEL.NUM_CLASSES", "10"],
+}
+DEMO = {"swin": "swin_demo_digits.yaml", "swinv2": "swinv2_demo_digits.yaml"}
+
+
+@pytest.mark.parametrize("family", ["swin", "swinv2"])
+def test_a_checkpoint_exports_to_onnx_and_onnxruntime_gives_pytorchs_logits(family, tmp_path, capsys):
+    config = get_config(str(ROOT / "configs" / "demo" / DEMO[family]), TINY[family])
+    torch.manual_seed(0)
+    model = build_model(config)
+    ckpt = tmp_path / "model.pth"
+    torch.save({"model": model.state_dict(), "config": config_yaml(config)}, ckpt)
+    out = tmp_path / "model.onnx"
+    assert export_script.main([str(ckpt), "--out", str(out)]) == 0
+    line = capsys.readouterr().out
+    assert "onnxruntime's logits within" in line
+    assert float(line.rsplit("within ", 1)[1].split(" ")[0]) < 1e-4
+    graph = onnx.load(str(out)).graph
+    ops = {node.op_type for node in graph.node}
+    assert "Gather" in ops and not any("Roll" in op for op in ops)  # the shift is a gather
+    batch = graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch.dim_param == "batch"  # any batch size
+
+
+def test_onnx_export_at_another_size_and_a_bad_suffix_are_handled(tmp_path, capsys):
+    # V2: its continuous position bias serves any window, so the model exports at a new size as is.
+    config = get_config(str(ROOT / "configs" / "demo" / DEMO["swinv2"]), TINY["swinv2"])
+    ckpt = tmp_path / "model.pth"
+    torch.save({"model": build_model(config).state_dict(), "config": config_yaml(config)}, ckpt)
+    assert export_script.main([str(ckpt), "--out", str(tmp_path / "m48.onnx"), "--img-size", "48"]) == 0
+    graph = onnx.load(str(tmp_path / "m48.onnx")).graph
+    assert [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim[1:]] == [3, 48, 48]
+    capsys.readouterr()
+    assert export_script.main([str(ckpt), "--out", str(tmp_path / "m.bin")]) == 2
+    assert "must end in .safetensors, .pth or .onnx" in capsys.readouterr().err
