@@ -356,13 +356,18 @@ def load_checkpoint_file(path: str, map_location: Any = "cpu") -> dict:
 
     ``.pth``/``.pt``/other: ``torch.load(path, map_location, weights_only=True)``, with the one
     class of the official release's checkpoints allowed: their pickled yacs config, which comes
-    back as YAML text under 'config', as in ours. ``.safetensors``: ``{'model': tensors}``.
+    back as YAML text under 'config', as in ours. ``.safetensors``: ``{'model': tensors}``. A sharded
+    folder (``--fsdp``): its full weights, config and class names, gathered on the CPU.
     Raises UserError when the file is missing, truncated or unreadable, or holds any other
     pickled Python object (refused before anything runs).
     """
     if not os.path.exists(path):
         raise UserError(f"checkpoint {path} does not exist; check the path")
     if os.path.isdir(path):
+        from sharded_checkpoint import is_sharded_checkpoint, read_as_checkpoint
+
+        if is_sharded_checkpoint(path):
+            return read_as_checkpoint(path)  # an --fsdp run's folder, its shards gathered here
         raise UserError(f"checkpoint {path} is a folder; pass the checkpoint file inside it")
     if path.endswith(".safetensors"):
         return {"model": _load_safetensors(path, map_location), **_safetensors_metadata(path)}
@@ -419,11 +424,14 @@ def _peek(path: str) -> dict:
 def find_resume_checkpoint(output_dir: str) -> str | None:
     """The newest checkpoint in ``output_dir`` that loads, or None.
 
-    Considers ``ckpt_step.pth``, ``last.pth`` and ``ckpt_epoch_*.pth``; orders them by the
-    (epoch, step) stored inside (a copied or touched file keeps its true age), on ties
-    preferring last.pth, then epoch files, then the step file. Files that fail to load
-    (truncated, corrupt, holding pickled objects) are skipped with a warning naming them.
+    Considers ``ckpt_step.pth``, ``last.pth`` and ``ckpt_epoch_*.pth``, and the sharded folders
+    of ``--fsdp`` runs (``ckpt_epoch_*.dcp``, ``ckpt_step_*.dcp``); orders them by the (epoch,
+    step) stored inside (a copied or touched file keeps its true age), on ties preferring
+    last.pth, then epoch files, then step files. Files that fail to load (truncated, corrupt,
+    holding pickled objects) and incomplete folders are skipped with a warning naming them.
     """
+    from sharded_checkpoint import sharded_candidates
+
     if not os.path.isdir(output_dir):
         return None
     candidates: list[tuple[str, int]] = []
@@ -443,6 +451,9 @@ def find_resume_checkpoint(output_dir: str) -> str | None:
             continue
         finally:
             ckpt = None  # drop the memory map before opening the next file
+        if best is None or key > best[0]:
+            best = (key, path)
+    for key, path in sharded_candidates(output_dir):
         if best is None or key > best[0]:
             best = (key, path)
     return best[1] if best else None

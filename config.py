@@ -67,6 +67,11 @@ _C.DATA.MASK_PATCH_SIZE = 32
 _C.DATA.MASK_RATIO = 0.6
 # Fail on the first unreadable image instead of substituting another sample.
 _C.DATA.STRICT = False
+# Training input pipeline: 'fast' (data/fast_transforms.py: the same crop boxes, flips, RandAugment
+# ops and erasing for a given seed; JPEGs decoded at 1/2-1/8 size when the crop box is that many
+# times the output, within a few grey levels of the full decode; everything else bit-identical) or
+# 'reference' (timm's released transform as it is). README "A faster input pipeline".
+_C.DATA.PIPELINE = "fast"
 
 # -----------------------------------------------------------------------------
 # Model
@@ -195,6 +200,12 @@ _C.TRAIN.COMPILE_SCOPE = "blocks"
 _C.TRAIN.COMPILE_BACKEND = "inductor"
 # Write a resumable checkpoint every N optimizer steps (0 = only at epoch ends).
 _C.TRAIN.STEP_SAVE_FREQ = 0
+# Shard parameters, gradients and optimizer state over the ranks (FSDP2, one unit per Swin block)
+# instead of replicating them (DDP); checkpoints become sharded folders (see fsdp.py).
+_C.TRAIN.FSDP = False
+# FSDP: free each block's gathered weights after its forward and gather them again for backward
+# (less memory, one more all-gather per block); False keeps them until backward.
+_C.TRAIN.FSDP_RESHARD_AFTER_FORWARD = True
 # Stop after this many non-finite losses in a row (fp32/bf16; fp16 is handled by the scaler).
 _C.TRAIN.MAX_NONFINITE_STEPS = 20
 # Layer-wise lr decay (official key; 1.0 = off): lr x LAYER_DECAY^(sum(depths) + 1 - layer id); see README.
@@ -503,6 +514,7 @@ def config_from_args(args: argparse.Namespace) -> CN:
         "TRAIN.ACCUMULATION_STEPS": args.accumulation_steps,
         "TRAIN.USE_CHECKPOINT": True if args.use_checkpoint else None,
         "TRAIN.COMPILE": True if getattr(args, "compile", False) else None,
+        "TRAIN.FSDP": True if getattr(args, "fsdp", False) else None,
         "TRAIN.OPTIMIZER.NAME": args.optim,
         "TRAIN.PRETRAIN": getattr(args, "pretrain", None),
         "AMP_ENABLE": False if args.disable_amp else None,

@@ -29,6 +29,7 @@ from distributed import (
     resolve_amp_dtype,
 )
 from errors import UserError
+from fsdp import forwards_to_pad, global_grad_norm, no_grad_sync, pad_forwards
 from timing import time_images_per_second
 
 logger = logging.getLogger("swin")
@@ -66,7 +67,8 @@ def _grad_norm(parameters: Iterable[nn.Parameter], max_norm: float | None) -> to
     if not params:
         return torch.tensor(0.0)
     limit = max_norm if max_norm and max_norm > 0 else float("inf")
-    return torch.nn.utils.clip_grad_norm_(params, limit)
+    # Over FSDP's gradient shards clip_grad_norm_ reduces the norm across ranks itself.
+    return global_grad_norm(torch.nn.utils.clip_grad_norm_(params, limit))
 
 
 def model_inputs(samples: torch.Tensor | list | tuple, device: torch.device) -> list[torch.Tensor]:
@@ -121,7 +123,7 @@ def train_one_epoch(
             inputs[0], targets = mixup_fn(inputs[0], targets)
 
         is_update = (idx + 1) % accum == 0
-        sync_ctx = model.no_sync() if (env.distributed and not is_update and hasattr(model, "no_sync")) else _null()
+        sync_ctx = no_grad_sync(model) if (env.distributed and not is_update) else _null()
         with sync_ctx:
             with autocast_context(env.device, config.AMP_ENABLE, config.AMP_DTYPE):
                 outputs = model(*inputs)
@@ -285,6 +287,8 @@ def evaluate(config, loader, model: nn.Module, env: DistEnv) -> dict[str, Any]:
     # correct@1, correct@5, loss, scored, unreadable
     sums = torch.zeros(5, dtype=torch.float64, device=env.device)
     unreadable: list[str] = []
+    # A sharded model gathers its weights in every forward: all ranks must run as many.
+    padding = forwards_to_pad(model, env, len(loader))
     end = time.time()
     for idx, (images, target, replaced) in enumerate(loader):
         images = images.to(env.device, non_blocking=True)
@@ -315,6 +319,7 @@ def evaluate(config, loader, model: nn.Module, env: DistEnv) -> dict[str, Any]:
         if idx % config.PRINT_FREQ == 0:
             logger.info(f"Test: [{idx}/{len(loader)}]\ttime {time.time() - end:.3f}")
         end = time.time()
+    pad_forwards(model, config, env, padding)
     sums = all_reduce_sum(sums)
     count, n_unreadable = int(sums[3].item()), int(sums[4].item())
     if n_unreadable:
@@ -357,6 +362,7 @@ def evaluate_reconstruction(config, loader, model: nn.Module, env: DistEnv) -> d
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=env.device)  # loss · n, scored, unreadable
     unreadable: list[str] = []
+    padding = forwards_to_pad(model, env, len(loader))  # sharded: all ranks run as many forwards
     for (images, masks), _, replaced in loader:
         keep = torch.tensor([not p for p in replaced], dtype=torch.bool)
         unreadable.extend(p for p in replaced if p)
@@ -366,7 +372,10 @@ def evaluate_reconstruction(config, loader, model: nn.Module, env: DistEnv) -> d
             with autocast_context(env.device, config.AMP_ENABLE, config.AMP_DTYPE):
                 loss = model(images, masks)
             sums += torch.tensor([float(loss) * n, n, 0], dtype=torch.float64, device=env.device)
+        else:
+            pad_forwards(model, config, env, 1)  # no readable image: a stand-in keeps sharded ranks in step
         sums[2] += len(replaced) - n
+    pad_forwards(model, config, env, padding)
     sums = all_reduce_sum(sums)
     count, n_unreadable = int(sums[1].item()), int(sums[2].item())
     if n_unreadable:

@@ -53,11 +53,21 @@ from engine import (
     train_one_epoch,
 )
 from errors import UserError, report_user_errors
+from fsdp import (
+    ensure_process_group,
+    is_sharded,
+    load_full_optimizer_state,
+    mixed_precision_dtype,
+    same_initial_weights,
+    shard_model,
+    sharded_grad_scaler,
+)
 from logger import create_logger
 from lr_scheduler import build_scheduler
 from models import build_model, compile_model, load_weights
 from optimizer import build_optimizer, load_optimizer_state, scaled_lrs
 from preemption import StopRequest
+from sharded_checkpoint import is_sharded_checkpoint, resume_sharded, save_epoch_sharded, save_step_sharded
 
 _EXAMPLES = """examples:
   python main.py --cfg configs/demo/swin_demo_digits.yaml --data-path demo_data         # train on one CPU/GPU
@@ -169,6 +179,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     train.add_argument("--compile", action="store_true", help="torch.compile, block by block [TRAIN.COMPILE]")
     train.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="shard weights, gradients and optimizer state over the ranks (FSDP2); sharded checkpoints [TRAIN.FSDP]",
+    )
+    train.add_argument(
         "--fused_window_process",
         "--fused-window-process",
         action="store_true",
@@ -224,22 +239,33 @@ def load_resume(
     logger,
     model_only: bool,
     steps_per_epoch: int = 0,
+    weights_loaded: bool = False,
 ) -> dict:
     """Restore a full training state (or only the weights with ``model_only``); a training
     checkpoint of the official release goes on at its next epoch (``steps_per_epoch`` places the
-    lr schedule)."""
+    lr schedule). ``weights_loaded``: the weights are in already (an --fsdp run loads them before
+    sharding), the rest is restored."""
     checkpoint = load_checkpoint_file(path)
-    load_weights(model, checkpoint, "resume", name=path)
+    if not weights_loaded:
+        load_weights(model, checkpoint, "resume", name=path)
     logger.info("resumed weights from %s", path)
     if model_only or "optimizer" not in checkpoint:
         return checkpoint
     if is_official_training_checkpoint(checkpoint):
+        if is_sharded(model):
+            raise UserError(
+                f"{path} is a training checkpoint of the official release: continue it without --fsdp "
+                "(or start from its weights with --pretrained)"
+            )
         state.epoch, state.step, state.max_accuracy = restore_official_training_state(
             checkpoint, path, model, optimizer, lr_scheduler, scaler, steps_per_epoch
         )
         logger.info("resuming at epoch %d (optimizer step %d)", state.epoch, state.step)
         return checkpoint
-    load_optimizer_state(optimizer, checkpoint["optimizer"])
+    if is_sharded(model):
+        load_full_optimizer_state(model, optimizer, checkpoint["optimizer"])
+    else:
+        load_optimizer_state(optimizer, checkpoint["optimizer"])
     lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
     if checkpoint.get("scaler") and scaler.is_enabled():
         scaler.load_state_dict(checkpoint["scaler"])
@@ -307,6 +333,8 @@ def run(args: argparse.Namespace) -> dict | None:
     configure_matmul_precision(env.device, config.CUDA_MATMUL_PRECISION)
     _prepare_output(config.OUTPUT)
     logger = create_logger(config.OUTPUT, dist_rank=env.rank, name="swin")
+    if config.TRAIN.FSDP and not config.THROUGHPUT_MODE:
+        env = ensure_process_group(env)  # a single process runs as 1 rank of its own group
     seed_everything(config.SEED, env.rank)
 
     logger.info(
@@ -334,21 +362,12 @@ def run(args: argparse.Namespace) -> dict | None:
         if config.MODEL.NAME.startswith("simmim_pretrain"):
             logger.warning("%s is a SimMIM pre-training config: add --pretrain simmim to pre-train", config.MODEL.NAME)
 
-    model = build_model(config)
+    with same_initial_weights(config.SEED, enabled=config.TRAIN.FSDP):  # FSDP broadcasts no weights
+        model = build_model(config)
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("model %s: %s parameters, %.3f GMACs", config.MODEL.NAME, f"{n_params:,}", model.flops() / 1e9)
-    model.to(env.device)
-    model_without_ddp = model
-
-    optimizer = build_optimizer(config, model)
-    base_lr, warmup_lr, min_lr = scaled_lrs(config, env.world_size)
-    steps_per_epoch = len(data.loader_train) // config.TRAIN.ACCUMULATION_STEPS
-    lr_scheduler = build_scheduler(config, optimizer, steps_per_epoch, base_lr, warmup_lr, min_lr)
-    amp_dtype = resolve_amp_dtype(env.device, config.AMP_DTYPE)
-    scaler = make_grad_scaler(env.device, config.AMP_ENABLE, amp_dtype)
-    # SimMIM returns its own reconstruction loss.
-    criterion = None if pretraining else build_criterion(config, data.mixup_fn is not None)
-    state = TrainState()
+    if not config.TRAIN.FSDP:
+        model.to(env.device)  # FSDP moves each block to the device as it shards it: no device holds all
 
     resume_path = config.MODEL.RESUME
     if config.TRAIN.AUTO_RESUME and not config.EVAL_MODE:
@@ -357,7 +376,44 @@ def run(args: argparse.Namespace) -> dict | None:
             if resume_path:
                 logger.warning("auto-resume: %s replaces --resume %s", found, resume_path)
             resume_path = found
-    if resume_path:
+    if config.MODEL.PRETRAINED and not resume_path:
+        # Pre-training from supervised weights starts the encoder from them; the decoder stays new.
+        load_weights(model.encoder if pretraining else model, config.MODEL.PRETRAINED, "finetune")
+    file_resume = bool(resume_path) and not is_sharded_checkpoint(resume_path)
+    amp_dtype = resolve_amp_dtype(env.device, config.AMP_DTYPE)
+    if config.TRAIN.FSDP:
+        if file_resume:  # one file (of a DDP run, say): its weights go in before sharding
+            load_weights(model, load_checkpoint_file(resume_path), "resume", name=resume_path)
+        if config.TRAIN.COMPILE and config.TRAIN.COMPILE_SCOPE == "blocks":
+            compile_model(model, "blocks", config.TRAIN.COMPILE_BACKEND)  # in place, each block then sharded
+        param_dtype = mixed_precision_dtype(env.device, config.AMP_ENABLE, amp_dtype)
+        shard_model(model, env, param_dtype, config.TRAIN.FSDP_RESHARD_AFTER_FORWARD)
+    model_without_ddp = model
+
+    optimizer = build_optimizer(config, model)  # after sharding: it holds this rank's shards
+    base_lr, warmup_lr, min_lr = scaled_lrs(config, env.world_size)
+    steps_per_epoch = len(data.loader_train) // config.TRAIN.ACCUMULATION_STEPS
+    lr_scheduler = build_scheduler(config, optimizer, steps_per_epoch, base_lr, warmup_lr, min_lr)
+    scaler = make_grad_scaler(env.device, config.AMP_ENABLE, amp_dtype)
+    if config.TRAIN.FSDP:
+        scaler = sharded_grad_scaler(scaler)
+    # SimMIM returns its own reconstruction loss.
+    criterion = None if pretraining else build_criterion(config, data.mixup_fn is not None)
+    state = TrainState()
+
+    if resume_path and not file_resume:
+        resume_sharded(
+            resume_path,
+            model_without_ddp,
+            optimizer,
+            lr_scheduler,
+            scaler,
+            state,
+            env,
+            model_only=config.EVAL_MODE,
+            global_batch=config.DATA.BATCH_SIZE * env.world_size,
+        )
+    elif resume_path:
         load_resume(
             resume_path,
             model,
@@ -369,14 +425,12 @@ def run(args: argparse.Namespace) -> dict | None:
             logger,
             model_only=config.EVAL_MODE,
             steps_per_epoch=steps_per_epoch,
+            weights_loaded=config.TRAIN.FSDP,
         )
-    elif config.MODEL.PRETRAINED:
-        # Pre-training from supervised weights starts the encoder from them; the decoder stays new.
-        load_weights(model.encoder if pretraining else model, config.MODEL.PRETRAINED, "finetune")
 
-    if config.TRAIN.COMPILE and config.TRAIN.COMPILE_SCOPE == "blocks":
+    if config.TRAIN.COMPILE and config.TRAIN.COMPILE_SCOPE == "blocks" and not config.TRAIN.FSDP:
         compile_model(model, "blocks", config.TRAIN.COMPILE_BACKEND)  # in place: DDP below wraps the same module
-    if env.distributed:
+    if env.distributed and not config.TRAIN.FSDP:
         model = wrap_ddp(model, env.device)
     if config.TRAIN.COMPILE and config.TRAIN.COMPILE_SCOPE != "blocks":
         model = compile_model(model, config.TRAIN.COMPILE_SCOPE, config.TRAIN.COMPILE_BACKEND)
@@ -407,23 +461,35 @@ def run(args: argparse.Namespace) -> dict | None:
 
         writer = SummaryWriter(os.path.join(config.OUTPUT, "tensorboard"))
 
-    def checkpoint_state(step_level: bool) -> dict:
+    def trainer_state(step_level: bool) -> dict:
+        """Everything a checkpoint holds but the weights and the optimizer (collective: RNG states)."""
         rng = all_gather_object(capture_rng_state(env.device))
+        batch = state.batch_in_epoch if step_level else 0
         return {
-            "model": model_without_ddp.state_dict(),
-            "optimizer": optimizer.state_dict(),
             "lr_scheduler": lr_scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler.is_enabled() else {},
             "epoch": state.epoch,
             "step": state.step,
             "max_accuracy": state.max_accuracy,
             "config": config_yaml(config),
-            "sampler": {"epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch if step_level else 0},
+            "sampler": {
+                "epoch": state.epoch,
+                "batch_in_epoch": batch,
+                "global_batch": config.DATA.BATCH_SIZE * env.world_size,
+            },
             "rng": rng,
             "class_names": list(data.class_names),
         }
 
+    def checkpoint_state(step_level: bool) -> dict:
+        weights = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict()}
+        return {**weights, **trainer_state(step_level)}
+
     def save_step() -> None:
+        if config.TRAIN.FSDP:  # every rank writes its shards
+            path = save_step_sharded(config.OUTPUT, model_without_ddp, optimizer, trainer_state(step_level=True))
+            logger.info("step checkpoint: %s (epoch %d, batch %d)", path, state.epoch, state.batch_in_epoch)
+            return
         payload = checkpoint_state(step_level=True)
         if env.rank == 0:
             path = save_step_checkpoint(config.OUTPUT, payload)
@@ -487,11 +553,20 @@ def run(args: argparse.Namespace) -> dict | None:
             stats["train_loss"] = train_stats["loss"]
             # A new best is always saved, so best.pth never lags behind a SAVE_FREQ boundary.
             if epoch % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1 or is_best:
-                payload = checkpoint_state(step_level=False)
-                if env.rank == 0:
-                    path = save_epoch_checkpoint(config.OUTPUT, epoch, payload, keep=config.SAVE_KEEP, is_best=is_best)
+                if config.TRAIN.FSDP:  # every rank writes its shards
+                    current = trainer_state(step_level=False)
+                    path = save_epoch_sharded(
+                        config.OUTPUT, epoch, model_without_ddp, optimizer, current, config.SAVE_KEEP, is_best
+                    )
                     logger.info("saved %s", path)
-                barrier()
+                else:
+                    payload = checkpoint_state(step_level=False)
+                    if env.rank == 0:
+                        path = save_epoch_checkpoint(
+                            config.OUTPUT, epoch, payload, keep=config.SAVE_KEEP, is_best=is_best
+                        )
+                        logger.info("saved %s", path)
+                    barrier()
     except StopTraining as e:
         logger.warning(
             "%s after %s: checkpoint written to %s; run the same command again to continue",

@@ -33,6 +33,10 @@ Rows:
   before the step. CPU: the peak of the running sum of tensor allocations and frees that
   ``torch.profiler(profile_memory=True)`` records during the step (so it counts activations,
   gradients and temporaries, not the weights and optimizer state that exist before it).
+* sharded memory (``--memory --ranks N``): per-rank memory and step time of a training step of
+  ``--ranks-models`` (default Swin-B and Swin-L) under DDP and under FSDP on N CPU processes
+  (gloo), the share of parameters, gradients and AdamW state each rank holds, and its peak RSS
+  (``sharding_memory.py``; nothing else is measured, timm is not involved).
 * levers (``--levers``): fp32 eager rows with our model's switches flipped (attention path,
   eval bias cache, gather vs roll partition, foreach vs single-tensor AdamW), timm alongside.
 
@@ -435,6 +439,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train", action="store_true", help="also time training steps")
     p.add_argument("--memory", action="store_true", help="peak training memory per image, with/without checkpointing")
     p.add_argument(
+        "--ranks",
+        type=int,
+        default=0,
+        help="with --memory: per-rank memory under DDP and FSDP on this many CPU processes instead",
+    )
+    p.add_argument(
+        "--ranks-models",
+        default="swin_base,swin_large",
+        help="models for --ranks: swin_base, swin_large, swinv2_large, another --model name, or config YAMLs",
+    )
+    p.add_argument(
         "--levers",
         action="store_true",
         help="fp32 eager rows with our speed switches flipped (forward; train too with --train)",
@@ -456,12 +471,46 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+SHARDING_MODELS = {
+    "swin_base": MODELS["swin_base"],
+    "swin_large": "configs/swin/swin_large_patch4_window7_224_22kto1k_finetune.yaml",
+    "swinv2_large": "configs/swinv2/swinv2_large_patch4_window12to24_192to384_22kto1k_ft.yaml",
+}
+
+
+def sharded_memory(args: argparse.Namespace) -> dict:
+    """``--memory --ranks N``: each model's training step under DDP and FSDP on N CPU ranks."""
+    import sharding_memory
+
+    rows: list[dict] = []
+    batch = args.batch_size or 2
+    for name in args.ranks_models.split(","):
+        path = SHARDING_MODELS.get(name) or MODELS.get(name, name)
+        path = path if os.path.isabs(path) else os.path.join(ROOT, path)
+        opts = ["DATA.BATCH_SIZE", str(batch), "AMP_ENABLE", "False", *args.opts]
+        if args.img_size:
+            opts += ["DATA.IMG_SIZE", str(args.img_size)]
+        for mode in sharding_memory.MODES:
+            print(f"{name} {mode}: {args.ranks} CPU ranks, batch {batch} per rank, fp32 ...", flush=True)
+            for r in sharding_memory.measure(path, opts, mode, args.ranks, steps=max(2, args.iters + 1)):
+                rows.append({**r, "model": name, "batch_per_rank": batch})
+    print(sharding_memory.table(rows))
+    result = {"machine": machine_info(torch.device("cpu")), "sharded_memory": rows}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"\nwrote {args.json}")
+    return result
+
+
 def fmt(v: float | None, spec: str = ".2f") -> str:
     return "-" if v is None else format(v, spec)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.memory and args.ranks:
+        return sharded_memory(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     malloc_kept = keep_freed_memory() if args.malloc == "keep" else False
