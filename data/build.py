@@ -25,6 +25,7 @@ from yacs.config import CfgNode
 from config import is_pretraining
 from errors import UserError
 
+from .fast_transforms import PIPELINES, FastTrainTransform
 from .imagenet22k import NUM_CLASSES_22K, ImageNet22KList, annotation_file
 from .robust import RobustImageDataset, load_rgb
 from .samplers import ExactEvalSampler, ResumableSampler
@@ -63,7 +64,10 @@ def build_transform(is_train: bool, config: CfgNode) -> Callable:
     Training: timm's ``create_transform`` (random resized crop, flip, RandAugment or color
     jitter, normalization, random erasing) from the AUG keys; for IMG_SIZE <= 32 the random
     resized crop becomes ``RandomCrop(IMG_SIZE, padding=4)`` as in the official release
-    (with ``pad_if_needed`` so that smaller inputs are padded rather than rejected).
+    (with ``pad_if_needed`` so that smaller inputs are padded rather than rejected). With
+    DATA.PIPELINE 'fast' that Compose is wrapped in ``data.fast_transforms.FastTrainTransform``
+    (same steps and random draws; decodes JPEGs at reduced size when the crop allows, and also
+    takes undecoded files); 'reference' returns timm's Compose itself.
     Evaluation: with TEST.CROP, resize the short side to ``int(256 / 224 * IMG_SIZE)`` and
     center-crop IMG_SIZE; without it (and always for IMG_SIZE <= 32, where the official
     release does not crop) resize straight to IMG_SIZE x IMG_SIZE; then ImageNet normalization.
@@ -74,6 +78,9 @@ def build_transform(is_train: bool, config: CfgNode) -> Callable:
     interpolation = _interpolation(config)
 
     if is_train:
+        pipeline = config.DATA.PIPELINE
+        if pipeline not in PIPELINES:
+            raise UserError(f"DATA.PIPELINE is {pipeline!r}; use one of {', '.join(PIPELINES)}")
         auto_augment = config.AUG.AUTO_AUGMENT
         if auto_augment in (None, "", "none"):
             auto_augment = None
@@ -102,7 +109,7 @@ def build_transform(is_train: bool, config: CfgNode) -> Callable:
                 raise RuntimeError(f"expected one RandomResizedCrop in timm's train transform, found {steps}")
             # pad_if_needed: inputs smaller than IMG_SIZE - 8 are padded instead of failing in a worker.
             steps[crops[0]] = transforms.RandomCrop(size, padding=4, pad_if_needed=True)
-        return transform
+        return FastTrainTransform(transform) if pipeline == "fast" else transform
 
     # Evaluation never picks at random; 'random' falls back to bilinear like the official release.
     mode = transforms.InterpolationMode(interpolation if interpolation != "random" else "bilinear")

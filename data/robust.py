@@ -1,15 +1,17 @@
 """Reading images so that a broken file never becomes silent noise.
 
-``load_rgb`` fully decodes a file (truncated files raise). ``RobustImageDataset`` wraps an
-image dataset and, for a sample whose file cannot be read, either replaces it by the next
-readable one (training: the batch keeps its size) or returns a blank placeholder to be dropped
-(evaluation: metrics must be over the files named, never over a stand-in); either way it reports
-the unreadable path so the caller can log, count or exclude it. With ``strict`` it raises
-``UnreadableImageError`` (a ``UserError``) instead.
+``load_rgb`` fully decodes a file (truncated files raise); ``load_encoded`` only reads and
+identifies it, for a transform that decodes it itself (``data.fast_transforms``: at reduced size
+when its crop allows). ``RobustImageDataset`` wraps an image dataset and, for a sample whose file
+cannot be read, either replaces it by the next readable one (training: the batch keeps its size)
+or returns a blank placeholder to be dropped (evaluation: metrics must be over the files named,
+never over a stand-in); either way it reports the unreadable path so the caller can log, count or
+exclude it. With ``strict`` it raises ``UnreadableImageError`` (a ``UserError``) instead.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -72,6 +74,50 @@ def load_rgb(path: str) -> Image.Image:
         return img.convert("RGB")
 
 
+class EncodedImage:
+    """An image file read into memory and identified (format, size and mode from its header), not decoded.
+
+    ``open()`` gives a PIL image of the bytes whose pixels are decoded on ``load()``, so a caller
+    may ``draft`` it first (JPEG: decode at 1/2, 1/4 or 1/8 scale); ``decode()`` is what
+    ``load_rgb`` returns. Creating one raises what ``load_rgb`` raises for a missing or
+    unidentifiable file; decoding raises for a truncated or corrupt one.
+    """
+
+    __slots__ = ("_opened", "data", "format", "mode", "size", "source")
+
+    def __init__(self, data: bytes | memoryview, source: str = "") -> None:
+        self.data = data
+        self.source = source
+        self._opened: Image.Image | None = Image.open(io.BytesIO(data))
+        self.format = self._opened.format
+        self.mode = self._opened.mode
+        self.size = self._opened.size
+
+    def open(self) -> Image.Image:
+        """A PIL image of the bytes, not yet decoded (the one opened to identify them, then fresh ones)."""
+        img, self._opened = self._opened, None
+        return img if img is not None else Image.open(io.BytesIO(self.data))
+
+    def decode(self) -> Image.Image:
+        """All of the image as RGB, as ``load_rgb`` decodes the file (truncated data raises)."""
+        return decode_opened(self.open())
+
+
+def decode_opened(img: Image.Image) -> Image.Image:
+    """Decode an opened (possibly drafted) PIL image into RGB; truncated data raises ``OSError``."""
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    img.load()
+    # An RGB image is used as decoded; load_rgb's convert() would only copy it.
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def load_encoded(path: str) -> EncodedImage:
+    """Read and identify ``path`` without decoding it; raises as ``load_rgb`` does for a missing or
+    unidentifiable file."""
+    with open(path, "rb") as f:
+        return EncodedImage(f.read(), path)
+
+
 def unreadable_reason(exc: BaseException) -> str:
     """``exc`` as one short line, ``"<Type>: <first line of the message>"``, for naming a bad file."""
     text = str(exc).splitlines()[0] if str(exc) else ""
@@ -99,6 +145,13 @@ class RobustImageDataset(Dataset):
 
     Only loading is guarded: errors raised by the transform propagate. With ``strict=True`` the
     first unreadable file raises ``UnreadableImageError`` in either mode.
+
+    Decoding inside the transform: when the transform has a ``decode_encoded`` method (the fast
+    training pipeline, ``data.fast_transforms``) and the file can be read undecoded (``loader`` is
+    ``load_rgb``, or ``base`` has ``read_bytes(index)`` as the zip reader does), loading is
+    ``transform.decode_encoded(EncodedImage, seed)`` and is guarded as above, so a truncated file is
+    still unreadable at load time; ``image`` is then ``transform`` of what it returned. The decode
+    stage draws from the sample's seed as the transform does, and leaves the global generators be.
 
     The key may also be ``(index, seed)`` (what ``ResumableSampler(sample_seeds=True)``
     yields): the transform then draws its randomness from ``seed`` alone, whichever process
@@ -144,11 +197,32 @@ class RobustImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.base.samples)
 
-    def _try_load(self, index: int) -> tuple[Image.Image | None, str]:
-        """The decoded image at ``index`` and "", or None and why it failed."""
+    def _decode_stage(self) -> Callable[[EncodedImage, int | None], Any] | None:
+        """The transform's ``decode_encoded`` when the files can be handed to it undecoded, else None."""
+        decode = getattr(self.base.transform, "decode_encoded", None)
+        if decode is None:
+            return None
+        if self.base.loader is load_rgb or callable(getattr(self.base, "read_bytes", None)):
+            return decode
+        return None
+
+    def _read_encoded(self, index: int, path: str) -> EncodedImage:
+        if self.base.loader is load_rgb:
+            return load_encoded(path)
+        return EncodedImage(self.base.read_bytes(index), path)
+
+    def _try_load(self, index: int, seed: int | None = None) -> tuple[Any, str]:
+        """The decoded image at ``index`` and "", or None and why it failed.
+
+        With a decode stage (see the class docstring) the "image" is what that stage returns for
+        ``seed``.
+        """
         path = self.base.samples[index][0]
+        decode = self._decode_stage()
         try:
-            return self.base.loader(path), ""
+            if decode is None:
+                return self.base.loader(path), ""
+            return decode(self._read_encoded(index, path), seed), ""
         except UNREADABLE_ERRORS as e:
             # PIL reports corrupt data through all of these; anything else is a bug and propagates.
             return None, unreadable_reason(e)
@@ -158,7 +232,7 @@ class RobustImageDataset(Dataset):
         n = len(self)
         if not 0 <= index < n:
             raise IndexError(f"index {index} out of range for a dataset of {n} samples")
-        img, reason = self._try_load(index)
+        img, reason = self._try_load(index, seed)
         replaced = ""
         chosen = index
         if img is None:
@@ -175,7 +249,7 @@ class RobustImageDataset(Dataset):
             logger.debug("unreadable image %s (%s); substituting the next sample", replaced, reason)
             for step in range(1, min(self.max_tries, n - 1) + 1):
                 chosen = (index + step) % n
-                img, _ = self._try_load(chosen)
+                img, _ = self._try_load(chosen, seed)
                 if img is not None:
                     break
             if img is None:

@@ -1,0 +1,254 @@
+"""The training transform of the recipe, faster, with the same random draws (``DATA.PIPELINE fast``).
+
+``FastTrainTransform`` wraps timm's train ``Compose`` (what ``DATA.PIPELINE reference`` uses) and
+runs the same steps in the same order, drawing the same random numbers from the same generators,
+so under a per-sample seed (``data/sample_seeds.py``) it picks the same crop box, interpolation,
+flip, RandAugment ops and magnitudes and erasing rectangle as the reference. What changes is how
+the pixels are computed:
+
+* Decode at reduced size. Given an undecoded JPEG (``data.robust.EncodedImage``), the crop box is
+  drawn from the header's size first; when the box is at least 1.25 k times the output size on
+  both sides (k = 8, 4 or 2, the largest that fits; ``DRAFT_MARGIN``), libjpeg decodes at 1/k
+  scale through Pillow's ``draft`` and the box, scaled by 1/k with fractional coordinates, is
+  resized straight from the reduced image. The resize is then still a reduction, so no detail the
+  output could hold is lost; the pixels differ from the full decode + crop + resize by about one
+  grey level on average, under 2.5 for any crop (README, "A faster input pipeline"). Any other
+  image (a smaller box, PNG, an already decoded image) takes timm's exact crop + resize.
+* ``ToTensor`` + ``Normalize`` as one conversion into a preallocated (3, H, W) tensor and two
+  in-place operations; the arithmetic is the reference's (x / 255, then (x - mean) / std in
+  float32), so the result is bit-identical.
+* The decoded RGB image is used as it is; ``load_rgb``'s ``convert("RGB")`` copies it, and for a
+  1000x750 JPEG that copy makes the C allocator hand out fresh pages on every image (about 1,000
+  page faults per image here, half of a 10 ms decode). The same pixels either way.
+
+Flip, RandAugment / colour jitter and random erasing are timm's own objects, called as in the
+reference. Normalisation and erasing stay per sample: timm's erasing fills its rectangle with
+normal noise drawn from the sample's torch stream in normalised units, which a per-batch pass
+could only reproduce by shipping that noise along.
+
+``RobustImageDataset`` calls ``decode_encoded`` inside its load guard (so a truncated JPEG is
+still unreadable at load time and substituted) and then the transform on the result;
+``FastTrainTransform`` also takes decoded PIL images (zip caches, shards, placeholders) and
+``EncodedImage`` directly.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, JpegImagePlugin
+from timm.data.transforms import RandomResizedCropAndInterpolation
+from torchvision import transforms
+from torchvision.transforms import functional as F
+
+from .robust import EncodedImage, decode_opened
+
+PIPELINES = ("fast", "reference")
+
+# Reduction factors libjpeg's DCT scaling offers through Pillow's draft, largest first.
+DRAFT_FACTORS = (8, 4, 2)
+# A crop box is decoded at 1/k only when it is at least DRAFT_MARGIN * k times the output on both
+# sides, so the resize after the reduced decode still shrinks by 1.25 or more. Measured on crops of
+# photos: with margin 1.0 the mean difference to the full decode reaches 4.5 grey levels for boxes
+# just over k times the output; with 1.25 it is about 1 on average and at most 2.4. For scale:
+# bicubic and bilinear resizes of the same box (timm's 'random' interpolation uses both) differ by
+# 1.5 on average and up to 2.5.
+DRAFT_MARGIN = 1.25
+
+
+class DecodedCrop:
+    """What the decode stage hands to ``FastTrainTransform.__call__``: the decoded image (at
+    ``1/scale`` of the file's size), the crop box drawn on the full-size image, the interpolation,
+    and the state of Python's ``random`` right after those draws."""
+
+    __slots__ = ("box", "image", "interpolation", "random_state", "scale")
+
+    def __init__(
+        self,
+        image: Image.Image,
+        box: tuple[int, int, int, int],
+        scale: int,
+        interpolation: F.InterpolationMode,
+        random_state: Any,
+    ) -> None:
+        self.image = image
+        self.box = box
+        self.scale = scale
+        self.interpolation = interpolation
+        self.random_state = random_state
+
+
+class FastResizedCrop:
+    """timm's ``RandomResizedCropAndInterpolation`` (``reference``), with decoding at reduced size.
+
+    The box and the interpolation are drawn by the reference's own ``get_params`` and the same
+    ``random.choice``, so they are identical for the same random state.
+    """
+
+    def __init__(self, reference: RandomResizedCropAndInterpolation) -> None:
+        self.reference = reference
+        self.size = tuple(reference.size)  # (height, width)
+
+    def draw(self, img: Image.Image) -> tuple[tuple[int, int, int, int], F.InterpolationMode]:
+        """The crop box ``(top, left, height, width)`` and interpolation, as the reference draws them."""
+        ref = self.reference
+        box = ref.get_params(img, ref.scale, ref.ratio)
+        interpolation = ref.interpolation
+        if isinstance(interpolation, (tuple, list)):
+            interpolation = random.choice(interpolation)
+        return box, interpolation
+
+    def draft_factor(self, img: Image.Image, box: tuple[int, int, int, int]) -> int:
+        """The largest of 8, 4, 2 by which ``img`` may be decoded for ``box`` (1: decode in full).
+
+        Only JPEGs, and only while the reduced box is still ``DRAFT_MARGIN`` times the output size
+        on both sides.
+        """
+        if not isinstance(img, JpegImagePlugin.JpegImageFile):
+            return 1
+        _, _, h, w = box
+        out_h, out_w = self.size
+        for k in DRAFT_FACTORS:
+            if h >= DRAFT_MARGIN * k * out_h and w >= DRAFT_MARGIN * k * out_w:
+                return k
+        return 1
+
+    def decode(self, encoded: EncodedImage, seed: int | None = None) -> DecodedCrop:
+        """Draw the box on the header's size, then decode, at reduced size when the box allows it.
+
+        With ``seed`` the box is drawn from Python's ``random`` seeded as ``seeded_rngs(seed)``
+        seeds it, and the global state is put back afterwards; without, from the global stream.
+        """
+        img = encoded.open()
+        if seed is None:
+            box, interpolation = self.draw(img)
+            state = random.getstate()
+        else:
+            # Only Python's generator is drawn from here; seeding just it costs a tenth of seeded_rngs.
+            outer = random.getstate()
+            random.seed(seed)
+            try:
+                box, interpolation = self.draw(img)
+                state = random.getstate()
+            finally:
+                random.setstate(outer)
+        scale = 1
+        k = self.draft_factor(img, box)
+        if k > 1:
+            width = img.size[0]
+            drafted = img.draft("RGB", (width // k, img.size[1] // k))
+            if drafted is not None:
+                # Pillow reports the full image's extent in the reduced one: width / scale.
+                scale = round(width / drafted[1][2])
+        return DecodedCrop(decode_opened(img), box, scale, interpolation, state)
+
+    def crop(self, decoded: DecodedCrop) -> Image.Image:
+        """The output-size crop of a decoded image."""
+        top, left, h, w = decoded.box
+        if decoded.scale == 1:
+            # timm's own crop + resize: bit-identical to the reference.
+            return F.resized_crop(decoded.image, top, left, h, w, list(self.size), decoded.interpolation)
+        s = decoded.scale
+        region = (left / s, top / s, (left + w) / s, (top + h) / s)
+        resample = F.pil_modes_mapping[decoded.interpolation]
+        return decoded.image.resize((self.size[1], self.size[0]), resample, box=region)
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        """A decoded image: exactly the reference's crop."""
+        box, interpolation = self.draw(img)
+        top, left, h, w = box
+        return F.resized_crop(img, top, left, h, w, list(self.size), interpolation)
+
+
+class ToNormalizedTensor:
+    """``ToTensor`` then ``Normalize(mean, std)``, bit-identical, in one pass plus two in-place ones.
+
+    A tensor input is only normalised (timm's ``MaybeToTensor`` passes tensors through).
+    """
+
+    def __init__(self, mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor) -> None:
+        self.mean = torch.as_tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.as_tensor(std, dtype=torch.float32).view(-1, 1, 1)
+
+    def __call__(self, pic: Any) -> torch.Tensor:
+        if isinstance(pic, Image.Image) and pic.mode == "RGB":
+            width, height = pic.size
+            out = torch.empty((3, height, width), dtype=torch.float32)
+            out.copy_(torch.from_numpy(np.array(pic)).permute(2, 0, 1))
+            # ToTensor's x / 255, then Normalize's (x - mean) / std: the same float32 operations.
+            return out.div_(255).sub_(self.mean).div_(self.std)
+        tensor = pic if isinstance(pic, torch.Tensor) else F.to_tensor(pic)
+        return F.normalize(tensor, self.mean.flatten().tolist(), self.std.flatten().tolist())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()})"
+
+
+def _fuse_to_tensor(steps: Sequence[Callable]) -> list[Callable]:
+    """``steps`` with each ToTensor directly followed by a (not in-place) Normalize fused into one."""
+    fused: list[Callable] = []
+    i = 0
+    while i < len(steps):
+        step = steps[i]
+        nxt = steps[i + 1] if i + 1 < len(steps) else None
+        if isinstance(step, transforms.ToTensor) and isinstance(nxt, transforms.Normalize) and not nxt.inplace:
+            fused.append(ToNormalizedTensor(nxt.mean, nxt.std))
+            i += 2
+        else:
+            fused.append(step)
+            i += 1
+    return fused
+
+
+class FastTrainTransform:
+    """timm's train transform ``reference`` (a ``Compose``) with the same draws, faster (module docstring).
+
+    Takes a decoded PIL image, an ``EncodedImage`` or what ``decode_encoded`` returned; returns
+    what ``reference`` returns, a float tensor (3, H, W). ``transforms`` lists the reference's
+    steps (the ones reproduced).
+    """
+
+    def __init__(self, reference: transforms.Compose) -> None:
+        self.reference = reference
+        steps = list(reference.transforms)
+        self.crop: FastResizedCrop | None = None
+        if steps and isinstance(steps[0], RandomResizedCropAndInterpolation):
+            self.crop = FastResizedCrop(steps.pop(0))
+        self.steps = _fuse_to_tensor(steps)
+
+    @property
+    def transforms(self) -> list[Callable]:
+        return self.reference.transforms
+
+    def decode_encoded(self, encoded: EncodedImage, seed: int | None = None) -> DecodedCrop | Image.Image:
+        """The decode stage: draws the crop box and decodes (reduced when it can); raises what PIL
+        raises for unreadable data. ``seed``: the seed the call on the result will run under
+        (``seeded_rngs(seed)``), None when that call draws from the global generators; the global
+        generators are left as they were when a seed is given."""
+        if self.crop is None:
+            return encoded.decode()
+        return self.crop.decode(encoded, seed)
+
+    def __call__(self, img: Image.Image | EncodedImage | DecodedCrop) -> Any:
+        if isinstance(img, EncodedImage):
+            img = self.decode_encoded(img)
+        if isinstance(img, DecodedCrop):
+            # The box was drawn in the decode stage; continue Python's stream after those draws.
+            if self.crop is None:
+                raise TypeError("a DecodedCrop needs a transform that starts with a random resized crop")
+            random.setstate(img.random_state)
+            img = self.crop.crop(img)
+        elif self.crop is not None:
+            img = self.crop(img)
+        for step in self.steps:
+            img = step(img)
+        return img
+
+    def __repr__(self) -> str:
+        lines = [f"{type(self).__name__}("]
+        lines += [f"    {s!r}" for s in ([self.crop.reference] if self.crop else []) + self.steps]
+        return "\n".join(lines + [")"])
