@@ -5,9 +5,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -77,6 +77,123 @@ def model_inputs(samples: torch.Tensor | list | tuple, device: torch.device) -> 
     return [p.to(device, non_blocking=True) for p in parts]
 
 
+class OptimizerStep:
+    """The update that ends an accumulation window, apart from the loop that feeds it.
+
+    ``backward(loss)`` adds one micro-batch's gradients (scaled for fp16, divided by
+    ``TRAIN.ACCUMULATION_STEPS``); ``step(model, state)`` unscales, clips to ``TRAIN.CLIP_GRAD``
+    and measures the global gradient norm, steps (or, for a non-finite norm under fp32/bf16,
+    skips and counts the step, stopping the run after ``TRAIN.MAX_NONFINITE_STEPS`` in a row;
+    fp16's scaler skips by itself), zeroes the gradients and advances the per-step schedule.
+    """
+
+    def __init__(self, config, optimizer: torch.optim.Optimizer, lr_scheduler, scaler: torch.amp.GradScaler) -> None:
+        self.optimizer, self.lr_scheduler, self.scaler = optimizer, lr_scheduler, scaler
+        self.accum = int(config.TRAIN.ACCUMULATION_STEPS)
+        self.clip = config.TRAIN.CLIP_GRAD
+        self.max_nonfinite = int(config.TRAIN.MAX_NONFINITE_STEPS)
+        self.output = config.OUTPUT
+
+    def is_update(self, batch_index: int) -> bool:
+        """Whether the batch at ``batch_index`` (counted in the epoch) ends an accumulation window."""
+        return (batch_index + 1) % self.accum == 0
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss / self.accum).backward()
+
+    def step(self, model: nn.Module, state: TrainState, batch_index: int) -> float | None:
+        """One optimizer step after batch ``batch_index``; the gradient norm before clipping, or
+        None when it was not finite."""
+        scaler = self.scaler
+        scaler.unscale_(self.optimizer)
+        grad_norm = _grad_norm(model.parameters(), self.clip)
+        finite = bool(torch.isfinite(grad_norm))
+        if finite or scaler.is_enabled():
+            # With fp16 the scaler itself skips an inf/nan step and lowers the scale.
+            scaler.step(self.optimizer)
+            scaler.update()
+            state.nonfinite_in_row = 0 if finite else state.nonfinite_in_row
+        else:
+            self._skip(state, batch_index)
+        self.zero_grad()
+        state.step += 1
+        self.lr_scheduler.step_update(state.step)
+        return float(grad_norm) if finite else None
+
+    def _skip(self, state: TrainState, batch_index: int) -> None:
+        state.nonfinite_in_row += 1
+        state.nonfinite_total += 1
+        logger.warning(
+            "non-finite loss/gradient at epoch %d step %d: update skipped (%d in a row)",
+            state.epoch,
+            batch_index,
+            state.nonfinite_in_row,
+        )
+        if state.nonfinite_in_row >= self.max_nonfinite:
+            raise UserError(
+                f"{state.nonfinite_in_row} non-finite losses in a row at epoch {state.epoch}; stopping, the last "
+                f"good checkpoint is kept in {self.output}; lower TRAIN.BASE_LR or enable TRAIN.CLIP_GRAD"
+            )
+
+    def loss_scale(self) -> float:
+        return float(self.scaler.get_scale()) if self.scaler.is_enabled() else 1.0
+
+
+@dataclass
+class TrainMeters:
+    """Running values of one epoch, logged every ``PRINT_FREQ`` batches."""
+
+    loss: AverageMeter = field(default_factory=AverageMeter)
+    grad_norm: AverageMeter = field(default_factory=AverageMeter)
+    loss_scale: AverageMeter = field(default_factory=AverageMeter)
+    time: AverageMeter = field(default_factory=AverageMeter)  # a whole step, data included
+    data: AverageMeter = field(default_factory=AverageMeter)  # waiting for the loader's batch
+
+    def data_share(self) -> float:
+        """Percentage of the step time spent waiting for data (the loader is the bottleneck when high)."""
+        return 100.0 * self.data.avg / max(self.time.avg, 1e-9)
+
+    def log(self, config, optimizer, epoch: int, idx: int, num_steps: int, global_batch: int, env: DistEnv) -> None:
+        lr = optimizer.param_groups[0]["lr"]
+        wd = max(g["weight_decay"] for g in optimizer.param_groups)
+        eta = self.time.avg * (num_steps - idx - 1)
+        # The whole run at this epoch's pace (evaluation time not included).
+        run_eta = eta + self.time.avg * num_steps * max(0, config.TRAIN.EPOCHS - epoch - 1)
+        logger.info(
+            f"Train: [{epoch}/{config.TRAIN.EPOCHS}][{idx}/{num_steps}]\t"
+            f"eta {datetime.timedelta(seconds=int(eta))} (run {datetime.timedelta(seconds=int(run_eta))}) "
+            f"lr {lr:.6f}\t wd {wd:.4f}\t"
+            f"time {self.time.val:.4f} ({self.time.avg:.4f})\t"
+            f"data {self.data.val:.4f} ({self.data.avg:.4f}, {self.data_share():.0f}%)\t"
+            f"loss {self.loss.val:.4f} ({self.loss.avg:.4f})\t"
+            f"grad_norm {self.grad_norm.val:.4f} ({self.grad_norm.avg:.4f})\t"
+            f"loss_scale {self.loss_scale.val:.1f}\t"
+            f"img/s {global_batch / max(self.time.val, 1e-9):.1f}\t"
+            f"mem {max_memory_mb(env.device):.0f}MB"
+        )
+
+    def write(self, writer, optimizer, step: int, global_batch: int) -> None:
+        writer.add_scalar("train/loss", self.loss.val, step)
+        writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
+        writer.add_scalar("train/grad_norm", self.grad_norm.val, step)
+        writer.add_scalar("train/images_per_s", global_batch / max(self.time.val, 1e-9), step)
+        writer.add_scalar("train/data_time", self.data.val, step)
+        writer.add_scalar("train/data_share_percent", self.data_share(), step)
+
+
+def _note_replaced(replaced, state: TrainState) -> int:
+    """Count a batch's substituted samples; name each unreadable file once per run."""
+    bad = [path for path in replaced if path]
+    for path in bad:
+        if path not in state.corrupt_seen:
+            state.corrupt_seen.add(path)
+            logger.warning("unreadable image replaced by another sample: %s", path)
+    return len(bad)
+
+
 def train_one_epoch(
     config,
     model: nn.Module,
@@ -93,76 +210,40 @@ def train_one_epoch(
 ) -> dict[str, float]:
     """One pass over ``loader`` (from ``state.batch_in_epoch`` on when resuming mid-epoch).
 
-    Gradients accumulate over ``TRAIN.ACCUMULATION_STEPS`` batches; the learning rate is updated
-    every optimizer step. A non-finite gradient norm (fp32/bf16) skips the update; too many in a
-    row stop the run. ``criterion`` None: the model returns its own loss (SimMIM pre-training,
-    whose batches are ``(images, masks)``). Returns the epoch's averages.
+    Gradients accumulate over ``TRAIN.ACCUMULATION_STEPS`` batches and each window ends in an
+    :class:`OptimizerStep`. ``criterion`` None: the model returns its own loss (SimMIM
+    pre-training, whose batches are ``(images, masks)``). Returns the epoch's averages.
     """
     model.train()
-    optimizer.zero_grad(set_to_none=True)
-    accum = config.TRAIN.ACCUMULATION_STEPS
-    epoch = state.epoch
-    start_batch = state.batch_in_epoch
-    num_steps = start_batch + len(loader)
-    loss_meter, norm_meter, time_meter = AverageMeter(), AverageMeter(), AverageMeter()
-    scaler_meter = AverageMeter()
-    corrupt_this_epoch = 0
+    stepper = OptimizerStep(config, optimizer, lr_scheduler, scaler)
+    stepper.zero_grad()
+    meters = TrainMeters()
+    num_steps = state.batch_in_epoch + len(loader)
+    replaced_count = 0
     reset_peak_memory(env.device)
     start = end = time.time()
-    for idx, batch in enumerate(loader, start=start_batch):
-        samples, targets, replaced = batch
-        for path in replaced:
-            if path:
-                corrupt_this_epoch += 1
-                if path not in state.corrupt_seen:
-                    state.corrupt_seen.add(path)
-                    logger.warning("unreadable image replaced by another sample: %s", path)
+    for idx, (samples, targets, replaced) in enumerate(loader, start=state.batch_in_epoch):
+        meters.data.update(time.time() - end)
+        replaced_count += _note_replaced(replaced, state)
         inputs = model_inputs(samples, env.device)
         targets = targets.to(env.device, non_blocking=True)
         if mixup_fn is not None:
             inputs[0], targets = mixup_fn(inputs[0], targets)
 
-        is_update = (idx + 1) % accum == 0
-        sync_ctx = no_grad_sync(model) if (env.distributed and not is_update) else _null()
-        with sync_ctx:
+        is_update = stepper.is_update(idx)
+        with no_grad_sync(model) if (env.distributed and not is_update) else contextlib.nullcontext():
             with autocast_context(env.device, config.AMP_ENABLE, config.AMP_DTYPE):
                 outputs = model(*inputs)
                 loss = outputs if criterion is None else criterion(outputs, targets)
-            scaler.scale(loss / accum).backward()
-
+            stepper.backward(loss)
         if is_update:
-            scaler.unscale_(optimizer)
-            grad_norm = _grad_norm(model.parameters(), config.TRAIN.CLIP_GRAD)
-            finite = bool(torch.isfinite(grad_norm))
-            if finite or scaler.is_enabled():
-                # With fp16 the scaler itself skips an inf/nan step and lowers the scale.
-                scaler.step(optimizer)
-                scaler.update()
-                state.nonfinite_in_row = 0 if finite else state.nonfinite_in_row
-            if not finite and not scaler.is_enabled():
-                state.nonfinite_in_row += 1
-                state.nonfinite_total += 1
-                logger.warning(
-                    "non-finite loss/gradient at epoch %d step %d: update skipped (%d in a row)",
-                    epoch,
-                    idx,
-                    state.nonfinite_in_row,
-                )
-                if state.nonfinite_in_row >= config.TRAIN.MAX_NONFINITE_STEPS:
-                    raise UserError(
-                        f"{state.nonfinite_in_row} non-finite losses in a row at epoch {epoch}; stopping, the last "
-                        f"good checkpoint is kept in {config.OUTPUT}; lower TRAIN.BASE_LR or enable TRAIN.CLIP_GRAD"
-                    )
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            lr_scheduler.step_update(state.step)
-            if finite:
-                norm_meter.update(float(grad_norm))
-            scaler_meter.update(float(scaler.get_scale()) if scaler.is_enabled() else 1.0)
+            grad_norm = stepper.step(model, state, idx)
+            if grad_norm is not None:
+                meters.grad_norm.update(grad_norm)
+            meters.loss_scale.update(stepper.loss_scale())
         state.batch_in_epoch = idx + 1
-
-        loss_meter.update(loss.item(), targets.size(0))
-        time_meter.update(time.time() - end)
+        meters.loss.update(loss.item(), targets.size(0))
+        meters.time.update(time.time() - end)
         end = time.time()
 
         if is_update:
@@ -172,69 +253,29 @@ def train_one_epoch(
             if hooks.stop_requested():
                 if not periodic:  # the periodic save above already wrote this step; don't write it twice
                     hooks.save_step_checkpoint()
-                raise StopTraining(f"stopped at epoch {epoch}, batch {idx + 1}/{num_steps}")
-
+                raise StopTraining(f"stopped at epoch {state.epoch}, batch {idx + 1}/{num_steps}")
         if idx % config.PRINT_FREQ == 0 or idx == num_steps - 1:
-            _log_step(
-                config,
-                optimizer,
-                epoch,
-                idx,
-                num_steps,
-                loss_meter,
-                norm_meter,
-                scaler_meter,
-                time_meter,
-                targets.size(0) * env.world_size,
-                env,
-            )
+            global_batch = targets.size(0) * env.world_size
+            meters.log(config, optimizer, state.epoch, idx, num_steps, global_batch, env)
             if writer is not None:
-                writer.add_scalar("train/loss", loss_meter.val, state.step)
-                writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], state.step)
-                writer.add_scalar("train/grad_norm", norm_meter.val, state.step)
-                writer.add_scalar(
-                    "train/images_per_s", targets.size(0) * env.world_size / max(time_meter.val, 1e-9), state.step
-                )
+                meters.write(writer, optimizer, state.step, global_batch)
 
-    corrupt_total = int(all_reduce_sum(torch.tensor([float(corrupt_this_epoch)], device=env.device)).item())
+    corrupt_total = int(all_reduce_sum(torch.tensor([float(replaced_count)], device=env.device)).item())
     if corrupt_total:
-        logger.warning("epoch %d: %d unreadable images were replaced", epoch, corrupt_total)
+        logger.warning("epoch %d: %d unreadable images were replaced", state.epoch, corrupt_total)
     if writer is not None:
-        writer.add_scalar("train/corrupt_images", corrupt_total, epoch)
-        writer.add_scalar("train/nonfinite_steps", state.nonfinite_total, epoch)
+        writer.add_scalar("train/corrupt_images", corrupt_total, state.epoch)
+        writer.add_scalar("train/nonfinite_steps", state.nonfinite_total, state.epoch)
     epoch_time = time.time() - start
-    logger.info("EPOCH %d training takes %s", epoch, datetime.timedelta(seconds=int(epoch_time)))
+    logger.info("EPOCH %d training takes %s", state.epoch, datetime.timedelta(seconds=int(epoch_time)))
     state.batch_in_epoch = 0
-    return {"loss": loss_meter.avg, "grad_norm": norm_meter.avg, "corrupt_images": corrupt_total, "seconds": epoch_time}
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _log_step(
-    config, optimizer, epoch, idx, num_steps, loss_meter, norm_meter, scaler_meter, time_meter, global_batch, env
-):
-    lr = optimizer.param_groups[0]["lr"]
-    wd = max(g["weight_decay"] for g in optimizer.param_groups)
-    eta = time_meter.avg * (num_steps - idx - 1)
-    # The whole run at this epoch's pace (evaluation time not included).
-    run_eta = eta + time_meter.avg * num_steps * max(0, config.TRAIN.EPOCHS - epoch - 1)
-    logger.info(
-        f"Train: [{epoch}/{config.TRAIN.EPOCHS}][{idx}/{num_steps}]\t"
-        f"eta {datetime.timedelta(seconds=int(eta))} (run {datetime.timedelta(seconds=int(run_eta))}) "
-        f"lr {lr:.6f}\t wd {wd:.4f}\t"
-        f"time {time_meter.val:.4f} ({time_meter.avg:.4f})\t"
-        f"loss {loss_meter.val:.4f} ({loss_meter.avg:.4f})\t"
-        f"grad_norm {norm_meter.val:.4f} ({norm_meter.avg:.4f})\t"
-        f"loss_scale {scaler_meter.val:.1f}\t"
-        f"img/s {global_batch / max(time_meter.val, 1e-9):.1f}\t"
-        f"mem {max_memory_mb(env.device):.0f}MB"
-    )
+    return {
+        "loss": meters.loss.avg,
+        "grad_norm": meters.grad_norm.avg,
+        "corrupt_images": corrupt_total,
+        "seconds": epoch_time,
+        "data_share_percent": meters.data_share(),
+    }
 
 
 # How many unreadable files the evaluation summary line names; the rest are counted.
@@ -419,7 +460,3 @@ def throughput(config, model: nn.Module, env: DistEnv, batch_size: int | None = 
         f"device {env.device}, {timing.iters} timed iterations)"
     )
     return timing.images_per_s
-
-
-def format_eta(seconds: float) -> str:
-    return str(datetime.timedelta(seconds=int(max(0.0, seconds)))) if math.isfinite(seconds) else "?"

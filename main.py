@@ -300,6 +300,16 @@ def config_file_name(config) -> str:
     return "config.yaml"
 
 
+def run_record(config, num_classes: int):
+    """The config as this run uses it, for config.yaml and its checkpoints: MODEL.NUM_CLASSES is
+    the dataset's (the run's own config is left as it was read)."""
+    record = config.clone()
+    record.defrost()
+    record.MODEL.NUM_CLASSES = num_classes
+    record.freeze()
+    return record
+
+
 def save_run_config(config, env: DistEnv, logger) -> None:
     path = os.path.join(config.OUTPUT, config_file_name(config))
     if env.rank == 0:
@@ -347,10 +357,8 @@ def run(args: argparse.Namespace) -> dict | None:
         return {"images_per_s": run_throughput(config, env, logger)}
 
     data = build_loader(config, env.world_size, env.rank, pin_memory=env.device.type == "cuda")
-    config.defrost()
-    config.MODEL.NUM_CLASSES = data.num_classes
-    config.freeze()
-    save_run_config(config, env, logger)
+    record = run_record(config, data.num_classes)
+    save_run_config(record, env, logger)
     pretraining = is_pretraining(config)
     n_val = len(data.dataset_val) if data.dataset_val is not None else 0
     if pretraining:
@@ -363,7 +371,7 @@ def run(args: argparse.Namespace) -> dict | None:
             logger.warning("%s is a SimMIM pre-training config: add --pretrain simmim to pre-train", config.MODEL.NAME)
 
     with same_initial_weights(config.SEED, enabled=config.TRAIN.FSDP):  # FSDP broadcasts no weights
-        model = build_model(config)
+        model = build_model(config, num_classes=data.num_classes)
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("model %s: %s parameters, %.3f GMACs", config.MODEL.NAME, f"{n_params:,}", model.flops() / 1e9)
     if not config.TRAIN.FSDP:
@@ -471,7 +479,7 @@ def run(args: argparse.Namespace) -> dict | None:
             "epoch": state.epoch,
             "step": state.step,
             "max_accuracy": state.max_accuracy,
-            "config": config_yaml(config),
+            "config": config_yaml(record),
             "sampler": {
                 "epoch": state.epoch,
                 "batch_in_epoch": batch,

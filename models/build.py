@@ -74,12 +74,14 @@ def _check_shape(config: CfgNode) -> None:
 
 def build_model(
     config: CfgNode,
+    num_classes: int | None = None,
     features_only: bool = False,
     out_indices: Sequence[int] = (0, 1, 2, 3),
     frozen_stages: int = -1,
 ) -> nn.Module:
-    """The classifier of ``config`` (``MODEL.TYPE`` 'swin' or 'swinv2'), with ``features_only``
-    the backbone, and for ``TRAIN.PRETRAIN simmim`` the SimMIM model around a head-less encoder."""
+    """The classifier of ``config`` (``MODEL.TYPE`` 'swin' or 'swinv2') with ``num_classes`` outputs
+    (default ``MODEL.NUM_CLASSES``), with ``features_only`` the backbone, and for
+    ``TRAIN.PRETRAIN simmim`` the SimMIM model around a head-less encoder."""
     _check_shape(config)
     kwargs = swin_kwargs(config)
     v2 = config.MODEL.TYPE == "swinv2"
@@ -91,4 +93,4 @@ def build_model(
         backbone = SwinBackboneV2 if v2 else SwinBackbone
         return backbone(out_indices=out_indices, frozen_stages=frozen_stages, **kwargs)
     classifier = SwinTransformerV2 if v2 else SwinTransformer
-    return classifier(num_classes=config.MODEL.NUM_CLASSES, **kwargs)
+    return classifier(num_classes=config.MODEL.NUM_CLASSES if num_classes is None else num_classes, **kwargs)

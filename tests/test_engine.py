@@ -294,3 +294,25 @@ def test_summary_names_three_unreadable_files_and_counts_the_rest():
     # Files outside the data folder keep their full path.
     outside = eval_summary({**result, "total": 6, "unreadable": ["/elsewhere/y.png"]}, "/data")
     assert outside.endswith("images 5 of 6, 1 unreadable: /elsewhere/y.png")
+
+
+def test_a_slow_loader_shows_as_the_data_share_of_the_step(caplog):
+    import time as time_module
+
+    config, model, optimizer, scheduler, scaler = _setup()
+    batches = _batches(3)
+
+    class SlowLoader:
+        def __len__(self):
+            return len(batches)
+
+        def __iter__(self):
+            for b in batches:
+                time_module.sleep(0.3)  # far longer than a step of the tiny model
+                yield b
+
+    with caplog.at_level(logging.INFO, logger="swin"):
+        stats, _ = _epoch(config, model, optimizer, scheduler, scaler, SlowLoader())
+    assert stats["data_share_percent"] > 50
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Train:")]
+    assert lines and all(re.search(r"\tdata 0\.\d{4} \(0\.\d{4}, \d+%\)\t", line) for line in lines)
