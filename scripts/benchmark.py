@@ -57,6 +57,7 @@ import platform
 import signal
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -244,6 +245,18 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+def onnxruntime_step(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    """One inference batch of ``model`` exported to ONNX and run by onnxruntime on the CPU, with
+    as many threads as torch uses (the peer a CPU user might pick instead)."""
+    from models.onnx_export import export_onnx, onnxruntime_session
+
+    path = os.path.join(tempfile.mkdtemp(prefix="bench_onnx_"), "model.onnx")
+    export_onnx(model, path, x.shape[-1], x.shape[1], batch=x.shape[0])
+    session = onnxruntime_session(path, threads=torch.get_num_threads())
+    feed = {"images": x.detach().cpu().numpy()}
+    return lambda: session.run(None, feed)
 
 
 def forward_step(model, x, amp: torch.dtype | None) -> Callable[[], None]:
@@ -467,6 +480,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="'keep': glibc keeps freed memory for reuse instead of unmapping it (both models)",
     )
     p.add_argument("--json", default=None, help="write all results here")
+    p.add_argument(
+        "--onnxruntime",
+        action="store_true",
+        help="CPU: add onnxruntime running our model exported to ONNX to the fp32 eager forward row",
+    )
     p.add_argument("--opts", nargs="*", default=[], help="extra config KEY VALUE pairs for our model")
     return p.parse_args(argv)
 
@@ -597,7 +615,7 @@ def main(argv=None) -> dict:
                 )
             )
             print(
-                f"  {phase} {dtype} {mode}: ours {fmt(o)} img/s, timm {fmt(tm)} img/s, "
+                f"  {phase} {dtype} {mode}: {c.name} {fmt(o)} img/s, timm {fmt(tm)} img/s, "
                 f"ratio {fmt(rows[-1]['ratio'], '.3f')}, "
                 f"paired {fmt(rows[-1]['paired_ratio'], '.3f')}",
                 flush=True,
@@ -663,6 +681,8 @@ def main(argv=None) -> dict:
             for name, model in (("ours", ours), ("timm", theirs)):
                 if dtype == torch.float32:
                     cands.append(Candidate(name, forward_step(maybe_compile(model, mode), x, None), note))
+                    if name == "ours" and args.onnxruntime and mode == "eager" and device.type == "cpu":
+                        cands.append(Candidate("onnxruntime", onnxruntime_step(model, x), "our model as ONNX"))
                 else:
                     cands.append(
                         Candidate(f"{name}|autocast", forward_step(maybe_compile(model, mode), x, dtype), note)
@@ -824,8 +844,8 @@ def main(argv=None) -> dict:
     # -- report -------------------------------------------------------------------------------
     print()
     print(
-        f"{'phase':8s} {'dtype':5s} {'mode':9s} {'ours img/s':>11s} {'timm img/s':>11s} "
-        f"{'ours/timm':>9s} {'paired':>7s}  notes"
+        f"{'phase':8s} {'dtype':5s} {'mode':9s} {'variant':12s} {'img/s':>9s} {'timm img/s':>11s} "
+        f"{'ratio':>7s} {'paired':>7s}  notes"
     )
     for r in rows:
         notes = []
@@ -837,8 +857,9 @@ def main(argv=None) -> dict:
             if r.get(k):
                 notes.append(f"{k.split('_')[0]}: {r[k]}")
         print(
-            f"{r['phase']:8s} {r['dtype']:5s} {r['mode']:9s} {fmt(r['ours_img_s']):>11s} {fmt(r['timm_img_s']):>11s} "
-            f"{fmt(r['ratio'], '.3f'):>9s} {fmt(r.get('paired_ratio'), '.3f'):>7s}  {'; '.join(notes)}"
+            f"{r['phase']:8s} {r['dtype']:5s} {r['mode']:9s} {r.get('variant', 'ours'):12s} "
+            f"{fmt(r['ours_img_s']):>9s} {fmt(r['timm_img_s']):>11s} "
+            f"{fmt(r['ratio'], '.3f'):>7s} {fmt(r.get('paired_ratio'), '.3f'):>7s}  {'; '.join(notes)}"
         )
     if levers:
         print()

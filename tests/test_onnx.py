@@ -56,3 +56,22 @@ def test_onnx_export_at_another_size_and_a_bad_suffix_are_handled(tmp_path, caps
     capsys.readouterr()
     assert export_script.main([str(ckpt), "--out", str(tmp_path / "m.bin")]) == 2
     assert "must end in .safetensors, .pth or .onnx" in capsys.readouterr().err
+
+
+def test_the_benchmark_times_onnxruntime_beside_ours_and_timm(tmp_path):
+    import json
+    import subprocess
+
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--model", "demo", "--dtypes", "fp32"]
+        + ["--modes", "eager", "--rounds", "1", "--iters", "1", "--onnxruntime", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"] if r["phase"] == "forward"}
+    assert set(rows) == {"ours", "onnxruntime"}
+    assert rows["onnxruntime"]["ours_img_s"] > 0 and rows["onnxruntime"]["timm_img_s"] > 0
+    assert "onnxruntime" in done.stdout
