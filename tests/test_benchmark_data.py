@@ -1,0 +1,66 @@
+"""scripts/benchmark_data.py end to end on a tiny set: JSON keys, positive rates, the printed table."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "scripts", "benchmark_data.py")
+
+
+def test_benchmark_data_tiny_run(tmp_path):
+    out_json = tmp_path / "bench.json"
+    args = ["--images", "16", "--sizes", "64x48", "--rounds", "1", "--out", str(tmp_path / "data")]
+    proc = subprocess.run(
+        [sys.executable, SCRIPT, *args, "--json", str(out_json)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = proc.stdout
+
+    results = json.loads(out_json.read_text())
+    assert set(results) >= {"machine", "settings", "sizes", "goal"}
+    assert set(results["machine"]) >= {"cpu", "isa", "cores", "load_average", "load_average_after"}
+    assert set(results["machine"]["isa"]) == {"avx2", "avx512f", "avx512_bf16", "amx"}
+    assert list(results["sizes"]) == ["64x48"]
+    size = results["sizes"]["64x48"]
+    assert size["images"]["train"] == 16 and size["images"]["val"] == 4
+    assert os.path.isfile(tmp_path / "data" / "64x48" / "zip" / "train.zip")
+    assert os.path.isfile(tmp_path / "data" / "64x48" / "shards" / "train" / "shards.json")
+
+    transform = size["transform"]
+    for name in ("reference", "fast", "val"):
+        assert transform[name]["images_per_s_per_core"] > 0
+        assert transform[name]["ms_per_image"] > 0
+    assert transform["ratio"] > 0
+    for pipeline in ("reference", "fast"):
+        stages = transform["stages"][pipeline]
+        expected = {"read + decode", "crop + resize", "flip", "RandAugment", "to-tensor + normalise", "random erasing"}
+        assert set(stages) == expected
+        assert all(ms > 0 for ms in stages.values())
+
+    rows = size["loader"]
+    assert {(r["format"], r["workers"], r["pipeline"]) for r in rows} == {
+        (f, w, p) for f in ("folder", "zip", "shards") for w in (0, 1, 2) for p in ("reference", "fast")
+    }
+    for row in rows:
+        assert row["images_per_s"] > 0 and row["images_per_s_per_core"] > 0
+        assert row["images"] == 16  # one epoch, batch size capped at the 16 images
+
+    goal = results["goal"]
+    assert goal["target"] == 2.0 and isinstance(goal["met"], bool) and set(goal["ratios"]) == {"64x48"}
+
+    # The printed report: machine line, the per-size tables and the goal verdict.
+    assert "cpu: " in text and "avx512f" in text and "load average" in text
+    assert "== 64x48: 16 train / 4 val JPEGs" in text
+    for stage in ("read + decode", "RandAugment", "random erasing", "whole train transform", "val transform"):
+        assert stage in text
+    for fmt in ("folder", "zip", "shards"):
+        assert any(line.split()[:2] == [fmt, "2"] for line in text.splitlines())
+    assert "goal: >= 2x" in text and ("NOT MET" in text or "MET" in text)
