@@ -689,3 +689,17 @@ def restore_official_training_state(
                 "loss scaler: the release's state is unusable (%s): starting at scale %g", e, scaler.get_scale()
             )
     return epoch, step, max_accuracy
+
+
+def restore_rank_rng(rng: Any, rank: int, world_size: int, device: torch.device | None = None) -> None:
+    """Restore this rank's entry of a checkpoint's per-rank RNG states (``capture_rng_state`` of
+    every rank). Saved by another number of ranks: a warning, and the streams restart from the
+    seed (augmentation is seeded per sample, so images stay the same; dropout and drop path draw anew)."""
+    if isinstance(rng, list) and len(rng) == world_size:
+        restore_rng_state(rng[rank], device)
+    elif isinstance(rng, list):
+        logger.warning(
+            "RNG states of %d ranks not restored in a world of %d: random streams restart from the seed",
+            len(rng),
+            world_size,
+        )

@@ -6,9 +6,11 @@ so their records reach the handlers installed here.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 
 from termcolor import colored
 
@@ -80,3 +82,20 @@ def create_logger(output_dir: str, dist_rank: int = 0, name: str = "swin") -> lo
     if root.level == logging.NOTSET or root.level > logging.INFO:
         root.setLevel(logging.INFO)
     return logger
+
+
+@contextlib.contextmanager
+def script_console(*names: str) -> Iterator[None]:
+    """For a script's ``main``: INFO messages of the loggers ``names`` printed bare on stderr while
+    the block runs, the handler removed after it (tests call ``main`` in-process)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    owners = [logging.getLogger(n) for n in names]
+    for lg in owners:
+        lg.addHandler(handler)
+        lg.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        for lg in owners:
+            lg.removeHandler(handler)

@@ -24,7 +24,7 @@ from checkpoint import (
     is_official_training_checkpoint,
     load_checkpoint_file,
     restore_official_training_state,
-    restore_rng_state,
+    restore_rank_rng,
     save_epoch_checkpoint,
     save_step_checkpoint,
 )
@@ -277,16 +277,7 @@ def load_resume(
     else:
         state.epoch = int(checkpoint["epoch"]) + 1
     state.step = int(checkpoint.get("step", 0))
-    rng = checkpoint.get("rng")
-    if isinstance(rng, list) and len(rng) == env.world_size:
-        restore_rng_state(rng[env.rank], env.device)
-    elif isinstance(rng, list):
-        # Augmentation is seeded per sample, so images stay the same; dropout and drop path draw anew.
-        logger.warning(
-            "RNG states of %d ranks not restored in a world of %d: random streams restart from the seed",
-            len(rng),
-            env.world_size,
-        )
+    restore_rank_rng(checkpoint.get("rng"), env.rank, env.world_size, env.device)
     logger.info("resuming at epoch %d, batch %d (optimizer step %d)", state.epoch, state.batch_in_epoch, state.step)
     return checkpoint
 

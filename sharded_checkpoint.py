@@ -488,7 +488,7 @@ def resume_sharded(
     to this run's ``global_batch`` = per-rank batch x ranks) and best accuracy; every rank's RNG
     state is restored when the world size is the checkpoint's. Returns the trainer state.
     """
-    from checkpoint import restore_rng_state
+    from checkpoint import restore_rank_rng
 
     trainer = load_sharded(path, model, None if model_only else optimizer)
     logger.info("resumed weights from %s (saved by %d ranks)", path, int(trainer.get("world_size", 0)))
@@ -508,15 +508,7 @@ def resume_sharded(
             saved_global,
             global_batch,
         )
-    rng = trainer.get("rng")
-    if isinstance(rng, list) and len(rng) == env.world_size:
-        restore_rng_state(rng[env.rank], env.device)
-    elif isinstance(rng, list):
-        logger.warning(
-            "RNG states of %d ranks not restored in a world of %d: random streams restart from the seed",
-            len(rng),
-            env.world_size,
-        )
+    restore_rank_rng(trainer.get("rng"), env.rank, env.world_size, env.device)
     logger.info("resuming at epoch %d, batch %d (optimizer step %d)", state.epoch, state.batch_in_epoch, state.step)
     return trainer
 

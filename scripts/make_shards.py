@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data.shards import clear_shard_folder, index_existing_shards, split_classes, write_split_shards  # noqa: E402
 from errors import UserError, report_user_errors  # noqa: E402
+from logger import script_console  # noqa: E402
 
 logger = logging.getLogger("swin.make_shards")
 
@@ -101,17 +102,8 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    owners = [logger, logging.getLogger("data.shards")]
-    for lg in owners:
-        lg.addHandler(handler)
-        lg.setLevel(logging.INFO)
-    try:
+    with script_console(logger.name, "data.shards"):
         return report_user_errors(lambda: run(args))
-    finally:
-        for lg in owners:
-            lg.removeHandler(handler)
 
 
 if __name__ == "__main__":

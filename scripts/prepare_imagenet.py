@@ -56,6 +56,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS  # noqa: E402
 
 from data.zip_dataset import map_path, write_zip_split, zip_path  # noqa: E402
 from errors import UserError, report_user_errors  # noqa: E402
+from logger import script_console  # noqa: E402
 
 logger = logging.getLogger("swin.prepare_imagenet")
 
@@ -480,17 +481,8 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    owners = [logger, logging.getLogger("data.zip_dataset")]
-    for lg in owners:
-        lg.addHandler(handler)
-        lg.setLevel(logging.INFO)
-    try:
+    with script_console(logger.name, "data.zip_dataset"):
         return report_user_errors(lambda: run(args))
-    finally:
-        for lg in owners:
-            lg.removeHandler(handler)
 
 
 if __name__ == "__main__":
