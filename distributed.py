@@ -295,6 +295,34 @@ def autocast_context(device: torch.device, enabled: bool, dtype_name: str = "aut
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+@dataclass(frozen=True)
+class Precision:
+    """The run's mixed precision, decided once (``Precision.decide``) and handed to the loops.
+
+    ``dtype``: the autocast dtype, None for float32; ``description``: what the first log lines say,
+    with the reason (see :func:`describe_precision`).
+    """
+
+    device: torch.device
+    dtype: torch.dtype | None
+    description: str
+
+    @classmethod
+    def decide(cls, device: torch.device, enabled: bool, dtype_name: str = "auto") -> Precision:
+        dtype = resolve_amp_dtype(device, dtype_name) if enabled else None
+        return cls(device, dtype, describe_precision(device, enabled, dtype_name))
+
+    @property
+    def enabled(self) -> bool:
+        return self.dtype is not None
+
+    def autocast(self) -> AbstractContextManager[Any]:
+        """``torch.autocast`` in this precision, or a do-nothing context for float32."""
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+
 def make_grad_scaler(device: torch.device, enabled: bool, dtype: torch.dtype | None) -> torch.amp.GradScaler:
     """A loss scaler that is active only for float16 autocast on CUDA.
 

@@ -21,12 +21,11 @@ from timm.utils import AverageMeter, accuracy
 from config import is_pretraining, model_section
 from distributed import (
     DistEnv,
+    Precision,
     all_gather_object,
     all_reduce_sum,
-    autocast_context,
     max_memory_mb,
     reset_peak_memory,
-    resolve_amp_dtype,
 )
 from errors import UserError
 from fsdp import forwards_to_pad, global_grad_norm, no_grad_sync, pad_forwards
@@ -207,13 +206,16 @@ def train_one_epoch(
     state: TrainState,
     hooks: StepHooks,
     writer=None,
+    precision: Precision | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader`` (from ``state.batch_in_epoch`` on when resuming mid-epoch).
 
     Gradients accumulate over ``TRAIN.ACCUMULATION_STEPS`` batches and each window ends in an
     :class:`OptimizerStep`. ``criterion`` None: the model returns its own loss (SimMIM
-    pre-training, whose batches are ``(images, masks)``). Returns the epoch's averages.
+    pre-training, whose batches are ``(images, masks)``). ``precision``: the run's, decided once
+    by the caller (default: from AMP_ENABLE / AMP_DTYPE). Returns the epoch's averages.
     """
+    precision = precision or Precision.decide(env.device, config.AMP_ENABLE, config.AMP_DTYPE)
     model.train()
     stepper = OptimizerStep(config, optimizer, lr_scheduler, scaler)
     stepper.zero_grad()
@@ -232,7 +234,7 @@ def train_one_epoch(
 
         is_update = stepper.is_update(idx)
         with no_grad_sync(model) if (env.distributed and not is_update) else contextlib.nullcontext():
-            with autocast_context(env.device, config.AMP_ENABLE, config.AMP_DTYPE):
+            with precision.autocast():
                 outputs = model(*inputs)
                 loss = outputs if criterion is None else criterion(outputs, targets)
             stepper.backward(loss)
@@ -274,6 +276,7 @@ def train_one_epoch(
         "grad_norm": meters.grad_norm.avg,
         "corrupt_images": corrupt_total,
         "seconds": epoch_time,
+        "data_seconds": meters.data.avg,
         "data_share_percent": meters.data_share(),
     }
 
@@ -311,7 +314,7 @@ def eval_summary(result: dict[str, Any], data_root: str = "") -> str:
 
 
 @torch.no_grad()
-def evaluate(config, loader, model: nn.Module, env: DistEnv) -> dict[str, Any]:
+def evaluate(config, loader, model: nn.Module, env: DistEnv, precision: Precision | None = None) -> dict[str, Any]:
     """Top-1, top-5 and loss over the readable validation images, each counted exactly once.
 
     A row whose ``replaced`` path is set comes from a file that could not be read: it is
@@ -323,6 +326,7 @@ def evaluate(config, loader, model: nn.Module, env: DistEnv) -> dict[str, Any]:
     ``total`` (images in the set: scored + unreadable) and ``unreadable`` (sorted paths). A set
     with no readable image is a ``UserError``; ``DATA.STRICT`` already failed in the loader.
     """
+    precision = precision or Precision.decide(env.device, config.AMP_ENABLE, config.AMP_DTYPE)
     model.eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")
     # correct@1, correct@5, loss, scored, unreadable
@@ -334,7 +338,7 @@ def evaluate(config, loader, model: nn.Module, env: DistEnv) -> dict[str, Any]:
     for idx, (images, target, replaced) in enumerate(loader):
         images = images.to(env.device, non_blocking=True)
         target = target.to(env.device, non_blocking=True)
-        with autocast_context(env.device, config.AMP_ENABLE, config.AMP_DTYPE):
+        with precision.autocast():
             output = model(images)
         output = output.float()
         bad = [p for p in replaced if p]
@@ -392,7 +396,9 @@ def evaluate(config, loader, model: nn.Module, env: DistEnv) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def evaluate_reconstruction(config, loader, model: nn.Module, env: DistEnv) -> dict[str, Any]:
+def evaluate_reconstruction(
+    config, loader, model: nn.Module, env: DistEnv, precision: Precision | None = None
+) -> dict[str, Any]:
     """SimMIM's validation: the mean reconstruction loss over the readable images.
 
     Batches are ``((images, masks), _, replaced)`` with masks fixed per image (seeded by the
@@ -400,6 +406,7 @@ def evaluate_reconstruction(config, loader, model: nn.Module, env: DistEnv) -> d
     number of masked pixels, so the per-image mean is the batch loss weighted by batch size;
     sums are reduced across ranks. Returns ``loss``, ``count``, ``total`` and ``unreadable``.
     """
+    precision = precision or Precision.decide(env.device, config.AMP_ENABLE, config.AMP_DTYPE)
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=env.device)  # loss · n, scored, unreadable
     unreadable: list[str] = []
@@ -410,7 +417,7 @@ def evaluate_reconstruction(config, loader, model: nn.Module, env: DistEnv) -> d
         n = int(keep.sum())
         if n:
             images, masks = model_inputs((images[keep], masks[keep]), env.device)
-            with autocast_context(env.device, config.AMP_ENABLE, config.AMP_DTYPE):
+            with precision.autocast():
                 loss = model(images, masks)
             sums += torch.tensor([float(loss) * n, n, 0], dtype=torch.float64, device=env.device)
         else:
@@ -434,7 +441,14 @@ def evaluate_reconstruction(config, loader, model: nn.Module, env: DistEnv) -> d
 
 
 @torch.no_grad()
-def throughput(config, model: nn.Module, env: DistEnv, batch_size: int | None = None, iters: int = 10) -> float:
+def throughput(
+    config,
+    model: nn.Module,
+    env: DistEnv,
+    batch_size: int | None = None,
+    iters: int = 10,
+    precision: Precision | None = None,
+) -> float:
     """Forward images/s on a random batch of the configured size (timed as the benchmark times)."""
     model.eval()
     size = config.DATA.IMG_SIZE
@@ -445,11 +459,11 @@ def throughput(config, model: nn.Module, env: DistEnv, batch_size: int | None = 
         # SimMIM takes a token mask too; which tokens are masked does not change the cost.
         grid = size // model_section(config).PATCH_SIZE
         inputs.append(torch.zeros(batch_size, grid, grid, dtype=torch.long, device=env.device))
-    amp = resolve_amp_dtype(env.device, config.AMP_DTYPE) if config.AMP_ENABLE else None
-    dtype = "float32" if amp is None else str(amp).replace("torch.", "") + " autocast"
+    precision = precision or Precision.decide(env.device, config.AMP_ENABLE, config.AMP_DTYPE)
+    dtype = "float32" if precision.dtype is None else str(precision.dtype).replace("torch.", "") + " autocast"
 
     def step():
-        with autocast_context(env.device, config.AMP_ENABLE, config.AMP_DTYPE):
+        with precision.autocast():
             model(*inputs)
 
     timing = time_images_per_second(

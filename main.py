@@ -32,14 +32,13 @@ from config import config_from_args, default_config, dump_config, is_pretraining
 from data import build_loader
 from distributed import (
     DistEnv,
+    Precision,
     all_gather_object,
     barrier,
     cleanup,
     configure_matmul_precision,
-    describe_precision,
     init_distributed,
     make_grad_scaler,
-    resolve_amp_dtype,
     seed_everything,
     wrap_ddp,
 )
@@ -308,7 +307,7 @@ def save_run_config(config, env: DistEnv, logger) -> None:
     logger.info("config saved to %s", path)
 
 
-def run_throughput(config, env: DistEnv, logger) -> float:
+def run_throughput(config, env: DistEnv, logger, precision: Precision) -> float:
     """``--throughput``: images/s of the configured model on a random batch; no data, no checkpoint."""
     save_run_config(config, env, logger)
     if config.MODEL.RESUME or config.MODEL.PRETRAINED:
@@ -324,7 +323,7 @@ def run_throughput(config, env: DistEnv, logger) -> float:
     )
     if config.TRAIN.COMPILE:
         model = compile_model(model, config.TRAIN.COMPILE_SCOPE, config.TRAIN.COMPILE_BACKEND)
-    return throughput(config, model, env)
+    return throughput(config, model, env, precision=precision)
 
 
 def run(args: argparse.Namespace) -> dict | None:
@@ -338,14 +337,11 @@ def run(args: argparse.Namespace) -> dict | None:
         env = ensure_process_group(env)  # a single process runs as 1 rank of its own group
     seed_everything(config.SEED, env.rank)
 
-    logger.info(
-        "device %s, world size %d, precision %s",
-        env.device,
-        env.world_size,
-        describe_precision(env.device, config.AMP_ENABLE, config.AMP_DTYPE),
-    )
+    # Mixed precision is decided here, once, and handed to every loop.
+    precision = Precision.decide(env.device, config.AMP_ENABLE, config.AMP_DTYPE)
+    logger.info("device %s, world size %d, precision %s", env.device, env.world_size, precision.description)
     if config.THROUGHPUT_MODE and not config.EVAL_MODE:
-        return {"images_per_s": run_throughput(config, env, logger)}
+        return {"images_per_s": run_throughput(config, env, logger, precision)}
 
     data = build_loader(config, env.world_size, env.rank, pin_memory=env.device.type == "cuda")
     record = run_record(config, data.num_classes)
@@ -379,13 +375,12 @@ def run(args: argparse.Namespace) -> dict | None:
         # Pre-training from supervised weights starts the encoder from them; the decoder stays new.
         load_weights(model.encoder if pretraining else model, config.MODEL.PRETRAINED, "finetune")
     file_resume = bool(resume_path) and not is_sharded_checkpoint(resume_path)
-    amp_dtype = resolve_amp_dtype(env.device, config.AMP_DTYPE)
     if config.TRAIN.FSDP:
         if file_resume:  # one file (of a DDP run, say): its weights go in before sharding
             load_weights(model, load_checkpoint_file(resume_path), "resume", name=resume_path)
         if config.TRAIN.COMPILE and config.TRAIN.COMPILE_SCOPE == "blocks":
             compile_model(model, "blocks", config.TRAIN.COMPILE_BACKEND)  # in place, each block then sharded
-        param_dtype = mixed_precision_dtype(env.device, config.AMP_ENABLE, amp_dtype)
+        param_dtype = mixed_precision_dtype(env.device, precision.enabled, precision.dtype)
         shard_model(model, env, param_dtype, config.TRAIN.FSDP_RESHARD_AFTER_FORWARD)
     model_without_ddp = model
 
@@ -393,7 +388,7 @@ def run(args: argparse.Namespace) -> dict | None:
     base_lr, warmup_lr, min_lr = scaled_lrs(config, env.world_size)
     steps_per_epoch = len(data.loader_train) // config.TRAIN.ACCUMULATION_STEPS
     lr_scheduler = build_scheduler(config, optimizer, steps_per_epoch, base_lr, warmup_lr, min_lr)
-    scaler = make_grad_scaler(env.device, config.AMP_ENABLE, amp_dtype)
+    scaler = make_grad_scaler(env.device, precision.enabled, precision.dtype)
     if config.TRAIN.FSDP:
         scaler = sharded_grad_scaler(scaler)
     # SimMIM returns its own reconstruction loss.
@@ -448,7 +443,7 @@ def run(args: argparse.Namespace) -> dict | None:
 
     validate = evaluate_reconstruction if pretraining else evaluate
     if (config.EVAL_MODE or (config.MODEL.PRETRAINED and not resume_path)) and data.loader_val is not None:
-        stats = validate(config, data.loader_val, model, env)
+        stats = validate(config, data.loader_val, model, env, precision)
         if not pretraining:
             logger.info(f"Accuracy of the network on the {stats['count']} test images: {stats['acc1']:.2f}%")
         if config.EVAL_MODE:
@@ -533,8 +528,9 @@ def run(args: argparse.Namespace) -> dict | None:
                 state,
                 hooks,
                 writer,
+                precision,
             )
-            stats = validate(config, data.loader_val, model, env) if data.loader_val is not None else {}
+            stats = validate(config, data.loader_val, model, env, precision) if data.loader_val is not None else {}
             # Pre-training has no accuracy: checkpoints follow SAVE_FREQ only, as released.
             is_best = "acc1" in stats and stats["acc1"] > state.max_accuracy
             if "acc1" in stats:
