@@ -141,11 +141,38 @@ class OptimizerStep:
         return float(self.scaler.get_scale()) if self.scaler.is_enabled() else 1.0
 
 
+class DeviceMean:
+    """A running mean of scalar tensors that stays on their device until read.
+
+    ``update`` adds without a host sync (``loss.item()`` every step would stall a GPU each
+    micro-batch); ``val`` and ``avg`` sync when the log line is written.
+    """
+
+    def __init__(self) -> None:
+        self._last: torch.Tensor | None = None
+        self._sum: torch.Tensor | None = None
+        self.count = 0
+
+    def update(self, value: torch.Tensor, n: int = 1) -> None:
+        value = value.detach().float()
+        self._last = value
+        self._sum = value * n if self._sum is None else self._sum + value * n
+        self.count += n
+
+    @property
+    def val(self) -> float:
+        return float(self._last) if self._last is not None else 0.0
+
+    @property
+    def avg(self) -> float:
+        return float(self._sum) / self.count if self.count else 0.0
+
+
 @dataclass
 class TrainMeters:
     """Running values of one epoch, logged every ``PRINT_FREQ`` batches."""
 
-    loss: AverageMeter = field(default_factory=AverageMeter)
+    loss: DeviceMean = field(default_factory=DeviceMean)
     grad_norm: AverageMeter = field(default_factory=AverageMeter)
     loss_scale: AverageMeter = field(default_factory=AverageMeter)
     time: AverageMeter = field(default_factory=AverageMeter)  # a whole step, data included
@@ -244,7 +271,7 @@ def train_one_epoch(
                 meters.grad_norm.update(grad_norm)
             meters.loss_scale.update(stepper.loss_scale())
         state.batch_in_epoch = idx + 1
-        meters.loss.update(loss.item(), targets.size(0))
+        meters.loss.update(loss, targets.size(0))
         meters.time.update(time.time() - end)
         end = time.time()
 

@@ -319,3 +319,15 @@ def test_a_slow_loader_shows_as_the_data_share_of_the_step(caplog):
     assert stats["data_share_percent"] == pytest.approx(expected_share, rel=0.2)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Train:")]
     assert lines and all(re.search(r"\tdata 0\.\d{4} \(0\.\d{4}, \d+%\)\t", line) for line in lines)
+
+
+def test_the_loss_meter_reads_the_device_only_when_logged_and_averages_like_the_items():
+    from engine import DeviceMean
+
+    meter = DeviceMean()
+    values = [(torch.tensor(2.0), 4), (torch.tensor(1.0), 4), (torch.tensor(0.5), 2)]
+    for v, n in values:
+        meter.update(v, n)
+    assert meter.val == 0.5
+    assert meter.avg == pytest.approx((2.0 * 4 + 1.0 * 4 + 0.5 * 2) / 10)
+    assert DeviceMean().avg == 0.0 and DeviceMean().val == 0.0
