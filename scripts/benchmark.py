@@ -102,6 +102,30 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # ---------------------------------------------------------------------------------------------
 # Machine and models
 # ---------------------------------------------------------------------------------------------
+def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, seconds: float = 1.0) -> float:
+    """GFLOP/s of square matrix products in ``dtype`` on ``device`` (2n³ per product), timed for at
+    least ``seconds``: the ceiling any model's images/s is measured against."""
+    n = 2048 if device.type == "cpu" else 8192
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    torch.mm(a, b)  # warm-up (and the first call's allocation)
+    synchronize(device)
+    count, start = 0, time.perf_counter()
+    while True:
+        torch.mm(a, b)
+        count += 1
+        synchronize(device)
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return 2.0 * n**3 * count / elapsed / 1e9
+
+
+def isa_line(info: dict) -> str:
+    """The CPU's vector instruction sets that decide fp32 and bf16 speed, in one line."""
+    names = [("AVX2", "avx2"), ("AVX-512", "avx512f"), ("AVX-512 BF16", "avx512_bf16"), ("AMX", "amx")]
+    return ", ".join(f"{label} {'yes' if info.get(key) else 'no'}" for label, key in names)
+
+
 def machine_info(device: torch.device) -> dict:
     cpu, flags = "", ""
     try:
@@ -121,6 +145,8 @@ def machine_info(device: torch.device) -> dict:
         "torch_threads": torch.get_num_threads(),
         "avx2": " avx2" in flags,
         "avx512f": " avx512f" in flags,
+        "avx512_bf16": " avx512_bf16" in flags,
+        "amx": " amx_bf16" in flags or " amx_tile" in flags,
         "fast_bf16": cpu_has_fast_bf16(),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "device": str(device),
@@ -521,6 +547,13 @@ def sharded_memory(args: argparse.Namespace) -> dict:
     return result
 
 
+def bound_text(row: dict) -> str:
+    """A row's images/s as a share of its bound; 'n/a (emul.)' where the dtype is emulated."""
+    if row.get("fraction_of_bound") is not None:
+        return f"{100 * row['fraction_of_bound']:.0f} %"
+    return "n/a (emul.)" if row.get("bound_img_s") is None and row.get("dtype") == "bf16" else "-"
+
+
 def fmt(v: float | None, spec: str = ".2f") -> str:
     return "-" if v is None else format(v, spec)
 
@@ -555,6 +588,20 @@ def main(argv=None) -> dict:
     x = torch.randn(bs, model_section(config).IN_CHANS, size, size, device=device)
     y = torch.randint(0, config.MODEL.NUM_CLASSES, (bs,), device=device)
     slow_bf16 = device.type == "cpu" and not cpu_has_fast_bf16()
+    # The limit every row is set against: this machine's matrix-product peak, measured in this run.
+    peaks = {"fp32": matmul_peak_gflops(device, torch.float32)}
+    for name in ("bf16", "fp16"):
+        if name == "fp16" and device.type != "cuda":
+            continue
+        peaks[name] = None if (name == "bf16" and slow_bf16) else matmul_peak_gflops(device, DTYPES[name])
+    gflop_per_image = 2.0 * ours.flops() / 1e9  # multiply-accumulates -> FLOPs
+    print(
+        f"ISA: {isa_line(info)} | matmul peak: "
+        + ", ".join(f"{k} {fmt(v, '.0f') if v else 'n/a (emulated)'} GFLOP/s" for k, v in peaks.items())
+        + f" | {gflop_per_image:.2f} GFLOP per forward, 3x that per training step"
+    )
+    info["matmul_peak_gflops"] = peaks
+    info["gflop_per_forward"] = gflop_per_image
     rows: list[dict] = []
     levers: list[dict] = []
     memory: list[dict] = []
@@ -842,10 +889,18 @@ def main(argv=None) -> dict:
                 del m, opt
 
     # -- report -------------------------------------------------------------------------------
+    for r in rows:
+        # images/s at the matmul peak: peak / FLOPs per image (forward; 3x for a training step).
+        peak = peaks.get(r["dtype"])
+        per_image = gflop_per_image * (3.0 if r["phase"] == "train" else 1.0)
+        bound = peak / per_image if peak else None
+        r["bound_img_s"] = bound
+        r["fraction_of_bound"] = r["ours_img_s"] / bound if bound and r.get("ours_img_s") else None
+    save()
     print()
     print(
         f"{'phase':8s} {'dtype':5s} {'mode':9s} {'variant':12s} {'img/s':>9s} {'timm img/s':>11s} "
-        f"{'ratio':>7s} {'paired':>7s}  notes"
+        f"{'ratio':>7s} {'paired':>7s} {'of bound':>9s}  notes"
     )
     for r in rows:
         notes = []
@@ -859,7 +914,8 @@ def main(argv=None) -> dict:
         print(
             f"{r['phase']:8s} {r['dtype']:5s} {r['mode']:9s} {r.get('variant', 'ours'):12s} "
             f"{fmt(r['ours_img_s']):>9s} {fmt(r['timm_img_s']):>11s} "
-            f"{fmt(r['ratio'], '.3f'):>7s} {fmt(r.get('paired_ratio'), '.3f'):>7s}  {'; '.join(notes)}"
+            f"{fmt(r['ratio'], '.3f'):>7s} {fmt(r.get('paired_ratio'), '.3f'):>7s} {bound_text(r):>9s}  "
+            f"{'; '.join(notes)}"
         )
     if levers:
         print()

@@ -1,0 +1,29 @@
+"""scripts/benchmark.py's limits (issue "Speed on every machine", item 5): the matmul peak measured
+in the run, the instruction sets named, and each row set against its bound."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import benchmark  # noqa: E402
+
+
+def test_the_matmul_peak_is_a_positive_rate_measured_for_the_time_asked():
+    assert benchmark.matmul_peak_gflops(torch.device("cpu"), torch.float32, seconds=0.05) > 1.0
+
+
+def test_the_isa_line_names_each_instruction_set_present_or_not():
+    line = benchmark.isa_line({"avx2": True, "avx512f": True, "avx512_bf16": False, "amx": False})
+    assert line == "AVX2 yes, AVX-512 yes, AVX-512 BF16 no, AMX no"
+
+
+def test_a_row_is_shown_as_its_share_of_the_bound_and_emulated_bf16_as_not_applicable():
+    assert benchmark.bound_text({"fraction_of_bound": 0.614, "bound_img_s": 45.0, "dtype": "bf16"}) == "61 %"
+    assert benchmark.bound_text({"fraction_of_bound": None, "bound_img_s": None, "dtype": "bf16"}) == "n/a (emul.)"
+    assert benchmark.bound_text({"fraction_of_bound": None, "bound_img_s": 20.0, "dtype": "fp32"}) == "-"
