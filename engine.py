@@ -324,12 +324,15 @@ def _short_path(path: str, root: str) -> str:
 def eval_summary(result: dict[str, Any], data_root: str = "") -> str:
     """The line that ends an evaluation, as scripts and tests parse it.
 
-    `` * Acc@1 A Acc@5 B loss L images N``, and when files were excluded
-    `` of T, K unreadable: p1, p2, p3 (+M more)`` after it, paths relative to ``data_root``.
+    `` * Acc@1 A Acc@5 B loss L images N`` (SimMIM: `` * reconstruction loss L images N``), and
+    when files were excluded `` of T, K unreadable: p1, p2, p3 (+M more)`` after it, paths
+    relative to ``data_root``.
     """
-    line = (
-        f" * Acc@1 {result['acc1']:.3f} Acc@5 {result['acc5']:.3f} loss {result['loss']:.4f} images {result['count']}"
-    )
+    if "acc1" in result:
+        line = f" * Acc@1 {result['acc1']:.3f} Acc@5 {result['acc5']:.3f} loss {result['loss']:.4f}"
+    else:
+        line = f" * reconstruction loss {result['loss']:.4f}"
+    line += f" images {result['count']}"
     unreadable = result.get("unreadable") or []
     if unreadable:
         named = ", ".join(_short_path(p, data_root) for p in unreadable[:EVAL_NAMED_UNREADABLE])
@@ -458,10 +461,9 @@ def evaluate_reconstruction(
     if count == 0:
         raise UserError("the validation set yielded no readable image; check the val/ folder of DATA.DATA_PATH")
     result = {"loss": sums[0].item() / count, "count": count, "total": count + n_unreadable, "unreadable": unreadable}
-    line = f" * reconstruction loss {result['loss']:.4f} images {count}"
+    line = eval_summary(result, str(config.DATA.DATA_PATH))
     if unreadable:
-        line += f" of {result['total']}, {n_unreadable} unreadable: " + ", ".join(unreadable[:EVAL_NAMED_UNREADABLE])
-        logger.warning(line)
+        logger.warning(line)  # the figure covers fewer images than the folder holds
     else:
         logger.info(line)
     return result

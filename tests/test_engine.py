@@ -331,3 +331,9 @@ def test_the_loss_meter_reads_the_device_only_when_logged_and_averages_like_the_
     assert meter.val == 0.5
     assert meter.avg == pytest.approx((2.0 * 4 + 1.0 * 4 + 0.5 * 2) / 10)
     assert DeviceMean().avg == 0.0 and DeviceMean().val == 0.0
+
+
+def test_the_reconstruction_summary_names_unreadable_files_as_the_classification_one_does():
+    result = {"loss": 0.5, "count": 5, "total": 7, "unreadable": ["/d/val/a.png", "/d/val/b.png"]}
+    expected = " * reconstruction loss 0.5000 images 5 of 7, 2 unreadable: val/a.png, val/b.png"
+    assert eval_summary(result, "/d") == expected
