@@ -239,12 +239,13 @@ def load_resume(
     model_only: bool,
     steps_per_epoch: int = 0,
     weights_loaded: bool = False,
+    checkpoint: dict | None = None,
 ) -> dict:
     """Restore a full training state (or only the weights with ``model_only``); a training
     checkpoint of the official release goes on at its next epoch (``steps_per_epoch`` places the
     lr schedule). ``weights_loaded``: the weights are in already (an --fsdp run loads them before
-    sharding), the rest is restored."""
-    checkpoint = load_checkpoint_file(path)
+    sharding), the rest is restored. ``checkpoint``: the file's contents when already read."""
+    checkpoint = checkpoint if checkpoint is not None else load_checkpoint_file(path)
     if not weights_loaded:
         load_weights(model, checkpoint, "resume", name=path)
     logger.info("resumed weights from %s", path)
@@ -375,9 +376,11 @@ def run(args: argparse.Namespace) -> dict | None:
         # Pre-training from supervised weights starts the encoder from them; the decoder stays new.
         load_weights(model.encoder if pretraining else model, config.MODEL.PRETRAINED, "finetune")
     file_resume = bool(resume_path) and not is_sharded_checkpoint(resume_path)
+    # Read once: under --fsdp its weights go in before sharding, the rest after the optimizer exists.
+    resume_checkpoint = load_checkpoint_file(resume_path) if file_resume else None
     if config.TRAIN.FSDP:
         if file_resume:  # one file (of a DDP run, say): its weights go in before sharding
-            load_weights(model, load_checkpoint_file(resume_path), "resume", name=resume_path)
+            load_weights(model, resume_checkpoint, "resume", name=resume_path)
         if config.TRAIN.COMPILE and config.TRAIN.COMPILE_SCOPE == "blocks":
             compile_model(model, "blocks", config.TRAIN.COMPILE_BACKEND)  # in place, each block then sharded
         param_dtype = mixed_precision_dtype(env.device, precision.enabled, precision.dtype)
@@ -420,7 +423,9 @@ def run(args: argparse.Namespace) -> dict | None:
             model_only=config.EVAL_MODE,
             steps_per_epoch=steps_per_epoch,
             weights_loaded=config.TRAIN.FSDP,
+            checkpoint=resume_checkpoint,
         )
+    del resume_checkpoint  # not held in memory for the whole run
 
     if config.TRAIN.COMPILE and config.TRAIN.COMPILE_SCOPE == "blocks" and not config.TRAIN.FSDP:
         compile_model(model, "blocks", config.TRAIN.COMPILE_BACKEND)  # in place: DDP below wraps the same module
