@@ -19,7 +19,8 @@ when the machine's load drifts).
 
 Rows:
 * forward: images/s under ``torch.inference_mode``. fp32; bf16 (autocast and weights cast to
-  bf16, each side's best is reported); fp16 the same, on CUDA only.
+  bf16, each side's best is reported; ``--half-forward cast`` times only the cast, which halves
+  the compiles); fp16 the same, on CUDA only.
 * train (``--train``): one step = forward + cross-entropy + backward + AdamW step. Ours uses
   ``optimizer.build_optimizer`` (TRAIN.OPTIMIZER.IMPL from the config), timm's side
   ``torch.optim.AdamW`` over the same parameter groups, lr, betas, eps, weight decay and
@@ -474,6 +475,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, help="images per step (default 16 on the CPU, 128 on CUDA)")
     p.add_argument("--img-size", type=int, default=None, help="default: the config's DATA.IMG_SIZE")
     p.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16, fp16 (fp16: CUDA only)")
+    p.add_argument(
+        "--half-forward",
+        default="autocast,cast",
+        help="bf16/fp16 forward candidates per side: autocast, cast, or both (default); fewer compiles",
+    )
     p.add_argument("--modes", default="eager,compiled", help="comma list of eager, compiled, blocks")
     p.add_argument("--train", action="store_true", help="also time training steps")
     p.add_argument("--memory", action="store_true", help="peak training memory per image, with/without checkpointing")
@@ -680,6 +686,9 @@ def main(argv=None) -> dict:
     for m in modes:
         if m not in MODES:
             raise SystemExit(f"unknown mode {m!r}; use {', '.join(MODES)}")
+    half_forward = {v.strip() for v in args.half_forward.split(",") if v.strip()}
+    if not half_forward or half_forward - {"autocast", "cast"}:
+        raise SystemExit(f"--half-forward {args.half_forward!r}: use autocast, cast, or autocast,cast")
 
     def maybe_compile(model, mode):
         """The module to time in ``mode``; 'blocks' compiles a copy's blocks (the caller's model stays eager)."""
@@ -731,13 +740,15 @@ def main(argv=None) -> dict:
                     if name == "ours" and args.onnxruntime and mode == "eager" and device.type == "cpu":
                         cands.append(Candidate("onnxruntime", onnxruntime_step(model, x), "our model as ONNX"))
                 else:
-                    cands.append(
-                        Candidate(f"{name}|autocast", forward_step(maybe_compile(model, mode), x, dtype), note)
-                    )
-                    cast = copy.deepcopy(model).to(dtype)
-                    cands.append(
-                        Candidate(f"{name}|cast", forward_step(maybe_compile(cast, mode), x.to(dtype), None), note)
-                    )
+                    if "autocast" in half_forward:
+                        cands.append(
+                            Candidate(f"{name}|autocast", forward_step(maybe_compile(model, mode), x, dtype), note)
+                        )
+                    if "cast" in half_forward:
+                        cast = copy.deepcopy(model).to(dtype)
+                        cands.append(
+                            Candidate(f"{name}|cast", forward_step(maybe_compile(cast, mode), x.to(dtype), None), note)
+                        )
             prepare(cands, mode)
             run_row("forward", dtype_name, mode, cands, rounds, iters, warmup)
             if dtype == torch.float32:

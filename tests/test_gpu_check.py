@@ -70,3 +70,34 @@ def test_mfu_is_images_per_second_times_flops_over_the_bf16_peak():
     assert "| swin_tiny | forward | bf16 | eager | 5000.0 | 4000.0 | 1.25 | 4.5% |" in table
     assert "| swin_tiny | train | bf16 | compiled | 2000.0 | - | - | 5.4% |" in table
     assert "| cuda-tests | ok | 12.5 |" in table and "NVIDIA H200" in table
+
+
+def test_a_step_past_its_limit_is_killed_with_its_children_and_its_log_is_kept(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_check, "MIN_STEP_S", 0.5)
+    # The step starts a grandchild (as inductor's compile workers are) that would outlive a plain kill.
+    marker = tmp_path / "grandchild-ran-on"
+    grandchild = f"import time; time.sleep(3); open({str(marker)!r}, 'w')"
+    script = (
+        "import subprocess, sys, time\n"
+        f"subprocess.Popen([sys.executable, '-c', {grandchild!r}])\n"
+        "print('started', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    result = gpu_check.run_step("slow", [sys.executable, "-c", script], 1.5, str(tmp_path))
+    assert result["status"] == "timed out after 2 s" and result["seconds"] < 10
+    assert (tmp_path / "slow.log").read_text().strip() == "started"
+    import time
+
+    time.sleep(3.5)
+    assert not marker.exists(), "the step's child process survived the time-out"
+
+
+def test_a_step_without_time_left_is_skipped_not_started(tmp_path):
+    result = gpu_check.run_step("late", [sys.executable, "-c", "raise SystemExit(3)"], 1.0, str(tmp_path))
+    assert result["status"] == "skipped: deadline" and not (tmp_path / "late.log").exists()
+
+
+def test_a_failing_step_reports_its_exit_code_and_output(tmp_path):
+    cmd = [sys.executable, "-c", "print('boom'); raise SystemExit(3)"]
+    result = gpu_check.run_step("bad", cmd, 30, str(tmp_path))
+    assert result["status"] == "failed (exit 3)" and result["tail"].strip() == "boom"
