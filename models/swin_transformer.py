@@ -115,6 +115,9 @@ class WindowAttention(nn.Module):
 
     # Eval-mode cache of the summed bias + mask (see ``_attn_bias``); a switch for the benchmark.
     cache_eval_bias: bool = True
+    # Shifted-window sdpa: fold the windows into the head axis (True) or expand the bias over the
+    # batch (False); None decides by device (``folds_windows``). A switch for the benchmark.
+    fold_windows: bool | None = None
 
     def __init__(
         self,
@@ -197,7 +200,7 @@ class WindowAttention(nn.Module):
             attn = attn.softmax(dim=-1)
             attn = F.dropout(attn, self.attn_drop_p, self.training)
             out = attn @ v
-        elif nW == 1 or not folds_windows(x.device):
+        elif nW == 1 or not folds_windows(x.device, self.fold_windows):
             # q, k, v go in as strided views of qkv (no copies). One bias for all windows
             # broadcasts; a per-window bias is expanded over the batch, which on the CPU is
             # cheaper than the q/k/v copies of the folded layout below.
@@ -217,11 +220,11 @@ class WindowAttention(nn.Module):
         return N * self.dim * 3 * self.dim + 2 * self.num_heads * N * N * d + N * self.dim * self.dim
 
 
-def folds_windows(device: torch.device) -> bool:
+def folds_windows(device: torch.device, choice: bool | None = None) -> bool:
     """Whether shifted-window sdpa folds the windows into the head axis (CUDA: the mask then
     broadcasts over the batch) rather than expanding the bias B times (CPU: cheaper there than
-    the q/k/v copies of the folded layout)."""
-    return device.type != "cpu"
+    the q/k/v copies of the folded layout). ``choice``, when not None, decides instead."""
+    return device.type != "cpu" if choice is None else choice
 
 
 def sdpa_windows_folded(

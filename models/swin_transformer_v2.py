@@ -92,6 +92,8 @@ class WindowAttentionV2(nn.Module):
 
     # Eval-mode cache of the summed bias + mask; a switch for the benchmark.
     cache_eval_bias: bool = True
+    # Shifted-window sdpa: fold the windows into the head axis or expand the bias (as V1's).
+    fold_windows: bool | None = None
 
     def __init__(
         self,
@@ -198,7 +200,7 @@ class WindowAttentionV2(nn.Module):
                 attn = (qn @ kn.transpose(-2, -1)).view(B_ // nW, nW, h, N, N) + bias.unsqueeze(0).to(qn.dtype)
                 attn = attn.view(B_, h, N, N).softmax(dim=-1)
                 attn = F.dropout(attn, p_drop, self.training)
-            elif nW > 1 and folds_windows(x.device):
+            elif nW > 1 and folds_windows(x.device, self.fold_windows):
                 out = sdpa_windows_folded(qn, kn, _full_precision(v), bias.to(qn.dtype), nW, p_drop, 1.0)
             else:
                 if nW > 1:

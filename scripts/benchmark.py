@@ -38,8 +38,10 @@ Rows:
   ``--ranks-models`` (default Swin-B and Swin-L) under DDP and under FSDP on N CPU processes
   (gloo), the share of parameters, gradients and AdamW state each rank holds, and its peak RSS
   (``sharding_memory.py``; nothing else is measured, timm is not involved).
-* levers (``--levers``): fp32 eager rows with our model's switches flipped (attention path,
-  eval bias cache, gather vs roll partition, foreach vs single-tensor AdamW), timm alongside.
+* levers (``--levers [NAMES]``): rows with our model's switches flipped (attention path, eval
+  bias cache, gather vs roll partition, folding windows into heads vs expanding the bias, foreach
+  vs single-tensor AdamW), timm alongside. Forward levers take ``--levers-dtype`` (weights cast)
+  and ``--levers-mode compiled``; train levers are fp32 eager.
 
 bf16 on a CPU without AVX-512 BF16 / AMX is emulated (a few GFLOP/s against ~90 fp32): such
 rows are timed with one warm-up and one iteration and flagged, and bf16 training is skipped
@@ -252,14 +254,36 @@ def paired_models(config, model_name: str, device: torch.device):
     return ours, theirs, diff
 
 
-def variant(model: torch.nn.Module, attn_impl: str | None = None, gather: bool = True, cache: bool = True):
-    """A copy of our model with the speed switches set (same weights)."""
+# Forward levers: a name and the switches of ``variant`` it sets.
+FORWARD_LEVERS = {
+    "attn=auto": {},
+    "attn=sdpa": {"attn_impl": "sdpa"},
+    "attn=reference": {"attn_impl": "reference"},
+    "roll+partition": {"gather": False},
+    "no eval bias cache": {"cache": False},
+    "fold windows": {"fold": True},
+    "expand bias": {"fold": False},
+    "roll+expand bias": {"gather": False, "fold": False},
+}
+DEFAULT_LEVERS = ("attn=auto", "attn=sdpa", "attn=reference", "roll+partition", "no eval bias cache")
+
+
+def variant(
+    model: torch.nn.Module,
+    attn_impl: str | None = None,
+    gather: bool = True,
+    cache: bool = True,
+    fold: bool | None = None,
+):
+    """A copy of our model with the speed switches set (same weights); ``fold`` None keeps the
+    device's choice of folding windows into heads for shifted-window sdpa."""
     m = copy.deepcopy(model)
     for mod in m.modules():
         if isinstance(mod, (WindowAttention, WindowAttentionV2)):
             if attn_impl:
                 mod.attn_impl = attn_impl
             mod.cache_eval_bias = cache
+            mod.fold_windows = fold
         elif isinstance(mod, WindowBlockBase):
             mod.gather_partition = gather
     return m
@@ -268,6 +292,23 @@ def variant(model: torch.nn.Module, attn_impl: str | None = None, gather: bool =
 # ---------------------------------------------------------------------------------------------
 # Steps
 # ---------------------------------------------------------------------------------------------
+def top_kernels(step: Callable[[], None], device: torch.device, n: int) -> list[dict]:
+    """The ``n`` operations (kernels, on a GPU) with the most self time in one call of ``step``:
+    where two candidates' time differs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    step()
+    synchronize(device)
+    with profile(activities=activities) as prof:
+        step()
+        synchronize(device)
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0]
+    events.sort(key=lambda e: getattr(e, attr), reverse=True)
+    return [{"name": e.key, "calls": e.count, "ms": getattr(e, attr) / 1e3} for e in events[:n]]
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
@@ -496,8 +537,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument(
         "--levers",
-        action="store_true",
-        help="fp32 eager rows with our speed switches flipped (forward; train too with --train)",
+        nargs="?",
+        const=",".join(DEFAULT_LEVERS),
+        default=None,
+        help=f"rows with our speed switches flipped (forward; train too with --train, fp32 eager); a comma "
+        f"list of {', '.join(FORWARD_LEVERS)} (default: {', '.join(DEFAULT_LEVERS)})",
+    )
+    p.add_argument(
+        "--levers-dtype",
+        default="fp32",
+        choices=tuple(DTYPES),
+        help="forward levers: weights and input cast to this dtype (default fp32)",
+    )
+    p.add_argument(
+        "--profile-kernels",
+        type=int,
+        default=0,
+        metavar="N",
+        help="forward levers: also print each variant's N operations (GPU kernels) with the most self time",
+    )
+    p.add_argument(
+        "--levers-mode",
+        default="eager",
+        choices=("eager", "compiled"),
+        help="forward levers: each variant (and timm) eager or torch.compile'd (default eager)",
     )
     p.add_argument("--iters", type=int, default=2, help="timed batches per candidate per round (default 2)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds; medians are over these (default 5)")
@@ -610,6 +673,7 @@ def main(argv=None) -> dict:
     info["gflop_per_forward"] = gflop_per_image
     rows: list[dict] = []
     levers: list[dict] = []
+    kernels: list[dict] = []
     memory: list[dict] = []
     command = " ".join([os.path.basename(sys.argv[0])] + (list(argv) if argv is not None else sys.argv[1:]))
 
@@ -626,6 +690,7 @@ def main(argv=None) -> dict:
             logits_max_abs_diff=diff,
             rows=rows,
             levers=levers,
+            kernels=kernels,
             memory=memory,
         )
 
@@ -840,16 +905,33 @@ def main(argv=None) -> dict:
         save()
 
     if args.levers:
-        print("levers: forward fp32 eager ...", flush=True)
-        impls = ("auto", "sdpa", "reference")
-        cands = [Candidate(f"attn={i}", forward_step(variant(ours, i), x, None)) for i in impls]
-        cands += [
-            Candidate("roll+partition", forward_step(variant(ours, gather=False), x, None)),
-            Candidate("no eval bias cache", forward_step(variant(ours, cache=False), x, None)),
-            Candidate("timm", forward_step(theirs, x, None)),
+        names = [n.strip() for n in args.levers.split(",") if n.strip()]
+        unknown = [n for n in names if n not in FORWARD_LEVERS]
+        if unknown:
+            raise SystemExit(f"unknown lever {unknown[0]!r}; use {', '.join(FORWARD_LEVERS)}")
+        l_dtype, l_mode = DTYPES[args.levers_dtype], args.levers_mode
+        print(f"levers: forward {args.levers_dtype} {l_mode} ...", flush=True)
+        xl = x.to(l_dtype)
+        cands = [
+            Candidate(n, forward_step(maybe_compile(variant(ours, **FORWARD_LEVERS[n]).to(l_dtype), l_mode), xl, None))
+            for n in names
         ]
+        cands.append(
+            Candidate("timm", forward_step(maybe_compile(copy.deepcopy(theirs).to(l_dtype), l_mode), xl, None))
+        )
+        prepare(cands, l_mode)
+        cands = [c for c in cands if c.step is not None] if cands[-1].step is not None else []
         time_interleaved(cands, bs, device, args.rounds, args.iters, args.warmup)
-        add_levers("forward", cands)
+        if cands:
+            add_levers(f"forward {args.levers_dtype} {l_mode}", cands)
+        if args.profile_kernels:
+            for c in cands:
+                top = top_kernels(c.step, device, args.profile_kernels)
+                kernels.append({"variant": c.name, "dtype": args.levers_dtype, "mode": l_mode, "top": top})
+                print(f"  top kernels, {c.name} (one batch, self time on the {device.type}):")
+                for k in top:
+                    print(f"    {k['ms']:8.3f} ms {k['calls']:5d}x  {k['name'][:110]}")
+            save()
     if args.levers and args.train:
         print("levers: train fp32 eager ...", flush=True)
         impls = ("auto", "sdpa", "reference")
@@ -868,7 +950,7 @@ def main(argv=None) -> dict:
             )
         )
         time_interleaved(cands, bs, device, args.rounds, args.iters, args.warmup)
-        add_levers("train", cands)
+        add_levers("train fp32 eager", cands)
         del cands
 
     # -- memory -------------------------------------------------------------------------------
@@ -930,10 +1012,10 @@ def main(argv=None) -> dict:
         )
     if levers:
         print()
-        print(f"{'lever (fp32 eager)':28s} {'phase':8s} {'img/s':>8s} {'vs timm':>8s} {'paired':>7s}")
+        print(f"{'lever':28s} {'phase':22s} {'img/s':>8s} {'vs timm':>8s} {'paired':>7s}")
         for r in levers:
             print(
-                f"{r['variant']:28s} {r['phase']:8s} {fmt(r['img_s']):>8s} {fmt(r['vs_timm'], '.3f'):>8s} "
+                f"{r['variant']:28s} {r['phase']:22s} {fmt(r['img_s']):>8s} {fmt(r['vs_timm'], '.3f'):>8s} "
                 f"{fmt(r['paired_vs_timm'], '.3f'):>7s}"
             )
     if memory:

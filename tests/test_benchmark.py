@@ -27,3 +27,29 @@ def test_a_row_is_shown_as_its_share_of_the_bound_and_emulated_bf16_as_not_appli
     assert benchmark.bound_text({"fraction_of_bound": 0.614, "bound_img_s": 45.0, "dtype": "bf16"}) == "61 %"
     assert benchmark.bound_text({"fraction_of_bound": None, "bound_img_s": None, "dtype": "bf16"}) == "n/a (emul.)"
     assert benchmark.bound_text({"fraction_of_bound": None, "bound_img_s": 20.0, "dtype": "fp32"}) == "-"
+
+
+def test_top_kernels_ranks_the_operations_of_one_step_by_self_time():
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+
+    def step():
+        for _ in range(4):
+            a @ b
+        a.add(1.0)
+
+    top = benchmark.top_kernels(step, torch.device("cpu"), 2)
+    assert len(top) == 2
+    assert top[0]["name"] in ("aten::mm", "aten::matmul") and top[0]["calls"] == 4
+    assert top[0]["ms"] >= top[1]["ms"] > 0
+
+
+def test_every_lever_is_a_switch_of_the_model_copy_and_leaves_the_original_alone():
+    from models.swin_transformer import SwinTransformer, WindowAttention
+
+    model = SwinTransformer(img_size=32, patch_size=2, embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_size=4)
+    for name, switches in benchmark.FORWARD_LEVERS.items():
+        copy = benchmark.variant(model, **switches)
+        attn = next(m for m in copy.modules() if isinstance(m, WindowAttention))
+        assert attn.fold_windows is switches.get("fold"), name
+        assert attn.attn_impl == switches.get("attn_impl", "auto"), name
+    assert all(m.fold_windows is None for m in model.modules() if isinstance(m, WindowAttention))

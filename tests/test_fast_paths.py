@@ -443,7 +443,8 @@ def test_eval_cache_is_invalidated_by_a_dtype_change(family):
 
 @pytest.mark.parametrize("family", ["v1", "v2"])
 def test_the_cuda_folded_window_path_equals_the_reference_on_the_cpu(monkeypatch, family):
-    """The branch CUDA takes for shifted windows (windows folded into heads), forced on the CPU."""
+    """The branch CUDA takes for shifted windows (windows folded into heads), forced on the CPU
+    through the module's ``fold_windows`` switch."""
     import models.swin_transformer as v1
     import models.swin_transformer_v2 as v2
     from models.windows import shift_attention_mask
@@ -458,6 +459,7 @@ def test_the_cuda_folded_window_path_equals_the_reference_on_the_cpu(monkeypatch
         ref = v2.WindowAttentionV2(16, 4, 2, attn_impl="reference")
         fast = v2.WindowAttentionV2(16, 4, 2, attn_impl="sdpa")
     fast.load_state_dict(ref.state_dict())
+    fast.fold_windows = True
     calls = []
     real = v1.sdpa_windows_folded
 
@@ -466,7 +468,6 @@ def test_the_cuda_folded_window_path_equals_the_reference_on_the_cpu(monkeypatch
         return real(*args, **kwargs)
 
     for module in (v1, v2):
-        monkeypatch.setattr(module, "folds_windows", lambda device: True)
         monkeypatch.setattr(module, "sdpa_windows_folded", spy)
     x = torch.randn(8, 16, 16)  # 2 images x 4 windows
     mask = shift_attention_mask(8, 8, 4, 2)
