@@ -206,6 +206,10 @@ _C.TRAIN.FSDP = False
 # FSDP: free each block's gathered weights after its forward and gather them again for backward
 # (less memory, one more all-gather per block); False keeps them until backward.
 _C.TRAIN.FSDP_RESHARD_AFTER_FORWARD = True
+# Several ranks: poll for a stop signal (SIGTERM/SIGINT, then save and exit) every N optimizer
+# steps; each poll is an all-reduce read back on the host, which stalls a GPU. One process polls
+# its own flag every step at no cost. A stop comes at most N - 1 steps after the signal.
+_C.TRAIN.STOP_POLL_FREQ = 10
 # Stop after this many non-finite losses in a row (fp32/bf16; fp16 is handled by the scaler).
 _C.TRAIN.MAX_NONFINITE_STEPS = 20
 # Layer-wise lr decay (official key; 1.0 = off): lr x LAYER_DECAY^(sum(depths) + 1 - layer id); see README.

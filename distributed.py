@@ -164,6 +164,11 @@ def get_world_size() -> int:
     return dist.get_world_size() if _initialized() else 1
 
 
+def is_multi_process() -> bool:
+    """Whether collectives have other ranks to talk to (a process group of more than one)."""
+    return _initialized() and get_world_size() > 1
+
+
 def barrier() -> None:
     """Wait for every rank; returns at once without a process group."""
     if not _initialized() or get_world_size() == 1:
@@ -180,7 +185,7 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
     The tensor must live on the process's device (CUDA for NCCL).
     """
-    if _initialized() and get_world_size() > 1:
+    if is_multi_process():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 

@@ -137,8 +137,12 @@ class OptimizerStep:
                 f"good checkpoint is kept in {self.output}; lower TRAIN.BASE_LR or enable TRAIN.CLIP_GRAD"
             )
 
-    def loss_scale(self) -> float:
-        return float(self.scaler.get_scale()) if self.scaler.is_enabled() else 1.0
+    def loss_scale(self) -> torch.Tensor:
+        """The fp16 loss scale (1 without a scaler), left on its device: ``get_scale()`` would
+        wait for the step just queued, once per step; the meter reads it at log time."""
+        if not self.scaler.is_enabled():
+            return torch.ones(())
+        return self.scaler._get_scale_async()
 
 
 class DeviceMean:
@@ -174,7 +178,7 @@ class TrainMeters:
 
     loss: DeviceMean = field(default_factory=DeviceMean)
     grad_norm: AverageMeter = field(default_factory=AverageMeter)
-    loss_scale: AverageMeter = field(default_factory=AverageMeter)
+    loss_scale: DeviceMean = field(default_factory=DeviceMean)
     time: AverageMeter = field(default_factory=AverageMeter)  # a whole step, data included
     data: AverageMeter = field(default_factory=AverageMeter)  # waiting for the loader's batch
 
@@ -489,7 +493,7 @@ def throughput(
         grid = size // model_section(config).PATCH_SIZE
         inputs.append(torch.zeros(batch_size, grid, grid, dtype=torch.long, device=env.device))
     precision = precision or Precision.decide(env.device, config.AMP_ENABLE, config.AMP_DTYPE)
-    dtype = "float32" if precision.dtype is None else str(precision.dtype).replace("torch.", "") + " autocast"
+    dtype = precision.description.split(" (")[0]  # e.g. "bfloat16 autocast, float32 weights"
 
     def step():
         with precision.autocast():

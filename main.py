@@ -61,6 +61,7 @@ from fsdp import (
     shard_model,
     sharded_grad_scaler,
 )
+from inference import inference_model
 from logger import create_logger
 from lr_scheduler import build_scheduler
 from models import build_model, compile_model, load_weights
@@ -322,8 +323,7 @@ def run_throughput(config, env: DistEnv, logger, precision: Precision) -> float:
         model.flops() / 1e9,
         config.MODEL.NUM_CLASSES,
     )
-    if config.TRAIN.COMPILE:
-        model = compile_model(model, config.TRAIN.COMPILE_SCOPE, config.TRAIN.COMPILE_BACKEND)
+    model, precision = inference_model(model, env.device, precision, config.TRAIN.COMPILE, config.TRAIN.COMPILE_BACKEND)
     return throughput(config, model, env, precision=precision)
 
 
@@ -427,11 +427,13 @@ def run(args: argparse.Namespace) -> dict | None:
         )
     del resume_checkpoint  # not held in memory for the whole run
 
-    if config.TRAIN.COMPILE and config.TRAIN.COMPILE_SCOPE == "blocks" and not config.TRAIN.FSDP:
+    # --eval compiles for inference below (inference.py), not block by block as for training.
+    train_compile = config.TRAIN.COMPILE and not config.EVAL_MODE
+    if train_compile and config.TRAIN.COMPILE_SCOPE == "blocks" and not config.TRAIN.FSDP:
         compile_model(model, "blocks", config.TRAIN.COMPILE_BACKEND)  # in place: DDP below wraps the same module
     if env.distributed and not config.TRAIN.FSDP:
         model = wrap_ddp(model, env.device)
-    if config.TRAIN.COMPILE and config.TRAIN.COMPILE_SCOPE != "blocks":
+    if train_compile and config.TRAIN.COMPILE_SCOPE != "blocks":
         model = compile_model(model, config.TRAIN.COMPILE_SCOPE, config.TRAIN.COMPILE_BACKEND)
 
     if not config.EVAL_MODE and state.epoch >= config.TRAIN.EPOCHS:
@@ -448,7 +450,12 @@ def run(args: argparse.Namespace) -> dict | None:
 
     validate = evaluate_reconstruction if pretraining else evaluate
     if (config.EVAL_MODE or (config.MODEL.PRETRAINED and not resume_path)) and data.loader_val is not None:
-        stats = validate(config, data.loader_val, model, env, precision)
+        eval_model, eval_precision = model, precision
+        if config.EVAL_MODE and not config.TRAIN.FSDP:
+            eval_model, eval_precision = inference_model(
+                model_without_ddp, env.device, precision, config.TRAIN.COMPILE, config.TRAIN.COMPILE_BACKEND
+            )
+        stats = validate(config, data.loader_val, eval_model, env, eval_precision)
         if not pretraining:
             logger.info(f"Accuracy of the network on the {stats['count']} test images: {stats['acc1']:.2f}%")
         if config.EVAL_MODE:
@@ -495,10 +502,10 @@ def run(args: argparse.Namespace) -> dict | None:
             logger.info("step checkpoint: %s (epoch %d, batch %d)", path, state.epoch, state.batch_in_epoch)
         barrier()
 
-    stop = StopRequest().install()
+    stop = StopRequest(config.TRAIN.STOP_POLL_FREQ).install()
     hooks = StepHooks(
         save_step_checkpoint=save_step,
-        stop_requested=lambda: stop.agreed(env.device),
+        stop_requested=lambda: stop.agreed(env.device, state.step),
         step_save_freq=config.TRAIN.STEP_SAVE_FREQ,
     )
     steps_to_go = (

@@ -8,7 +8,7 @@ from types import FrameType
 
 import torch
 
-from distributed import all_reduce_sum
+from distributed import all_reduce_sum, is_multi_process
 
 logger = logging.getLogger(__name__)
 
@@ -16,8 +16,9 @@ logger = logging.getLogger(__name__)
 class StopRequest:
     """Records a termination signal instead of dying mid-step; the trainer polls :meth:`agreed`."""
 
-    def __init__(self) -> None:
+    def __init__(self, poll_every: int = 1) -> None:
         self.signal_name: str | None = None
+        self.poll_every = max(1, int(poll_every))
         self._previous = {}
 
     def install(self) -> StopRequest:
@@ -36,7 +37,16 @@ class StopRequest:
         self.signal_name = signal.Signals(signum).name
         logger.warning("received %s: finishing this step, then saving a checkpoint and exiting", self.signal_name)
 
-    def agreed(self, device: torch.device) -> bool:
-        """True on every rank once any rank was signalled (all ranks must stop at the same step)."""
+    def agreed(self, device: torch.device, step: int = 0) -> bool:
+        """True on every rank once any rank was signalled (all ranks must stop at the same step).
+
+        One process: its own flag, with no device work. Several: the flag is summed over the ranks
+        at every ``poll_every``-th optimizer ``step`` only (an all-reduce read back on the host
+        would stall every GPU each step); all ranks poll at the same steps, so they stop together.
+        """
+        if not is_multi_process():
+            return self.signal_name is not None
+        if step % self.poll_every:
+            return False
         flag = torch.tensor([1.0 if self.signal_name else 0.0], device=device)
         return bool(all_reduce_sum(flag).item() > 0)

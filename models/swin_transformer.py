@@ -108,9 +108,7 @@ class WindowAttention(nn.Module):
 
     Two implementations give the same answer: ``'reference'`` spells Eq. 4 out, ``'sdpa'`` folds
     B and the mask into ``attn_mask`` of ``scaled_dot_product_attention``. ``'auto'`` picks the
-    faster one per call: sdpa on CUDA and for CPU inference (its fused CPU kernel, fed strided
-    q/k/v without copies, beats matmul+softmax for 49-token windows), the reference math for CPU
-    training (with a bias that needs a gradient, CPU sdpa falls back to a slower math path).
+    faster one per call (:func:`resolve_attn_impl`).
     """
 
     # Eval-mode cache of the summed bias + mask (see ``_attn_bias``); a switch for the benchmark.
@@ -189,9 +187,7 @@ class WindowAttention(nn.Module):
         q, k, v = qkv.unbind(0)  # each B_, h, N, d
         nW = 1 if mask is None else mask.shape[0]
         bias = self._attn_bias(mask, q.dtype)  # nW or 1, h, N, N
-        impl = self.attn_impl
-        if impl == "auto":
-            impl = "reference" if x.device.type == "cpu" and torch.is_grad_enabled() else "sdpa"
+        impl = resolve_attn_impl(self.attn_impl, x.device)
         if impl == "reference":
             attn = (q * self.scale) @ k.transpose(-2, -1)  # B_, h, N, N
             if bias is not None:
@@ -218,6 +214,24 @@ class WindowAttention(nn.Module):
         """Multiply-accumulates for one window of N tokens (as the official release counts)."""
         d = self.dim // self.num_heads
         return N * self.dim * 3 * self.dim + 2 * self.num_heads * N * N * d + N * self.dim * self.dim
+
+
+def resolve_attn_impl(impl: str, device: torch.device) -> str:
+    """The attention path ``impl`` stands for in this call; 'auto' picks by where it runs.
+
+    Eager: sdpa on CUDA and for CPU inference (its fused CPU kernel, fed strided q/k/v without
+    copies, beats matmul + softmax for 49-token windows); the reference math for CPU training
+    (with a bias that needs a gradient, CPU sdpa falls back to a slower math path). Under
+    ``torch.compile``: the reference math, which Inductor fuses (bias, mask and softmax into one
+    kernel beside the matrix products) while sdpa stays an opaque call fed a dense mask: on a
+    2-core AVX-512-BF16 CPU, Swin-T's frozen bf16 graph spent 108 ms per batch of 16 in sdpa
+    against timm's 65 ms in the fused math.
+    """
+    if impl != "auto":
+        return impl
+    if _is_compiling():
+        return "reference"
+    return "reference" if device.type == "cpu" and torch.is_grad_enabled() else "sdpa"
 
 
 def folds_windows(device: torch.device, choice: bool | None = None) -> bool:

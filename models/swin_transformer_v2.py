@@ -38,6 +38,7 @@ from models.swin_transformer import (
     SwinTransformer,
     folds_windows,
     mask_key,
+    resolve_attn_impl,
     sdpa_windows_folded,
     weights_key,
 )
@@ -82,12 +83,13 @@ class WindowAttentionV2(nn.Module):
 
     Attention = SoftMax(cos(q, k) · exp(min(s, log 100)) + 16·σ(MLP(Δ̂)) + mask) V, with s the
     per-head ``logit_scale`` and Δ̂ from :func:`log_spaced_relative_coords`. The logits, their
-    scale and the softmax are computed in fp32 even under autocast: a cosine times a scale of up to
-    100 plus the bias loses too much in fp16/bf16 (the release's fp16 runs diverge downstream).
+    scale and the softmax are computed in fp32 even under autocast (:func:`_logit_precision`): a
+    cosine times a scale of up to 100 plus the bias loses too much in fp16 (the release's fp16 runs
+    diverge downstream) and, in training, in bf16; bf16 inference keeps them in bf16, as timm does.
 
     ``'reference'`` spells the formula out; ``'sdpa'`` folds the per-head scale into the
-    normalised queries and calls ``scaled_dot_product_attention`` (in fp32); ``'auto'`` uses sdpa
-    where V1 would (CUDA, or CPU inference), else the reference.
+    normalised queries and calls ``scaled_dot_product_attention`` (in fp32); ``'auto'`` picks as V1
+    does (:func:`resolve_attn_impl`).
     """
 
     # Eval-mode cache of the summed bias + mask; a switch for the benchmark.
@@ -185,28 +187,24 @@ class WindowAttentionV2(nn.Module):
         v = qkv[2]
         nW = 1 if mask is None else mask.shape[0]
         bias = self._attn_bias(mask)  # nW or 1, h, N, N (fp32)
-        impl = self.attn_impl
-        if impl == "auto":
-            # As V1: sdpa on CUDA and for CPU inference; CPU training takes the explicit math,
-            # which CPU sdpa cannot beat when the bias needs a gradient. Both in fp32.
-            impl = "sdpa" if x.device.type != "cpu" or not torch.is_grad_enabled() else "reference"
+        impl = resolve_attn_impl(self.attn_impl, x.device)  # as V1's; logits per _logit_precision
         p_drop = self.attn_drop_p if self.training else 0.0
         with _autocast_off(x.device):
-            q, k = _full_precision(qkv[:2]).unbind(0)  # one cast for both
+            q, k = _logit_precision(qkv[:2]).unbind(0)  # one cast for both
             # Folding 1/τ into the unit queries gives the same logits as scaling cos(q, k).
-            qn = unit_rows(q, self.logit_scales())
+            qn = unit_rows(q, self.logit_scales().to(q.dtype))
             kn = unit_rows(k)
             if impl == "reference":
                 attn = (qn @ kn.transpose(-2, -1)).view(B_ // nW, nW, h, N, N) + bias.unsqueeze(0).to(qn.dtype)
                 attn = attn.view(B_, h, N, N).softmax(dim=-1)
                 attn = F.dropout(attn, p_drop, self.training)
             elif nW > 1 and folds_windows(x.device, self.fold_windows):
-                out = sdpa_windows_folded(qn, kn, _full_precision(v), bias.to(qn.dtype), nW, p_drop, 1.0)
+                out = sdpa_windows_folded(qn, kn, v.to(qn.dtype), bias.to(qn.dtype), nW, p_drop, 1.0)
             else:
                 if nW > 1:
                     bias = bias.unsqueeze(0).expand(B_ // nW, nW, h, N, N).reshape(B_, h, N, N)
                 out = F.scaled_dot_product_attention(
-                    qn, kn, _full_precision(v), attn_mask=bias.to(qn.dtype), dropout_p=p_drop, scale=1.0
+                    qn, kn, v.to(qn.dtype), attn_mask=bias.to(qn.dtype), dropout_p=p_drop, scale=1.0
                 )
         if impl == "reference":
             out = attn.to(v.dtype) @ v
@@ -243,6 +241,19 @@ def unit_rows(t: torch.Tensor, scale: torch.Tensor | None = None, eps: float = 1
 def _full_precision(t: torch.Tensor) -> torch.Tensor:
     """``t`` in fp32 if it is a half type (fp16/bf16); fp32 and fp64 stay as they are."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _logit_precision(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in the precision the cosine-attention logits are computed in.
+
+    fp32 for fp16 (logits up to 100 overflow its range after the scale: the release's fp16 runs
+    diverge) and for bf16 whenever gradients flow (training keeps the logits in fp32); bf16
+    inference stays in bf16, as timm's V2 computes it: 1.2x the V2 forward on a bf16 CPU, with
+    logits within bf16 error. fp32 and fp64 stay as they are.
+    """
+    if t.dtype == torch.float16 or (t.dtype == torch.bfloat16 and torch.is_grad_enabled()):
+        return t.float()
+    return t
 
 
 def _autocast_off(device: torch.device):

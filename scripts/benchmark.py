@@ -26,6 +26,8 @@ Rows:
   ``torch.optim.AdamW`` over the same parameter groups, lr, betas, eps, weight decay and
   foreach/fused setting. fp32; bf16 autocast (fp16 + GradScaler on CUDA).
 * modes: ``eager``; ``compiled``: ``torch.compile`` of the whole model on both sides;
+  ``frozen`` (forward only): the same with Inductor's weight freezing (weights prepacked, what
+  ``--eval --compile`` runs, ``inference.FrozenCompiled``), on both sides;
   ``blocks``: each Swin block compiled on its own (ours through ``models.compile_model``, what
   ``--compile`` does in training; timm's blocks the same way). Compile time = the first call; a
   side whose compile takes longer than ``--compile-budget`` seconds is recorded as skipped.
@@ -73,6 +75,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from config import get_config, model_section  # noqa: E402
 from distributed import cpu_has_fast_bf16, synchronize  # noqa: E402
+from inference import FrozenCompiled  # noqa: E402
 from models.build import build_model  # noqa: E402
 from models.compile import allow_recompiles, compile_model  # noqa: E402
 from models.swin_transformer import WindowAttention  # noqa: E402
@@ -386,7 +389,7 @@ def keep_freed_memory() -> bool:
     return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
-MODES = ("eager", "compiled", "blocks")
+MODES = ("eager", "compiled", "blocks", "frozen")
 
 
 def compile_blocks(model: torch.nn.Module) -> torch.nn.Module:
@@ -759,6 +762,8 @@ def main(argv=None) -> dict:
         """The module to time in ``mode``; 'blocks' compiles a copy's blocks (the caller's model stays eager)."""
         if mode == "compiled":
             return torch.compile(model)
+        if mode == "frozen":
+            return FrozenCompiled(model)
         if mode == "blocks":
             return compile_blocks(copy.deepcopy(model))
         return model
@@ -868,6 +873,8 @@ def main(argv=None) -> dict:
                 continue
             amp = None if dtype == torch.float32 else dtype
             for mode in modes:
+                if mode == "frozen":
+                    continue  # frozen weights are for inference only
                 print(f"train {dtype_name} {mode} ...", flush=True)
                 # maybe_compile copies for 'blocks': the optimizers are built on what is trained.
                 o_model, t_model = maybe_compile(copy.deepcopy(ours), mode), maybe_compile(copy.deepcopy(theirs), mode)

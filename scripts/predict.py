@@ -1,11 +1,12 @@
 """Classify images with a trained Swin Transformer: top-k classes and probabilities per image.
 
     python scripts/predict.py --resume CKPT IMAGE_OR_FOLDER... [--cfg CONFIG] [--topk 5]
-                              [--batch-size 32] [--json] [--device auto|cpu|cuda]
+                              [--batch-size 32] [--json] [--compile] [--device auto|cpu|cuda]
 
 Folders are searched recursively for images. Preprocessing is the evaluation transform of the
-config (``data.build_transform(False, config)``) and the forward pass runs under the same
-autocast as ``main.py --eval``, so the predictions are the ones evaluation scores. The model is
+config (``data.build_transform(False, config)``) and the forward pass is ``main.py --eval``'s
+(``inference.py``: the run's autocast; with ``--compile``, the compiled inference path), so the
+predictions are the ones evaluation scores. The model is
 built from --cfg, else from the config stored in the checkpoint (ours, or the yacs config of an
 official training checkpoint; its ``MODEL.TYPE`` picks Swin V1 or V2; the weights must be of
 that family); its number of classes is the checkpoint's. Class
@@ -221,6 +222,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of text")
     p.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the model for inference first (frozen weights, bf16 where the CPU has it natively); "
+        "pays for many images",
+    )
+    p.add_argument(
         "--device", default="auto", choices=["auto", "cpu", "cuda"], help="device (default auto: CUDA when available)"
     )
     return p.parse_args(argv)
@@ -228,12 +235,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     from data.build import build_transform
-    from distributed import autocast_context, init_distributed
+    from distributed import Precision, init_distributed
+    from inference import inference_model
 
     paths = find_images(args.inputs)
     env = init_distributed(args.device)
     model, config, class_names = load_classifier(args.resume, args.cfg, args.opts, env.device)
     transform = build_transform(False, config)
+    precision = Precision.decide(env.device, config.AMP_ENABLE, config.AMP_DTYPE)
+    model, precision = inference_model(model, env.device, precision, args.compile)
     results = predict(
         model,
         transform,
@@ -241,7 +251,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         class_names,
         topk=args.topk,
         batch_size=args.batch_size,
-        autocast=lambda: autocast_context(env.device, config.AMP_ENABLE, config.AMP_DTYPE),
+        autocast=precision.autocast,
     )
     print(json.dumps(results, indent=1) if args.json else format_predictions(results))
     return results

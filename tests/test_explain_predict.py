@@ -792,3 +792,47 @@ def test_explain_draws_attention_of_the_trained_demo(trained_demo, tmp_path, cap
     assert all(int((h > 0).sum()) <= 16 for h in drawn["heatmaps"])
     top = predict.predict(model, build_transform(False, config), [image], names, topk=1)[0]["top"][0]
     assert drawn["prediction"][0] == top["index"] and drawn["prediction"][1] == pytest.approx(top["prob"], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_bf16_inference_agrees_with_fp32_on_the_demo_val_set(trained_demo, monkeypatch):
+    """The --compile inference path with bf16 weights (as on a CPU with native bf16): top-1 equal
+    to the fp32 model's on at least 99 % of the 360 validation digits, logits within bf16 error.
+    Inductor (with frozen weights) when SWIN_TEST_INDUCTOR=1, else aot_eager (the same numerics)."""
+    from PIL import Image
+
+    import inference
+    from data.build import build_transform
+    from distributed import Precision
+
+    monkeypatch.setattr(inference, "cpu_has_fast_bf16", lambda: True)
+    cpu = torch.device("cpu")
+    model, config, _ = predict.load_classifier(trained_demo["ckpt"], DEMO_CFG)
+    transform = build_transform(False, config)
+    paths = predict.find_images([os.path.join(trained_demo["data"], "val")])
+    images = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
+    with torch.no_grad():
+        reference = model.eval()(images)
+    backend = "inductor" if os.environ.get("SWIN_TEST_INDUCTOR") == "1" else "aot_eager"
+    fast, precision = inference.inference_model(model, cpu, Precision(cpu, torch.bfloat16, "bf16"), True, backend)
+    with torch.no_grad(), precision.autocast():
+        out = fast(images)
+    assert next(fast.parameters()).dtype == torch.bfloat16 and out.dtype == torch.float32
+    agreement = (out.argmax(1) == reference.argmax(1)).float().mean().item()
+    assert agreement >= 0.99, agreement
+    assert (out - reference).abs().max() / reference.abs().max() < 0.03
+
+
+@pytest.mark.slow
+def test_eval_with_compile_runs_the_compiled_inference_path_with_the_eager_accuracy(trained_demo, tmp_path):
+    common = ["--cfg", DEMO_CFG, "--data-path", trained_demo["data"], "--eval", "--resume", trained_demo["ckpt"]]
+    opts = ["--opts", "DATA.NUM_WORKERS", "0", "TRAIN.COMPILE_BACKEND", "aot_eager"]
+    eager = run_main([*common, "--output", str(tmp_path / "eager"), *opts], env=ONE_THREAD)
+    compiled = run_main([*common, "--output", str(tmp_path / "compiled"), "--compile", *opts], env=ONE_THREAD)
+    assert eager.returncode == 0 and compiled.returncode == 0, compiled.stderr[-2000:]
+    assert "inference: the whole model compiled (aot_eager" in compiled.stdout
+    assert "inference: the whole model compiled" not in eager.stdout
+    (e_acc1, *_, e_n), (c_acc1, *_, c_n) = (ACC_LINE.search(p.stdout).groups() for p in (eager, compiled))
+    assert e_n == c_n == "360"
+    # bf16 weights (where the CPU has native bf16) may move a digit or two, never more than 1 %.
+    assert abs(float(c_acc1) - float(e_acc1)) <= 1.0

@@ -524,11 +524,23 @@ def test_fp32_logits_are_closer_to_fp32_attention_than_half_precision_logits(mon
         ours = attn(x)
     monkeypatch.setattr(v2, "_autocast_off", lambda device: contextlib.nullcontext())
     monkeypatch.setattr(v2, "_full_precision", lambda t: t)
+    monkeypatch.setattr(v2, "_logit_precision", lambda t: t)
     with torch.autocast("cpu", dtype=torch.float16):
         half = attn(x)
     err_ours, err_half = _max_abs(ours.float(), ref), _max_abs(half.float(), ref)
     assert torch.isfinite(ours).all()
     assert err_ours < 0.8 * err_half, (err_ours, err_half)
+
+
+def test_logits_are_fp32_for_fp16_and_for_training_and_stay_bf16_in_bf16_inference():
+    from models.swin_transformer_v2 import _logit_precision
+
+    half, bf16, f32 = (torch.ones(2, dtype=d) for d in (torch.float16, torch.bfloat16, torch.float32))
+    assert _logit_precision(half).dtype == torch.float32 and _logit_precision(bf16).dtype == torch.float32
+    with torch.no_grad():
+        assert _logit_precision(half).dtype == torch.float32  # fp16's range, also in inference
+        assert _logit_precision(bf16).dtype == torch.bfloat16
+        assert _logit_precision(f32).dtype == torch.float32
 
 
 # ---------------------------------------------------------------------------------------------

@@ -357,3 +357,33 @@ def test_stop_request_ends_the_epoch_at_the_step_boundary_with_exactly_one_check
     # The checkpoint describes the state after the last finished step; a resume continues there.
     assert written == saves
     assert (state.step, state.batch_in_epoch) == (stop_after, stop_after)
+
+
+def test_one_process_polls_its_own_flag_with_no_collective_and_no_device_read(monkeypatch) -> None:
+    import preemption
+
+    def no_collective(t):
+        raise AssertionError("a single process must not all-reduce (nor read a device tensor back)")
+
+    monkeypatch.setattr(preemption, "all_reduce_sum", no_collective)
+    stop = preemption.StopRequest(poll_every=10)
+    assert not any(stop.agreed(torch.device("cpu"), step) for step in range(1, 25))
+    stop.signal_name = "SIGTERM"
+    assert stop.agreed(torch.device("cpu"), 7)  # at once, not at the next multiple of 10
+
+
+def test_several_ranks_poll_at_every_nth_step_only_and_stop_together_there(monkeypatch) -> None:
+    import preemption
+
+    polls = []
+
+    def all_reduce_with_a_signalled_peer(t):
+        polls.append(t.clone())
+        return t + 1.0  # another rank received SIGTERM
+
+    monkeypatch.setattr(preemption, "is_multi_process", lambda: True)
+    monkeypatch.setattr(preemption, "all_reduce_sum", all_reduce_with_a_signalled_peer)
+    stop = preemption.StopRequest(poll_every=4)
+    answers = [stop.agreed(torch.device("cpu"), step) for step in range(1, 9)]
+    assert answers == [False, False, False, True, False, False, False, True]
+    assert len(polls) == 2 and all(float(p) == 0.0 for p in polls)  # this rank's own flag: unset

@@ -1,0 +1,125 @@
+"""inference.py, the forward pass of --eval, --throughput and predict: eager as trained, or
+compiled once for inference (frozen weights; bf16 weights cast once where the CPU has native
+bf16), and the attention path ``auto`` takes under torch.compile."""
+
+from __future__ import annotations
+
+import torch
+
+import inference
+from distributed import Precision
+from models.swin_transformer import SwinTransformer, resolve_attn_impl
+from models.swin_transformer_v2 import SwinTransformerV2
+
+CPU = torch.device("cpu")
+
+
+def tiny(family: str = "v1") -> torch.nn.Module:
+    torch.manual_seed(0)
+    kwargs = dict(img_size=32, patch_size=2, embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=4)
+    if family == "v1":
+        model = SwinTransformer(num_classes=7, **kwargs)
+    else:
+        model = SwinTransformerV2(num_classes=7, pretrained_window_sizes=(0, 0), **kwargs)
+    # Away from the initial values (V2's res-post-norm weights start at zero, which would make
+    # every block an identity and hide the attention's precision).
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def test_without_compile_the_model_runs_as_trained_in_eval_mode_without_gradients():
+    model = tiny().train()
+    precision = Precision(CPU, torch.bfloat16, "bf16 autocast")
+    out, p = inference.inference_model(model, CPU, precision, compile=False)
+    assert out is model and p is precision
+    assert not model.training and not any(q.requires_grad for q in model.parameters())
+
+
+def test_cast_inputs_feeds_a_bf16_model_float_images_and_returns_float32_logits():
+    model = tiny().eval().to(torch.bfloat16)
+    wrapped = inference.CastInputs(model, torch.bfloat16)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        out = wrapped(x)
+        expected = model(x.to(torch.bfloat16)).float()
+    assert out.dtype == torch.float32 and torch.equal(out, expected)
+
+    # Integer inputs (SimMIM's token masks) pass unchanged.
+    class Probe(torch.nn.Module):
+        def forward(self, images, mask):
+            seen.extend([images.dtype, mask.dtype])
+            return images
+
+    seen = []
+    inference.CastInputs(Probe(), torch.bfloat16)(torch.ones(2), torch.zeros(2, dtype=torch.long))
+    assert seen == [torch.bfloat16, torch.long]
+
+
+def test_compiled_on_a_native_bf16_cpu_the_weights_are_cast_once_and_logits_stay_within_bf16_error(monkeypatch):
+    monkeypatch.setattr(inference, "cpu_has_fast_bf16", lambda: True)
+    for family in ("v1", "v2"):
+        model = tiny(family).eval()
+        x = torch.randn(4, 3, 32, 32)
+        with torch.no_grad():
+            reference = model(x)
+        fast, precision = inference.inference_model(
+            model, CPU, Precision(CPU, torch.bfloat16, "bf16 autocast"), compile=True, backend="aot_eager"
+        )
+        assert precision.dtype is None and "bfloat16 weights" in precision.description
+        assert {p.dtype for p in fast.parameters()} == {torch.bfloat16}
+        with torch.no_grad(), precision.autocast():
+            out = fast(x)
+        assert out.dtype == torch.float32
+        # bf16 keeps 8 bits of mantissa: a few parts in a thousand of the logits' scale.
+        err = (out - reference).abs().max() / reference.abs().max()
+        assert 0 < err < 0.03, (family, float(err))
+
+
+def test_compiled_without_native_bf16_or_in_fp32_the_weights_stay_float32(monkeypatch):
+    monkeypatch.setattr(inference, "cpu_has_fast_bf16", lambda: False)
+    for precision in (Precision(CPU, torch.bfloat16, "bf16 autocast"), Precision(CPU, None, "float32")):
+        model = tiny()
+        fast, p = inference.inference_model(model, CPU, precision, compile=True, backend="aot_eager")
+        assert p is precision and {q.dtype for q in fast.parameters()} == {torch.float32}
+        x = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), model(x), atol=1e-5, rtol=0)
+
+
+def test_auto_attention_is_the_math_under_torch_compile_and_sdpa_for_eager_inference(monkeypatch):
+    import models.swin_transformer as v1
+
+    with torch.no_grad():
+        assert resolve_attn_impl("auto", CPU) == "sdpa"
+        assert resolve_attn_impl("auto", torch.device("cuda")) == "sdpa"
+    assert resolve_attn_impl("auto", CPU) == "reference"  # CPU training
+    assert resolve_attn_impl("auto", torch.device("cuda")) == "sdpa"
+    monkeypatch.setattr(v1, "_is_compiling", lambda: True)
+    with torch.no_grad():
+        assert resolve_attn_impl("auto", CPU) == "reference"
+        assert resolve_attn_impl("auto", torch.device("cuda")) == "reference"
+    assert resolve_attn_impl("sdpa", CPU) == "sdpa"  # an explicit choice stands
+
+
+def test_the_inductor_compile_runs_with_weight_freezing_on_at_every_call(monkeypatch):
+    from torch._inductor import config as inductor_config
+
+    seen = []
+
+    def fake_compile(model, **kwargs):
+        def call(*inputs):
+            seen.append(inductor_config.freezing)
+            return model(*inputs)
+
+        return call
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(inference, "cpu_has_fast_bf16", lambda: False)
+    fast, _ = inference.inference_model(tiny(), CPU, Precision(CPU, None, "float32"), compile=True)
+    assert isinstance(fast, inference.FrozenCompiled)
+    with torch.no_grad():
+        fast(torch.randn(2, 3, 32, 32))
+        fast(torch.randn(1, 3, 32, 32))  # a smaller last batch recompiles: frozen too
+    assert seen == [True, True] and inductor_config.freezing is False
