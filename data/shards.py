@@ -71,6 +71,7 @@ from .robust import (
     MAX_REPLACEMENT_TRIES,
     PLACEHOLDER_SIDE,
     UNREADABLE_ERRORS,
+    EncodedImage,
     UnreadableImageError,
     unreadable_reason,
 )
@@ -612,12 +613,20 @@ class ShardDataset(Dataset):
             raise OSError(f"{where}: the shard ends {size - len(data)} bytes into this member; it is truncated")
         return data, label
 
-    def _try_load(self, index: int) -> tuple[Image.Image | None, int, str]:
-        """The decoded image and label of ``index``, or None, the label if known (else -1), and why."""
+    def _try_load(self, index: int, seed: int | None = None) -> tuple[Any, int, str]:
+        """The decoded image and label of ``index``, or None, the label if known (else -1), and why.
+
+        With a transform that has a decode stage (the fast training pipeline), the bytes go to
+        ``transform.decode_encoded(EncodedImage, seed)`` instead, inside the same guard: a JPEG is
+        decoded at reduced size when the sample's crop allows it, as from folders and zips.
+        """
         label = -1
         try:
             data, label = self.read_sample(index)
-            return decode_rgb(data), label, ""
+            decode = getattr(self.transform, "decode_encoded", None)
+            if decode is None:
+                return decode_rgb(data), label, ""
+            return decode(EncodedImage(data, self.sample_name(index)), seed), label, ""
         except UNREADABLE_ERRORS as e:
             return None, label, unreadable_reason(e)
 
@@ -626,7 +635,7 @@ class ShardDataset(Dataset):
         n = len(self)
         if not 0 <= index < n:
             raise IndexError(f"index {index} out of range for a dataset of {n} samples")
-        img, target, reason = self._try_load(index)
+        img, target, reason = self._try_load(index, seed)
         replaced = ""
         if img is None:
             replaced = self.sample_name(index)
@@ -643,7 +652,7 @@ class ShardDataset(Dataset):
             logger.debug("unreadable sample %s (%s); substituting the next sample", replaced, reason)
             tries = min(self.max_tries, n - 1)
             for step in range(1, tries + 1):
-                img, target, _ = self._try_load((index + step) % n)
+                img, target, _ = self._try_load((index + step) % n, seed)
                 if img is not None:
                     break
             if img is None:

@@ -285,6 +285,32 @@ def test_the_zip_reader_hands_undecoded_bytes_to_the_fast_transform(tmp_path):
             assert torch.equal(folder[(i, seed)][0], zipped[(i, seed)][0])
 
 
+def test_the_shard_reader_hands_undecoded_bytes_to_the_fast_transform(tmp_path):
+    import importlib.util
+
+    for split, n in (("train", 3), ("val", 1)):
+        for i in range(n):
+            write(photo(1000, 750, i), tmp_path / split / "a" / f"{i}.jpg", "JPEG")
+    spec = importlib.util.spec_from_file_location(
+        "make_shards", Path(__file__).parents[1] / "scripts" / "make_shards.py"
+    )
+    make_shards = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_shards)
+    assert make_shards.main(["--data-path", str(tmp_path), "--out", str(tmp_path / "shards")]) == 0
+    folder, _ = build_dataset(True, cfg("DATA.DATA_PATH", tmp_path))
+    sharded, _ = build_dataset(True, cfg("DATA.DATA_PATH", tmp_path / "shards", "DATA.FORMAT", "shards"))
+    calls = []
+    decode = sharded.transform.decode_encoded
+    sharded.transform.decode_encoded = lambda *a: calls.append(1) or decode(*a)
+    for seed in range(4):
+        for j in range(3):
+            # The converter shuffles the training set; a member's key is its ImageFolder index.
+            i = int(Path(sharded.sample_name(j)).stem)
+            # Same crop, same reduced-size decode: equal to the pixel.
+            assert torch.equal(folder[(i, seed)][0], sharded[(j, seed)][0])
+    assert len(calls) == 12
+
+
 def test_decoded_images_and_encoded_ones_are_both_accepted():
     fast = build_transform(True, cfg("DATA.IMG_SIZE", "64"))
     img = photo(100, 80)
