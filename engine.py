@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from timm.utils import AverageMeter, accuracy
+from timm.utils import AverageMeter
 
 from config import is_pretraining, model_section
 from distributed import (
@@ -347,6 +347,17 @@ def eval_summary(result: dict[str, Any], data_root: str = "") -> str:
     return line
 
 
+def correct_in_top(output: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...]) -> list[torch.Tensor]:
+    """How many rows have their target among the top-k logits, for each k (as device tensors).
+
+    Args:
+        output: (n, classes) logits. target: (n,) class indices.
+    """
+    top = output.topk(max(ks), dim=1).indices  # n, max k
+    hits = top.eq(target.unsqueeze(1))
+    return [hits[:, :k].any(dim=1).sum() for k in ks]
+
+
 @torch.no_grad()
 def evaluate(config, loader, model: nn.Module, env: DistEnv, precision: Precision | None = None) -> dict[str, Any]:
     """Top-1, top-5 and loss over the readable validation images, each counted exactly once.
@@ -383,18 +394,10 @@ def evaluate(config, loader, model: nn.Module, env: DistEnv, precision: Precisio
             output, target = output[keep], target[keep]
         n = target.size(0)
         if n:
-            k = min(5, output.size(1))
-            acc1, acc5 = accuracy(output, target, topk=(1, k))
-            correct1, correct5 = round(acc1.item() * n / 100), round(acc5.item() * n / 100)
-            loss_sum = criterion(output, target).item()
-        else:
-            correct1 = correct5 = 0
-            loss_sum = 0.0
-        sums += torch.tensor(
-            [correct1, correct5, loss_sum, n, len(bad)],
-            dtype=torch.float64,
-            device=env.device,
-        )
+            # Added on the device: reading them here would stall a GPU once per batch.
+            correct1, correct5 = correct_in_top(output, target, (1, min(5, output.size(1))))
+            sums[:3] += torch.stack([correct1.double(), correct5.double(), criterion(output, target).double()])
+        sums[3:] += torch.tensor([n, len(bad)], dtype=torch.float64, device=env.device)
         if idx % config.PRINT_FREQ == 0:
             logger.info(f"Test: [{idx}/{len(loader)}]\ttime {time.time() - end:.3f}")
         end = time.time()
@@ -453,7 +456,8 @@ def evaluate_reconstruction(
             images, masks = model_inputs((images[keep], masks[keep]), env.device)
             with precision.autocast():
                 loss = model(images, masks)
-            sums += torch.tensor([float(loss) * n, n, 0], dtype=torch.float64, device=env.device)
+            sums[0] += loss.detach().double() * n  # on the device: no host read per batch
+            sums[1] += n
         else:
             pad_forwards(model, config, env, 1)  # no readable image: a stand-in keeps sharded ranks in step
         sums[2] += len(replaced) - n

@@ -337,3 +337,14 @@ def test_the_reconstruction_summary_names_unreadable_files_as_the_classification
     result = {"loss": 0.5, "count": 5, "total": 7, "unreadable": ["/d/val/a.png", "/d/val/b.png"]}
     expected = " * reconstruction loss 0.5000 images 5 of 7, 2 unreadable: val/a.png, val/b.png"
     assert eval_summary(result, "/d") == expected
+
+
+def test_correct_in_top_counts_rows_whose_target_is_among_the_k_largest_logits():
+    from engine import correct_in_top
+
+    output = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.7], [0.2, 0.3, 0.5], [0.6, 0.3, 0.1]])
+    target = torch.tensor([1, 2, 0, 2])
+    top1, top2, top3 = correct_in_top(output, target, (1, 2, 3))
+    # Row 0 top-1; row 1's target is second; row 2's is last; row 3's is last.
+    assert (int(top1), int(top2), int(top3)) == (1, 2, 4)
+    assert top1.device == output.device and top1.dtype == torch.int64
