@@ -19,6 +19,7 @@ import torch.nn as nn
 from timm.utils import AverageMeter
 
 from config import is_pretraining, model_section
+from data.robust import UNREADABLE_TARGET, clear_unreadable, unreadable_names
 from distributed import (
     DistEnv,
     Precision,
@@ -214,14 +215,15 @@ class TrainMeters:
         writer.add_scalar("train/data_share_percent", self.data_share(), step)
 
 
-def _note_replaced(replaced, state: TrainState) -> int:
-    """Count a batch's substituted samples; name each unreadable file once per run."""
-    bad = [path for path in replaced if path]
-    for path in bad:
+def _note_replaced(dataset, state: TrainState) -> int:
+    """The epoch's substituted samples, counted from the dataset's log; each unreadable file is
+    named once per run."""
+    names = unreadable_names(dataset)
+    for path in names:
         if path not in state.corrupt_seen:
             state.corrupt_seen.add(path)
             logger.warning("unreadable image replaced by another sample: %s", path)
-    return len(bad)
+    return len(names)
 
 
 def train_one_epoch(
@@ -252,12 +254,12 @@ def train_one_epoch(
     stepper.zero_grad()
     meters = TrainMeters()
     num_steps = state.batch_in_epoch + len(loader)
-    replaced_count = 0
     reset_peak_memory(env.device)
+    dataset = getattr(loader, "dataset", None)  # any iterable of batches will do; a DataLoader has one
+    clear_unreadable(dataset)  # the dataset marks unreadable samples; counted after the epoch
     start = end = time.time()
-    for idx, (samples, targets, replaced) in enumerate(loader, start=state.batch_in_epoch):
+    for idx, (samples, targets) in enumerate(loader, start=state.batch_in_epoch):
         meters.data.update(time.time() - end)
-        replaced_count += _note_replaced(replaced, state)
         inputs = model_inputs(samples, env.device)
         targets = targets.to(env.device, non_blocking=True)
         if mixup_fn is not None:
@@ -293,6 +295,7 @@ def train_one_epoch(
             if writer is not None:
                 meters.write(writer, optimizer, state.step, global_batch)
 
+    replaced_count = _note_replaced(dataset, state)
     corrupt_total = int(all_reduce_sum(torch.tensor([float(replaced_count)], device=env.device)).item())
     if corrupt_total:
         logger.warning("epoch %d: %d unreadable images were replaced", state.epoch, corrupt_total)
@@ -362,10 +365,10 @@ def correct_in_top(output: torch.Tensor, target: torch.Tensor, ks: tuple[int, ..
 def evaluate(config, loader, model: nn.Module, env: DistEnv, precision: Precision | None = None) -> dict[str, Any]:
     """Top-1, top-5 and loss over the readable validation images, each counted exactly once.
 
-    A row whose ``replaced`` path is set comes from a file that could not be read: it is
-    excluded from the metrics (whatever image the loader put there, a placeholder or, from a
-    substituting loader, another sample) and named. Sums (not per-rank means) are reduced across
-    ranks and the excluded paths gathered, so N ranks report what one process would.
+    A row with target -1 (``UNREADABLE_TARGET``) is the placeholder of a file that could not be
+    read (validation sets are built without substitution): it is left out of every sum on the
+    device, and the dataset's log names it after the pass. Sums (not per-rank means) are reduced
+    across ranks and the names gathered, so N ranks report what one process would.
 
     Returns ``acc1``, ``acc5``, ``loss`` (over the scored images), ``count`` (images scored),
     ``total`` (images in the set: scored + unreadable) and ``unreadable`` (sorted paths). A set
@@ -373,35 +376,32 @@ def evaluate(config, loader, model: nn.Module, env: DistEnv, precision: Precisio
     """
     precision = precision or Precision.decide(env.device, config.AMP_ENABLE, config.AMP_DTYPE)
     model.eval()
-    criterion = nn.CrossEntropyLoss(reduction="sum")
+    criterion = nn.CrossEntropyLoss(reduction="sum", ignore_index=UNREADABLE_TARGET)
     # correct@1, correct@5, loss, scored, unreadable
     sums = torch.zeros(5, dtype=torch.float64, device=env.device)
-    unreadable: list[str] = []
     # A sharded model gathers its weights in every forward: all ranks must run as many.
     padding = forwards_to_pad(model, env, len(loader))
+    dataset = getattr(loader, "dataset", None)
+    clear_unreadable(dataset)
     end = time.time()
-    for idx, (images, target, replaced) in enumerate(loader):
+    for idx, (images, target) in enumerate(loader):
         images = images.to(env.device, non_blocking=True)
         target = target.to(env.device, non_blocking=True)
         with precision.autocast():
             output = model(images)
         output = output.float()
-        bad = [p for p in replaced if p]
-        if bad:
-            # The whole batch ran (fixed shapes); only the readable rows are scored.
-            unreadable.extend(bad)
-            keep = torch.tensor([not p for p in replaced], dtype=torch.bool, device=output.device)
-            output, target = output[keep], target[keep]
-        n = target.size(0)
-        if n:
-            # Added on the device: reading them here would stall a GPU once per batch.
-            correct1, correct5 = correct_in_top(output, target, (1, min(5, output.size(1))))
-            sums[:3] += torch.stack([correct1.double(), correct5.double(), criterion(output, target).double()])
-        sums[3:] += torch.tensor([n, len(bad)], dtype=torch.float64, device=env.device)
+        # Summed on the device (a placeholder's -1 matches no class and is ignored by the loss):
+        # reading anything here would stall a GPU once per batch.
+        correct1, correct5 = correct_in_top(output, target, (1, min(5, output.size(1))))
+        loss = criterion(output, target)
+        scored = (target != UNREADABLE_TARGET).sum()
+        sums[:4] += torch.stack([correct1.double(), correct5.double(), loss.double(), scored.double()])
         if idx % config.PRINT_FREQ == 0:
             logger.info(f"Test: [{idx}/{len(loader)}]\ttime {time.time() - end:.3f}")
         end = time.time()
     pad_forwards(model, config, env, padding)
+    unreadable = unreadable_names(dataset)
+    sums[4] += len(unreadable)
     sums = all_reduce_sum(sums)
     count, n_unreadable = int(sums[3].item()), int(sums[4].item())
     if n_unreadable:
@@ -438,7 +438,8 @@ def evaluate_reconstruction(
 ) -> dict[str, Any]:
     """SimMIM's validation: the mean reconstruction loss over the readable images.
 
-    Batches are ``((images, masks), _, replaced)`` with masks fixed per image (seeded by the
+    Batches are ``((images, masks), target)`` (target -1: an unreadable image's placeholder, left
+    out) with masks fixed per image (seeded by the
     eval sampler), so the figure is comparable between epochs and runs. Every image has the same
     number of masked pixels, so the per-image mean is the batch loss weighted by batch size;
     sums are reduced across ranks. Returns ``loss``, ``count``, ``total`` and ``unreadable``.
@@ -446,11 +447,11 @@ def evaluate_reconstruction(
     precision = precision or Precision.decide(env.device, config.AMP_ENABLE, config.AMP_DTYPE)
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=env.device)  # loss · n, scored, unreadable
-    unreadable: list[str] = []
     padding = forwards_to_pad(model, env, len(loader))  # sharded: all ranks run as many forwards
-    for (images, masks), _, replaced in loader:
-        keep = torch.tensor([not p for p in replaced], dtype=torch.bool)
-        unreadable.extend(p for p in replaced if p)
+    dataset = getattr(loader, "dataset", None)
+    clear_unreadable(dataset)
+    for (images, masks), target in loader:
+        keep = target != UNREADABLE_TARGET  # on the host, before the batch moves: no device sync
         n = int(keep.sum())
         if n:
             images, masks = model_inputs((images[keep], masks[keep]), env.device)
@@ -460,8 +461,9 @@ def evaluate_reconstruction(
             sums[1] += n
         else:
             pad_forwards(model, config, env, 1)  # no readable image: a stand-in keeps sharded ranks in step
-        sums[2] += len(replaced) - n
     pad_forwards(model, config, env, padding)
+    unreadable = unreadable_names(dataset)
+    sums[2] += len(unreadable)
     sums = all_reduce_sum(sums)
     count, n_unreadable = int(sums[1].item()), int(sums[2].item())
     if n_unreadable:

@@ -215,11 +215,12 @@ def build_dataset(
 ) -> tuple[RobustImageDataset, int]:
     """The train or val dataset and the number of classes of the model.
 
-    Returns ``(dataset, num_classes)``; ``dataset[i]`` is ``(image, target, replaced)`` as
-    described in ``RobustImageDataset`` and ``dataset.classes`` lists the class names.
-    ``substitute`` (default: ``is_train``) says whether an unreadable file is replaced by the next
-    readable sample (training) or comes back as a placeholder for the caller to exclude
-    (evaluation, so the metrics are over the named files only); ``DATA.STRICT`` raises instead.
+    Returns ``(dataset, num_classes)``; ``dataset[i]`` is ``(image, target)`` as described in
+    ``RobustImageDataset`` and ``dataset.classes`` lists the class names; unreadable samples are
+    marked in ``dataset.replacements``. ``substitute`` (default: ``is_train``) says whether an
+    unreadable file is replaced by the next readable sample (training) or comes back as a
+    placeholder with target -1 for the caller to exclude (evaluation, so the metrics are over the
+    named files only); ``DATA.STRICT`` raises instead.
     DATA.DATASET 'imagenet': ImageFolder over ``DATA_PATH/train`` or ``DATA_PATH/val``,
     ``num_classes`` = number of class folders. 'imagenet22K': the same folder layout when
     present, else the official annotation lists ``ILSVRC2011fall_whole_map_{train,val}.txt``;
@@ -299,11 +300,11 @@ def build_dataset(
 class DataBundle:
     """What ``build_loader`` returns; fields read as attributes or as ``bundle["name"]``.
 
-    Batches of ``loader_train`` / ``loader_val`` are ``(images, targets, replaced)``: images
-    float (B, 3, IMG_SIZE, IMG_SIZE), targets int64 (B,), replaced a sequence of B path strings
-    ("" where the sample was read normally, else the unreadable file's path). In training such a
-    row holds the next readable sample; in validation it holds a placeholder that
-    ``engine.evaluate`` excludes. ``mixup_fn`` is None when Mixup/CutMix are off.
+    Batches of ``loader_train`` / ``loader_val`` are ``(images, targets)``: images float (B, 3,
+    IMG_SIZE, IMG_SIZE), targets int64 (B,). An unreadable file is marked in its dataset's
+    ``replacements`` log (the loops count and name them after each pass); in training its row holds
+    the next readable sample, in validation a placeholder with target -1 that ``engine.evaluate``
+    leaves out. ``mixup_fn`` is None when Mixup/CutMix are off.
 
     SimMIM pre-training (``TRAIN.PRETRAIN simmim``): images are ``(images, masks)`` pairs (see
     ``data/simmim.py``), targets are all 0, ``num_classes`` is 0, and the validation set and

@@ -5,8 +5,9 @@ identifies it, for a transform that decodes it itself (``data.fast_transforms``:
 when its crop allows). ``RobustImageDataset`` wraps an image dataset and, for a sample whose file
 cannot be read, either replaces it by the next readable one (training: the batch keeps its size)
 or returns a blank placeholder to be dropped (evaluation: metrics must be over the files named,
-never over a stand-in); either way it reports the unreadable path so the caller can log, count or
-exclude it. With ``strict`` it raises ``UnreadableImageError`` (a ``UserError``) instead.
+never over a stand-in, whose target is -1); either way it marks the sample in its
+``ReplacementLog``, from which the loop counts and names the unreadable files after the
+pass. With ``strict`` it raises ``UnreadableImageError`` (a ``UserError``) instead.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from PIL import Image, ImageFile
 from torch.utils.data import Dataset
 
@@ -27,6 +29,10 @@ logger = logging.getLogger(__name__)
 
 # How many following samples are tried before giving up on a run of unreadable files.
 MAX_REPLACEMENT_TRIES = 10
+
+# The target of a placeholder row (evaluation): no class, so ``CrossEntropyLoss(ignore_index=-1)``
+# and the top-k counts leave it out without a host-side mask.
+UNREADABLE_TARGET = -1
 
 # Side of the black placeholder returned for an unreadable file when not substituting; the
 # transform resizes it like any image, so it batches with the real ones (and is never scored).
@@ -118,6 +124,42 @@ def load_encoded(path: str) -> EncodedImage:
         return EncodedImage(f.read(), path)
 
 
+class ReplacementLog:
+    """Which samples of a dataset could not be read, kept where every loader worker can mark it.
+
+    One flag per sample index in a shared-memory tensor (one byte per sample): the worker that
+    meets an unreadable sample sets its flag, and the loop reads the count and the names once,
+    after the pass (``clear`` before it), instead of a path travelling with every row of every
+    batch. Worker processes inherit the memory (fork) or receive it through torch's sharing.
+    """
+
+    def __init__(self, n: int) -> None:
+        self.flags = torch.zeros(n, dtype=torch.bool).share_memory_()
+
+    def mark(self, index: int) -> None:
+        self.flags[index] = True
+
+    def clear(self) -> None:
+        self.flags.zero_()
+
+    def indices(self) -> list[int]:
+        return self.flags.nonzero().flatten().tolist()
+
+
+def unreadable_names(dataset: Any) -> list[str]:
+    """Names of the samples of ``dataset`` marked unreadable since its log was last cleared
+    (none for a dataset without a ``ReplacementLog``)."""
+    log = getattr(dataset, "replacements", None)
+    return [dataset.sample_name(i) for i in log.indices()] if log is not None else []
+
+
+def clear_unreadable(dataset: Any) -> None:
+    """Start a pass: forget the samples marked so far (no-op for a dataset without a log)."""
+    log = getattr(dataset, "replacements", None)
+    if log is not None:
+        log.clear()
+
+
 def unreadable_reason(exc: BaseException) -> str:
     """``exc`` as one short line, ``"<Type>: <first line of the message>"``, for naming a bad file."""
     text = str(exc).splitlines()[0] if str(exc) else ""
@@ -125,22 +167,22 @@ def unreadable_reason(exc: BaseException) -> str:
 
 
 class RobustImageDataset(Dataset):
-    """Wraps a dataset of image files; ``__getitem__`` returns ``(image, target, replaced)``.
+    """Wraps a dataset of image files; ``__getitem__`` returns ``(image, target)``.
 
     ``base`` must provide ``samples`` (a sequence of ``(path, class_index)``), ``loader``
     (path -> image), ``transform`` and ``target_transform`` (callables or None) and ``classes``
     (class names indexed by target), as torchvision's ``ImageFolder`` does.
 
     ``image`` is ``transform(loader(path))``; ``target`` is the int class index (after
-    ``target_transform``). ``replaced`` is ``""`` for a file read normally and the path of the
-    file at ``index`` when that file cannot be loaded; what comes instead depends on
-    ``substitute``:
+    ``target_transform``). A file at ``index`` that cannot be loaded is marked in
+    ``replacements`` (a :class:`ReplacementLog`; its name is ``sample_name(index)``) and what comes
+    instead depends on ``substitute``:
 
     * True (training): the sample at ``index + 1`` (wrapping around) is returned, then
       ``index + 2``, ... up to ``max_tries`` others, image and target; the batch keeps its size
-      and the trainer counts the replacement.
-    * False (evaluation): ``transform`` of a black placeholder image with the file's own target,
-      so batches still collate; the caller must drop every row whose ``replaced`` is set
+      and the trainer counts the replacements from the log after the epoch.
+    * False (evaluation): ``transform`` of a black placeholder image with target
+      ``UNREADABLE_TARGET`` (-1), so batches still collate and every metric leaves the row out
       (``engine.evaluate`` does), since scoring a stand-in would measure a different set.
 
     Only loading is guarded: errors raised by the transform propagate. With ``strict=True`` the
@@ -168,6 +210,11 @@ class RobustImageDataset(Dataset):
         self.strict = strict
         self.max_tries = max_tries
         self.substitute = substitute
+        self.replacements = ReplacementLog(len(base.samples))
+
+    def sample_name(self, index: int) -> str:
+        """The path of sample ``index`` (how an unreadable one is named)."""
+        return str(self.base.samples[index][0])
 
     @property
     def samples(self) -> Sequence[tuple[str, int]]:
@@ -237,6 +284,7 @@ class RobustImageDataset(Dataset):
         chosen = index
         if img is None:
             replaced = self.base.samples[index][0]
+            self.replacements.mark(index)
             if self.strict:
                 raise UnreadableImageError(
                     f"{_MESSAGE_MARK}{replaced} ({reason}); delete or replace the file, "
@@ -264,6 +312,8 @@ class RobustImageDataset(Dataset):
             else:
                 with seeded_rngs(seed):
                     img = self.base.transform(img)
+        if replaced and not self.substitute:
+            return img, UNREADABLE_TARGET
         if self.base.target_transform is not None:
             target = self.base.target_transform(target)
-        return img, target, replaced
+        return img, target

@@ -17,8 +17,8 @@ open files of the last ``MAX_OPEN_SHARDS`` shards. ``ShardDataset`` is
 therefore a map-style dataset over the samples of the sorted shards (sample ``i`` is sample
 ``i - start[s]`` of shard ``s``), with the decoding and unreadable-image handling of
 ``data/robust.py``: an unreadable sample is replaced by the next readable one in training and comes
-back as a placeholder for ``engine.evaluate`` to exclude in evaluation, reported either way through
-the ``replaced`` field as ``<shard>/<member>``.
+back as a placeholder (target -1) for ``engine.evaluate`` to exclude in evaluation, marked either
+way in the dataset's ``ReplacementLog`` and named ``<shard>/<member>``.
 
 Training order (``ShardStreamSampler``). Each epoch the shard list is permuted with (SEED, epoch)
 and its samples concatenated in that order; rank ``r`` of ``w`` takes positions
@@ -71,7 +71,9 @@ from .robust import (
     MAX_REPLACEMENT_TRIES,
     PLACEHOLDER_SIDE,
     UNREADABLE_ERRORS,
+    UNREADABLE_TARGET,
     EncodedImage,
+    ReplacementLog,
     UnreadableImageError,
     unreadable_reason,
 )
@@ -490,12 +492,12 @@ class ShardDataset(Dataset):
     """The samples of a list of shards as one map-style dataset: item ``i`` is sample
     ``i - starts[s]`` of shard ``s``.
 
-    ``dataset[key]`` is ``(image, target, replaced)`` as from ``RobustImageDataset``: ``key`` an
-    index or ``(index, seed)`` (the transform then runs under ``seeded_rngs(seed)``); an unreadable
-    sample (undecodable image, missing or bad ``cls``, a label >= ``num_classes``, a truncated or
-    damaged shard) is replaced by the next readable sample when ``substitute`` (training) or
-    returned as a black placeholder with its own label (0 if unknown) for the caller to exclude,
-    ``replaced`` naming it as ``<shard path>/<member>``; ``strict`` raises ``UnreadableImageError``.
+    ``dataset[key]`` is ``(image, target)`` as from ``RobustImageDataset``: ``key`` an index or
+    ``(index, seed)`` (the transform then runs under ``seeded_rngs(seed)``); an unreadable sample
+    (undecodable image, missing or bad ``cls``, a label >= ``num_classes``, a truncated or damaged
+    shard) is marked in ``replacements`` (named by ``sample_name``: ``<shard path>/<member>``) and
+    replaced by the next readable sample when ``substitute`` (training) or returned as a black
+    placeholder with target -1 for the caller to exclude; ``strict`` raises ``UnreadableImageError``.
     """
 
     def __init__(
@@ -520,6 +522,7 @@ class ShardDataset(Dataset):
         self.substitute = substitute
         self.max_tries = max_tries
         self.root = os.path.dirname(self.shards[0]) if self.shards else ""
+        self.replacements = ReplacementLog(int(self.counts.sum()))
         self._reset_handles()
 
     def _reset_handles(self) -> None:
@@ -639,6 +642,7 @@ class ShardDataset(Dataset):
         replaced = ""
         if img is None:
             replaced = self.sample_name(index)
+            self.replacements.mark(index)
             if self.strict:
                 raise UnreadableImageError(
                     f"{_MESSAGE_MARK}{replaced} ({reason}); rewrite the shard, "
@@ -647,7 +651,7 @@ class ShardDataset(Dataset):
         if img is None and not self.substitute:
             logger.debug("unreadable sample %s (%s); returning a placeholder to be excluded", replaced, reason)
             img = Image.new("RGB", (PLACEHOLDER_SIDE, PLACEHOLDER_SIDE))
-            target = max(target, 0)
+            target = UNREADABLE_TARGET
         elif img is None:
             logger.debug("unreadable sample %s (%s); substituting the next sample", replaced, reason)
             tries = min(self.max_tries, n - 1)
@@ -666,7 +670,7 @@ class ShardDataset(Dataset):
             else:
                 with seeded_rngs(seed):
                     img = self.transform(img)
-        return img, target, replaced
+        return img, target
 
 
 # -----------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """SimMIM pre-training data: unlabelled images, the released transform and the random mask.
 
-A sample is ``((image, mask), 0, replaced)``: the transformed image (3, S, S), its token mask
-(S/P, S/P) as int64 (1 = masked) and a dummy label, since labels are ignored. Masks are drawn
+A sample is ``((image, mask), 0)``: the transformed image (3, S, S), its token mask (S/P, S/P) as
+int64 (1 = masked) and a dummy label, since labels are ignored (-1 marks an unreadable image's
+placeholder in validation). Masks are drawn
 from NumPy's global RNG, which ``RobustImageDataset`` seeds per sample, so the mask of a
 sample depends only on (SEED, epoch, position) like every other augmentation, and a
 mid-epoch resume draws the same masks as the uninterrupted run.

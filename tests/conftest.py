@@ -73,3 +73,14 @@ def run_main(
         text=True,
         timeout=timeout,
     )
+
+
+def read_sample(dataset, key):
+    """``dataset[key]`` and the name the dataset logged as unreadable while reading it ("" if
+    none): ``(image, target, replaced)``."""
+    from data.robust import unreadable_names
+
+    dataset.replacements.clear()
+    image, target = dataset[key]
+    names = unreadable_names(dataset)
+    return image, target, names[0] if names else ""

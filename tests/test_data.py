@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import read_sample
 from PIL import Image, ImageFile
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.transforms import RandomResizedCropAndInterpolation
@@ -19,7 +20,7 @@ from torchvision import transforms
 
 from config import get_config
 from data import ExactEvalSampler, ResumableSampler, build_dataset, build_loader, build_transform
-from data.robust import UnreadableImageError, load_rgb
+from data.robust import UnreadableImageError, load_rgb, unreadable_names
 from errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -154,7 +155,7 @@ def test_image_folder_dataset_yields_image_target_and_no_replacement(tmp_path):
     root = make_folder(tmp_path, {"train": {"cat": 3, "dog": 2}, "val": {"cat": 1, "dog": 1}})
     ds, num_classes = build_dataset(True, cfg("DATA.DATA_PATH", root, "DATA.IMG_SIZE", "32"))
     assert num_classes == 2 and ds.classes == ["cat", "dog"] and len(ds) == 5
-    img, target, replaced = ds[4]
+    img, target, replaced = read_sample(ds, 4)
     assert img.shape == (3, 32, 32) and target == 1 and replaced == ""
     val, _ = build_dataset(False, cfg("DATA.DATA_PATH", root, "DATA.IMG_SIZE", "32"))
     assert len(val) == 2 and val.classes == ["cat", "dog"]
@@ -233,7 +234,7 @@ def test_imagenet22k_json_lists_load_with_official_labels(tmp_path):
     val, _ = build_dataset(False, config)
     assert num_classes == 21841 and len(train.classes) == 21841 and train.classes[5] == "5"
     assert len(train) == 3 and len(val) == 1
-    img, target, replaced = train[2]
+    img, target, replaced = read_sample(train, 2)
     assert img.shape == (3, 32, 32) and target == 21840 and replaced == ""
     assert val[0][1] == 5
     assert train.samples[0][0] == str(tmp_path / "imgs/n01/a.png")
@@ -272,8 +273,8 @@ def test_truncated_image_is_replaced_by_the_next_sample_and_reported(tmp_path, f
     # The val transform is deterministic, so the stand-in can be compared; training substitutes.
     config = cfg("DATA.DATA_PATH", tmp_path, "DATA.IMG_SIZE", "40", "TEST.CROP", "False")
     ds, _ = build_dataset(False, config, substitute=True)
-    img, target, replaced = ds[0]
-    next_img, next_target, next_replaced = ds[1]
+    img, target, replaced = read_sample(ds, 0)
+    next_img, next_target, next_replaced = read_sample(ds, 1)
     assert replaced == str(broken) and next_replaced == ""
     assert target == next_target == 0
     assert torch.equal(img, next_img)
@@ -283,7 +284,7 @@ def test_replacement_wraps_around_to_the_first_sample(tmp_path):
     root = make_folder(tmp_path, {"train": {"a": 1, "b": 1}, "val": {"a": 1, "b": 1}})
     truncate(root / "val" / "b" / "0.png")
     ds, _ = build_dataset(False, cfg("DATA.DATA_PATH", root), substitute=True)
-    img, target, replaced = ds[1]
+    img, target, replaced = read_sample(ds, 1)
     assert target == 0 and replaced.endswith(os.path.join("b", "0.png"))
     assert torch.equal(img, ds[0][0])
 
@@ -292,7 +293,7 @@ def test_strict_mode_raises_one_line_user_error_naming_the_file(tmp_path):
     root = make_folder(tmp_path, {"train": {"a": 2}, "val": {"a": 2}})
     truncate(root / "train" / "a" / "1.png")
     ds, _ = build_dataset(True, cfg("DATA.DATA_PATH", root, "DATA.STRICT", "True"))
-    assert ds[0][2] == ""
+    assert read_sample(ds, 0)[2] == ""
     with pytest.raises(UserError) as err:
         ds[1]
     assert str(root / "train" / "a" / "1.png") in assert_one_line(err)
@@ -324,14 +325,20 @@ def test_val_set_never_substitutes_an_unreadable_image_it_marks_it_for_exclusion
     broken.write_bytes(np.random.default_rng(0).bytes(300))  # not an image at all
     config = cfg("DATA.DATA_PATH", root, "DATA.IMG_SIZE", "16")
     ds, _ = build_dataset(False, config)
-    img, target, replaced = ds[1]
-    # Its own class and a blank stand-in, not the next sample: nothing here may be scored as it.
-    assert replaced == str(broken) and target == 0
+    img, target, replaced = read_sample(ds, 1)
+    # No class and a blank stand-in, not the next sample: nothing here may be scored as it.
+    assert replaced == str(broken) and target == -1
     assert img.shape == ds[0][0].shape and not torch.equal(img, ds[2][0])
     assert unnormalize(img).abs().max() < 1e-6
-    # Batches keep every row and say which one to drop.
-    images, targets, names = next(iter(build_loader(config, 1, 0).loader_val))
-    assert list(names) == ["", str(broken)] and targets.tolist() == [0, 0] and images.shape[0] == 2
+    # Batches keep every row; the placeholder's target says to drop it, the dataset's log names it
+    # (marked in the loader's worker process, read in this one).
+    loader_val = build_loader(
+        cfg("DATA.DATA_PATH", root, "DATA.IMG_SIZE", "16", "DATA.NUM_WORKERS", "1"), 1, 0
+    ).loader_val
+    loader_val.dataset.replacements.clear()
+    images, targets = next(iter(loader_val))
+    assert targets.tolist() == [0, -1] and images.shape[0] == 2
+    assert unreadable_names(loader_val.dataset) == [str(broken)]
     # Training still substitutes.
     train, _ = build_dataset(True, config, substitute=None)
     assert train.substitute and not ds.substitute
@@ -456,8 +463,9 @@ def test_build_loader_batches_classes_and_does_not_touch_the_config(tiny_root):
     assert bundle.mixup_fn is None
     train_batches = list(bundle.loader_train)
     assert len(train_batches) == 2  # 10 images, batch 4, drop_last
-    images, targets, replaced = train_batches[0]
-    assert images.shape == (4, 3, 32, 32) and targets.dtype == torch.int64 and list(replaced) == [""] * 4
+    images, targets = train_batches[0]
+    assert images.shape == (4, 3, 32, 32) and targets.dtype == torch.int64
+    assert bundle.loader_train.dataset.replacements.indices() == []
     val_sizes = [b[0].shape[0] for b in bundle.loader_val]
     assert val_sizes == [3]
 
@@ -476,7 +484,7 @@ def test_build_loader_start_index_resumes_at_the_next_batch(tiny_root):
 def _epoch_images(config, epoch: int, start_index: int = 0) -> torch.Tensor:
     bundle = build_loader(config, 1, 0, train_start_index=start_index)
     bundle.sampler_train.set_epoch(epoch)
-    return torch.cat([images for images, _, _ in bundle.loader_train])
+    return torch.cat([images for images, _ in bundle.loader_train])
 
 
 def test_training_augmentation_is_the_same_with_any_worker_count_and_after_a_mid_epoch_resume(tiny_root):

@@ -86,7 +86,7 @@ WORKER = textwrap.dedent(
         lr_scheduler = build_scheduler(config, optimizer, STEPS, base_lr, warmup_lr, min_lr)
         scaler = make_grad_scaler(env.device, False, None)
         start, stop = rows if rows else (rank * per_rank_batch, (rank + 1) * per_rank_batch)
-        loader = [(x[start:stop], y[start:stop], ("",) * (stop - start)) for x, y in fixed_batches(accum)]
+        loader = [(x[start:stop], y[start:stop]) for x, y in fixed_batches(accum)]
         state = TrainState()
         hooks = StepHooks(save_step_checkpoint=lambda: None, stop_requested=lambda: False)
         train_one_epoch(config, model, build_criterion(config, False), loader, optimizer, lr_scheduler, scaler,

@@ -61,13 +61,49 @@ def _setup(opts=(), seed=0):
     return config, model, optimizer, scheduler, scaler
 
 
-def _batches(n, batch=4, seed=1, replaced=None):
+class _Dataset:
+    """What the loops read from a loader's dataset: a log of unreadable samples and their names."""
+
+    def __init__(self, names: dict[int, str], n: int) -> None:
+        from data.robust import ReplacementLog
+
+        self.names, self.replacements = names, ReplacementLog(n)
+
+    def sample_name(self, index: int) -> str:
+        return self.names[index]
+
+
+class _Loader(list):
+    """Batches ``(images, targets)`` over a ``_Dataset``; the unreadable rows are marked in its log
+    as the batches are produced (what a dataset does in a loader worker)."""
+
+    def __init__(self, batches, batch: int, replaced: dict) -> None:
+        super().__init__(batches)
+        self.batch, self.replaced = batch, replaced
+        self.dataset = _Dataset({i * batch + j: name for (i, j), name in replaced.items()}, len(batches) * batch)
+
+    def __iter__(self):
+        for i, b in enumerate(list.__iter__(self)):
+            for j in range(self.batch):
+                if (i, j) in self.replaced:
+                    self.dataset.replacements.mark(i * self.batch + j)
+            yield b
+
+
+def _batches(n, batch=4, seed=1, replaced=None, placeholders=False):
+    """``n`` random batches; ``replaced`` {(batch, row): name} marks unreadable samples, whose
+    targets are -1 with ``placeholders`` (a validation set's rows)."""
     g = torch.Generator().manual_seed(seed)
+    replaced = replaced or {}
     out = []
     for i in range(n):
-        names = tuple((replaced or {}).get((i, j), "") for j in range(batch))
-        out.append((torch.randn(batch, 3, 32, 32, generator=g), torch.randint(0, 5, (batch,), generator=g), names))
-    return out
+        images, targets = torch.randn(batch, 3, 32, 32, generator=g), torch.randint(0, 5, (batch,), generator=g)
+        if placeholders:
+            for j in range(batch):
+                if (i, j) in replaced:
+                    targets[j] = -1
+        out.append((images, targets))
+    return _Loader(out, batch, replaced)
 
 
 def _hooks():
@@ -106,8 +142,8 @@ def test_two_accumulated_half_batches_equal_one_full_batch_step():
     # first step is about lr * sign(g) and would magnify rounding in near-zero gradients).
     sgd = ["TRAIN.OPTIMIZER.NAME", "sgd"]
     full = _batches(1, batch=8)
-    images, targets, names = full[0]
-    halves = [(images[:4], targets[:4], names[:4]), (images[4:], targets[4:], names[4:])]
+    images, targets = full[0]
+    halves = [(images[:4], targets[:4]), (images[4:], targets[4:])]
     config1, model1, opt1, sched1, scaler1 = _setup(sgd)
     _epoch(config1, model1, opt1, sched1, scaler1, full)
     config2, model2, opt2, sched2, scaler2 = _setup(sgd + ["TRAIN.ACCUMULATION_STEPS", "2"])
@@ -167,14 +203,12 @@ def test_evaluate_counts_every_image_and_reports_top1_top5():
     # 12 classes, so top-5 is a real cut (with 5 classes it would always be 100 %).
     config, model, *_ = _setup(["MODEL.NUM_CLASSES", "12"])
     g = torch.Generator().manual_seed(5)
-    loader = [
-        (torch.randn(5, 3, 32, 32, generator=g), torch.randint(0, 12, (5,), generator=g), ("",) * 5) for _ in range(3)
-    ]
+    loader = [(torch.randn(5, 3, 32, 32, generator=g), torch.randint(0, 12, (5,), generator=g)) for _ in range(3)]
     stats = evaluate(config, loader, model, CPU)
     assert stats["count"] == 15
     with torch.no_grad():
-        logits = torch.cat([model.eval()(x) for x, _, _ in loader])
-    targets = torch.cat([t for _, t, _ in loader])
+        logits = torch.cat([model.eval()(x) for x, _ in loader])
+    targets = torch.cat([t for _, t in loader])
     # Counted independently: the rank of each target's logit among the 12.
     rank = (logits > logits.gather(1, targets[:, None])).sum(1)
     assert stats["acc1"] == pytest.approx((rank == 0).float().mean().item() * 100)
@@ -258,14 +292,14 @@ def test_strict_evaluation_fails_with_one_line_naming_the_unreadable_image(val_w
     assert "\n" not in message and val_with_bad_png["bad_file"] in message
 
 
-def test_evaluate_excludes_flagged_rows_even_from_a_loader_that_substituted_them():
+def test_evaluate_leaves_placeholder_rows_out_and_names_them_from_the_datasets_log():
     config, model, *_ = _setup()
     flagged = {(0, 1): "val/a.png", (2, 0): "val/b.png", (2, 4): "val/c.png"}
-    loader = _batches(3, batch=5, replaced=flagged)
+    loader = _batches(3, batch=5, replaced=flagged, placeholders=True)
     stats = evaluate(config, loader, model, CPU)
     readable = [
-        (x[[j for j in range(5) if (i, j) not in flagged]], t[[j for j in range(5) if (i, j) not in flagged]], ())
-        for i, (x, t, _) in enumerate(loader)
+        (x[[j for j in range(5) if (i, j) not in flagged]], t[[j for j in range(5) if (i, j) not in flagged]])
+        for i, (x, t) in enumerate(loader)
     ]
     reference = evaluate(config, readable, model, CPU)
     assert stats["count"] == reference["count"] == 12 and stats["total"] == 15
@@ -277,7 +311,7 @@ def test_evaluate_excludes_flagged_rows_even_from_a_loader_that_substituted_them
 
 def test_a_val_set_with_no_readable_image_is_a_one_line_user_error():
     config, model, *_ = _setup()
-    loader = _batches(1, batch=2, replaced={(0, 0): "val/a.png", (0, 1): "val/b.png"})
+    loader = _batches(1, batch=2, replaced={(0, 0): "val/a.png", (0, 1): "val/b.png"}, placeholders=True)
     with pytest.raises(UserError, match=r"none of the 2 validation images could be read \(e\.g\. val/a\.png"):
         evaluate(config, loader, model, CPU)
 

@@ -98,7 +98,7 @@ WORKER = textwrap.dedent(
 
         b = GLOBAL_BATCH // env.world_size
         lo, hi = env.rank * b, (env.rank + 1) * b
-        loader = [(x[lo:hi], y[lo:hi], ("",) * b) for x, y in batches(accum)[first * accum:last * accum]]
+        loader = [(x[lo:hi], y[lo:hi]) for x, y in batches(accum)[first * accum:last * accum]]
         hooks = StepHooks(save_step_checkpoint=lambda: None, stop_requested=lambda: False)
         return train_one_epoch(config, model, build_criterion(config, False), loader, optimizer, scheduler, scaler,
                                None, env, state, hooks)
@@ -130,7 +130,7 @@ WORKER = textwrap.dedent(
             # Uneven evaluation: rank 0 gets 2 batches, rank 1 one; FSDP must not hang.
             x, y = batches(1)[0]
             rows = [(0, 3), (3, 5)] if rank == 0 else [(5, 8)]
-            val = [(x[i:j], y[i:j], ("",) * (j - i)) for i, j in rows]
+            val = [(x[i:j], y[i:j]) for i, j in rows]
             result = evaluate(config, val, model, env)
             if rank == 0:
                 torch.save({{"weights": weights, "eval": result, "norm": [stats["grad_norm"], stats2["grad_norm"]],
@@ -199,7 +199,7 @@ WORKER = textwrap.dedent(
         state = TrainState()
         run_steps(config, model, optimizer, scheduler, scaler, env, state, case[3], 0, STEPS)
         x, y = batches(1)[0]
-        result = evaluate(config, [(x[:8], y[:8], ("",) * 8)], model, env)
+        result = evaluate(config, [(x[:8], y[:8])], model, env)
         out = {{"weights": model.state_dict(), "eval": result}}
 
         config, model, optimizer, scheduler, scaler = setup(case, False, env)

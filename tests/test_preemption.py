@@ -329,7 +329,7 @@ def test_stop_request_ends_the_epoch_at_the_step_boundary_with_exactly_one_check
     config = get_config(DEMO_CFG, TINY_OPTS + ["TRAIN.STEP_SAVE_FREQ", "2", "TRAIN.EPOCHS", "1"])
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 10))
-    loader = [(torch.randn(4, 3, 4, 4), torch.randint(0, 10, (4,)), ("",) * 4) for _ in range(5)]
+    loader = [(torch.randn(4, 3, 4, 4), torch.randint(0, 10, (4,))) for _ in range(5)]
     optimizer = build_optimizer(config, model)
     scheduler = build_scheduler(config, optimizer, len(loader), 1e-3, 1e-6, 1e-5)
     env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), distributed=False)

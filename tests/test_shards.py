@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_RUN_OPTS
+from conftest import TINY_RUN_OPTS, read_sample
 from PIL import Image
 
 import main as main_module
@@ -85,14 +85,13 @@ def tar_members(path: Path) -> list[tuple[str, bytes]]:
         return [(m.name, tf.extractfile(m).read()) for m in tf.getmembers()]
 
 
-def batches(loader) -> list[tuple[torch.Tensor, torch.Tensor, list[str]]]:
-    return [(x, y, list(r)) for x, y, r in loader]
+def batches(loader) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(x, y) for x, y in loader]
 
 
 def same_batches(a, b) -> bool:
     return len(a) == len(b) and all(
-        torch.equal(xa, xb) and torch.equal(ya, yb) and ra == rb
-        for (xa, ya, ra), (xb, yb, rb) in zip(a, b, strict=True)
+        torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b, strict=True)
     )
 
 
@@ -296,17 +295,17 @@ def test_unreadable_samples_are_substituted_in_training_excluded_in_eval_and_str
     assert num_classes == 3 and len(val) == 9
     bad = {1: names[2], 2: names[4]}
     for i in range(len(val)):
-        img, target, replaced = val[i]
+        img, target, replaced = read_sample(val, i)
         if i in bad:
             assert replaced == f"{val_shard}/{bad[i]}" and img.abs().sum() > 0  # a placeholder, to be excluded
         else:
             assert replaced == ""
     train_view, _ = build_dataset(False, cfg(out), substitute=True)
-    img, target, replaced = train_view[1]
+    img, target, replaced = read_sample(train_view, 1)
     # Substituted by the next readable sample (2 has no label either): sample 3.
     assert replaced.endswith(bad[1]) and target == train_view[3][1] and torch.equal(img, train_view[3][0])
     with pytest.raises(UserError) as err:
-        build_dataset(False, cfg(out, "DATA.STRICT", "True"))[0][2]
+        build_dataset(False, cfg(out, "DATA.STRICT", "True"))[0][2]  # noqa: B018 - reading raises
     assert "no .cls member" in assert_one_line(err) and bad[2] in str(err.value)
 
     # A shard cut inside sample 1's image: its size no longer matches the index, so it is counted
@@ -317,13 +316,13 @@ def test_unreadable_samples_are_substituted_in_training_excluded_in_eval_and_str
     with caplog.at_level("INFO"):
         val, _ = build_dataset(False, cfg(out))
     assert "counting the samples of 1 of 3 shards" in caplog.text and "truncated after 2 samples" in caplog.text
-    assert len(val) == 7 and [val[i][2] for i in range(4, 7)] == ["", f"{cut}/{cut_names[2]}", ""]
+    assert len(val) == 7 and [read_sample(val, i)[2] for i in range(4, 7)] == ["", f"{cut}/{cut_names[2]}", ""]
     # An index that still claims 4 samples there: the missing ones are reported by position.
     index = json.loads((out / "val" / INDEX_NAME).read_text())
     index["shards"]["000001.tar"]["bytes"] = cut.stat().st_size
     (out / "val" / INDEX_NAME).write_text(json.dumps(index))
     val, _ = build_dataset(False, cfg(out))
-    assert len(val) == 9 and [val[i][2] for i in range(6, 8)] == [f"{cut}#2", f"{cut}#3"]
+    assert len(val) == 9 and [read_sample(val, i)[2] for i in range(6, 8)] == [f"{cut}#2", f"{cut}#3"]
 
 
 def test_missing_shards_and_layout_mistakes_are_one_line_errors(tmp_path):
