@@ -224,8 +224,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="compile the model for inference first (frozen weights, bf16 where the CPU has it natively); "
-        "pays for many images",
+        help="compile the model for inference first (frozen weights, bf16 where the CPU has it natively; "
+        "backend TRAIN.COMPILE_BACKEND); pays for many images",
     )
     p.add_argument(
         "--device", default="auto", choices=["auto", "cpu", "cuda"], help="device (default auto: CUDA when available)"
@@ -243,7 +243,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     model, config, class_names = load_classifier(args.resume, args.cfg, args.opts, env.device)
     transform = build_transform(False, config)
     precision = Precision.decide(env.device, config.AMP_ENABLE, config.AMP_DTYPE)
-    model, precision = inference_model(model, env.device, precision, args.compile)
+    model, precision = inference_model(model, env.device, precision, args.compile, config.TRAIN.COMPILE_BACKEND)
     results = predict(
         model,
         transform,

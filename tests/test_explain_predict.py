@@ -598,6 +598,12 @@ def test_v2_checkpoint_predicts_and_exports(v2_checkpoint, tmp_path, capsys):
     assert predict.main(["--resume", v2_checkpoint["ckpt"], image, "--json", "--topk", "2", "--device", "cpu"]) == 0
     cli = json.loads(capsys.readouterr().out)
     assert [t["index"] for t in cli[0]["top"]] == [t["index"] for t in top[:2]]
+    # --compile: the inference path of --eval --compile (aot_eager here: Inductor takes minutes on 2 cores).
+    argv = ["--resume", v2_checkpoint["ckpt"], image, "--json", "--topk", "2", "--device", "cpu", "--compile"]
+    assert predict.main([*argv, "--opts", "TRAIN.COMPILE_BACKEND", "aot_eager"]) == 0
+    compiled = json.loads(capsys.readouterr().out)
+    assert [t["index"] for t in compiled[0]["top"]] == [t["index"] for t in top[:2]]
+    assert [t["prob"] for t in compiled[0]["top"]] == pytest.approx([t["prob"] for t in top[:2]], abs=0.02)
 
     out = str(tmp_path / "v2.safetensors")
     assert export.main([v2_checkpoint["ckpt"], "--out", out]) == 0
