@@ -166,7 +166,71 @@ def unreadable_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-class RobustImageDataset(Dataset):
+class GuardedImageDataset(Dataset):
+    """The unreadable-sample policy every image dataset here shares; ``__getitem__`` returns
+    ``(image, target)`` for a key ``index`` or ``(index, seed)``.
+
+    A subclass provides ``_try_load(index, seed) -> (image or None, target, reason)``,
+    ``sample_name(index)``, ``transform``, ``target_transform`` and the attributes ``strict``,
+    ``substitute``, ``max_tries`` and ``replacements`` (a :class:`ReplacementLog`). An unreadable
+    sample is marked in the log, then: ``strict`` raises ``UnreadableImageError``; ``substitute``
+    (training) takes the next readable sample (up to ``max_tries``, wrapping around); otherwise
+    (evaluation) a black placeholder with target ``UNREADABLE_TARGET``. With a seed the transform
+    runs under ``seeded_rngs(seed)``: its randomness depends on the seed alone.
+    """
+
+    # What the strict error tells the user to do, and where a run of failures says to look.
+    fix_hint = "delete or replace the file"
+    check_hint = "check the dataset files and the disk"
+
+    def _try_load(self, index: int, seed: int | None) -> tuple[Any, int, str]:
+        raise NotImplementedError
+
+    def sample_name(self, index: int) -> str:
+        raise NotImplementedError
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, int]:
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        n = len(self)
+        if not 0 <= index < n:
+            raise IndexError(f"index {index} out of range for a dataset of {n} samples")
+        img, target, reason = self._try_load(index, seed)
+        if img is None:
+            name = self.sample_name(index)
+            self.replacements.mark(index)
+            if self.strict:
+                raise UnreadableImageError(
+                    f"{_MESSAGE_MARK}{name} ({reason}); {self.fix_hint}, "
+                    f"or set DATA.STRICT False to {'train on' if self.substitute else 'evaluate'} without it"
+                )
+            if self.substitute:
+                logger.debug("unreadable sample %s (%s); substituting the next sample", name, reason)
+                img, target = self._next_readable(index, seed, name, reason)
+            else:
+                logger.debug("unreadable sample %s (%s); returning a placeholder to be excluded", name, reason)
+                img, target = Image.new("RGB", (PLACEHOLDER_SIDE, PLACEHOLDER_SIDE)), UNREADABLE_TARGET
+        if self.transform is not None:
+            if seed is None:
+                img = self.transform(img)
+            else:
+                with seeded_rngs(seed):
+                    img = self.transform(img)
+        if target != UNREADABLE_TARGET and self.target_transform is not None:
+            target = self.target_transform(target)
+        return img, target
+
+    def _next_readable(self, index: int, seed: int | None, name: str, reason: str) -> tuple[Any, int]:
+        tries = min(self.max_tries, len(self) - 1)
+        for step in range(1, tries + 1):
+            img, target, _ = self._try_load((index + step) % len(self), seed)
+            if img is not None:
+                return img, target
+        raise UnreadableImageError(
+            f"{_MESSAGE_MARK}{name} ({reason}) and the {tries} samples after it are all unreadable; {self.check_hint}"
+        )
+
+
+class RobustImageDataset(GuardedImageDataset):
     """Wraps a dataset of image files; ``__getitem__`` returns ``(image, target)``.
 
     ``base`` must provide ``samples`` (a sequence of ``(path, class_index)``), ``loader``
@@ -241,6 +305,10 @@ class RobustImageDataset(Dataset):
     def transform(self) -> Callable | None:
         return self.base.transform
 
+    @property
+    def target_transform(self) -> Callable | None:
+        return self.base.target_transform
+
     def __len__(self) -> int:
         return len(self.base.samples)
 
@@ -258,62 +326,18 @@ class RobustImageDataset(Dataset):
             return load_encoded(path)
         return EncodedImage(self.base.read_bytes(index), path)
 
-    def _try_load(self, index: int, seed: int | None = None) -> tuple[Any, str]:
-        """The decoded image at ``index`` and "", or None and why it failed.
+    def _try_load(self, index: int, seed: int | None = None) -> tuple[Any, int, str]:
+        """The decoded image at ``index``, its target and "", or None, the target and why it failed.
 
         With a decode stage (see the class docstring) the "image" is what that stage returns for
         ``seed``.
         """
-        path = self.base.samples[index][0]
+        path, target = self.base.samples[index]
         decode = self._decode_stage()
         try:
             if decode is None:
-                return self.base.loader(path), ""
-            return decode(self._read_encoded(index, path), seed), ""
+                return self.base.loader(path), target, ""
+            return decode(self._read_encoded(index, path), seed), target, ""
         except UNREADABLE_ERRORS as e:
             # PIL reports corrupt data through all of these; anything else is a bug and propagates.
-            return None, unreadable_reason(e)
-
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, Any, str]:
-        index, seed = key if isinstance(key, tuple) else (key, None)
-        n = len(self)
-        if not 0 <= index < n:
-            raise IndexError(f"index {index} out of range for a dataset of {n} samples")
-        img, reason = self._try_load(index, seed)
-        replaced = ""
-        chosen = index
-        if img is None:
-            replaced = self.base.samples[index][0]
-            self.replacements.mark(index)
-            if self.strict:
-                raise UnreadableImageError(
-                    f"{_MESSAGE_MARK}{replaced} ({reason}); delete or replace the file, "
-                    f"or set DATA.STRICT False to {'train on' if self.substitute else 'evaluate'} without it"
-                )
-        if img is None and not self.substitute:
-            logger.debug("unreadable image %s (%s); returning a placeholder to be excluded", replaced, reason)
-            img = Image.new("RGB", (PLACEHOLDER_SIDE, PLACEHOLDER_SIDE))
-        elif img is None:
-            logger.debug("unreadable image %s (%s); substituting the next sample", replaced, reason)
-            for step in range(1, min(self.max_tries, n - 1) + 1):
-                chosen = (index + step) % n
-                img, _ = self._try_load(chosen, seed)
-                if img is not None:
-                    break
-            if img is None:
-                raise UnreadableImageError(
-                    f"{_MESSAGE_MARK}{replaced} ({reason}) and the {min(self.max_tries, n - 1)} samples after it "
-                    f"are all unreadable; check the dataset files and the disk"
-                )
-        target = self.base.samples[chosen][1]
-        if self.base.transform is not None:
-            if seed is None:
-                img = self.base.transform(img)
-            else:
-                with seeded_rngs(seed):
-                    img = self.base.transform(img)
-        if replaced and not self.substitute:
-            return img, UNREADABLE_TARGET
-        if self.base.target_transform is not None:
-            target = self.base.target_transform(target)
-        return img, target
+            return None, target, unreadable_reason(e)

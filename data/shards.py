@@ -61,23 +61,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image
-from torch.utils.data import Dataset
 
 from errors import UserError
 
 from .robust import (
-    _MESSAGE_MARK,
     MAX_REPLACEMENT_TRIES,
-    PLACEHOLDER_SIDE,
     UNREADABLE_ERRORS,
-    UNREADABLE_TARGET,
     EncodedImage,
+    GuardedImageDataset,
     ReplacementLog,
-    UnreadableImageError,
     unreadable_reason,
 )
-from .sample_seeds import seeded_rngs
 from .samplers import ResumableSampler
 from .zip_dataset import _pread_exact, decode_rgb, folder_members
 
@@ -488,7 +482,7 @@ def load_index(paths: Sequence[str], what: str) -> ShardIndex:
 # -----------------------------------------------------------------------------
 # The dataset
 # -----------------------------------------------------------------------------
-class ShardDataset(Dataset):
+class ShardDataset(GuardedImageDataset):
     """The samples of a list of shards as one map-style dataset: item ``i`` is sample
     ``i - starts[s]`` of shard ``s``.
 
@@ -499,6 +493,9 @@ class ShardDataset(Dataset):
     replaced by the next readable sample when ``substitute`` (training) or returned as a black
     placeholder with target -1 for the caller to exclude; ``strict`` raises ``UnreadableImageError``.
     """
+
+    fix_hint = "rewrite the shard"
+    check_hint = "check the shards and the disk"
 
     def __init__(
         self,
@@ -632,45 +629,6 @@ class ShardDataset(Dataset):
             return decode(EncodedImage(data, self.sample_name(index)), seed), label, ""
         except UNREADABLE_ERRORS as e:
             return None, label, unreadable_reason(e)
-
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, int, str]:
-        index, seed = key if isinstance(key, tuple) else (key, None)
-        n = len(self)
-        if not 0 <= index < n:
-            raise IndexError(f"index {index} out of range for a dataset of {n} samples")
-        img, target, reason = self._try_load(index, seed)
-        replaced = ""
-        if img is None:
-            replaced = self.sample_name(index)
-            self.replacements.mark(index)
-            if self.strict:
-                raise UnreadableImageError(
-                    f"{_MESSAGE_MARK}{replaced} ({reason}); rewrite the shard, "
-                    f"or set DATA.STRICT False to {'train on' if self.substitute else 'evaluate'} without it"
-                )
-        if img is None and not self.substitute:
-            logger.debug("unreadable sample %s (%s); returning a placeholder to be excluded", replaced, reason)
-            img = Image.new("RGB", (PLACEHOLDER_SIDE, PLACEHOLDER_SIDE))
-            target = UNREADABLE_TARGET
-        elif img is None:
-            logger.debug("unreadable sample %s (%s); substituting the next sample", replaced, reason)
-            tries = min(self.max_tries, n - 1)
-            for step in range(1, tries + 1):
-                img, target, _ = self._try_load((index + step) % n, seed)
-                if img is not None:
-                    break
-            if img is None:
-                raise UnreadableImageError(
-                    f"{_MESSAGE_MARK}{replaced} ({reason}) and the {tries} samples after it are all unreadable; "
-                    f"check the shards and the disk"
-                )
-        if self.transform is not None:
-            if seed is None:
-                img = self.transform(img)
-            else:
-                with seeded_rngs(seed):
-                    img = self.transform(img)
-        return img, target
 
 
 # -----------------------------------------------------------------------------
