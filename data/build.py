@@ -25,6 +25,7 @@ from yacs.config import CfgNode
 from config import is_pretraining
 from errors import UserError
 
+from .allocator import retain_freed_memory, retain_freed_memory_in_worker
 from .fast_transforms import PIPELINES, FastTrainTransform
 from .imagenet22k import NUM_CLASSES_22K, ImageNet22KList, annotation_file
 from .robust import RobustImageDataset, load_rgb
@@ -486,6 +487,11 @@ def build_loader(
         pin_memory=pin,
         persistent_workers=num_workers > 0,
     )
+    if config.DATA.RETAIN_FREED_MEMORY:
+        if num_workers > 0:
+            common["worker_init_fn"] = retain_freed_memory_in_worker
+        else:
+            retain_freed_memory()
     # The workers' own RNG seeds come from the config; augmentation itself is seeded per sample.
     loader_train = DataLoader(
         dataset_train,

@@ -47,6 +47,7 @@ from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms
 from torchvision.transforms import functional as F
 
+from .fast_augment import fast_augment_ops, planes_to_image
 from .robust import EncodedImage, decode_opened
 
 PIPELINES = ("fast", "reference")
@@ -107,13 +108,6 @@ def resized_crop(
     pixels = torch.from_numpy(region).permute(2, 0, 1).unsqueeze(0)  # (1, 3, h, w), channels last
     out = torch.nn.functional.interpolate(pixels, size=tuple(size), mode=mode, antialias=True, align_corners=False)
     return planes_to_image(out[0].numpy())
-
-
-def planes_to_image(planes: np.ndarray) -> Image.Image:
-    """An RGB image from uint8 planes (3, H, W); Pillow interleaves them (a fifth of a transpose's time)."""
-    _, height, width = planes.shape
-    bands = [Image.frombuffer("L", (width, height), np.ascontiguousarray(p), "raw", "L", 0, 1) for p in planes]
-    return Image.merge("RGB", bands)
 
 
 class FastResizedCrop:
@@ -250,7 +244,7 @@ class FastTrainTransform:
         self.crop: FastResizedCrop | None = None
         if steps and isinstance(steps[0], RandomResizedCropAndInterpolation):
             self.crop = FastResizedCrop(steps.pop(0))
-        self.steps = _fuse_to_tensor(steps)
+        self.steps = [fast_augment_ops(step) for step in _fuse_to_tensor(steps)]
 
     @property
     def transforms(self) -> list[Callable]:

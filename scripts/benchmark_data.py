@@ -1,7 +1,7 @@
 """Images/s per core of the input pipelines, against the released transform stack, in the same run.
 
     python scripts/benchmark_data.py [--out DIR] [--images 400] [--sizes 500x375,1000x750]
-        [--rounds 3] [--batch-size 32] [--batches 0] [--workers 0,1,2] [--json FILE]
+        [--rounds 3] [--batch-size 32] [--batches 0] [--workers 0,1,2] [--json FILE] [--glibc-defaults]
 
 For each size WxH it writes an ImageFolder (``train/`` with ``--images`` JPEGs, ``val/`` with a
 quarter as many, 4 classes, quality 90) of random crops + resizes of scikit-learn's two sample
@@ -21,6 +21,10 @@ photographs (china.jpg and flower.jpg, 640x427), then the same images as the zip
   (``DATA.CACHE_MODE no``: every image read from the zip) and shards, DATA.NUM_WORKERS 0, 1, 2,
   both pipelines, interleaved over rounds; "per core" divides by the processes that transform
   (max(1, workers)).
+
+Both pipelines run under the allocator setting the loader gives its processes
+(``DATA.RETAIN_FREED_MEMORY``, on by default: glibc keeps freed memory); ``--glibc-defaults``
+measures both with glibc's defaults instead.
 
 The goal of issue #15 is 2x the released stack's images/s per core at the same recipe; the script
 says whether the transform measurements meet it. It also prints the CPU model, its ISA flags and
@@ -49,6 +53,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from config import default_config  # noqa: E402
+from data.allocator import retain_freed_memory  # noqa: E402
 from data.build import build_loader, build_transform  # noqa: E402
 from data.fast_transforms import DecodedCrop, FastTrainTransform  # noqa: E402
 from data.robust import load_encoded, load_rgb  # noqa: E402
@@ -175,10 +180,15 @@ def image_paths(split_dir: str) -> list[str]:
 # -----------------------------------------------------------------------------
 # Transforms, one thread
 # -----------------------------------------------------------------------------
+# Whether processes keep freed memory (DATA.RETAIN_FREED_MEMORY); --glibc-defaults turns it off.
+RETAIN = {"on": True}
+
+
 def make_config(data_path: str = "", fmt: str = "folder", pipeline: str = "fast", workers: int = 0, batch: int = 32):
     """The recipe's defaults (224, RandAugment rand-m9-mstd0.5-inc1, erasing 0.25) with these data keys."""
     config = default_config()
     config.defrost()
+    config.DATA.RETAIN_FREED_MEMORY = RETAIN["on"]
     config.DATA.DATA_PATH = data_path
     config.DATA.FORMAT = fmt
     config.DATA.ZIP_MODE = fmt == "zip"
@@ -403,6 +413,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batches", type=int, default=0, help="loader batches per measurement (0: one epoch)")
     p.add_argument("--workers", default="0,1,2", help="DATA.NUM_WORKERS values of the loader rows")
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument(
+        "--glibc-defaults",
+        action="store_true",
+        help="leave glibc's allocator as it starts (DATA.RETAIN_FREED_MEMORY False) for both pipelines",
+    )
     args = p.parse_args(argv)
     if args.images < 4 or args.rounds < 1 or args.batch_size < 1 or args.batches < 0:
         p.error("need --images >= 4, --rounds >= 1, --batch-size >= 1, --batches >= 0")
@@ -416,7 +431,12 @@ def run(args: argparse.Namespace, out_dir: str) -> dict[str, Any]:
     batch = min(args.batch_size, args.images)
     n_val = max(2, args.images // 4)
     machine = machine_info()
+    RETAIN["on"] = not args.glibc_defaults
+    # Both pipelines run in this process, under the setting the loader gives its transforms.
+    machine["freed_memory_retained"] = RETAIN["on"] and retain_freed_memory()
     print(machine_line(machine), flush=True)
+    retained = "freed memory retained (DATA.RETAIN_FREED_MEMORY)"
+    print(f"allocator: {retained if machine['freed_memory_retained'] else 'glibc defaults'}", flush=True)
     results: dict[str, Any] = {
         "machine": machine,
         "settings": {

@@ -24,7 +24,7 @@ from torchvision import transforms
 from torchvision.transforms import functional as F
 
 from config import get_config
-from data import build_dataset, build_loader, build_transform
+from data import build_dataset, build_loader, build_transform, fast_augment
 from data.fast_transforms import DecodedCrop, FastResizedCrop, FastTrainTransform, ToNormalizedTensor, resized_crop
 from data.robust import EncodedImage, UnreadableImageError, load_encoded, load_rgb
 from data.sample_seeds import seeded_rngs
@@ -417,3 +417,77 @@ def test_grey_cmyk_and_progressive_jpegs_decode_at_reduced_size_into_rgb(mode, o
         assert diff.mean() < CROP_TOLERANCE
         reduced += decoded.scale > 1
     assert reduced > 0
+
+
+# -----------------------------------------------------------------------------
+# RandAugment's shear and translate
+# -----------------------------------------------------------------------------
+def test_shear_and_translate_equal_pillows_affine_transform_pixel_for_pixel():
+    rng = random.Random(0)
+    ops = {
+        "shear_x": (fast_augment.shear_x, lambda m: (1, m, 0, 0, 1, 0)),
+        "shear_y": (fast_augment.shear_y, lambda m: (1, 0, 0, m, 1, 0)),
+        "translate_x": (fast_augment.translate_x_abs, lambda m: (1, 0, m, 0, 1, 0)),
+        "translate_y": (fast_augment.translate_y_abs, lambda m: (1, 0, 0, 0, 1, m)),
+    }
+    checked = 0
+    for i in range(40):
+        img = photo(rng.choice([224, 160, 33, 7]), rng.choice([224, 192, 57, 5]), i)
+        fill = tuple(rng.randrange(256) for _ in range(3))
+        for name, (ours, affine) in ops.items():
+            # Shears up to timm's 0.3 and beyond; shifts of a fraction of a pixel to past the image.
+            magnitude = rng.uniform(-0.45, 0.45) if name.startswith("shear") else rng.uniform(-1.2, 1.2) * img.width
+            for resample in (Image.Resampling.BILINEAR, Image.Resampling.BICUBIC):
+                want = img.transform(
+                    img.size, Image.Transform.AFFINE, affine(magnitude), resample=resample, fillcolor=fill
+                )
+                got = ours(img, magnitude, resample=resample, fillcolor=fill)
+                assert got.mode == "RGB" and got.size == img.size
+                assert got.tobytes() == want.tobytes(), (name, img.size, magnitude, resample)
+                checked += 1
+    assert checked == 320
+    # A whole-pixel translation and one that leaves nothing of the image.
+    img = photo(64, 48)
+    for shift in (3.0, -70.0, 64.0):
+        want = img.transform(
+            img.size, Image.Transform.AFFINE, (1, 0, shift, 0, 1, 0), resample=Image.Resampling.BICUBIC
+        )
+        got = fast_augment.translate_x_abs(img, shift, resample=Image.Resampling.BICUBIC, fillcolor=(0, 0, 0))
+        assert got.tobytes() == want.tobytes()
+
+
+def test_other_modes_and_filters_take_pillows_own_transform():
+    grey = photo(40, 30).convert("L")
+    bicubic = Image.Resampling.BICUBIC
+    want = grey.transform(grey.size, Image.Transform.AFFINE, (1, 0.2, 0, 0, 1, 0), resample=bicubic, fillcolor=128)
+    got = fast_augment.shear_x(grey, 0.2, resample=Image.Resampling.BICUBIC, fillcolor=128)
+    assert got.mode == "L" and got.tobytes() == want.tobytes()
+    rgb = photo(40, 30)
+    want = rgb.transform(rgb.size, Image.Transform.AFFINE, (1, 0, 4.5, 0, 1, 0), fillcolor=(1, 2, 3))
+    got = fast_augment.translate_x_abs(rgb, 4.5, resample=Image.Resampling.NEAREST, fillcolor=(1, 2, 3))
+    assert got.tobytes() == want.tobytes()
+
+
+@pytest.mark.parametrize("policy", ["rand-m9-mstd0.5-inc1", "original"])
+def test_the_fast_augment_copy_gives_timms_images_and_draws(policy):
+    # Same hparams as the recipe's train transform: fill with the mean, interpolation random.
+    fast_t = build_transform(True, cfg("AUG.AUTO_AUGMENT", policy, "AUG.REPROB", "0.0"))
+    augment = next(s for s in fast_t.reference.transforms if type(s).__name__ in ("RandAugment", "AutoAugment"))
+    fast = next(s for s in fast_t.steps if type(s) is type(augment))
+    assert fast is not augment
+    names = [op.name for op in fast_augment._ops(fast)]
+    assert names == [op.name for op in fast_augment._ops(augment)]
+    swapped = {op.name for op in fast_augment._ops(fast) if op.aug_fn in fast_augment.REPLACEMENTS.values()}
+    assert swapped and all(n.startswith(("Shear", "Translate")) for n in swapped)
+    assert not any(op.aug_fn in fast_augment.REPLACEMENTS.values() for op in fast_augment._ops(augment))
+    img = photo(224, 224, 3)
+    for seed in range(60):
+        with seeded_rngs(seed):
+            a = fast(img)
+            after_fast = generator_states()
+        with seeded_rngs(seed):
+            b = augment(img)
+            after_ref = generator_states()
+        assert a.tobytes() == b.tobytes() and after_fast == after_ref, seed
+    flip = transforms.RandomHorizontalFlip()
+    assert fast_augment.fast_augment_ops(flip) is flip  # anything else is left as it is
