@@ -110,7 +110,10 @@ def build_transform(is_train: bool, config: CfgNode) -> Callable:
                 raise RuntimeError(f"expected one RandomResizedCrop in timm's train transform, found {steps}")
             # pad_if_needed: inputs smaller than IMG_SIZE - 8 are padded instead of failing in a worker.
             steps[crops[0]] = transforms.RandomCrop(size, padding=4, pad_if_needed=True)
-        return FastTrainTransform(transform) if pipeline == "fast" else transform
+        if pipeline == "reference":
+            return transform
+        # The tensor shear / translate pay only where freed memory is kept (data/allocator.py).
+        return FastTrainTransform(transform, tensor_augment=bool(config.DATA.RETAIN_FREED_MEMORY))
 
     # Evaluation never picks at random; 'random' falls back to bilinear like the official release.
     mode = transforms.InterpolationMode(interpolation if interpolation != "random" else "bilinear")

@@ -22,11 +22,13 @@ the pixels are computed:
 * The decoded RGB image is used as it is; ``load_rgb``'s ``convert("RGB")`` copies it, and for a
   1000x750 JPEG that copy makes the C allocator hand out fresh pages on every image (about 1,000
   page faults per image here, half of a 10 ms decode). The same pixels either way.
+* RandAugment's (or AutoAugment's) shear and translate ops computed on tensors, bit-identical to
+  Pillow's (``data/fast_augment.py``), where the loader keeps freed memory.
 
-Flip, RandAugment / colour jitter and random erasing are timm's own objects, called as in the
-reference. Normalisation and erasing stay per sample: timm's erasing fills its rectangle with
-normal noise drawn from the sample's torch stream in normalised units, which a per-batch pass
-could only reproduce by shipping that noise along.
+Flip, RandAugment / colour jitter and random erasing are timm's own objects (RandAugment a copy
+with those four ops swapped), called as in the reference. Normalisation and erasing stay per
+sample: timm's erasing fills its rectangle with normal noise drawn from the sample's torch stream
+in normalised units, which a per-batch pass could only reproduce by shipping that noise along.
 
 ``RobustImageDataset`` calls ``decode_encoded`` inside its load guard (so a truncated JPEG is
 still unreadable at load time and substituted) and then the transform on the result;
@@ -235,16 +237,20 @@ class FastTrainTransform:
 
     Takes a decoded PIL image, an ``EncodedImage`` or what ``decode_encoded`` returned; returns
     what ``reference`` returns, a float tensor (3, H, W). ``transforms`` lists the reference's
-    steps (the ones reproduced).
+    steps (the ones reproduced). ``tensor_augment``: RandAugment's / AutoAugment's shear and
+    translate run ``data.fast_augment``'s tensor form (bit-identical), which is faster only where
+    the process keeps freed memory (``data/allocator.py``); else timm's Pillow calls.
     """
 
-    def __init__(self, reference: transforms.Compose) -> None:
+    def __init__(self, reference: transforms.Compose, tensor_augment: bool = True) -> None:
         self.reference = reference
         steps = list(reference.transforms)
         self.crop: FastResizedCrop | None = None
         if steps and isinstance(steps[0], RandomResizedCropAndInterpolation):
             self.crop = FastResizedCrop(steps.pop(0))
-        self.steps = [fast_augment_ops(step) for step in _fuse_to_tensor(steps)]
+        self.steps = _fuse_to_tensor(steps)
+        if tensor_augment:
+            self.steps = [fast_augment_ops(step) for step in self.steps]
 
     @property
     def transforms(self) -> list[Callable]:

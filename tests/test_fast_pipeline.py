@@ -491,3 +491,13 @@ def test_the_fast_augment_copy_gives_timms_images_and_draws(policy):
         assert a.tobytes() == b.tobytes() and after_fast == after_ref, seed
     flip = transforms.RandomHorizontalFlip()
     assert fast_augment.fast_augment_ops(flip) is flip  # anything else is left as it is
+
+
+def test_the_tensor_ops_follow_the_allocator_setting():
+    kept = build_transform(True, cfg())
+    default = build_transform(True, cfg("DATA.RETAIN_FREED_MEMORY", "False"))
+    augment = [s for s in kept.steps if type(s).__name__ == "RandAugment"][0]
+    plain = [s for s in default.steps if type(s).__name__ == "RandAugment"][0]
+    assert augment is not kept.reference.transforms[2] and plain is default.reference.transforms[2]
+    assert any(op.aug_fn is fast_augment.shear_x for op in augment.ops)
+    assert not any(op.aug_fn in fast_augment.REPLACEMENTS.values() for op in plain.ops)
