@@ -83,8 +83,12 @@ class OptimizerStep:
     ``backward(loss)`` adds one micro-batch's gradients (scaled for fp16, divided by
     ``TRAIN.ACCUMULATION_STEPS``); ``step(model, state)`` unscales, clips to ``TRAIN.CLIP_GRAD``
     and measures the global gradient norm, steps (or, for a non-finite norm under fp32/bf16,
-    skips and counts the step, stopping the run after ``TRAIN.MAX_NONFINITE_STEPS`` in a row;
-    fp16's scaler skips by itself), zeroes the gradients and advances the per-step schedule.
+    skips the step; fp16's scaler skips by itself), zeroes the gradients and advances the
+    per-step schedule. Nothing is read back to the host: a fused optimizer is told to skip on its
+    device (``found_inf``, torch's GradScaler protocol), and the finite flags wait until
+    ``settle(state)``, which the loop calls where it reads anyway (log lines, checkpoints, the
+    epoch's end) to count the skipped steps and stop the run after ``TRAIN.MAX_NONFINITE_STEPS``
+    in a row. Other optimizers read the flag before stepping (one host read per step).
     """
 
     def __init__(self, config, optimizer: torch.optim.Optimizer, lr_scheduler, scaler: torch.amp.GradScaler) -> None:
@@ -93,6 +97,8 @@ class OptimizerStep:
         self.clip = config.TRAIN.CLIP_GRAD
         self.max_nonfinite = int(config.TRAIN.MAX_NONFINITE_STEPS)
         self.output = config.OUTPUT
+        self.skips_on_device = bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+        self._unread: list[tuple[int, int, torch.Tensor]] = []  # (epoch, batch, finite) not yet read
 
     def is_update(self, batch_index: int) -> bool:
         """Whether the batch at ``batch_index`` (counted in the epoch) ends an accumulation window."""
@@ -104,31 +110,49 @@ class OptimizerStep:
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss / self.accum).backward()
 
-    def step(self, model: nn.Module, state: TrainState, batch_index: int) -> float | None:
-        """One optimizer step after batch ``batch_index``; the gradient norm before clipping, or
-        None when it was not finite."""
+    def step(self, model: nn.Module, state: TrainState, batch_index: int) -> torch.Tensor:
+        """One optimizer step after batch ``batch_index``; returns the gradient norm before
+        clipping, on its device (inf or nan when the step was skipped)."""
         scaler = self.scaler
         scaler.unscale_(self.optimizer)
         grad_norm = _grad_norm(model.parameters(), self.clip)
-        finite = bool(torch.isfinite(grad_norm))
-        if finite or scaler.is_enabled():
+        if scaler.is_enabled():
             # With fp16 the scaler itself skips an inf/nan step and lowers the scale.
             scaler.step(self.optimizer)
             scaler.update()
-            state.nonfinite_in_row = 0 if finite else state.nonfinite_in_row
         else:
-            self._skip(state, batch_index)
+            finite = torch.isfinite(grad_norm)
+            if self.skips_on_device:
+                _step_unless(self.optimizer, ~finite)
+            elif bool(finite):
+                self.optimizer.step()
+            self._unread.append((state.epoch, batch_index, finite))
         self.zero_grad()
         state.step += 1
         self.lr_scheduler.step_update(state.step)
-        return float(grad_norm) if finite else None
+        return grad_norm
 
-    def _skip(self, state: TrainState, batch_index: int) -> None:
+    def settle(self, state: TrainState) -> None:
+        """Read the finite flags of the steps since the last call (one host read) into ``state``:
+        a finite step ends a run of skipped ones; each skipped one is counted and logged, and the
+        ``TRAIN.MAX_NONFINITE_STEPS``-th in a row stops training."""
+        if not self._unread:
+            return
+        flags = torch.stack([finite for _, _, finite in self._unread]).tolist()
+        steps = [(epoch, batch) for epoch, batch, _ in self._unread]
+        self._unread.clear()
+        for (epoch, batch_index), finite in zip(steps, flags, strict=True):
+            if finite:
+                state.nonfinite_in_row = 0
+            else:
+                self._skip(state, epoch, batch_index)
+
+    def _skip(self, state: TrainState, epoch: int, batch_index: int) -> None:
         state.nonfinite_in_row += 1
         state.nonfinite_total += 1
         logger.warning(
             "non-finite loss/gradient at epoch %d step %d: update skipped (%d in a row)",
-            state.epoch,
+            epoch,
             batch_index,
             state.nonfinite_in_row,
         )
@@ -144,6 +168,44 @@ class OptimizerStep:
         if not self.scaler.is_enabled():
             return torch.ones(())
         return self.scaler._get_scale_async()
+
+
+def _step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
+    """``optimizer.step()`` unless the 0-dim bool tensor ``skip`` is true, decided on its device:
+    a fused optimizer reads ``found_inf`` as it does under torch's GradScaler (no loss scale here)."""
+    optimizer.grad_scale, optimizer.found_inf = None, skip.to(torch.float32)
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.grad_scale, optimizer.found_inf
+
+
+class FiniteMean:
+    """A running mean of the finite ones of scalar tensors, kept on their device until read
+    (the gradient norm of skipped steps is inf or nan); ``val`` is the last finite value."""
+
+    def __init__(self) -> None:
+        self._last: torch.Tensor | None = None
+        self._sum: torch.Tensor | None = None
+        self._count: torch.Tensor | None = None
+
+    def update(self, value: torch.Tensor) -> None:
+        value = value.detach().float()
+        finite = torch.isfinite(value)
+        kept = torch.where(finite, value, torch.zeros_like(value))
+        if self._sum is None:
+            self._last, self._sum, self._count = kept, kept, finite.float()
+        else:
+            self._last = torch.where(finite, value, self._last)
+            self._sum, self._count = self._sum + kept, self._count + finite.float()
+
+    @property
+    def val(self) -> float:
+        return float(self._last) if self._last is not None else 0.0
+
+    @property
+    def avg(self) -> float:
+        return float(self._sum / self._count.clamp(min=1)) if self._sum is not None else 0.0
 
 
 class DeviceMean:
@@ -178,7 +240,7 @@ class TrainMeters:
     """Running values of one epoch, logged every ``PRINT_FREQ`` batches."""
 
     loss: DeviceMean = field(default_factory=DeviceMean)
-    grad_norm: AverageMeter = field(default_factory=AverageMeter)
+    grad_norm: FiniteMean = field(default_factory=FiniteMean)
     loss_scale: DeviceMean = field(default_factory=DeviceMean)
     time: AverageMeter = field(default_factory=AverageMeter)  # a whole step, data included
     data: AverageMeter = field(default_factory=AverageMeter)  # waiting for the loader's batch
@@ -272,9 +334,7 @@ def train_one_epoch(
                 loss = outputs if criterion is None else criterion(outputs, targets)
             stepper.backward(loss)
         if is_update:
-            grad_norm = stepper.step(model, state, idx)
-            if grad_norm is not None:
-                meters.grad_norm.update(grad_norm)
+            meters.grad_norm.update(stepper.step(model, state, idx))
             meters.loss_scale.update(stepper.loss_scale())
         state.batch_in_epoch = idx + 1
         meters.loss.update(loss, targets.size(0))
@@ -284,17 +344,21 @@ def train_one_epoch(
         if is_update:
             periodic = bool(hooks.step_save_freq) and state.step % hooks.step_save_freq == 0
             if periodic:
+                stepper.settle(state)  # the checkpoint carries the skipped-step counts
                 hooks.save_step_checkpoint()
             if hooks.stop_requested():
                 if not periodic:  # the periodic save above already wrote this step; don't write it twice
+                    stepper.settle(state)
                     hooks.save_step_checkpoint()
                 raise StopTraining(f"stopped at epoch {state.epoch}, batch {idx + 1}/{num_steps}")
         if idx % config.PRINT_FREQ == 0 or idx == num_steps - 1:
+            stepper.settle(state)
             global_batch = targets.size(0) * env.world_size
             meters.log(config, optimizer, state.epoch, idx, num_steps, global_batch, env)
             if writer is not None:
                 meters.write(writer, optimizer, state.step, global_batch)
 
+    stepper.settle(state)
     replaced_count = _note_replaced(dataset, state)
     corrupt_total = int(all_reduce_sum(torch.tensor([float(replaced_count)], device=env.device)).item())
     if corrupt_total:

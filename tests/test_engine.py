@@ -16,7 +16,7 @@ from conftest import ROOT
 from config import get_config
 from data import build_loader
 from distributed import DistEnv, make_grad_scaler
-from engine import StepHooks, TrainState, eval_summary, evaluate, train_one_epoch
+from engine import OptimizerStep, StepHooks, TrainState, _grad_norm, eval_summary, evaluate, train_one_epoch
 from errors import UserError
 from lr_scheduler import build_scheduler
 from models import build_model
@@ -382,3 +382,49 @@ def test_correct_in_top_counts_rows_whose_target_is_among_the_k_largest_logits()
     # Row 0 top-1; row 1's target is second; row 2's is last; row 3's is last.
     assert (int(top1), int(top2), int(top3)) == (1, 2, 4)
     assert top1.device == output.device and top1.dtype == torch.int64
+
+
+@pytest.mark.parametrize("impl", ["fused", "foreach"])
+def test_a_skipped_step_leaves_no_trace_and_is_counted_when_the_epoch_ends(impl):
+    # fused: the skip is decided on the optimizer's device (found_inf); foreach: on the host.
+    opts = ["TRAIN.OPTIMIZER.IMPL", impl]
+    config, model, optimizer, scheduler, scaler = _setup(opts)
+    batches = _batches(4)
+    _, state = _epoch(config, model, optimizer, scheduler, scaler, batches, criterion=_NanOn({1, 2}))
+    assert state.step == 4 and state.nonfinite_total == 2 and state.nonfinite_in_row == 0
+    # The same run by hand without batches 1 and 2 (the schedule still advances): equal weights, so
+    # a skipped step updated no moment, step count or weight decay.
+    config, ref, ref_opt, ref_sched, _ = _setup(opts)
+    ref.train()
+    for i, (images, targets) in enumerate(batches):
+        if i not in (1, 2):
+            nn.functional.cross_entropy(ref(images), targets).backward()
+            _grad_norm(ref.parameters(), config.TRAIN.CLIP_GRAD)
+            ref_opt.step()
+            ref_opt.zero_grad(set_to_none=True)
+        ref_sched.step_update(i + 1)
+    for (name, a), b in zip(model.state_dict().items(), ref.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert {int(s["step"]) for s in optimizer.state.values()} == {2}
+
+
+def test_with_a_fused_optimizer_a_step_reads_nothing_back_to_the_host(monkeypatch):
+    config, model, optimizer, scheduler, scaler = _setup(["TRAIN.OPTIMIZER.IMPL", "fused"])
+    stepper = OptimizerStep(config, optimizer, scheduler, scaler)
+    assert stepper.skips_on_device
+    state = TrainState()
+
+    def no_host_read(*_):
+        raise AssertionError("a host read inside OptimizerStep.step")
+
+    for i, (images, targets) in enumerate(_batches(3)):
+        loss = nn.functional.cross_entropy(model(images), targets) * (float("nan") if i == 1 else 1.0)
+        stepper.backward(loss)
+        with monkeypatch.context() as m:
+            for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+                m.setattr(torch.Tensor, name, no_host_read)
+            norm = stepper.step(model, state, i)
+        assert bool(torch.isfinite(norm)) == (i != 1)
+    assert state.nonfinite_total == 0  # not read yet
+    stepper.settle(state)
+    assert state.nonfinite_total == 1 and state.nonfinite_in_row == 0 and state.step == 3
