@@ -61,9 +61,6 @@ _C.DATA.EPOCH_SAMPLES = 0
 _C.DATA.PIN_MEMORY = True
 # DataLoader worker processes per rank.
 _C.DATA.NUM_WORKERS = 8
-# Processes that transform images keep freed memory instead of returning it to the OS (glibc
-# mallopt; data/allocator.py): the workers, and the main process when NUM_WORKERS is 0.
-_C.DATA.RETAIN_FREED_MEMORY = True
 # SimMIM: side in pixels of the square patches masked together (a multiple of the model patch).
 _C.DATA.MASK_PATCH_SIZE = 32
 # SimMIM: fraction of mask patches masked in each image (rounded up).
@@ -310,6 +307,9 @@ _C.SAVE_KEEP = 3
 _C.PRINT_FREQ = 10
 # Random seed (each rank adds its rank).
 _C.SEED = 0
+# Keep freed memory instead of returning it to the OS (glibc mallopt; allocator.py): in the data
+# loader's workers (and the main process when DATA.NUM_WORKERS is 0), and in a CPU run's process.
+_C.RETAIN_FREED_MEMORY = True
 # Only evaluate and exit.
 _C.EVAL_MODE = False
 # Only measure throughput and exit.

@@ -22,10 +22,10 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from yacs.config import CfgNode
 
+from allocator import retain_freed_memory, retain_freed_memory_in_worker
 from config import is_pretraining
 from errors import UserError
 
-from .allocator import retain_freed_memory, retain_freed_memory_in_worker
 from .fast_transforms import PIPELINES, FastTrainTransform
 from .imagenet22k import NUM_CLASSES_22K, ImageNet22KList, annotation_file
 from .robust import RobustImageDataset, load_rgb
@@ -112,8 +112,8 @@ def build_transform(is_train: bool, config: CfgNode) -> Callable:
             steps[crops[0]] = transforms.RandomCrop(size, padding=4, pad_if_needed=True)
         if pipeline == "reference":
             return transform
-        # The tensor shear / translate pay only where freed memory is kept (data/allocator.py).
-        return FastTrainTransform(transform, tensor_augment=bool(config.DATA.RETAIN_FREED_MEMORY))
+        # The tensor shear / translate pay only where freed memory is kept (allocator.py).
+        return FastTrainTransform(transform, tensor_augment=bool(config.RETAIN_FREED_MEMORY))
 
     # Evaluation never picks at random; 'random' falls back to bilinear like the official release.
     mode = transforms.InterpolationMode(interpolation if interpolation != "random" else "bilinear")
@@ -490,7 +490,7 @@ def build_loader(
         pin_memory=pin,
         persistent_workers=num_workers > 0,
     )
-    if config.DATA.RETAIN_FREED_MEMORY:
+    if config.RETAIN_FREED_MEMORY:
         if num_workers > 0:
             common["worker_init_fn"] = retain_freed_memory_in_worker
         else:

@@ -239,7 +239,7 @@ class FastTrainTransform:
     what ``reference`` returns, a float tensor (3, H, W). ``transforms`` lists the reference's
     steps (the ones reproduced). ``tensor_augment``: RandAugment's / AutoAugment's shear and
     translate run ``data.fast_augment``'s tensor form (bit-identical), which is faster only where
-    the process keeps freed memory (``data/allocator.py``); else timm's Pillow calls.
+    the process keeps freed memory (``allocator.py``); else timm's Pillow calls.
     """
 
     def __init__(self, reference: transforms.Compose, tensor_augment: bool = True) -> None:

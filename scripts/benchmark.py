@@ -55,7 +55,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import ctypes
 import json
 import os
 import platform
@@ -73,6 +72,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from allocator import retain_freed_memory  # noqa: E402
 from config import get_config, model_section  # noqa: E402
 from distributed import cpu_has_fast_bf16, synchronize  # noqa: E402
 from inference import FrozenCompiled  # noqa: E402
@@ -374,21 +374,6 @@ def train_step(model, optimizer, x, y, amp: torch.dtype | None) -> Callable[[], 
     return step
 
 
-def keep_freed_memory() -> bool:
-    """glibc only: serve large blocks from the heap and never trim it (``mallopt``).
-
-    By default glibc maps every block above 32 MiB (Swin-T stage 1 at batch 16: qkv, fc1, GELU
-    outputs and their gradients) with ``mmap`` and unmaps it on free, so each use page-faults its
-    memory in again (expensive in a VM). Applies to both models of this process alike.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
-
-
 MODES = ("eager", "compiled", "blocks", "frozen")
 
 
@@ -636,7 +621,7 @@ def main(argv=None) -> dict:
         return sharded_memory(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    malloc_kept = keep_freed_memory() if args.malloc == "keep" else False
+    malloc_kept = retain_freed_memory(large_blocks=True) if args.malloc == "keep" else False
     if args.malloc == "keep" and not malloc_kept:
         print("--malloc keep: mallopt unavailable (not glibc?); default allocator behaviour")
     if args.device == "cuda" and not torch.cuda.is_available():

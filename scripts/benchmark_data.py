@@ -23,7 +23,7 @@ photographs (china.jpg and flower.jpg, 640x427), then the same images as the zip
   (max(1, workers)).
 
 Both pipelines run under the allocator setting the loader gives its processes
-(``DATA.RETAIN_FREED_MEMORY``, on by default: glibc keeps freed memory); ``--glibc-defaults``
+(``RETAIN_FREED_MEMORY``, on by default: glibc keeps freed memory); ``--glibc-defaults``
 measures both with glibc's defaults instead.
 
 The goal of issue #15 is 2x the released stack's images/s per core at the same recipe; the script
@@ -52,8 +52,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from allocator import retain_freed_memory  # noqa: E402
 from config import default_config  # noqa: E402
-from data.allocator import retain_freed_memory  # noqa: E402
 from data.build import build_loader, build_transform  # noqa: E402
 from data.fast_transforms import DecodedCrop, FastTrainTransform  # noqa: E402
 from data.robust import load_encoded, load_rgb  # noqa: E402
@@ -180,7 +180,7 @@ def image_paths(split_dir: str) -> list[str]:
 # -----------------------------------------------------------------------------
 # Transforms, one thread
 # -----------------------------------------------------------------------------
-# Whether processes keep freed memory (DATA.RETAIN_FREED_MEMORY); --glibc-defaults turns it off.
+# Whether processes keep freed memory (RETAIN_FREED_MEMORY); --glibc-defaults turns it off.
 RETAIN = {"on": True}
 
 
@@ -188,7 +188,7 @@ def make_config(data_path: str = "", fmt: str = "folder", pipeline: str = "fast"
     """The recipe's defaults (224, RandAugment rand-m9-mstd0.5-inc1, erasing 0.25) with these data keys."""
     config = default_config()
     config.defrost()
-    config.DATA.RETAIN_FREED_MEMORY = RETAIN["on"]
+    config.RETAIN_FREED_MEMORY = RETAIN["on"]
     config.DATA.DATA_PATH = data_path
     config.DATA.FORMAT = fmt
     config.DATA.ZIP_MODE = fmt == "zip"
@@ -416,7 +416,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--glibc-defaults",
         action="store_true",
-        help="leave glibc's allocator as it starts (DATA.RETAIN_FREED_MEMORY False) for both pipelines",
+        help="leave glibc's allocator as it starts (RETAIN_FREED_MEMORY False) for both pipelines",
     )
     args = p.parse_args(argv)
     if args.images < 4 or args.rounds < 1 or args.batch_size < 1 or args.batches < 0:
@@ -435,7 +435,7 @@ def run(args: argparse.Namespace, out_dir: str) -> dict[str, Any]:
     # Both pipelines run in this process, under the setting the loader gives its transforms.
     machine["freed_memory_retained"] = RETAIN["on"] and retain_freed_memory()
     print(machine_line(machine), flush=True)
-    retained = "freed memory retained (DATA.RETAIN_FREED_MEMORY)"
+    retained = "freed memory retained (RETAIN_FREED_MEMORY)"
     print(f"allocator: {retained if machine['freed_memory_retained'] else 'glibc defaults'}", flush=True)
     results: dict[str, Any] = {
         "machine": machine,

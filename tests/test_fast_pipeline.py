@@ -495,7 +495,7 @@ def test_the_fast_augment_copy_gives_timms_images_and_draws(policy):
 
 def test_the_tensor_ops_follow_the_allocator_setting():
     kept = build_transform(True, cfg())
-    default = build_transform(True, cfg("DATA.RETAIN_FREED_MEMORY", "False"))
+    default = build_transform(True, cfg("RETAIN_FREED_MEMORY", "False"))
     augment = [s for s in kept.steps if type(s).__name__ == "RandAugment"][0]
     plain = [s for s in default.steps if type(s).__name__ == "RandAugment"][0]
     assert augment is not kept.reference.transforms[2] and plain is default.reference.transforms[2]
