@@ -5,8 +5,9 @@ image: decode, resize, augment, 0.1-3 MB each; a CPU training step: activations 
 tens of MB each) pays, under glibc's defaults, a page fault for every 4 KiB page of each one,
 every time: glibc maps blocks above its mmap threshold with ``mmap`` and unmaps them on free, and
 returns the free top of the heap to the OS past its trim threshold. In this VM that made torch's
-resize and RandAugment's tensor shifts 20-50 % slower (1,100 faults per image), and a Swin-T
-fp32 training step on the CPU 7 % slower (README, "Performance").
+resize and RandAugment's tensor shifts 20-50 % slower (1,100 faults per image). For a CPU
+training process (``scripts/benchmark.py --malloc keep``) the effect was within this VM's noise
+(README, "Performance"), so the trainer applies it to its loader processes only.
 
 ``retain_freed_memory`` changes this process's thresholds with ``mallopt``: blocks up to 32 MiB
 come from the heap and up to 256 MiB of free heap is kept (what ``MALLOC_MMAP_THRESHOLD_=33554432
@@ -46,7 +47,8 @@ def retain_freed_memory(large_blocks: bool = False) -> bool:
     """Raise this process's glibc mmap and trim thresholds; False where there is no glibc mallopt.
 
     ``large_blocks``: also serve blocks over 32 MiB from the heap and never trim it, for a
-    process whose own tensors are that large (a model's activations on the CPU).
+    process whose own tensors are that large (a model's activations on the CPU; the benchmark's
+    ``--malloc keep``).
     """
     mallopt = _glibc_mallopt()
     if mallopt is None:

@@ -17,7 +17,6 @@ import time
 import torch.nn as nn
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-from allocator import retain_freed_memory
 from checkpoint import (
     capture_rng_state,
     config_yaml,
@@ -342,9 +341,6 @@ def run(args: argparse.Namespace) -> dict | None:
     # Mixed precision is decided here, once, and handed to every loop.
     precision = Precision.decide(env.device, config.AMP_ENABLE, config.AMP_DTYPE)
     logger.info("device %s, world size %d, precision %s", env.device, env.world_size, precision.description)
-    if env.device.type == "cpu" and config.RETAIN_FREED_MEMORY and retain_freed_memory(large_blocks=True):
-        # The CPU step's activations and gradients (tens of MB) are otherwise unmapped and faulted in again.
-        logger.info("allocator: freed memory kept for reuse (RETAIN_FREED_MEMORY)")
     if config.THROUGHPUT_MODE and not config.EVAL_MODE:
         return {"images_per_s": run_throughput(config, env, logger, precision)}
 

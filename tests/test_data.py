@@ -686,9 +686,9 @@ def test_retaining_freed_memory_stops_the_page_faults_of_per_image_buffers():
     assert counts["retain"] * 10 < counts["defaults"], counts
 
 
-def test_a_cpu_run_keeps_even_blocks_over_32_mib():
+def test_large_blocks_mode_also_keeps_blocks_over_32_mib():
     # A CPU training step's activations exceed glibc's largest mmap threshold (32 MiB): only
-    # large_blocks (what main.py sets on a CPU run) stops their faults.
+    # large_blocks (benchmark.py --malloc keep) keeps them.
     script = (
         "import resource, sys, torch\n"
         "from allocator import retain_freed_memory\n"
