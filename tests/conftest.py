@@ -11,7 +11,12 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAIN = os.path.join(ROOT, "main.py")
 DEMO_CFG = os.path.join(ROOT, "configs", "demo", "swin_demo_digits.yaml")
+# Child processes: one intra-op thread each (ranks side by side on 2 cores, the same kernels in
+# every run) and unbuffered output.
+SUBPROCESS_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 # A tiny, deterministic run of the demo config (embed 16, 32x32, one epoch, fp32, no loader
 # workers, no colour jitter or drop path), for the tests that run main.py end to end.
@@ -20,6 +25,27 @@ TINY_RUN_OPTS = [
     *("MODEL.SWIN.DEPTHS", "[2,2,2,2]", "DATA.NUM_WORKERS", "0", "TRAIN.EPOCHS", "1", "TRAIN.WARMUP_EPOCHS", "0"),
     *("AUG.COLOR_JITTER", "0.0", "MODEL.DROP_PATH_RATE", "0.0", "AMP_ENABLE", "False"),
 ]
+
+
+def subprocess_env() -> dict:
+    """This environment plus ``SUBPROCESS_ENV``, without an outer launcher's variables: a child
+    main.py must never join the process group of a torchrun that runs the tests."""
+    env = {**os.environ, **SUBPROCESS_ENV}
+    for key in LAUNCHER_VARIABLES:
+        env.pop(key, None)
+    return env
+
+
+def demo_args(
+    data: str, output, *extra: str, tag: str | None = None, batch: int = 16, opts: tuple | list = ()
+) -> list[str]:
+    """main.py's arguments for a tiny CPU run of the demo config: ``extra`` options, then
+    ``--opts`` with ``TINY_RUN_OPTS`` and ``opts`` (later keys win)."""
+    tagged = ["--tag", tag] if tag else []
+    return [
+        *("--cfg", DEMO_CFG, "--data-path", data, "--output", str(output), *tagged),
+        *("--batch-size", str(batch), "--device", "cpu", *extra, "--opts", *TINY_RUN_OPTS, *opts),
+    ]
 
 
 @pytest.fixture(scope="session")

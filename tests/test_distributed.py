@@ -22,20 +22,10 @@ DEMO_CFG = str(ROOT / "configs" / "demo" / "swin_demo_digits.yaml")
 DEMO_BASE_LR = float(__import__("yaml").safe_load(open(DEMO_CFG))["TRAIN"]["BASE_LR"])
 
 # Tiny, deterministic variant of the demo model (augmentation is off in the demo config already).
-from conftest import TINY_RUN_OPTS
+from conftest import TINY_RUN_OPTS, subprocess_env
 
 TINY_OPTS = TINY_RUN_OPTS
-# One thread per process: 2 ranks on 2 cores, and identical kernels in every run.
-SUBPROCESS_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 ACC_LINE = re.compile(r" \* Acc@1 ([\d.]+) Acc@5 ([\d.]+) loss ([\d.]+) images (\d+)")
-
-
-def _env() -> dict:
-    env = {**os.environ, **SUBPROCESS_ENV}
-    # A launcher's variables from an outer torchrun would make main.py join the wrong group.
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
 
 
 # --------------------------------------------------------------------------- DDP == big batch
@@ -152,7 +142,9 @@ def test_two_gloo_ranks_with_batch_b_train_the_same_weights_as_one_process_with_
             accums=accums,
         )
     )
-    proc = subprocess.run([sys.executable, str(script)], env=_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(script)], env=subprocess_env(), capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     half = torch.load(tmp_path / "half.pt", weights_only=True)
@@ -238,7 +230,7 @@ def test_eval_on_two_gloo_ranks_reports_what_one_process_reports_for_an_odd_val_
     # The one-process reference runs alongside the torchrun launch (both mostly start up).
     single = subprocess.Popen(
         [sys.executable, *common, "--output", str(tmp_path / "one")],
-        env=_env(),
+        env=subprocess_env(),
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -248,7 +240,7 @@ def test_eval_on_two_gloo_ranks_reports_what_one_process_reports_for_an_odd_val_
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
         multi = subprocess.run(
             [*launcher, *common, "--output", str(tmp_path / "two")],
-            env=_env(),
+            env=subprocess_env(),
             cwd=ROOT,
             capture_output=True,
             text=True,
@@ -319,7 +311,7 @@ def test_two_gloo_ranks_exclude_and_name_unreadable_val_images_as_one_process_do
             "--opts",
             *TINY_OPTS,
         ],
-        env=_env(),
+        env=subprocess_env(),
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

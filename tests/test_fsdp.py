@@ -31,18 +31,9 @@ DEMO_CFG = str(ROOT / "configs" / "demo" / "swin_demo_digits.yaml")
 V2_DEMO_CFG = str(ROOT / "configs" / "demo" / "swinv2_demo_digits.yaml")
 MODEL_NAME = "swin_demo_digits"
 
-from conftest import TINY_RUN_OPTS
+from conftest import MAIN, TINY_RUN_OPTS, demo_args, subprocess_env
 
 TINY_OPTS_V2 = [o.replace("MODEL.SWIN.", "MODEL.SWINV2.") for o in TINY_RUN_OPTS]
-# One intra-op thread per process: 2 ranks on 2 cores, the same kernels in every run.
-ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def _env() -> dict:
-    env = {**os.environ, **ENV}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)  # never join an outer launcher's process group
-    return env
 
 
 def _max_diff(a: dict, b: dict) -> float:
@@ -237,7 +228,9 @@ def fsdp_runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fsdp")
     script = out / "worker.py"
     script.write_text(WORKER.format(root=str(ROOT), out=str(out), steps=4, global_batch=8, save_at=2, cases=CASES))
-    proc = subprocess.run([sys.executable, str(script)], env=_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(script)], env=subprocess_env(), capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
 
@@ -287,28 +280,11 @@ def test_a_checkpoint_of_two_sharded_ranks_resumes_in_one_process_to_the_uninter
 # --------------------------------------------------------------------------- main.py end to end
 
 BATCH = 16  # 80 train images: 5 optimizer steps per epoch (2 ranks x 8, or 1 x 16)
-RUN_OPTS = [*TINY_RUN_OPTS, "TRAIN.EPOCHS", "2", "TRAIN.STEP_SAVE_FREQ", "2", "PRINT_FREQ", "1"]
+RUN_OPTS = ["TRAIN.EPOCHS", "2", "TRAIN.STEP_SAVE_FREQ", "2", "PRINT_FREQ", "1"]  # after TINY_RUN_OPTS
 
 
 def _main_cmd(data: str, output: Path, tag: str, batch: int, *extra: str) -> list[str]:
-    return [
-        str(ROOT / "main.py"),
-        "--cfg",
-        DEMO_CFG,
-        "--data-path",
-        data,
-        "--output",
-        str(output),
-        "--tag",
-        tag,
-        "--batch-size",
-        str(batch),
-        "--device",
-        "cpu",
-        *extra,
-        "--opts",
-        *RUN_OPTS,
-    ]
+    return [MAIN, *demo_args(data, output, *extra, tag=tag, batch=batch, opts=RUN_OPTS)]
 
 
 def _launch_two_ranks(cmd: list[str], marker: str, timeout: float = 120) -> tuple[list[subprocess.Popen], list[str]]:
@@ -320,7 +296,7 @@ def _launch_two_ranks(cmd: list[str], marker: str, timeout: float = 120) -> tupl
         port = s.getsockname()[1]
     procs = []
     for rank in (0, 1):
-        env = {**_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"}
+        env = {**subprocess_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"}
         env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         out = subprocess.PIPE if rank == 0 else subprocess.DEVNULL
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True))
@@ -349,7 +325,7 @@ def test_sigkilled_two_rank_fsdp_run_resumes_in_one_process_to_the_uninterrupted
     reference = subprocess.Popen(
         [sys.executable, *_main_cmd(small_data, tmp_path, "reference", BATCH)],
         cwd=ROOT,
-        env=_env(),
+        env=subprocess_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -374,7 +350,7 @@ def test_sigkilled_two_rank_fsdp_run_resumes_in_one_process_to_the_uninterrupted
         resumed = subprocess.run(
             [sys.executable, *_main_cmd(small_data, tmp_path, "victim", BATCH, "--fsdp")],
             cwd=ROOT,
-            env=_env(),
+            env=subprocess_env(),
             capture_output=True,
             text=True,
             timeout=180,
@@ -407,7 +383,7 @@ def test_sigkilled_two_rank_fsdp_run_resumes_in_one_process_to_the_uninterrupted
     export = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "export.py"), str(run_dir / "ckpt_epoch_1.dcp"), "--out", str(out)],
         cwd=ROOT,
-        env=_env(),
+        env=subprocess_env(),
         capture_output=True,
         text=True,
         timeout=60,

@@ -16,43 +16,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DEMO_CFG, MAIN, TINY_RUN_OPTS, demo_args, subprocess_env
 
 import main as main_module
 
 ROOT = Path(__file__).resolve().parents[1]
-MAIN = str(ROOT / "main.py")
-DEMO_CFG = str(ROOT / "configs" / "demo" / "swin_demo_digits.yaml")
-from conftest import TINY_RUN_OPTS
-
 TINY_OPTS = TINY_RUN_OPTS
-ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 ACC_LINE = re.compile(r" \* Acc@1 ([\d.]+) Acc@5 ([\d.]+) loss ([\d.]+) images (\d+)")
 
 
-def _args(data: str, output: Path, *extra: str, opts: tuple[str, ...] = ()) -> list[str]:
-    return [
-        "--cfg",
-        DEMO_CFG,
-        "--data-path",
-        data,
-        "--output",
-        str(output),
-        "--device",
-        "cpu",
-        "--batch-size",
-        "16",
-        *extra,
-        "--opts",
-        *TINY_OPTS,
-        *opts,
-    ]
-
-
 def _subprocess(args: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, **ENV}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return subprocess.run([sys.executable, MAIN, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, MAIN, *args], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300
+    )
 
 
 def _in_process(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
@@ -87,7 +63,7 @@ def _checkpoint_of(tmp_path: Path, name: str, opts: list[str]) -> Path:
 def test_train_then_eval_resume_reports_the_same_accuracy_and_throughput_reports_images_per_s(
     small_data: str, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    train = _subprocess(_args(small_data, tmp_path, "--tag", "cli"))
+    train = _subprocess(demo_args(small_data, tmp_path, "--tag", "cli"))
     assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
     run_dir = tmp_path / "swin_demo_digits" / "cli"
     assert "Train: [0/1][4/5]" in train.stdout and (run_dir / "last.pth").is_file()
@@ -95,7 +71,7 @@ def test_train_then_eval_resume_reports_the_same_accuracy_and_throughput_reports
     trained = ACC_LINE.findall(train.stdout)[-1]
 
     evaluated = _subprocess(
-        _args(small_data, tmp_path, "--tag", "cli-eval", "--eval", "--resume", str(run_dir / "last.pth"))
+        demo_args(small_data, tmp_path, "--tag", "cli-eval", "--eval", "--resume", str(run_dir / "last.pth"))
     )
     assert evaluated.returncode == 0, evaluated.stdout[-3000:] + evaluated.stderr[-3000:]
     assert "Train:" not in evaluated.stdout and evaluated.stderr == ""  # --eval only evaluates
@@ -106,7 +82,7 @@ def test_train_then_eval_resume_reports_the_same_accuracy_and_throughput_reports
     assert found[0] == trained  # the same weights give the same numbers
     assert f"Accuracy of the network on the 15 test images: {float(acc1):.2f}%" in evaluated.stdout
 
-    code, out, err = _in_process(_args(small_data, tmp_path, "--tag", "cli-tp", "--throughput"), capsys)
+    code, out, err = _in_process(demo_args(small_data, tmp_path, "--tag", "cli-tp", "--throughput"), capsys)
     assert code == 0, err
     assert re.search(
         r"throughput: [\d.]+ images/s \(batch 16, 32x32, float32, device cpu, \d+ timed iterations\)", out
@@ -161,11 +137,11 @@ def _bad_yaml(tmp: Path) -> Path:
 # case -> (data path, tmp) -> (argv, text the error line must contain)
 USER_ERRORS = {
     "missing-data-path": lambda data, tmp: (
-        _args(str(tmp / "nope"), tmp),
+        demo_args(str(tmp / "nope"), tmp),
         f"--data-path {tmp / 'nope'} does not exist",
     ),
     "train-val-class-mismatch": lambda data, tmp: (
-        _args(_class_mismatch(data, tmp), tmp),
+        demo_args(_class_mismatch(data, tmp), tmp),
         "have different class folders (only in val/: extra)",
     ),
     "unknown-yaml-key": lambda data, tmp: (
@@ -173,19 +149,19 @@ USER_ERRORS = {
         f"unknown config key TRAIN.EPOCH in {tmp / 'bad.yaml'}; did you mean TRAIN.EPOCHS?",
     ),
     "wrong-value-type": lambda data, tmp: (
-        _args(data, tmp, opts=("TRAIN.EPOCHS", "abc")),
+        demo_args(data, tmp, opts=("TRAIN.EPOCHS", "abc")),
         "wrong value type for TRAIN.EPOCHS in --opts",
     ),
     "image-smaller-than-a-patch": lambda data, tmp: (
-        _args(data, tmp, opts=("DATA.IMG_SIZE", "2", "MODEL.SWIN.PATCH_SIZE", "4")),
+        demo_args(data, tmp, opts=("DATA.IMG_SIZE", "2", "MODEL.SWIN.PATCH_SIZE", "4")),
         "DATA.IMG_SIZE 2 is smaller than one 4x4 patch",
     ),
     "batch-size-0": lambda data, tmp: (
-        _args(data, tmp, "--batch-size", "0"),
+        demo_args(data, tmp, "--batch-size", "0"),
         "DATA.BATCH_SIZE is 0; use a positive --batch-size",
     ),
     "batch-larger-than-train-set": lambda data, tmp: (
-        _args(data, tmp, "--batch-size", "81"),
+        demo_args(data, tmp, "--batch-size", "81"),
         "DATA.BATCH_SIZE 81 is larger than the 80 training images per process",
     ),
 }
@@ -207,7 +183,7 @@ def test_output_folder_that_cannot_be_written_is_a_user_error(
     # A folder below a regular file cannot be created, not even by root.
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    code, _out, err = _in_process(_args(small_data, blocker / "sub"), capsys)
+    code, _out, err = _in_process(demo_args(small_data, blocker / "sub"), capsys)
     assert code == 2
     assert f"cannot write to output folder {blocker / 'sub'}" in _one_error_line(err)
 
@@ -220,7 +196,7 @@ def test_read_only_output_folder_is_a_user_error(
     locked.mkdir()
     locked.chmod(0o500)
     try:
-        code, _out, err = _in_process(_args(small_data, locked), capsys)
+        code, _out, err = _in_process(demo_args(small_data, locked), capsys)
     finally:
         locked.chmod(0o700)
     assert code == 2
@@ -250,7 +226,7 @@ def test_resume_from_a_checkpoint_of_another_architecture_is_refused_listing_the
     small_data: str, tmp_path: Path, capsys: pytest.CaptureFixture, opts: list[str], expected: str
 ) -> None:
     other = _checkpoint_of(tmp_path, "other.pth", opts)
-    code, _out, err = _in_process(_args(small_data, tmp_path, "--eval", "--resume", str(other)), capsys)
+    code, _out, err = _in_process(demo_args(small_data, tmp_path, "--eval", "--resume", str(other)), capsys)
     assert code == 2
     line = _one_error_line(err)
     assert re.search(expected, line), line
@@ -261,7 +237,7 @@ def test_resume_from_a_shallower_architecture_is_refused_naming_the_missing_weig
     small_data: str, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     shallow = _checkpoint_of(tmp_path, "shallow.pth", ["MODEL.SWIN.DEPTHS", "[2,2,1,2]"])
-    code, _out, err = _in_process(_args(small_data, tmp_path, "--eval", "--resume", str(shallow)), capsys)
+    code, _out, err = _in_process(demo_args(small_data, tmp_path, "--eval", "--resume", str(shallow)), capsys)
     assert code == 2
     line = _one_error_line(err)
     assert "lacks" in line and "layers.2.blocks.1." in line
@@ -284,7 +260,7 @@ def test_malicious_pickle_passed_to_resume_is_refused_without_running_it(
     evil = tmp_path / "evil.pth"
     torch.save({"model": _Payload(str(marker)), "epoch": 0}, evil)
 
-    code, _out, err = _in_process(_args(small_data, tmp_path, "--resume", str(evil)), capsys)
+    code, _out, err = _in_process(demo_args(small_data, tmp_path, "--resume", str(evil)), capsys)
     assert code == 2
     assert f"refusing to load {evil}: it holds pickled Python objects" in _one_error_line(err)
     assert not marker.exists()
@@ -301,7 +277,9 @@ def test_best_checkpoint_holds_the_best_epoch_even_between_save_freq_boundaries(
     import torch
 
     run = _subprocess(
-        _args(small_data, tmp_path, "--tag", "best", opts=("TRAIN.EPOCHS", "4", "SAVE_FREQ", "100", "SAVE_KEEP", "0"))
+        demo_args(
+            small_data, tmp_path, "--tag", "best", opts=("TRAIN.EPOCHS", "4", "SAVE_FREQ", "100", "SAVE_KEEP", "0")
+        )
     )
     assert run.returncode == 0, run.stderr[-2000:]
     accs = [float(m.group(1)) for m in ACC_LINE.finditer(run.stdout + run.stderr)]
@@ -332,11 +310,11 @@ def test_compile_scope_trains_through_main_and_ends_with_the_eager_weights(
 
     torch._dynamo.reset()
     eager_opts = ("AMP_ENABLE", "False")
-    code, out, err = _in_process(_args(small_data, tmp_path, "--tag", "eager", opts=eager_opts), capsys)
+    code, out, err = _in_process(demo_args(small_data, tmp_path, "--tag", "eager", opts=eager_opts), capsys)
     assert code == 0, err[-3000:]
     compiled_opts = (*eager_opts, "TRAIN.COMPILE", "True", "TRAIN.COMPILE_SCOPE", scope)
     compiled_opts += ("TRAIN.COMPILE_BACKEND", "aot_eager")
-    code, out, err = _in_process(_args(small_data, tmp_path, "--tag", "compiled", opts=compiled_opts), capsys)
+    code, out, err = _in_process(demo_args(small_data, tmp_path, "--tag", "compiled", opts=compiled_opts), capsys)
     assert code == 0, err[-3000:]
     assert "Train: [0/1][4/5]" in out + err
     torch._dynamo.reset()
@@ -370,7 +348,7 @@ def test_help_names_the_program_groups_the_options_and_shows_defaults_and_exampl
 def test_a_finished_run_says_so_modes_keep_their_own_config_and_the_log_states_precision(
     small_data: str, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    code, out, err = _in_process(_args(small_data, tmp_path, "--tag", "done"), capsys)
+    code, out, err = _in_process(demo_args(small_data, tmp_path, "--tag", "done"), capsys)
     assert code == 0, err[-3000:]
     log = out + err
     assert "device cpu, world size 1, precision float32 (AMP_ENABLE False)" in log
@@ -378,7 +356,7 @@ def test_a_finished_run_says_so_modes_keep_their_own_config_and_the_log_states_p
     assert re.search(r"Train: \[0/1\]\[4/5\]\teta 0:00:00 \(run 0:00:00\) lr", log)
 
     # Run again: nothing to train, and it says how to continue.
-    code, out, err = _in_process(_args(small_data, tmp_path, "--tag", "done"), capsys)
+    code, out, err = _in_process(demo_args(small_data, tmp_path, "--tag", "done"), capsys)
     assert code == 0, err[-3000:]
     log = out + err
     assert "this run is complete (1 of 1 epochs" in log and "--opts TRAIN.EPOCHS N (N > 1)" in log
@@ -386,7 +364,7 @@ def test_a_finished_run_says_so_modes_keep_their_own_config_and_the_log_states_p
 
     run_dir = tmp_path / "swin_demo_digits" / "done"
     code, out, err = _in_process(
-        _args(small_data, tmp_path, "--tag", "done", "--eval", "--resume", str(run_dir / "last.pth")), capsys
+        demo_args(small_data, tmp_path, "--tag", "done", "--eval", "--resume", str(run_dir / "last.pth")), capsys
     )
     assert code == 0, err[-3000:]
     import yaml
@@ -402,7 +380,7 @@ def test_unreadable_checkpoints_are_one_line_in_user_terms(
 ) -> None:
     path = tmp_path / "mine.pth"
     path.write_bytes(content)
-    code, out, err = _in_process(_args(small_data, tmp_path, "--eval", "--resume", str(path)), capsys)
+    code, out, err = _in_process(demo_args(small_data, tmp_path, "--eval", "--resume", str(path)), capsys)
     line = _one_error_line(err)
     assert code == 2 and line.startswith(f"error: cannot read checkpoint {path}: the file ")
     assert ("is empty" in line) == (content == b"")

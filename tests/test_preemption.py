@@ -17,51 +17,20 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import DEMO_CFG, MAIN, TINY_RUN_OPTS, demo_args, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
-MAIN = str(ROOT / "main.py")
-DEMO_CFG = str(ROOT / "configs" / "demo" / "swin_demo_digits.yaml")
 MODEL_NAME = "swin_demo_digits"
 BATCH = 16  # 80 train images -> 5 optimizer steps per epoch
-
-from conftest import TINY_RUN_OPTS
-
 TINY_OPTS = [*TINY_RUN_OPTS, "TRAIN.EPOCHS", "2"]  # later keys win
-# One intra-op thread: runs side by side on 2 cores, and the same kernels in every run.
-ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def _env() -> dict:
-    env = {**os.environ, **ENV}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)  # never join an outer launcher's process group
-    return env
 
 
 def _cmd(data: str, output: Path, tag: str, *opts: str) -> list[str]:
-    return [
-        sys.executable,
-        MAIN,
-        "--cfg",
-        DEMO_CFG,
-        "--data-path",
-        data,
-        "--output",
-        str(output),
-        "--tag",
-        tag,
-        "--batch-size",
-        str(BATCH),
-        "--device",
-        "cpu",
-        "--opts",
-        *TINY_OPTS,
-        *opts,
-    ]
+    return [sys.executable, MAIN, *demo_args(data, output, tag=tag, batch=BATCH, opts=("TRAIN.EPOCHS", "2", *opts))]
 
 
 def _run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc
 
@@ -78,7 +47,9 @@ def _max_diff(a: dict, b: dict) -> float:
 
 def _start_until(cmd: list[str], marker: str, timeout: float = 240) -> tuple[subprocess.Popen, list[str]]:
     """Start ``cmd`` and read its output until a line contains ``marker``; returns the process and lines."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     lines: list[str] = []
     assert proc.stdout is not None
     timer = threading.Timer(timeout, proc.kill)  # never hang the suite if the marker never comes
@@ -179,7 +150,7 @@ def test_sigkill_after_a_step_checkpoint_then_rerun_ends_with_the_uninterrupted_
     reference = subprocess.Popen(
         _cmd(small_data, tmp_path, "reference", *opts),
         cwd=ROOT,
-        env=_env(),
+        env=subprocess_env(),
         stdout=reference_log,
         stderr=subprocess.STDOUT,
     )
@@ -269,13 +240,18 @@ def test_torchrun_max_restarts_restarts_the_group_after_a_killed_rank_and_ends_w
         ]
 
     reference = subprocess.Popen(
-        launch(MAIN, "reference"), cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        launch(MAIN, "reference"),
+        cwd=ROOT,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         elastic = subprocess.run(
             launch(str(worker), "elastic", "--max-restarts=1", "--monitor-interval=0.5"),
             cwd=ROOT,
-            env=_env(),
+            env=subprocess_env(),
             capture_output=True,
             text=True,
             timeout=400,
