@@ -226,8 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     def selected(name: str) -> bool:
         return not wanted or any(name.startswith(w) for w in wanted)
 
-    def step(name: str, cmd: list[str], limit_s: float) -> None:
-        if not selected(name):
+    def step(name: str, cmd: list[str], limit_s: float, needed: bool = False) -> None:
+        """Run ``cmd`` as step ``name`` if selected (or ``needed`` by a selected step), within the budget."""
+        if not (needed or selected(name)):
             return
         report["steps"].append(run_step(name, cmd, min(limit_s, deadline - time.time()), args.out))
         save()
@@ -239,8 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     trainings = [
         (f"demo-train-{os.path.basename(cfg).split('_')[0]}-{dtype}", cfg, dtype) for cfg, dtype in DEMO_TRAININGS
     ]
-    if any(selected(name) for name, _, _ in trainings):
-        report["steps"].append(run_step("demo-data", [py, "scripts/prepare_demo_data.py", "--out", data], 30, args.out))
+    needed = any(selected(name) for name, _, _ in trainings)
+    step("demo-data", [py, "scripts/prepare_demo_data.py", "--out", data], 30, needed=needed)
     for name, cfg, dtype in trainings:
         cmd = [py, "main.py", "--cfg", cfg, "--data-path", data, "--device", "cuda", "--output", args.out]
         cmd += ["--tag", name, "--opts", "TRAIN.EPOCHS", "8", "AMP_DTYPE", dtype]
