@@ -557,12 +557,11 @@ def dump_config(config: CN, path: str) -> None:
 
 def _head_rows(checkpoint: dict) -> int | None:
     """Output count of a checkpoint's classifier (release, timm or torchvision names), or None."""
-    state = checkpoint
-    for key in ("model", "state_dict"):
-        if isinstance(checkpoint.get(key), dict):
-            state = checkpoint[key]
-            break
-    for key in ("head.weight", "head.fc.weight", "module.head.weight"):
+    # The weights as the loader finds them; imported here since config.py stays free of torch.
+    from models.pretrained import extract_state_dict
+
+    state = extract_state_dict(checkpoint)
+    for key in ("head.weight", "head.fc.weight"):
         value = state.get(key)
         if value is not None and getattr(value, "ndim", 0) == 2:
             return int(value.shape[0])
