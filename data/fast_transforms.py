@@ -100,11 +100,12 @@ def resized_crop(
     box: (top, left, height, width) inside ``img``; size: (height, width). That kernel evaluates
     Pillow's separable bilinear / bicubic filter with the same support, in fixed point: the result is
     within one grey level of Pillow's (most pixels equal; ``tests/test_fast_pipeline.py``) and
-    about three times faster on one core. Other modes and interpolations take torchvision's call.
+    about three times faster on one core. Tensors, other modes and interpolations take
+    torchvision's call.
     """
     top, left, height, width = box
     mode = TORCH_RESIZE_MODES.get(interpolation)
-    if img.mode != "RGB" or mode is None:
+    if not isinstance(img, Image.Image) or img.mode != "RGB" or mode is None:
         return F.resized_crop(img, top, left, height, width, list(size), interpolation)
     region = np.array(img.crop((left, top, left + width, top + height)))
     pixels = torch.from_numpy(region).permute(2, 0, 1).unsqueeze(0)  # (1, 3, h, w), channels last

@@ -220,6 +220,10 @@ def test_torch_resize_of_a_crop_is_within_two_grey_levels_of_pillows(interpolati
     nearest = F.InterpolationMode.NEAREST
     rgb = photo(90, 70)
     assert resized_crop(rgb, box, (32, 32), nearest).tobytes() == F.resized_crop(rgb, *box, [32, 32], nearest).tobytes()
+    tensor = F.pil_to_tensor(rgb)
+    assert torch.equal(
+        resized_crop(tensor, box, (32, 32), interpolation), F.resized_crop(tensor, *box, [32, 32], interpolation)
+    )
 
 
 def test_to_normalized_tensor_is_bit_identical_to_to_tensor_then_normalize():
