@@ -26,7 +26,7 @@ from allocator import retain_freed_memory, retain_freed_memory_in_worker
 from config import is_pretraining
 from errors import UserError
 
-from .fast_transforms import PIPELINES, FastTrainTransform
+from .fast_transforms import FastTrainTransform, training_pipeline
 from .imagenet22k import NUM_CLASSES_22K, ImageNet22KList, annotation_file
 from .robust import RobustImageDataset, load_rgb
 from .samplers import ExactEvalSampler, ResumableSampler
@@ -79,9 +79,7 @@ def build_transform(is_train: bool, config: CfgNode) -> Callable:
     interpolation = _interpolation(config)
 
     if is_train:
-        pipeline = config.DATA.PIPELINE
-        if pipeline not in PIPELINES:
-            raise UserError(f"DATA.PIPELINE is {pipeline!r}; use one of {', '.join(PIPELINES)}")
+        pipeline = training_pipeline(config)
         auto_augment = config.AUG.AUTO_AUGMENT
         if auto_augment in (None, "", "none"):
             auto_augment = None

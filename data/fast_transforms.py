@@ -49,10 +49,21 @@ from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms
 from torchvision.transforms import functional as F
 
+from errors import UserError
+
 from .fast_augment import fast_augment_ops, planes_to_image
 from .robust import EncodedImage, decode_opened
 
 PIPELINES = ("fast", "reference")
+
+
+def training_pipeline(config: Any) -> str:
+    """``config.DATA.PIPELINE``, checked: 'fast' or 'reference' (else a one-line ``UserError``)."""
+    pipeline = str(config.DATA.PIPELINE)
+    if pipeline not in PIPELINES:
+        raise UserError(f"DATA.PIPELINE is {pipeline!r}; use one of {', '.join(PIPELINES)}")
+    return pipeline
+
 
 # Reduction factors libjpeg's DCT scaling offers through Pillow's draft, largest first.
 DRAFT_FACTORS = (8, 4, 2)
@@ -191,6 +202,29 @@ class FastResizedCrop:
         """A decoded image: the reference's box and interpolation, resized by ``resized_crop``."""
         box, interpolation = self.draw(img)
         return resized_crop(img, box, self.size, interpolation)
+
+
+class FastRandomResizedCrop:
+    """torchvision's ``RandomResizedCrop`` (``reference``, SimMIM's crop): its own box draw from
+    torch's generator, the resize by ``resized_crop``."""
+
+    def __init__(self, reference: transforms.RandomResizedCrop) -> None:
+        self.reference = reference
+
+    def __call__(self, img: Any) -> Any:
+        ref = self.reference
+        box = ref.get_params(img, ref.scale, ref.ratio)
+        return resized_crop(img, box, tuple(ref.size), ref.interpolation)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.reference!r})"
+
+
+def fast_compose(reference: transforms.Compose) -> transforms.Compose:
+    """``reference`` with torchvision's random resized crop and ToTensor + Normalize in their fast
+    forms: the same random draws, the crop within ``resized_crop``'s tolerance."""
+    steps = [FastRandomResizedCrop(s) if type(s) is transforms.RandomResizedCrop else s for s in reference.transforms]
+    return transforms.Compose(_fuse_to_tensor(steps))
 
 
 class ToNormalizedTensor:

@@ -25,6 +25,7 @@ from yacs.config import CfgNode
 from config import model_section
 from errors import UserError
 
+from .fast_transforms import fast_compose, training_pipeline
 from .robust import RobustImageDataset, load_rgb
 
 logger = logging.getLogger(__name__)
@@ -92,7 +93,8 @@ def encoder_stride(config: CfgNode) -> int:
 class SimMIMTransform:
     """PIL image → (normalised image (3, S, S), token mask (S/P, S/P)).
 
-    Training: the release's RandomResizedCrop(S, scale 0.67–1), horizontal flip. Evaluation:
+    Training: the release's RandomResizedCrop(S, scale 0.67–1), horizontal flip (``reference``;
+    ``image`` is its fast form under DATA.PIPELINE fast, same draws). Evaluation:
     the classification eval crop (resize, centre crop) without randomness in the image; the
     mask is still random, seeded per image by the eval sampler so every run scores the same masks.
     """
@@ -109,7 +111,10 @@ class SimMIMTransform:
         else:
             steps = [transforms.Resize(int(256 / 224 * size)), transforms.CenterCrop(size)]
         steps += [transforms.ToTensor(), transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
-        self.image = transforms.Compose(steps)
+        self.reference = transforms.Compose(steps)
+        # DATA.PIPELINE fast: the same crop draws, resized by torch's uint8 kernel (data/fast_transforms.py).
+        fast = is_train and training_pipeline(config) == "fast"
+        self.image = fast_compose(self.reference) if fast else self.reference
         self.mask = MaskGenerator(size, int(config.DATA.MASK_PATCH_SIZE), patch, float(config.DATA.MASK_RATIO))
 
     def __call__(self, img) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,6 +7,7 @@ bad input in one line) and fine-tuning from the result with --pretrained.
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -82,8 +83,41 @@ def test_the_pretraining_transform_is_the_released_crop_flip_normalise_and_a_mas
     assert image.shape == (3, 32, 32) and mask.shape == (16, 16) and target == 0 and replaced == ""
     assert torch.equal(image, image2) and torch.equal(mask, mask2)  # seeded per sample: exact resume
     assert int(mask.sum()) == 10 * 16  # ceil(16 * 0.6) = 10 cells of 4x4 tokens
-    crop = [t for t in SimMIMTransform(config, True).image.transforms if type(t).__name__ == "RandomResizedCrop"][0]
-    assert crop.scale == (0.67, 1.0) and crop.ratio == pytest.approx((3 / 4, 4 / 3))
+    crop = [t for t in SimMIMTransform(config, True).reference.transforms if type(t).__name__ == "RandomResizedCrop"]
+    assert crop[0].scale == (0.67, 1.0) and crop[0].ratio == pytest.approx((3 / 4, 4 / 3))
+
+
+def _generator_states() -> tuple:
+    return random.getstate(), np.random.get_state()[1].tolist(), torch.get_rng_state().tolist()
+
+
+def test_the_fast_pretraining_crop_makes_the_released_draws_within_the_resize_tolerance():
+    from sklearn.datasets import load_sample_image
+
+    config = get_config(SIMMIM_DEMO, ["DATA.IMG_SIZE", "64"])
+    reference_config = get_config(SIMMIM_DEMO, ["DATA.IMG_SIZE", "64", "DATA.PIPELINE", "reference"])
+    fast, ref = SimMIMTransform(config, True), SimMIMTransform(reference_config, True)
+    assert fast.image is not fast.reference and ref.image is ref.reference
+    evaluation = SimMIMTransform(config, False)
+    assert evaluation.image is evaluation.reference  # no random crop to speed up there
+    photo = Image.fromarray(load_sample_image("china.jpg"))
+    images = [photo, photo.resize((300, 220)), photo.crop((40, 30, 130, 100)), photo.resize((48, 40))]
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    means = []
+    for seed in range(15):
+        for img in images:
+            with seeded_rngs(seed):
+                (a, mask_a), after_fast = fast(img), _generator_states()
+            with seeded_rngs(seed):
+                (b, mask_b), after_ref = ref(img), _generator_states()
+            # Same crop box, flip and mask; pixels within 2 grey levels (torch's resize vs Pillow's).
+            assert torch.equal(mask_a, mask_b) and after_fast == after_ref
+            diff = ((a - b) * std * 255).abs()
+            assert diff.max() <= 2.01, (seed, img.size)
+            means.append(diff.mean().item())
+    assert np.mean(means) < 0.05
+    with pytest.raises(UserError, match="DATA.PIPELINE"):
+        SimMIMTransform(get_config(SIMMIM_DEMO, ["DATA.PIPELINE", "turbo"]), True)
 
 
 # ----------------------------------------------------------------------------- the model (item 1)
