@@ -75,14 +75,15 @@ def shift_rows(planes: torch.Tensor, coords: torch.Tensor, resample: int, fill: 
     edge = (channels, height, _PAD)
     padded = torch.cat([planes[:, :, :1].expand(edge), planes, planes[:, :, -1:].expand(edge)], 2).to(torch.int16)
     fill_planes = torch.tensor(fill, dtype=torch.int16).view(channels, 1, 1)
-    lo, hi = 0, width
+    sliced = False
     if coords.shape[0] == 1:
+        # A translation: the columns that stay inside are one range [lo, hi); when every one of
+        # them reads from the same whole-pixel offset, each tap is a slice of the padded rows.
         keep = inside[0].nonzero()
         lo, hi = (int(keep[0]), int(keep[-1]) + 1) if len(keep) else (0, 0)
-    shift = base[:, lo:hi] - torch.arange(lo, hi, dtype=torch.float64)
-    sliced = coords.shape[0] == 1 and hi > lo and bool((shift == shift[0, 0]).all())
+        shift = base[:, lo:hi] - torch.arange(lo, hi, dtype=torch.float64)
+        sliced = hi > lo and bool((shift == shift[0, 0]).all())
     if sliced:
-        # A translation: the columns that stay inside are one range, and each tap a slice of it.
         start = int(shift[0, 0]) + _PAD + lo
         values = [padded[:, :, start + k : start + k + hi - lo] for k in taps]
         frac = frac[:, lo:hi]

@@ -180,15 +180,19 @@ def image_paths(split_dir: str) -> list[str]:
 # -----------------------------------------------------------------------------
 # Transforms, one thread
 # -----------------------------------------------------------------------------
-# Whether processes keep freed memory (RETAIN_FREED_MEMORY); --glibc-defaults turns it off.
-RETAIN = {"on": True}
-
-
-def make_config(data_path: str = "", fmt: str = "folder", pipeline: str = "fast", workers: int = 0, batch: int = 32):
-    """The recipe's defaults (224, RandAugment rand-m9-mstd0.5-inc1, erasing 0.25) with these data keys."""
+def make_config(
+    data_path: str = "",
+    fmt: str = "folder",
+    pipeline: str = "fast",
+    workers: int = 0,
+    batch: int = 32,
+    retain: bool = True,
+):
+    """The recipe's defaults (224, RandAugment rand-m9-mstd0.5-inc1, erasing 0.25) with these data
+    keys; ``retain``: RETAIN_FREED_MEMORY (``--glibc-defaults`` turns it off)."""
     config = default_config()
     config.defrost()
-    config.RETAIN_FREED_MEMORY = RETAIN["on"]
+    config.RETAIN_FREED_MEMORY = retain
     config.DATA.DATA_PATH = data_path
     config.DATA.FORMAT = fmt
     config.DATA.ZIP_MODE = fmt == "zip"
@@ -256,11 +260,13 @@ def staged_ms(pipeline: str, transform: Any, paths: Sequence[str], seed: int) ->
     return {k: v / 1e6 / len(paths) for k, v in totals.items()}, reduced / len(paths)
 
 
-def bench_transforms(train_paths: Sequence[str], val_paths: Sequence[str], rounds: int) -> dict[str, Any]:
+def bench_transforms(
+    train_paths: Sequence[str], val_paths: Sequence[str], rounds: int, retain: bool = True
+) -> dict[str, Any]:
     """Whole train transforms (reference, fast), the val transform and the per-stage runs, interleaved."""
-    reference = build_transform(True, make_config(pipeline="reference"))
-    fast = build_transform(True, make_config(pipeline="fast"))
-    val = build_transform(False, make_config())
+    reference = build_transform(True, make_config(pipeline="reference", retain=retain))
+    fast = build_transform(True, make_config(pipeline="fast", retain=retain))
+    val = build_transform(False, make_config(retain=retain))
     if not isinstance(fast, FastTrainTransform):
         raise RuntimeError(f"DATA.PIPELINE fast built {type(fast).__name__}, not FastTrainTransform")
     jobs: dict[str, Callable[[int], Any]] = {
@@ -319,7 +325,7 @@ def loader_images_per_s(config: Any, batches: int) -> tuple[float, int]:
 
 
 def bench_loaders(
-    paths: dict[str, str], workers: Sequence[int], batch: int, batches: int, rounds: int
+    paths: dict[str, str], workers: Sequence[int], batch: int, batches: int, rounds: int, retain: bool = True
 ) -> list[dict[str, Any]]:
     keys = [(fmt, w, pipeline) for fmt in FORMATS for w in workers for pipeline in PIPELINES]
     raw: dict[tuple[str, int, str], list[float]] = {k: [] for k in keys}
@@ -327,7 +333,7 @@ def bench_loaders(
     for r in range(rounds):
         for key in keys if r % 2 == 0 else list(reversed(keys)):
             fmt, w, pipeline = key
-            rate, counted[key] = loader_images_per_s(make_config(paths[fmt], fmt, pipeline, w, batch), batches)
+            rate, counted[key] = loader_images_per_s(make_config(paths[fmt], fmt, pipeline, w, batch, retain), batches)
             raw[key].append(rate)
     rows = []
     for fmt, w, pipeline in keys:
@@ -406,7 +412,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--out", default=None, help="scratch folder for the images (default: a temporary folder)")
-    p.add_argument("--images", type=int, default=400, help="training images per size (val: a quarter)")
+    p.add_argument(
+        "--images", type=int, default=400, help="training images per size (val: a quarter, one per class at least)"
+    )
     p.add_argument("--sizes", default="500x375,1000x750", help="comma-separated WIDTHxHEIGHT")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=32)
@@ -429,11 +437,11 @@ def run(args: argparse.Namespace, out_dir: str) -> dict[str, Any]:
     sizes = parse_sizes(args.sizes)
     workers = [int(w) for w in args.workers.split(",")]
     batch = min(args.batch_size, args.images)
-    n_val = max(2, args.images // 4)
+    n_val = max(len(CLASSES), args.images // 4)  # every class folder holds a val image
     machine = machine_info()
-    RETAIN["on"] = not args.glibc_defaults
+    retain = not args.glibc_defaults
     # Both pipelines run in this process, under the setting the loader gives its transforms.
-    machine["freed_memory_retained"] = RETAIN["on"] and retain_freed_memory()
+    machine["freed_memory_retained"] = retain and retain_freed_memory()
     print(machine_line(machine), flush=True)
     retained = "freed memory retained (RETAIN_FREED_MEMORY)"
     print(f"allocator: {retained if machine['freed_memory_retained'] else 'glibc defaults'}", flush=True)
@@ -458,8 +466,8 @@ def run(args: argparse.Namespace, out_dir: str) -> dict[str, Any]:
         paths = write_layouts(root)
         train_paths = image_paths(os.path.join(paths["folder"], "train"))
         val_paths = image_paths(os.path.join(paths["folder"], "val"))
-        transforms = bench_transforms(train_paths, val_paths, args.rounds)
-        loaders = bench_loaders(paths, workers, batch, args.batches, args.rounds)
+        transforms = bench_transforms(train_paths, val_paths, args.rounds, retain)
+        loaders = bench_loaders(paths, workers, batch, args.batches, args.rounds, retain)
         results["sizes"][name] = {"images": info, "transform": transforms, "loader": loaders}
         print("\n" + size_table(name, info, transforms, loaders, args.rounds), flush=True)
     ratios = {name: r["transform"]["ratio"] for name, r in results["sizes"].items()}
