@@ -20,6 +20,7 @@ from timm.utils import AverageMeter
 
 from config import is_pretraining, model_section
 from data.robust import UNREADABLE_TARGET, clear_unreadable, unreadable_names
+from data.uint8_batches import Uint8Batch
 from distributed import (
     DistEnv,
     Precision,
@@ -71,8 +72,11 @@ def _grad_norm(parameters: Iterable[nn.Parameter], max_norm: float | None) -> to
     return global_grad_norm(torch.nn.utils.clip_grad_norm_(params, limit))
 
 
-def model_inputs(samples: torch.Tensor | list | tuple, device: torch.device) -> list[torch.Tensor]:
-    """The model's positional inputs on ``device``: ``[images]``, or SimMIM's ``[images, masks]``."""
+def model_inputs(samples: torch.Tensor | Uint8Batch | list | tuple, device: torch.device) -> list[torch.Tensor]:
+    """The model's positional inputs on ``device``: ``[images]``, or SimMIM's ``[images, masks]``.
+
+    A ``Uint8Batch`` (the fast pipeline's training batches) is normalised and erased on ``device``
+    by its own ``to``."""
     parts = samples if isinstance(samples, (list, tuple)) else [samples]
     return [p.to(device, non_blocking=True) for p in parts]
 
@@ -180,24 +184,34 @@ def _step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
         del optimizer.grad_scale, optimizer.found_inf
 
 
-class FiniteMean:
-    """A running mean of the finite ones of scalar tensors, kept on their device until read
-    (the gradient norm of skipped steps is inf or nan); ``val`` is the last finite value."""
+class DeviceMean:
+    """A running mean of scalar tensors that stays on their device until read.
 
-    def __init__(self) -> None:
+    ``update`` adds without a host sync (``loss.item()`` every step would stall a GPU each
+    micro-batch); ``val`` and ``avg`` sync when the log line is written. ``finite_only``: values
+    that are inf or nan (the gradient norm of a skipped step) are left out of the mean, and
+    ``val`` is the last finite one.
+    """
+
+    def __init__(self, finite_only: bool = False) -> None:
+        self.finite_only = finite_only
         self._last: torch.Tensor | None = None
         self._sum: torch.Tensor | None = None
         self._count: torch.Tensor | None = None
 
-    def update(self, value: torch.Tensor) -> None:
+    def update(self, value: torch.Tensor, n: int = 1) -> None:
         value = value.detach().float()
-        finite = torch.isfinite(value)
-        kept = torch.where(finite, value, torch.zeros_like(value))
-        if self._sum is None:
-            self._last, self._sum, self._count = kept, kept, finite.float()
-        else:
-            self._last = torch.where(finite, value, self._last)
-            self._sum, self._count = self._sum + kept, self._count + finite.float()
+        weight = torch.full_like(value, float(n))
+        last = value
+        if self.finite_only:
+            finite = torch.isfinite(value)
+            weight = torch.where(finite, weight, torch.zeros_like(weight))
+            value = torch.where(finite, value, torch.zeros_like(value))
+            last = torch.where(finite, last, value if self._last is None else self._last)
+        first = self._sum is None
+        self._last = last
+        self._sum = value * n if first else self._sum + value * n
+        self._count = weight if first else self._count + weight
 
     @property
     def val(self) -> float:
@@ -208,39 +222,12 @@ class FiniteMean:
         return float(self._sum / self._count.clamp(min=1)) if self._sum is not None else 0.0
 
 
-class DeviceMean:
-    """A running mean of scalar tensors that stays on their device until read.
-
-    ``update`` adds without a host sync (``loss.item()`` every step would stall a GPU each
-    micro-batch); ``val`` and ``avg`` sync when the log line is written.
-    """
-
-    def __init__(self) -> None:
-        self._last: torch.Tensor | None = None
-        self._sum: torch.Tensor | None = None
-        self.count = 0
-
-    def update(self, value: torch.Tensor, n: int = 1) -> None:
-        value = value.detach().float()
-        self._last = value
-        self._sum = value * n if self._sum is None else self._sum + value * n
-        self.count += n
-
-    @property
-    def val(self) -> float:
-        return float(self._last) if self._last is not None else 0.0
-
-    @property
-    def avg(self) -> float:
-        return float(self._sum) / self.count if self.count else 0.0
-
-
 @dataclass
 class TrainMeters:
     """Running values of one epoch, logged every ``PRINT_FREQ`` batches."""
 
     loss: DeviceMean = field(default_factory=DeviceMean)
-    grad_norm: FiniteMean = field(default_factory=FiniteMean)
+    grad_norm: DeviceMean = field(default_factory=lambda: DeviceMean(finite_only=True))
     loss_scale: DeviceMean = field(default_factory=DeviceMean)
     time: AverageMeter = field(default_factory=AverageMeter)  # a whole step, data included
     data: AverageMeter = field(default_factory=AverageMeter)  # waiting for the loader's batch

@@ -32,6 +32,7 @@ from .robust import RobustImageDataset, load_rgb
 from .samplers import ExactEvalSampler, ResumableSampler
 from .shards import build_shard_dataset, build_shard_sampler
 from .simmim import SimMIMTransform, build_pretraining_dataset, pretraining_folders
+from .uint8_batches import collate_samples
 from .zip_dataset import build_zip_dataset
 
 logger = logging.getLogger(__name__)
@@ -111,7 +112,7 @@ def build_transform(is_train: bool, config: CfgNode) -> Callable:
         if pipeline == "reference":
             return transform
         # The tensor shear / translate pay only where freed memory is kept (allocator.py).
-        return FastTrainTransform(transform, tensor_augment=bool(config.RETAIN_FREED_MEMORY))
+        return FastTrainTransform(transform, tensor_augment=bool(config.RETAIN_FREED_MEMORY), uint8_output=True)
 
     # Evaluation never picks at random; 'random' falls back to bilinear like the official release.
     mode = transforms.InterpolationMode(interpolation if interpolation != "random" else "bilinear")
@@ -499,6 +500,7 @@ def build_loader(
         sampler=sampler_train,
         drop_last=True,
         generator=torch.Generator().manual_seed(int(config.SEED) + rank),
+        collate_fn=collate_samples,  # the fast pipeline's uint8 samples are normalised per batch on the device
         **common,
     )
     loader_val = (

@@ -25,10 +25,14 @@ the pixels are computed:
 * RandAugment's (or AutoAugment's) shear and translate ops computed on tensors, bit-identical to
   Pillow's (``data/fast_augment.py``), where the loader keeps freed memory.
 
+* Normalisation and erasing per batch, on the model's device (``data/uint8_batches.py``): a
+  sample leaves the worker as uint8 pixels plus the rectangles and fills timm's erasing drew for
+  it (its own draws, recorded), a quarter of the bytes; the batch is normalised with the
+  reference's float32 operations and the fills pasted, so it is bit-identical to the stacked
+  reference samples.
+
 Flip, RandAugment / colour jitter and random erasing are timm's own objects (RandAugment a copy
-with those four ops swapped), called as in the reference. Normalisation and erasing stay per
-sample: timm's erasing fills its rectangle with normal noise drawn from the sample's torch stream
-in normalised units, which a per-batch pass could only reproduce by shipping that noise along.
+with those four ops swapped), called as in the reference.
 
 ``RobustImageDataset`` calls ``decode_encoded`` inside its load guard (so a truncated JPEG is
 still unreadable at load time and substituted) and then the transform on the result;
@@ -45,6 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, JpegImagePlugin
+from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms
 from torchvision.transforms import functional as F
@@ -53,6 +58,7 @@ from errors import UserError
 
 from .fast_augment import fast_augment_ops, planes_to_image
 from .robust import EncodedImage, decode_opened
+from .uint8_batches import ErasingRecorder, Uint8Image
 
 PIPELINES = ("fast", "reference")
 
@@ -267,22 +273,60 @@ def _fuse_to_tensor(steps: Sequence[Callable]) -> list[Callable]:
     return fused
 
 
+class Uint8Tail:
+    """The reference's last steps, ToTensor, Normalize and (optionally) RandomErasing, deferred to
+    the batch: a PIL image becomes a ``Uint8Image`` carrying the erasures timm's ``erasing`` drew
+    (``data/uint8_batches.py``); ``Uint8Batch.to(device)`` applies them all, bit-identically."""
+
+    def __init__(self, normalize: transforms.Normalize, erasing: RandomErasing | None, length: int) -> None:
+        self.normalize = normalize
+        self.erasing = erasing
+        self.length = length  # how many of the reference's steps this replaces
+
+    def __call__(self, img: Image.Image) -> Uint8Image:
+        sample = Uint8Image.from_image(img, erasures=[], mean=self.normalize.mean, std=self.normalize.std)
+        if self.erasing is not None:
+            height, width, channels = sample.pixels.shape
+            recorder = ErasingRecorder((channels, height, width))
+            self.erasing(recorder)
+            sample.erasures = recorder.erasures
+        return sample
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.normalize!r}, {self.erasing!r}, on the batch's device)"
+
+
+def _uint8_tail(steps: Sequence[Callable]) -> Uint8Tail | None:
+    """``steps``' trailing ToTensor, Normalize[, RandomErasing] as a ``Uint8Tail``; None if they don't end so."""
+    erasing = steps[-1] if steps and isinstance(steps[-1], RandomErasing) else None
+    body = list(steps[:-1]) if erasing is not None else list(steps)
+    if len(body) < 2 or not isinstance(body[-2], transforms.ToTensor) or not isinstance(body[-1], transforms.Normalize):
+        return None
+    return Uint8Tail(body[-1], erasing, 3 if erasing is not None else 2)
+
+
 class FastTrainTransform:
     """timm's train transform ``reference`` (a ``Compose``) with the same draws, faster (module docstring).
 
     Takes a decoded PIL image, an ``EncodedImage`` or what ``decode_encoded`` returned; returns
-    what ``reference`` returns, a float tensor (3, H, W). ``transforms`` lists the reference's
-    steps (the ones reproduced). ``tensor_augment``: RandAugment's / AutoAugment's shear and
-    translate run ``data.fast_augment``'s tensor form (bit-identical), which is faster only where
-    the process keeps freed memory (``allocator.py``); else timm's Pillow calls.
+    what ``reference`` returns, a float tensor (3, H, W), or with ``uint8_output`` (and a
+    reference ending in ToTensor, Normalize[, RandomErasing]) a ``Uint8Image`` whose
+    ``normalized()`` is that tensor and which the loader collates into a ``Uint8Batch``.
+    ``transforms`` lists the reference's steps (the ones reproduced). ``tensor_augment``:
+    RandAugment's / AutoAugment's shear and translate run ``data.fast_augment``'s tensor form
+    (bit-identical), which is faster only where the process keeps freed memory
+    (``allocator.py``); else timm's Pillow calls.
     """
 
-    def __init__(self, reference: transforms.Compose, tensor_augment: bool = True) -> None:
+    def __init__(self, reference: transforms.Compose, tensor_augment: bool = True, uint8_output: bool = False) -> None:
         self.reference = reference
         steps = list(reference.transforms)
         self.crop: FastResizedCrop | None = None
         if steps and isinstance(steps[0], RandomResizedCropAndInterpolation):
             self.crop = FastResizedCrop(steps.pop(0))
+        self.tail = _uint8_tail(steps) if uint8_output else None
+        if self.tail is not None:
+            steps = steps[: len(steps) - self.tail.length]
         self.steps = _fuse_to_tensor(steps)
         if tensor_augment:
             self.steps = [fast_augment_ops(step) for step in self.steps]
@@ -313,9 +357,10 @@ class FastTrainTransform:
             img = self.crop(img)
         for step in self.steps:
             img = step(img)
-        return img
+        return img if self.tail is None else self.tail(img)
 
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__}("]
-        lines += [f"    {s!r}" for s in ([self.crop.reference] if self.crop else []) + self.steps]
+        steps = ([self.crop.reference] if self.crop else []) + self.steps + ([self.tail] if self.tail else [])
+        lines += [f"    {s!r}" for s in steps]
         return "\n".join(lines + [")"])

@@ -15,7 +15,12 @@ photographs (china.jpg and flower.jpg, 640x427), then the same images as the zip
   once over all training images (same random draws for both pipelines), the order reversed every
   other round; the table shows the median over ``--rounds``.
 * where the time goes: the same images through each pipeline's parts one by one (read + decode,
-  crop + resize, flip, RandAugment, to-tensor + normalise, random erasing), CPU ms per image.
+  crop + resize, flip, RandAugment, to-tensor + normalise, random erasing; fast: to uint8 +
+  erasing draws), CPU ms per image.
+* the batch step, per image: collating batches of ``--batch-size`` samples and making them the
+  model's input on the CPU; for fast that includes the normalisation and erasing a training
+  run does on the model's device (``data/uint8_batches.py``), so the ratio is also given with it
+  counted, as on a machine where the model runs on this CPU.
 * loader: wall-clock images/s of ``data.build_loader``'s training loader (batch ``--batch-size``,
   one epoch or ``--batches`` batches, worker start-up included) for DATA.FORMAT folder, zip
   (``DATA.CACHE_MODE no``: every image read from the zip) and shards, DATA.NUM_WORKERS 0, 1, 2,
@@ -58,6 +63,7 @@ from data.build import build_loader, build_transform  # noqa: E402
 from data.fast_transforms import DecodedCrop, FastTrainTransform  # noqa: E402
 from data.robust import load_encoded, load_rgb  # noqa: E402
 from data.shards import write_split_shards  # noqa: E402
+from data.uint8_batches import collate_samples  # noqa: E402
 from data.zip_dataset import map_path, write_zip_split, zip_path  # noqa: E402
 
 CLASSES = ("class0", "class1", "class2", "class3")
@@ -78,7 +84,9 @@ STAGE_NAMES = {
     "Normalize": "to-tensor + normalise",
     "ToNormalizedTensor": "to-tensor + normalise",
     "RandomErasing": "random erasing",
+    "Uint8Tail": "to uint8 + erasing draws",
 }
+BATCH_STEP = "batch step"
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx")
 
 
@@ -236,7 +244,7 @@ def staged_ms(pipeline: str, transform: Any, paths: Sequence[str], seed: int) ->
         t = clock()
         if pipeline == "fast":
             img: Any = transform.decode_encoded(load_encoded(p))
-            steps = list(transform.steps)
+            steps = list(transform.steps) + ([transform.tail] if transform.tail is not None else [])
         else:
             img = load_rgb(p)
             steps = list(transform.transforms)
@@ -260,10 +268,22 @@ def staged_ms(pipeline: str, transform: Any, paths: Sequence[str], seed: int) ->
     return {k: v / 1e6 / len(paths) for k, v in totals.items()}, reduced / len(paths)
 
 
+def batch_step_ms(samples: Sequence[Any], batch: int) -> float:
+    """Thread CPU time per image of collating ``samples`` in batches of ``batch`` and making each
+    the model's input on the CPU (``model_inputs``: the fast pipeline's normalise + erase)."""
+    gc.collect()
+    start = time.thread_time_ns()
+    for i in range(0, len(samples), batch):
+        images, _ = collate_samples(samples[i : i + batch])
+        images.to("cpu")
+    return (time.thread_time_ns() - start) / 1e6 / len(samples)
+
+
 def bench_transforms(
-    train_paths: Sequence[str], val_paths: Sequence[str], rounds: int, retain: bool = True
+    train_paths: Sequence[str], val_paths: Sequence[str], rounds: int, retain: bool = True, batch: int = 32
 ) -> dict[str, Any]:
-    """Whole train transforms (reference, fast), the val transform and the per-stage runs, interleaved."""
+    """Whole train transforms (reference, fast), the val transform, the batch steps and the per-stage
+    runs, interleaved."""
     reference = build_transform(True, make_config(pipeline="reference", retain=retain))
     fast = build_transform(True, make_config(pipeline="fast", retain=retain))
     val = build_transform(False, make_config(retain=retain))
@@ -276,6 +296,13 @@ def bench_transforms(
         "stages reference": lambda r: staged_ms("reference", reference, train_paths, r),
         "stages fast": lambda r: staged_ms("fast", fast, train_paths, r),
     }
+    # The batch step's inputs: one sample per training image (the label is irrelevant).
+    outputs = {
+        "reference": [(reference(load_rgb(p)), 0) for p in train_paths],
+        "fast": [(fast(fast.decode_encoded(load_encoded(p))), 0) for p in train_paths],
+    }
+    jobs["batch reference"] = lambda r: batch_step_ms(outputs["reference"], batch)
+    jobs["batch fast"] = lambda r: batch_step_ms(outputs["fast"], batch)
     # Warm the page cache and the allocator, untimed.
     for p in list(train_paths[:8]):
         reference(load_rgb(p))
@@ -293,6 +320,11 @@ def bench_transforms(
         result[name] = {"ms_per_image": ms, "images_per_s_per_core": 1000.0 / ms, "rounds_ms": raw[name]}
     result["ratio"] = result["fast"]["images_per_s_per_core"] / result["reference"]["images_per_s_per_core"]
     result["paired_ratio"] = statistics.median(a / b for a, b in zip(raw["reference"], raw["fast"], strict=True))
+    # Where the model runs on this CPU, the batch step (fast: normalise + erase) costs CPU too.
+    steps = {p: statistics.median(raw[f"batch {p}"]) for p in PIPELINES}
+    result[BATCH_STEP] = {p: {"ms_per_image": steps[p], "rounds_ms": raw[f"batch {p}"]} for p in PIPELINES}
+    with_step = {p: result[p]["ms_per_image"] + steps[p] for p in PIPELINES}
+    result["ratio_with_batch_step_on_cpu"] = with_step["reference"] / with_step["fast"]
     stages: dict[str, Any] = {}
     for pipeline in PIPELINES:
         runs = [s for s, _ in raw[f"stages {pipeline}"]]
@@ -315,8 +347,9 @@ def loader_images_per_s(config: Any, batches: int) -> tuple[float, int]:
     images = 0
     start = time.perf_counter()
     it = iter(loader)
-    for i, batch in enumerate(it):
-        images += int(batch[0].shape[0])
+    for i, (inputs, _) in enumerate(it):
+        inputs = inputs.to("cpu")  # the model's input (the fast pipeline normalises and erases here)
+        images += int(inputs.shape[0])
         if batches and i + 1 >= batches:
             break
     elapsed = time.perf_counter() - start
@@ -376,6 +409,12 @@ def size_table(name: str, info: dict[str, Any], tr: dict[str, Any], loaders: lis
     whole_r = f"{r['ms_per_image']:.2f} ({r['images_per_s_per_core']:.0f}/s)"
     whole_f = f"{f['ms_per_image']:.2f} ({f['images_per_s_per_core']:.0f}/s)"
     out.append(f"{'whole train transform':<24} {whole_r:>16} {whole_f:>16} {tr['ratio']:8.2f}x")
+    b_r, b_f = (tr[BATCH_STEP][p]["ms_per_image"] for p in PIPELINES)
+    out.append(f"{'batch step (per image)':<24} {b_r:>16.2f} {b_f:>16.2f}")
+    out.append(
+        f"  the batch step: collate in the worker (reference: float32 samples) and, for fast, normalise + erase "
+        f"on the model's device; with it on this CPU too: {tr['ratio_with_batch_step_on_cpu']:.2f}x"
+    )
     v = tr["val"]
     out.append(f"{'val transform (shared)':<24} {v['ms_per_image']:.2f} ms ({v['images_per_s_per_core']:.0f}/s)")
     out.append(f"fast decoded {share:.0%} of the images at reduced size; paired ratio {tr['paired_ratio']:.2f}x")
@@ -466,7 +505,7 @@ def run(args: argparse.Namespace, out_dir: str) -> dict[str, Any]:
         paths = write_layouts(root)
         train_paths = image_paths(os.path.join(paths["folder"], "train"))
         val_paths = image_paths(os.path.join(paths["folder"], "val"))
-        transforms = bench_transforms(train_paths, val_paths, args.rounds, retain)
+        transforms = bench_transforms(train_paths, val_paths, args.rounds, retain, batch)
         loaders = bench_loaders(paths, workers, batch, args.batches, args.rounds, retain)
         results["sizes"][name] = {"images": info, "transform": transforms, "loader": loaders}
         print("\n" + size_table(name, info, transforms, loaders, args.rounds), flush=True)

@@ -43,7 +43,7 @@ FORWARD_GFLOP = {"swin_tiny": 2 * 4.49, "swinv2_tiny": 2 * 5.93}
 # A step with less time than this left before the deadline is skipped rather than started.
 MIN_STEP_S = 5.0
 # Tests that exercise CUDA when there is a GPU (the rest of the suite runs on the CPU in CI).
-CUDA_TESTS = ["tests/test_kernels.py", "tests/test_fast_paths.py"]
+CUDA_TESTS = ["tests/test_kernels.py", "tests/test_fast_paths.py", "tests/test_uint8_batches.py"]
 # Short trainings through main.py: fp16 with the loss scaler and bf16, V1 and V2.
 DEMO_TRAININGS = [
     ("configs/demo/swin_demo_digits.yaml", "float16"),

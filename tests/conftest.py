@@ -102,11 +102,23 @@ def run_main(
 
 
 def read_sample(dataset, key):
-    """``dataset[key]`` and the name the dataset logged as unreadable while reading it ("" if
-    none): ``(image, target, replaced)``."""
+    """``dataset[key]`` (the image as ``float_images`` gives it) and the name the dataset logged as
+    unreadable while reading it ("" if none): ``(image, target, replaced)``."""
     from data.robust import unreadable_names
 
     dataset.replacements.clear()
     image, target = dataset[key]
     names = unreadable_names(dataset)
-    return image, target, names[0] if names else ""
+    return float_images(image), target, names[0] if names else ""
+
+
+def float_images(x):
+    """What the model is given for ``x``: a fast-pipeline ``Uint8Image`` or ``Uint8Batch``
+    normalised (and erased) on the CPU; anything else as it is."""
+    from data.uint8_batches import Uint8Batch, Uint8Image
+
+    if isinstance(x, Uint8Image):
+        return x.normalized()
+    if isinstance(x, Uint8Batch):
+        return x.to("cpu")
+    return x

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import read_sample
+from conftest import float_images, read_sample
 from PIL import Image, ImageFile
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.transforms import RandomResizedCropAndInterpolation
@@ -113,7 +113,7 @@ def test_train_transform_for_small_images_pads_and_crops_instead_of_resized_crop
     crops = [s for s in t.transforms if isinstance(s, transforms.RandomCrop)]
     assert len(crops) == 1 and crops[0].size == (32, 32) and crops[0].padding == 4
     assert not any(isinstance(s, RandomResizedCropAndInterpolation) for s in t.transforms)
-    out = t(Image.new("RGB", (32, 32), (200, 100, 50)))
+    out = float_images(t(Image.new("RGB", (32, 32), (200, 100, 50))))
     assert out.shape == (3, 32, 32)
 
 
@@ -131,7 +131,7 @@ def test_train_transform_survives_300_random_images(policy):
     torch.manual_seed(0)
     for _ in range(300):
         img = Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))
-        out = t(img)
+        out = float_images(t(img))
         assert out.shape == (3, 32, 32)
         assert torch.isfinite(out).all()
 
@@ -463,7 +463,7 @@ def test_build_loader_batches_classes_and_does_not_touch_the_config(tiny_root):
     assert bundle.mixup_fn is None
     train_batches = list(bundle.loader_train)
     assert len(train_batches) == 2  # 10 images, batch 4, drop_last
-    images, targets = train_batches[0]
+    images, targets = float_images(train_batches[0][0]), train_batches[0][1]
     assert images.shape == (4, 3, 32, 32) and targets.dtype == torch.int64
     assert bundle.loader_train.dataset.replacements.indices() == []
     val_sizes = [b[0].shape[0] for b in bundle.loader_val]
@@ -484,7 +484,7 @@ def test_build_loader_start_index_resumes_at_the_next_batch(tiny_root):
 def _epoch_images(config, epoch: int, start_index: int = 0) -> torch.Tensor:
     bundle = build_loader(config, 1, 0, train_start_index=start_index)
     bundle.sampler_train.set_epoch(epoch)
-    return torch.cat([images for images, _ in bundle.loader_train])
+    return torch.cat([float_images(images) for images, _ in bundle.loader_train])
 
 
 def test_training_augmentation_is_the_same_with_any_worker_count_and_after_a_mid_epoch_resume(tiny_root):
@@ -519,14 +519,14 @@ def test_a_seeded_sample_leaves_the_callers_rng_streams_where_they_were(tiny_roo
     torch.manual_seed(7)
     random.seed(7)
     np.random.seed(7)
-    first = bundle.dataset_train[(3, 99)][0]
+    first = float_images(bundle.dataset_train[(3, 99)][0])
     draws = (torch.rand(1).item(), random.random(), np.random.rand())
     torch.manual_seed(7)
     random.seed(7)
     np.random.seed(7)
-    assert torch.equal(bundle.dataset_train[(3, 99)][0], first)
+    assert torch.equal(float_images(bundle.dataset_train[(3, 99)][0]), first)
     assert draws == (torch.rand(1).item(), random.random(), np.random.rand())
-    assert not torch.equal(bundle.dataset_train[(3, 100)][0], first)
+    assert not torch.equal(float_images(bundle.dataset_train[(3, 100)][0]), first)
 
 
 def test_sample_seeds_depend_on_seed_epoch_and_global_position_only():

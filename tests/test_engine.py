@@ -367,6 +367,21 @@ def test_the_loss_meter_reads_the_device_only_when_logged_and_averages_like_the_
     assert DeviceMean().avg == 0.0 and DeviceMean().val == 0.0
 
 
+def test_the_gradient_norm_meter_leaves_out_the_norms_of_skipped_steps():
+    from engine import DeviceMean
+
+    meter = DeviceMean(finite_only=True)
+    meter.update(torch.tensor(float("nan")))  # a skipped first step counts for nothing
+    assert meter.val == 0.0 and meter.avg == 0.0
+    for v in (3.0, float("inf"), 1.0, float("nan")):
+        meter.update(torch.tensor(v))
+    assert meter.val == 1.0  # the last finite norm
+    assert meter.avg == pytest.approx(2.0)
+    plain = DeviceMean()
+    plain.update(torch.tensor(float("inf")))
+    assert plain.avg == float("inf")  # without finite_only nothing is left out
+
+
 def test_the_reconstruction_summary_names_unreadable_files_as_the_classification_one_does():
     result = {"loss": 0.5, "count": 5, "total": 7, "unreadable": ["/d/val/a.png", "/d/val/b.png"]}
     expected = " * reconstruction loss 0.5000 images 5 of 7, 2 unreadable: val/a.png, val/b.png"

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import read_sample
+from conftest import float_images, read_sample
 from PIL import Image
 from sklearn.datasets import load_sample_image
 from timm.data.transforms import RandomResizedCropAndInterpolation
@@ -166,14 +166,14 @@ def test_fast_transform_makes_the_reference_draws_and_its_crops_stay_within_resi
             path, key = fast.samples[i][0], 1000 * seed + i
             decoded = fast.transform.decode_encoded(load_encoded(path), key)
             with seeded_rngs(key):
-                a = fast.transform(decoded)
+                a = float_images(fast.transform(decoded))
                 after_fast = generator_states()
             with seeded_rngs(key):
                 b = ref.transform(load_rgb(path))
                 after_ref = generator_states()
             assert a.shape == b.shape and after_fast == after_ref, (i, seed)
             with seeded_rngs(key):
-                x = pixels(fast_crop(load_encoded(path)))
+                x = pixels(float_images(fast_crop(load_encoded(path))))
             with seeded_rngs(key):
                 y = pixels(ref_crop(load_rgb(path)))
             diff = (x - y).abs()
@@ -193,7 +193,7 @@ def test_a_transform_without_random_resized_crop_is_bit_identical_to_the_referen
     for seed in range(12):
         for i in range(len(fast)):
             a, b = fast[(i, 1000 * seed + i)], ref[(i, 1000 * seed + i)]
-            assert torch.equal(a[0], b[0]) and a[1:] == b[1:], (i, seed)
+            assert torch.equal(float_images(a[0]), b[0]) and a[1:] == b[1:], (i, seed)
 
 
 @pytest.mark.parametrize("interpolation", [F.InterpolationMode.BILINEAR, F.InterpolationMode.BICUBIC])
@@ -253,7 +253,7 @@ def test_training_batches_from_the_loader_match_the_reference_batches(tmp_path):
     assert len(fast) == len(ref) == 3
     for (xa, ya), (xb, yb) in zip(fast, ref, strict=True):
         assert torch.equal(ya, yb)
-        diff = (pixels(xa) - pixels(xb)).abs()
+        diff = (pixels(float_images(xa)) - pixels(xb)).abs()
         assert diff.max() <= RESIZE_MAX_DIFF + 0.01 and diff.mean() < RESIZE_MEAN_DIFF
 
 
@@ -300,7 +300,7 @@ def test_whole_fast_transform_stays_within_tolerance_on_reduced_decodes(tmp_path
         decoded = fast.decode_encoded(load_encoded(str(path)), seed)
         reduced += decoded.scale > 1
         with seeded_rngs(seed):
-            a = fast(decoded)
+            a = float_images(fast(decoded))
         with seeded_rngs(seed):
             b = ref(load_rgb(str(path)))
         erased = (a == b) & (b.abs() > 3)  # erasing noise is the same draw in both
@@ -333,7 +333,7 @@ def test_a_truncated_jpeg_is_still_unreadable_at_load_time_and_substituted(tmp_p
         img, target, replaced = read_sample(ds, (0, seed))
         # The next sample under the same seed stands in, as with the reference pipeline.
         assert replaced == str(broken) and target == 0
-        assert torch.equal(img, ds[(1, seed)][0])
+        assert torch.equal(img, float_images(ds[(1, seed)][0]))
     assert 0 < drafted < 8  # both the reduced and the full decode met the truncated file
     strict, _ = build_dataset(True, cfg("DATA.DATA_PATH", tmp_path, "DATA.STRICT", "True"))
     with pytest.raises(UnreadableImageError) as err:
@@ -356,7 +356,7 @@ def test_the_zip_reader_hands_undecoded_bytes_to_the_fast_transform(tmp_path):
     assert zipped._decode_stage() is not None
     for seed in range(4):
         for i in range(3):
-            assert torch.equal(folder[(i, seed)][0], zipped[(i, seed)][0])
+            assert torch.equal(float_images(folder[(i, seed)][0]), float_images(zipped[(i, seed)][0]))
 
 
 def test_the_shard_reader_hands_undecoded_bytes_to_the_fast_transform(tmp_path):
@@ -381,7 +381,7 @@ def test_the_shard_reader_hands_undecoded_bytes_to_the_fast_transform(tmp_path):
             # The converter shuffles the training set; a member's key is its ImageFolder index.
             i = int(Path(sharded.sample_name(j)).stem)
             # Same crop, same reduced-size decode: equal to the pixel.
-            assert torch.equal(folder[(i, seed)][0], sharded[(j, seed)][0])
+            assert torch.equal(float_images(folder[(i, seed)][0]), float_images(sharded[(j, seed)][0]))
     assert len(calls) == 12
 
 
@@ -390,13 +390,13 @@ def test_decoded_images_and_encoded_ones_are_both_accepted():
     img = photo(100, 80)
     enc = encoded(img, "PNG")
     with seeded_rngs(3):
-        a = fast(img)
+        a = float_images(fast(img))
     with seeded_rngs(3):
-        b = fast(EncodedImage(enc.data))
+        b = float_images(fast(EncodedImage(enc.data)))
     decoded = fast.decode_encoded(EncodedImage(enc.data), 3)
     assert isinstance(decoded, DecodedCrop) and decoded.scale == 1
     with seeded_rngs(3):
-        c = fast(decoded)
+        c = float_images(fast(decoded))
     assert torch.equal(a, b) and torch.equal(a, c)
     # An EncodedImage can be decoded more than once (each open() is a fresh, undrafted image).
     again = EncodedImage(enc.data)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_RUN_OPTS, read_sample
+from conftest import TINY_RUN_OPTS, float_images, read_sample
 from PIL import Image
 
 import main as main_module
@@ -86,7 +86,7 @@ def tar_members(path: Path) -> list[tuple[str, bytes]]:
 
 
 def batches(loader) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(x, y) for x, y in loader]
+    return [(float_images(x), y) for x, y in loader]
 
 
 def same_batches(a, b) -> bool:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_RUN_OPTS, read_sample
+from conftest import TINY_RUN_OPTS, float_images, read_sample
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
@@ -120,7 +120,7 @@ def test_zip_split_lists_the_folder_samples_in_order_and_gives_equal_tensors_in_
             # Seeded keys: the train transform draws the same crops/flips for both readers.
             key = (i, 1234 + i) if is_train else i
             a, b = zipped[key], folder[key]
-            assert torch.equal(a[0], b[0]) and a[1] == b[1] and len(a) == len(b) == 2
+            assert torch.equal(float_images(a[0]), float_images(b[0])) and a[1] == b[1] and len(a) == len(b) == 2
 
 
 def test_training_batches_from_the_zip_equal_the_folder_batches_and_resume_mid_epoch(tmp_path):
@@ -130,10 +130,10 @@ def test_training_batches_from_the_zip_equal_the_folder_batches_and_resume_mid_e
         folder = list(build_loader(cfg(root, "SEED", "3"), 1, 0).loader_train)
         assert len(zipped) == len(folder) == 3
         for (xa, ya), (xb, yb) in zip(zipped, folder, strict=True):
-            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+            assert torch.equal(float_images(xa), float_images(xb)) and torch.equal(ya, yb)
     # Resuming after 2 batches gives the rest of the uninterrupted epoch.
     resumed = list(build_loader(zcfg(root, "SEED", "3"), 1, 0, train_start_index=8).loader_train)
-    assert len(resumed) == 1 and torch.equal(resumed[0][0], zipped[2][0])
+    assert len(resumed) == 1 and torch.equal(float_images(resumed[0][0]), float_images(zipped[2][0]))
 
 
 def test_deflated_members_read_like_stored_ones(tmp_path):
@@ -177,7 +177,10 @@ def test_loader_workers_open_their_own_zip_handle_and_give_the_main_process_batc
             bundle.sampler_train.set_epoch(epoch)
         a, b = list(plain.loader_train), list(workers.loader_train)
         assert len(a) == len(b) == 3
-        assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b, strict=True))
+        assert all(
+            torch.equal(float_images(x[0]), float_images(y[0])) and torch.equal(x[1], y[1])
+            for x, y in zip(a, b, strict=True)
+        )
     assert base._pid == os.getpid()  # the parent's handle is untouched
 
 
