@@ -233,14 +233,14 @@ def reset_peak_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def describe_precision(device: torch.device, enabled: bool, dtype_name: str) -> str:
-    """The precision a run computes in, and why, in words for its first log lines."""
+def precision_label(device: torch.device, enabled: bool, dtype_name: str) -> tuple[str, str]:
+    """The precision a run computes in and why, in words: ``(label, reason)``."""
     if not enabled:
-        return "float32 (AMP_ENABLE False)"
+        return "float32", "AMP_ENABLE False"
     dtype = resolve_amp_dtype(device, dtype_name)
     auto = str(dtype_name).strip().lower() == "auto"
     if dtype is None:
-        return "float32 (AMP_DTYPE auto: this CPU has no native bfloat16, which would be emulated and far slower)"
+        return "float32", "AMP_DTYPE auto: this CPU has no native bfloat16, which would be emulated and far slower"
     name = "bfloat16" if dtype == torch.bfloat16 else "float16"
     scaled = " with loss scaling" if dtype == torch.float16 and device.type == "cuda" else ""
     if not auto:
@@ -249,7 +249,13 @@ def describe_precision(device: torch.device, enabled: bool, dtype_name: str) -> 
         why = f"AMP_DTYPE auto: this GPU {'supports' if dtype == torch.bfloat16 else 'lacks'} bfloat16"
     else:
         why = "AMP_DTYPE auto: this CPU has native bfloat16 (AVX-512 BF16 or AMX)"
-    return f"{name} autocast{scaled}, float32 weights ({why})"
+    return f"{name} autocast{scaled}, float32 weights", why
+
+
+def describe_precision(device: torch.device, enabled: bool, dtype_name: str) -> str:
+    """The precision a run computes in, and why, in words for its first log lines."""
+    label, reason = precision_label(device, enabled, dtype_name)
+    return f"{label} ({reason})"
 
 
 @functools.lru_cache(maxsize=1)
@@ -304,18 +310,24 @@ def autocast_context(device: torch.device, enabled: bool, dtype_name: str = "aut
 class Precision:
     """The run's mixed precision, decided once (``Precision.decide``) and handed to the loops.
 
-    ``dtype``: the autocast dtype, None for float32; ``description``: what the first log lines say,
-    with the reason (see :func:`describe_precision`).
+    ``dtype``: the autocast dtype, None for float32; ``label``: the precision in words (e.g.
+    "bfloat16 autocast, float32 weights"), ``reason`` why it was chosen (see
+    :func:`precision_label`); ``description``: both, as the first log lines say them.
     """
 
     device: torch.device
     dtype: torch.dtype | None
-    description: str
+    label: str
+    reason: str = ""
 
     @classmethod
     def decide(cls, device: torch.device, enabled: bool, dtype_name: str = "auto") -> Precision:
         dtype = resolve_amp_dtype(device, dtype_name) if enabled else None
-        return cls(device, dtype, describe_precision(device, enabled, dtype_name))
+        return cls(device, dtype, *precision_label(device, enabled, dtype_name))
+
+    @property
+    def description(self) -> str:
+        return f"{self.label} ({self.reason})" if self.reason else self.label
 
     @property
     def enabled(self) -> bool:

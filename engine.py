@@ -550,7 +550,6 @@ def throughput(
         grid = size // model_section(config).PATCH_SIZE
         inputs.append(torch.zeros(batch_size, grid, grid, dtype=torch.long, device=env.device))
     precision = precision or Precision.decide(env.device, config.AMP_ENABLE, config.AMP_DTYPE)
-    dtype = precision.description.split(" (")[0]  # e.g. "bfloat16 autocast, float32 weights"
 
     def step():
         with precision.autocast():
@@ -560,7 +559,7 @@ def throughput(
         step, batch_size, env.device, warmup=3 if env.device.type == "cpu" else 50, iters=iters
     )
     logger.info(
-        f"throughput: {timing.images_per_s:.1f} images/s (batch {batch_size}, {size}x{size}, {dtype}, "
+        f"throughput: {timing.images_per_s:.1f} images/s (batch {batch_size}, {size}x{size}, {precision.label}, "
         f"device {env.device}, {timing.iters} timed iterations)"
     )
     return timing.images_per_s

@@ -89,7 +89,7 @@ def inference_model(
         return torch.compile(model, backend=backend), precision
     if casts_weights(device, precision):
         model = CastInputs(model.to(torch.bfloat16), torch.bfloat16)
-        precision = Precision(device, None, "bfloat16 weights (cast once; no autocast)")
+        precision = Precision(device, None, "bfloat16 weights", "cast once; no autocast")
     frozen = backend == "inductor"
     logger.info(
         "inference: the whole model compiled (%s%s), %s; the first batch includes the compile",
