@@ -144,9 +144,10 @@ class Uint8Batch:
         # Every copy is asynchronous with pinned tensors: nothing here waits for the device.
         mean = self.mean.to(out.device, non_blocking=non_blocking).view(1, -1, 1, 1)
         std = self.std.to(out.device, non_blocking=non_blocking).view(1, -1, 1, 1)
-        # ToTensor's x / 255, then Normalize's (x - mean) / std: the same float32 operations (on the
-        # CPU bit-identical to the reference; a GPU may round a division by a constant differently).
-        out.div_(255).sub_(mean).div_(std)
+        # ToTensor's x / 255, then Normalize's (x - mean) / std: the same float32 operations. 255 as
+        # a tensor: CUDA multiplies by the reciprocal of a Python scalar divisor, which can differ
+        # from the division in the last bit; a tensor divisor is divided exactly, as on the CPU.
+        out.div_(torch.full((), 255.0, device=out.device)).sub_(mean).div_(std)
         if len(self.boxes):
             fills = self.fills.to(out.device, non_blocking=non_blocking)
             for i, top, left, h, w, fh, fw, offset in self.boxes.tolist():
