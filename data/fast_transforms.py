@@ -226,10 +226,14 @@ class FastRandomResizedCrop:
         return f"{type(self).__name__}({self.reference!r})"
 
 
-def fast_compose(reference: transforms.Compose) -> transforms.Compose:
+def fast_compose(reference: transforms.Compose, uint8_output: bool = False) -> transforms.Compose:
     """``reference`` with torchvision's random resized crop and ToTensor + Normalize in their fast
-    forms: the same random draws, the crop within ``resized_crop``'s tolerance."""
+    forms: the same random draws, the crop within ``resized_crop``'s tolerance. ``uint8_output``:
+    a trailing ToTensor + Normalize is deferred to the batch (``Uint8Tail``)."""
     steps = [FastRandomResizedCrop(s) if type(s) is transforms.RandomResizedCrop else s for s in reference.transforms]
+    tail = _uint8_tail(steps) if uint8_output else None
+    if tail is not None:
+        steps = [*steps[: len(steps) - tail.length], tail]
     return transforms.Compose(_fuse_to_tensor(steps))
 
 

@@ -94,7 +94,8 @@ class SimMIMTransform:
     """PIL image → (normalised image (3, S, S), token mask (S/P, S/P)).
 
     Training: the release's RandomResizedCrop(S, scale 0.67–1), horizontal flip (``reference``;
-    ``image`` is its fast form under DATA.PIPELINE fast, same draws). Evaluation:
+    ``image`` is its fast form under DATA.PIPELINE fast, same draws, whose image is a
+    ``Uint8Image`` normalised per batch on the model's device). Evaluation:
     the classification eval crop (resize, centre crop) without randomness in the image; the
     mask is still random, seeded per image by the eval sampler so every run scores the same masks.
     """
@@ -114,7 +115,7 @@ class SimMIMTransform:
         self.reference = transforms.Compose(steps)
         # DATA.PIPELINE fast: the same crop draws, resized by torch's uint8 kernel (data/fast_transforms.py).
         fast = is_train and training_pipeline(config) == "fast"
-        self.image = fast_compose(self.reference) if fast else self.reference
+        self.image = fast_compose(self.reference, uint8_output=True) if fast else self.reference
         self.mask = MaskGenerator(size, int(config.DATA.MASK_PATCH_SIZE), patch, float(config.DATA.MASK_RATIO))
 
     def __call__(self, img) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import default_collate
+from torch.utils.data._utils.collate import collate, default_collate_fn_map
 
 # One row of Uint8Batch.boxes: where an erasure goes and where its fill lies in Uint8Batch.fills.
 BOX_FIELDS = ("sample", "top", "left", "height", "width", "fill_height", "fill_width", "offset")
@@ -156,10 +157,16 @@ class Uint8Batch:
         return out
 
 
+def _collate_uint8_images(batch: Sequence[Uint8Image], *, collate_fn_map: Any = None) -> Uint8Batch:
+    return Uint8Batch.collate(batch)
+
+
+# default_collate's own rules, plus one: Uint8Image samples, at any depth, become a Uint8Batch.
+COLLATE_FN_MAP = {**default_collate_fn_map, Uint8Image: _collate_uint8_images}
+
+
 def collate_samples(batch: Sequence[Any]) -> Any:
-    """The training loader's ``collate_fn``: ``default_collate``, except that ``Uint8Image``
-    samples (first element of each sample) become one ``Uint8Batch``."""
-    if batch and isinstance(batch[0], (tuple, list)) and isinstance(batch[0][0], Uint8Image):
-        rest = default_collate([tuple(sample[1:]) for sample in batch])
-        return [Uint8Batch.collate([sample[0] for sample in batch]), *rest]
-    return default_collate(batch)
+    """The training loader's ``collate_fn``: ``default_collate``, except that ``Uint8Image``s (a
+    classification sample's image, or the image of SimMIM's (image, mask)) become one
+    ``Uint8Batch``."""
+    return collate(batch, collate_fn_map=COLLATE_FN_MAP)

@@ -114,9 +114,12 @@ def read_sample(dataset, key):
 
 def float_images(x):
     """What the model is given for ``x``: a fast-pipeline ``Uint8Image`` or ``Uint8Batch``
-    normalised (and erased) on the CPU; anything else as it is."""
+    normalised (and erased) on the CPU, also inside a tuple or list (SimMIM's (image, mask));
+    anything else as it is."""
     from data.uint8_batches import Uint8Batch, Uint8Image
 
+    if isinstance(x, (tuple, list)):
+        return type(x)(float_images(item) for item in x)
     if isinstance(x, Uint8Image):
         return x.normalized()
     if isinstance(x, Uint8Batch):

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import read_sample
+from conftest import float_images, read_sample
 from PIL import Image
 
 import main as main_module
@@ -79,7 +79,7 @@ def test_the_pretraining_transform_is_the_released_crop_flip_normalise_and_a_mas
     config = get_config(SIMMIM_DEMO)
     dataset = build_pretraining_dataset(config, os.path.join(demo_data, "train"), is_train=True)
     (image, mask), target, replaced = read_sample(dataset, (3, 777))
-    (image2, mask2), _ = dataset[(3, 777)]
+    image2, mask2 = float_images(dataset[(3, 777)][0])
     assert image.shape == (3, 32, 32) and mask.shape == (16, 16) and target == 0 and replaced == ""
     assert torch.equal(image, image2) and torch.equal(mask, mask2)  # seeded per sample: exact resume
     assert int(mask.sum()) == 10 * 16  # ceil(16 * 0.6) = 10 cells of 4x4 tokens
@@ -107,7 +107,7 @@ def test_the_fast_pretraining_crop_makes_the_released_draws_within_the_resize_to
     for seed in range(15):
         for img in images:
             with seeded_rngs(seed):
-                (a, mask_a), after_fast = fast(img), _generator_states()
+                (a, mask_a), after_fast = float_images(fast(img)), _generator_states()
             with seeded_rngs(seed):
                 (b, mask_b), after_ref = ref(img), _generator_states()
             # Same crop box, flip and mask; pixels within 2 grey levels (torch's resize vs Pillow's).
@@ -203,7 +203,7 @@ def test_reconstruction_of_masked_patches_learns_to_beat_the_mean_pixel(demo_dat
     batches = []
     for start in range(0, 32 * 4, 32):
         items = [dataset[(i, 1000 + i)] for i in range(start, start + 32)]
-        batches.append((torch.stack([x[0][0] for x in items]), torch.stack([x[0][1] for x in items])))
+        batches.append((torch.stack([float_images(x[0][0]) for x in items]), torch.stack([x[0][1] for x in items])))
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
     losses = []
     for _ in range(8):
@@ -386,8 +386,8 @@ def test_pretraining_reads_the_release_zip_layout_with_the_same_images_and_masks
     folders = build_loader(get_config(SIMMIM_DEMO, opts), 1, 0)
     zipped = build_loader(get_config(SIMMIM_DEMO, [*opts, "DATA.ZIP_MODE", "True", "DATA.CACHE_MODE", "no"]), 1, 0)
     assert len(zipped.dataset_train) == len(folders.dataset_train) == 80
-    (a_img, a_mask), _ = next(iter(folders.loader_train))
-    (b_img, b_mask), _ = next(iter(zipped.loader_train))
+    (a_img, a_mask), _ = float_images(next(iter(folders.loader_train)))
+    (b_img, b_mask), _ = float_images(next(iter(zipped.loader_train)))
     assert torch.equal(a_img, b_img) and torch.equal(a_mask, b_mask)
     (a_img, a_mask), _ = next(iter(folders.loader_val))
     (b_img, b_mask), _ = next(iter(zipped.loader_val))

@@ -147,3 +147,20 @@ def test_a_pinned_batch_is_normalised_on_the_gpu_as_on_the_cpu():
     on_gpu = batch.to("cuda", non_blocking=True)
     assert on_gpu.device.type == "cuda"
     assert torch.equal(on_gpu.cpu(), batch.to("cpu"))  # exact divisions on both devices
+
+
+def test_simmim_batches_carry_uint8_images_beside_their_masks(tmp_path):
+    root = make_folders(tmp_path)
+    demo = Path(__file__).parents[1] / "configs" / "demo" / "simmim_demo_digits.yaml"
+    opts = ["DATA.DATA_PATH", str(root), "DATA.NUM_WORKERS", "0", "DATA.BATCH_SIZE", "4", "MODEL.SWIN.EMBED_DIM", "16"]
+    bundle = build_loader(get_config(str(demo), opts), 1, 0)
+    (images, masks), _ = next(iter(bundle.loader_train))
+    assert isinstance(images, Uint8Batch) and images.pixels.dtype == torch.uint8
+    inputs = model_inputs([images, masks], torch.device("cpu"))
+    size = bundle.dataset_train[(0, 0)][0][0].pixels.shape[0]
+    assert inputs[0].shape == (4, 3, size, size) and inputs[0].dtype == torch.float32
+    assert torch.equal(inputs[1], masks)
+    # The same samples one by one, normalised alone, give the batch.
+    order = list(bundle.sampler_train)[:4]
+    alone = torch.stack([bundle.dataset_train[key][0][0].normalized() for key in order])
+    assert torch.equal(inputs[0], alone)
