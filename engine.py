@@ -436,7 +436,7 @@ def evaluate(config, loader, model: nn.Module, env: DistEnv, precision: Precisio
     clear_unreadable(dataset)
     end = time.time()
     for idx, (images, target) in enumerate(loader):
-        images = images.to(env.device, non_blocking=True)
+        (images,) = model_inputs(images, env.device)
         target = target.to(env.device, non_blocking=True)
         with precision.autocast():
             output = model(images)

@@ -26,7 +26,7 @@ from allocator import retain_freed_memory, retain_freed_memory_in_worker
 from config import is_pretraining
 from errors import UserError
 
-from .fast_transforms import FastTrainTransform, training_pipeline
+from .fast_transforms import FastTrainTransform, deferred_to_batch, training_pipeline
 from .imagenet22k import NUM_CLASSES_22K, ImageNet22KList, annotation_file
 from .robust import RobustImageDataset, load_rgb
 from .samplers import ExactEvalSampler, ResumableSampler
@@ -60,8 +60,12 @@ def _interpolation(config: CfgNode) -> str:
     return name
 
 
-def build_transform(is_train: bool, config: CfgNode) -> Callable:
+def build_transform(is_train: bool, config: CfgNode, uint8_output: bool = False) -> Callable:
     """The image transform: PIL RGB image -> float tensor of shape (3, IMG_SIZE, IMG_SIZE).
+
+    ``uint8_output`` (``build_dataset`` sets it under DATA.PIPELINE fast): the image comes out as
+    a ``data.uint8_batches.Uint8Image`` instead, which the loader collates into a ``Uint8Batch``
+    that the trainer normalises (and erases) on the model's device, bit-identically.
 
     Training: timm's ``create_transform`` (random resized crop, flip, RandAugment or color
     jitter, normalization, random erasing) from the AUG keys; for IMG_SIZE <= 32 the random
@@ -79,8 +83,8 @@ def build_transform(is_train: bool, config: CfgNode) -> Callable:
         raise UserError(f"DATA.IMG_SIZE is {size}; use a positive image size such as 224")
     interpolation = _interpolation(config)
 
+    pipeline = training_pipeline(config)
     if is_train:
-        pipeline = training_pipeline(config)
         auto_augment = config.AUG.AUTO_AUGMENT
         if auto_augment in (None, "", "none"):
             auto_augment = None
@@ -112,7 +116,7 @@ def build_transform(is_train: bool, config: CfgNode) -> Callable:
         if pipeline == "reference":
             return transform
         # The tensor shear / translate pay only where freed memory is kept (allocator.py).
-        return FastTrainTransform(transform, tensor_augment=bool(config.RETAIN_FREED_MEMORY), uint8_output=True)
+        return FastTrainTransform(transform, tensor_augment=bool(config.RETAIN_FREED_MEMORY), uint8_output=uint8_output)
 
     # Evaluation never picks at random; 'random' falls back to bilinear like the official release.
     mode = transforms.InterpolationMode(interpolation if interpolation != "random" else "bilinear")
@@ -124,7 +128,7 @@ def build_transform(is_train: bool, config: CfgNode) -> Callable:
         steps.append(transforms.Resize((size, size), interpolation=mode))
     steps.append(transforms.ToTensor())
     steps.append(transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
-    return transforms.Compose(steps)
+    return transforms.Compose(deferred_to_batch(steps) if uint8_output else steps)
 
 
 # -----------------------------------------------------------------------------
@@ -209,6 +213,12 @@ def _process_rank() -> tuple[int, int]:
     return 0, 1
 
 
+def _loader_transform(is_train: bool, config: CfgNode) -> Callable:
+    """The transform a dataset for the loader applies: under DATA.PIPELINE fast its samples stay
+    uint8 until the batch is on the model's device (``data/uint8_batches.py``)."""
+    return build_transform(is_train, config, uint8_output=training_pipeline(config) == "fast")
+
+
 def build_dataset(
     is_train: bool,
     config: CfgNode,
@@ -219,8 +229,9 @@ def build_dataset(
     """The train or val dataset and the number of classes of the model.
 
     Returns ``(dataset, num_classes)``; ``dataset[i]`` is ``(image, target)`` as described in
-    ``RobustImageDataset`` and ``dataset.classes`` lists the class names; unreadable samples are
-    marked in ``dataset.replacements``. ``substitute`` (default: ``is_train``) says whether an
+    ``RobustImageDataset`` (the image a ``Uint8Image`` under DATA.PIPELINE fast) and
+    ``dataset.classes`` lists the class names; unreadable samples are marked in
+    ``dataset.replacements``. ``substitute`` (default: ``is_train``) says whether an
     unreadable file is replaced by the next readable sample (training) or comes back as a
     placeholder with target -1 for the caller to exclude (evaluation, so the metrics are over the
     named files only); ``DATA.STRICT`` raises instead.
@@ -242,14 +253,14 @@ def build_dataset(
         # WebDataset-style tar shards (data/shards.py); DATA_PATH is only their default location.
         shard_substitute = is_train if substitute is None else substitute
         cap = NUM_CLASSES_22K if kind == "imagenet22K" else None
-        return build_shard_dataset(config, is_train, build_transform(is_train, config), shard_substitute, cap)
+        return build_shard_dataset(config, is_train, _loader_transform(is_train, config), shard_substitute, cap)
     _check_data_path(root)
     if config.DATA.ZIP_MODE and kind == "imagenet22K":
         raise UserError(
             "--zip reads the ImageNet-1K zip layout only; ImageNet-22K from zips is not supported yet: "
             "drop --zip and use the 22K class folders or annotation lists"
         )
-    transform = build_transform(is_train, config)
+    transform = _loader_transform(is_train, config)
     split = "train" if is_train else "val"
 
     if config.DATA.ZIP_MODE:
@@ -304,7 +315,8 @@ class DataBundle:
     """What ``build_loader`` returns; fields read as attributes or as ``bundle["name"]``.
 
     Batches of ``loader_train`` / ``loader_val`` are ``(images, targets)``: images float (B, 3,
-    IMG_SIZE, IMG_SIZE), targets int64 (B,). An unreadable file is marked in its dataset's
+    IMG_SIZE, IMG_SIZE), or under DATA.PIPELINE fast a ``Uint8Batch`` whose ``to(device)`` gives
+    that tensor (SimMIM: ``(images, masks)``), targets int64 (B,). An unreadable file is marked in its dataset's
     ``replacements`` log (the loops count and name them after each pass); in training its row holds
     the next readable sample, in validation a placeholder with target -1 that ``engine.evaluate``
     leaves out. ``mixup_fn`` is None when Mixup/CutMix are off.
@@ -504,7 +516,9 @@ def build_loader(
         **common,
     )
     loader_val = (
-        DataLoader(dataset_val, sampler=sampler_val, shuffle=False, drop_last=False, **common)
+        DataLoader(
+            dataset_val, sampler=sampler_val, shuffle=False, drop_last=False, collate_fn=collate_samples, **common
+        )
         if dataset_val is not None
         else None
     )

@@ -231,10 +231,14 @@ def fast_compose(reference: transforms.Compose, uint8_output: bool = False) -> t
     forms: the same random draws, the crop within ``resized_crop``'s tolerance. ``uint8_output``:
     a trailing ToTensor + Normalize is deferred to the batch (``Uint8Tail``)."""
     steps = [FastRandomResizedCrop(s) if type(s) is transforms.RandomResizedCrop else s for s in reference.transforms]
-    tail = _uint8_tail(steps) if uint8_output else None
-    if tail is not None:
-        steps = [*steps[: len(steps) - tail.length], tail]
-    return transforms.Compose(_fuse_to_tensor(steps))
+    return transforms.Compose(_fuse_to_tensor(deferred_to_batch(steps) if uint8_output else steps))
+
+
+def deferred_to_batch(steps: Sequence[Callable]) -> list[Callable]:
+    """``steps`` with a trailing ToTensor, Normalize[, RandomErasing] replaced by one ``Uint8Tail``
+    (the sample stays uint8, normalised per batch on the model's device); as they are otherwise."""
+    tail = _uint8_tail(steps)
+    return list(steps) if tail is None else [*steps[: len(steps) - tail.length], tail]
 
 
 class ToNormalizedTensor:

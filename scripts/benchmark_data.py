@@ -10,10 +10,11 @@ photographs (china.jpg and flower.jpg, 640x427), then the same images as the zip
 
 * transform, one thread (``torch.set_num_threads(1)``, no loader): the whole training transform
   of the recipe (``DATA.PIPELINE reference``: timm's ``create_transform`` as released, vs
-  ``fast``), file read + decode included, and the validation transform (the same for both
-  pipelines). Process CPU time of this thread, so "per core"; each round times every candidate
-  once over all training images (same random draws for both pipelines), the order reversed every
-  other round; the table shows the median over ``--rounds``.
+  ``fast``), file read + decode included, and the validation transform (timm's eval resize and
+  centre crop; under fast the sample stays uint8, normalised in the batch step). Process CPU time
+  of this thread, so "per core"; each round times every candidate once over all training images
+  (same random draws for both pipelines), the order reversed every other round; the table shows
+  the median over ``--rounds``.
 * where the time goes: the same images through each pipeline's parts one by one (read + decode,
   crop + resize, flip, RandAugment, to-tensor + normalise, random erasing; fast: to uint8 +
   erasing draws), CPU ms per image.
@@ -285,14 +286,17 @@ def bench_transforms(
     """Whole train transforms (reference, fast), the val transform, the batch steps and the per-stage
     runs, interleaved."""
     reference = build_transform(True, make_config(pipeline="reference", retain=retain))
-    fast = build_transform(True, make_config(pipeline="fast", retain=retain))
-    val = build_transform(False, make_config(retain=retain))
+    # As the loader's datasets build them: under fast, samples stay uint8 until the batch step.
+    fast = build_transform(True, make_config(pipeline="fast", retain=retain), uint8_output=True)
+    val_reference = build_transform(False, make_config(pipeline="reference", retain=retain))
+    val_fast = build_transform(False, make_config(pipeline="fast", retain=retain), uint8_output=True)
     if not isinstance(fast, FastTrainTransform):
         raise RuntimeError(f"DATA.PIPELINE fast built {type(fast).__name__}, not FastTrainTransform")
     jobs: dict[str, Callable[[int], Any]] = {
         "reference": lambda r: cpu_ms_per_image(lambda p: reference(load_rgb(p)), train_paths, r),
         "fast": lambda r: cpu_ms_per_image(lambda p: fast(fast.decode_encoded(load_encoded(p))), train_paths, r),
-        "val": lambda r: cpu_ms_per_image(lambda p: val(load_rgb(p)), val_paths, r),
+        "val reference": lambda r: cpu_ms_per_image(lambda p: val_reference(load_rgb(p)), val_paths, r),
+        "val fast": lambda r: cpu_ms_per_image(lambda p: val_fast(load_rgb(p)), val_paths, r),
         "stages reference": lambda r: staged_ms("reference", reference, train_paths, r),
         "stages fast": lambda r: staged_ms("fast", fast, train_paths, r),
     }
@@ -308,16 +312,18 @@ def bench_transforms(
         reference(load_rgb(p))
         fast(fast.decode_encoded(load_encoded(p)))
     for p in list(val_paths[:8]):
-        val(load_rgb(p))
+        val_reference(load_rgb(p))
+        val_fast(load_rgb(p))
     raw: dict[str, list[Any]] = {name: [] for name in jobs}
     for r in range(rounds):
         for name in list(jobs) if r % 2 == 0 else list(reversed(jobs)):
             raw[name].append(jobs[name](r))
 
     result: dict[str, Any] = {}
-    for name in ("reference", "fast", "val"):
+    for name in ("reference", "fast", "val reference", "val fast"):
         ms = statistics.median(raw[name])
         result[name] = {"ms_per_image": ms, "images_per_s_per_core": 1000.0 / ms, "rounds_ms": raw[name]}
+    result["val_ratio"] = result["val reference"]["ms_per_image"] / result["val fast"]["ms_per_image"]
     result["ratio"] = result["fast"]["images_per_s_per_core"] / result["reference"]["images_per_s_per_core"]
     result["paired_ratio"] = statistics.median(a / b for a, b in zip(raw["reference"], raw["fast"], strict=True))
     # Where the model runs on this CPU, the batch step (fast: normalise + erase) costs CPU too.
@@ -415,8 +421,10 @@ def size_table(name: str, info: dict[str, Any], tr: dict[str, Any], loaders: lis
         f"  the batch step: collate in the worker (reference: float32 samples) and, for fast, normalise + erase "
         f"on the model's device; with it on this CPU too: {tr['ratio_with_batch_step_on_cpu']:.2f}x"
     )
-    v = tr["val"]
-    out.append(f"{'val transform (shared)':<24} {v['ms_per_image']:.2f} ms ({v['images_per_s_per_core']:.0f}/s)")
+    v_r, v_f = tr["val reference"], tr["val fast"]
+    val_r = f"{v_r['ms_per_image']:.2f} ({v_r['images_per_s_per_core']:.0f}/s)"
+    val_f = f"{v_f['ms_per_image']:.2f} ({v_f['images_per_s_per_core']:.0f}/s)"
+    out.append(f"{'val transform':<24} {val_r:>16} {val_f:>16} {tr['val_ratio']:8.2f}x")
     out.append(f"fast decoded {share:.0%} of the images at reduced size; paired ratio {tr['paired_ratio']:.2f}x")
     out += [
         "",

@@ -35,10 +35,10 @@ def test_benchmark_data_tiny_run(tmp_path):
     assert os.path.isfile(tmp_path / "data" / "64x48" / "shards" / "train" / "shards.json")
 
     transform = size["transform"]
-    for name in ("reference", "fast", "val"):
+    for name in ("reference", "fast", "val reference", "val fast"):
         assert transform[name]["images_per_s_per_core"] > 0
         assert transform[name]["ms_per_image"] > 0
-    assert transform["ratio"] > 0
+    assert transform["ratio"] > 0 and transform["val_ratio"] > 0
     common = {"read + decode", "crop + resize", "flip", "RandAugment"}
     assert set(transform["stages"]["reference"]) == common | {"to-tensor + normalise", "random erasing"}
     assert set(transform["stages"]["fast"]) == common | {"to uint8 + erasing draws"}

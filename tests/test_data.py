@@ -286,7 +286,7 @@ def test_replacement_wraps_around_to_the_first_sample(tmp_path):
     ds, _ = build_dataset(False, cfg("DATA.DATA_PATH", root), substitute=True)
     img, target, replaced = read_sample(ds, 1)
     assert target == 0 and replaced.endswith(os.path.join("b", "0.png"))
-    assert torch.equal(img, ds[0][0])
+    assert torch.equal(img, float_images(ds[0][0]))
 
 
 def test_strict_mode_raises_one_line_user_error_naming_the_file(tmp_path):
@@ -328,7 +328,7 @@ def test_val_set_never_substitutes_an_unreadable_image_it_marks_it_for_exclusion
     img, target, replaced = read_sample(ds, 1)
     # No class and a blank stand-in, not the next sample: nothing here may be scored as it.
     assert replaced == str(broken) and target == -1
-    assert img.shape == ds[0][0].shape and not torch.equal(img, ds[2][0])
+    assert img.shape == float_images(ds[0][0]).shape and not torch.equal(img, float_images(ds[2][0]))
     assert unnormalize(img).abs().max() < 1e-6
     # Batches keep every row; the placeholder's target says to drop it, the dataset's log names it
     # (marked in the loader's worker process, read in this one).
@@ -337,7 +337,7 @@ def test_val_set_never_substitutes_an_unreadable_image_it_marks_it_for_exclusion
     ).loader_val
     loader_val.dataset.replacements.clear()
     images, targets = next(iter(loader_val))
-    assert targets.tolist() == [0, -1] and images.shape[0] == 2
+    assert targets.tolist() == [0, -1] and len(images) == 2
     assert unreadable_names(loader_val.dataset) == [str(broken)]
     # Training still substitutes.
     train, _ = build_dataset(True, config, substitute=None)
@@ -466,7 +466,7 @@ def test_build_loader_batches_classes_and_does_not_touch_the_config(tiny_root):
     images, targets = float_images(train_batches[0][0]), train_batches[0][1]
     assert images.shape == (4, 3, 32, 32) and targets.dtype == torch.int64
     assert bundle.loader_train.dataset.replacements.indices() == []
-    val_sizes = [b[0].shape[0] for b in bundle.loader_val]
+    val_sizes = [len(b[0]) for b in bundle.loader_val]
     assert val_sizes == [3]
 
 

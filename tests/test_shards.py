@@ -303,7 +303,7 @@ def test_unreadable_samples_are_substituted_in_training_excluded_in_eval_and_str
     train_view, _ = build_dataset(False, cfg(out), substitute=True)
     img, target, replaced = read_sample(train_view, 1)
     # Substituted by the next readable sample (2 has no label either): sample 3.
-    assert replaced.endswith(bad[1]) and target == train_view[3][1] and torch.equal(img, train_view[3][0])
+    assert replaced.endswith(bad[1]) and target == train_view[3][1] and torch.equal(img, float_images(train_view[3][0]))
     with pytest.raises(UserError) as err:
         build_dataset(False, cfg(out, "DATA.STRICT", "True"))[0][2]  # noqa: B018 - reading raises
     assert "no .cls member" in assert_one_line(err) and bad[2] in str(err.value)

@@ -42,7 +42,8 @@ def make_folders(root: Path, n: int = 8) -> Path:
 def test_a_batch_normalised_on_its_device_equals_the_stacked_reference_samples_bit_for_bit(mode, count):
     # IMG_SIZE 32: pad-and-crop, no resize, so the fast samples are the reference's pixels exactly.
     opts = ("DATA.IMG_SIZE", "32", "AUG.REPROB", "0.7", "AUG.REMODE", mode, "AUG.RECOUNT", str(count))
-    fast, ref = build_transform(True, cfg(*opts)), build_transform(True, cfg(*opts, "DATA.PIPELINE", "reference"))
+    fast = build_transform(True, cfg(*opts), uint8_output=True)
+    ref = build_transform(True, cfg(*opts, "DATA.PIPELINE", "reference"))
     samples, expected = [], []
     for seed in range(12):
         img = random_image(seed)
@@ -100,7 +101,7 @@ def test_one_batch_holds_one_normalisation():
         Uint8Batch.collate([a, b])
 
 
-def test_the_training_loader_yields_uint8_batches_under_fast_and_float_ones_under_reference(tmp_path):
+def test_the_loaders_yield_uint8_batches_under_fast_and_float_ones_under_reference(tmp_path):
     root = make_folders(tmp_path)
     opts = ("DATA.DATA_PATH", root, "DATA.IMG_SIZE", "32", "AUG.REPROB", "1.0", "SEED", "2")
     for workers in ("0", "2"):
@@ -113,9 +114,12 @@ def test_the_training_loader_yields_uint8_batches_under_fast_and_float_ones_unde
             assert isinstance(xb, torch.Tensor) and xb.dtype == torch.float32
             (inputs,) = model_inputs(xa, torch.device("cpu"))
             assert torch.equal(inputs, xb) and torch.equal(ya, yb)
-        # Validation is untouched: float tensors from timm's eval transform.
-        images, _ = next(iter(fast.loader_val))
-        assert isinstance(images, torch.Tensor) and images.dtype == torch.float32
+        # Validation batches too: uint8 from the loader, the reference's float batch on the device.
+        fast_val, ref_val = list(fast.loader_val), list(ref.loader_val)
+        assert len(fast_val) == len(ref_val) == 2
+        for (xa, ya), (xb, yb) in zip(fast_val, ref_val, strict=True):
+            assert isinstance(xa, Uint8Batch) and isinstance(xb, torch.Tensor)
+            assert torch.equal(xa.to("cpu"), xb) and torch.equal(ya, yb)
 
 
 def test_collate_passes_other_samples_to_default_collate():
