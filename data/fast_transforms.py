@@ -15,7 +15,9 @@ the pixels are computed:
   grey level on average, under 2.5 for any crop (README, "A faster input pipeline").
 * Any other RGB crop (a smaller box, PNG, an already decoded image) is resized by torch's
   antialiased uint8 kernel (``resized_crop``): Pillow's filter in fixed point, within 2 grey
-  levels of timm's crop + resize, a third of its time.
+  levels of timm's crop + resize, a third of its time. A JPEG decoded in full for it is decoded
+  by torchvision's libjpeg call (``decode_jpeg_pixels``): Pillow's pixels exactly, straight into a
+  tensor, a fifth faster.
 * ``ToTensor`` + ``Normalize`` as one conversion into a preallocated (3, H, W) tensor and two
   in-place operations; the arithmetic is the reference's (x / 255, then (x - mean) / std in
   float32), so the result is bit-identical.
@@ -43,6 +45,7 @@ still unreadable at load time and substituted) and then the transform on the res
 from __future__ import annotations
 
 import random
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -83,9 +86,10 @@ DRAFT_MARGIN = 1.25
 
 
 class DecodedCrop:
-    """What the decode stage hands to ``FastTrainTransform.__call__``: the decoded image (at
-    ``1/scale`` of the file's size), the crop box drawn on the full-size image, the interpolation,
-    and the state of Python's ``random`` right after those draws."""
+    """What the decode stage hands to ``FastTrainTransform.__call__``: the decoded image (a PIL image
+    at ``1/scale`` of the file's size, or a full-size JPEG's pixels from ``decode_jpeg_pixels``), the
+    crop box drawn on the full-size image, the interpolation, and the state of Python's ``random``
+    right after those draws."""
 
     __slots__ = ("box", "image", "interpolation", "random_state", "scale")
 
@@ -106,6 +110,43 @@ class DecodedCrop:
 
 # The interpolations timm's crop draws that torch's antialiased uint8 resize computes as Pillow does.
 TORCH_RESIZE_MODES = {F.InterpolationMode.BILINEAR: "bilinear", F.InterpolationMode.BICUBIC: "bicubic"}
+# JPEG modes (as Pillow reads the header) whose RGB pixels torchvision's libjpeg decode gives exactly
+# as Pillow's decode + convert("RGB") does: YCbCr or RGB colour, and greyscale. CMYK stays Pillow's.
+TORCH_DECODE_MODES = ("RGB", "L")
+
+
+def decode_jpeg_pixels(encoded: EncodedImage) -> torch.Tensor | None:
+    """A JPEG's RGB pixels, uint8 (3, H, W) with (H, W, 3) memory, by torchvision's libjpeg decode.
+
+    The same pixels as Pillow's decode + ``convert("RGB")`` (both libjpeg-turbo with the accurate
+    integer IDCT and smooth chroma upsampling; tested equal over subsamplings, progressive and
+    greyscale files), a fifth less time here, and no Pillow image of 4 bytes per pixel to copy out
+    of. None for other formats and modes, and for data torchvision refuses: it treats libjpeg's
+    warnings (a truncated file, corrupt data) as errors, and the caller's Pillow decode then
+    decides, as it always did, whether the file is readable.
+    """
+    if encoded.format != "JPEG" or encoded.mode not in TORCH_DECODE_MODES:
+        return None
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except ImportError:  # torchvision announces the removal of its image codecs
+        return None
+    data = torch.frombuffer(bytearray(encoded.data), dtype=torch.uint8)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # the same announcement, on every call
+            return decode_jpeg(data, mode=ImageReadMode.RGB)
+    except RuntimeError:
+        return None
+
+
+def resize_pixels(pixels: torch.Tensor, size: tuple[int, int], interpolation: F.InterpolationMode) -> Image.Image:
+    """uint8 RGB pixels (3, h, w), any strides, resized to ``size`` (height, width) by torch's
+    antialiased uint8 kernel (bilinear or bicubic, ``TORCH_RESIZE_MODES``); an RGB PIL image."""
+    batch = pixels.unsqueeze(0).contiguous(memory_format=torch.channels_last)  # the kernel's fast layout
+    mode = TORCH_RESIZE_MODES[interpolation]
+    out = torch.nn.functional.interpolate(batch, size=tuple(size), mode=mode, antialias=True, align_corners=False)
+    return planes_to_image(out[0].numpy())
 
 
 def resized_crop(
@@ -121,13 +162,10 @@ def resized_crop(
     torchvision's call.
     """
     top, left, height, width = box
-    mode = TORCH_RESIZE_MODES.get(interpolation)
-    if not isinstance(img, Image.Image) or img.mode != "RGB" or mode is None:
+    if not isinstance(img, Image.Image) or img.mode != "RGB" or interpolation not in TORCH_RESIZE_MODES:
         return F.resized_crop(img, top, left, height, width, list(size), interpolation)
     region = np.array(img.crop((left, top, left + width, top + height)))
-    pixels = torch.from_numpy(region).permute(2, 0, 1).unsqueeze(0)  # (1, 3, h, w), channels last
-    out = torch.nn.functional.interpolate(pixels, size=tuple(size), mode=mode, antialias=True, align_corners=False)
-    return planes_to_image(out[0].numpy())
+    return resize_pixels(torch.from_numpy(region).permute(2, 0, 1), size, interpolation)
 
 
 class FastResizedCrop:
@@ -192,11 +230,17 @@ class FastResizedCrop:
             if drafted is not None:
                 # Pillow reports the full image's extent in the reduced one: width / scale.
                 scale = round(width / drafted[1][2])
+        if scale == 1 and interpolation in TORCH_RESIZE_MODES:
+            pixels = decode_jpeg_pixels(encoded)
+            if pixels is not None:
+                return DecodedCrop(pixels, box, 1, interpolation, state)
         return DecodedCrop(decode_opened(img), box, scale, interpolation, state)
 
     def crop(self, decoded: DecodedCrop) -> Image.Image:
         """The output-size crop of a decoded image."""
         top, left, h, w = decoded.box
+        if isinstance(decoded.image, torch.Tensor):
+            return resize_pixels(decoded.image[:, top : top + h, left : left + w], self.size, decoded.interpolation)
         if decoded.scale == 1:
             return resized_crop(decoded.image, decoded.box, self.size, decoded.interpolation)
         s = decoded.scale

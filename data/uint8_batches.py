@@ -40,6 +40,9 @@ class ErasingRecorder:
     def __init__(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> None:
         self.shape = torch.Size(shape)
         self.dtype = dtype
+        # What other timm versions read of the tensor: its device (for the fills) and rank.
+        self.device = torch.device("cpu")
+        self.ndim = len(self.shape)
         self.erasures: list[tuple[int, int, int, int, torch.Tensor]] = []
 
     def size(self) -> torch.Size:

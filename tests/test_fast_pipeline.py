@@ -25,7 +25,14 @@ from torchvision.transforms import functional as F
 
 from config import get_config
 from data import build_dataset, build_loader, build_transform, fast_augment
-from data.fast_transforms import DecodedCrop, FastResizedCrop, FastTrainTransform, ToNormalizedTensor, resized_crop
+from data.fast_transforms import (
+    DecodedCrop,
+    FastResizedCrop,
+    FastTrainTransform,
+    ToNormalizedTensor,
+    decode_jpeg_pixels,
+    resized_crop,
+)
 from data.robust import EncodedImage, UnreadableImageError, load_encoded, load_rgb
 from data.sample_seeds import seeded_rngs
 from data.zip_dataset import map_path, write_zip_split, zip_path
@@ -276,7 +283,9 @@ def test_large_crops_of_jpegs_decode_at_reduced_size_within_tolerance():
             k = decoded.scale
             # Reduced exactly when the box is at least 1.25 k times the output on both sides.
             assert k == next((f for f in (8, 4, 2) if h >= 280 * f and w >= 280 * f), 1)
-            assert decoded.image.size == (-(-img.width // k), -(-img.height // k))
+            image = decoded.image  # a full-size JPEG's pixels come as a tensor (decode_jpeg_pixels)
+            size = (image.shape[2], image.shape[1]) if isinstance(image, torch.Tensor) else image.size
+            assert size == (-(-img.width // k), -(-img.height // k))
             diff = np.abs(np.asarray(reference, dtype=np.int16) - np.asarray(got, dtype=np.int16))
             if k == 1:
                 assert diff.max() <= RESIZE_MAX_DIFF
@@ -421,6 +430,53 @@ def test_grey_cmyk_and_progressive_jpegs_decode_at_reduced_size_into_rgb(mode, o
         assert diff.mean() < CROP_TOLERANCE
         reduced += decoded.scale > 1
     assert reduced > 0
+
+
+@pytest.mark.parametrize(
+    "mode,options",
+    [
+        ("RGB", {"subsampling": 0}),  # 4:4:4
+        ("RGB", {"subsampling": 1}),  # 4:2:2
+        ("RGB", {"subsampling": 2}),  # 4:2:0, the common case
+        ("RGB", {"progressive": True}),
+        ("L", {}),
+    ],
+)
+def test_torchvisions_jpeg_decode_gives_pillows_pixels_exactly(mode, options):
+    buf = io.BytesIO()
+    photo(333, 251, 2).convert(mode).save(buf, "JPEG", quality=87, **options)
+    pixels = decode_jpeg_pixels(EncodedImage(buf.getvalue()))
+    pillow = np.asarray(EncodedImage(buf.getvalue()).decode())
+    assert pixels is not None and pixels.dtype == torch.uint8 and pixels.shape == (3, 251, 333)
+    assert np.array_equal(pixels.permute(1, 2, 0).numpy(), pillow)
+
+
+def test_torchvisions_decode_is_skipped_for_cmyk_png_and_data_it_refuses():
+    cmyk, png = io.BytesIO(), io.BytesIO()
+    photo(64, 48).convert("CMYK").save(cmyk, "JPEG")
+    photo(64, 48).save(png, "PNG")
+    assert decode_jpeg_pixels(EncodedImage(cmyk.getvalue())) is None
+    assert decode_jpeg_pixels(EncodedImage(png.getvalue())) is None
+    whole = encoded(photo(300, 200)).data
+    truncated = EncodedImage(whole[: len(whole) // 2])
+    assert decode_jpeg_pixels(truncated) is None  # Pillow's decode then decides: it raises
+    with pytest.raises(OSError):
+        truncated.decode()
+
+
+def test_a_full_size_jpeg_crop_from_torchvisions_pixels_equals_the_one_from_pillows_image():
+    fast = FastResizedCrop(RandomResizedCropAndInterpolation(224, interpolation="random"))
+    data = encoded(photo(500, 375, 1)).data
+    full = EncodedImage(data).decode()
+    kinds = set()
+    for seed in range(16):
+        decoded = fast.decode(EncodedImage(data), seed)
+        assert decoded.scale == 1 and isinstance(decoded.image, torch.Tensor)  # no box here reduces
+        kinds.add(decoded.interpolation)
+        got = fast.crop(decoded)
+        want = resized_crop(full, decoded.box, (224, 224), decoded.interpolation)
+        assert got.tobytes() == want.tobytes(), seed
+    assert kinds == {F.InterpolationMode.BILINEAR, F.InterpolationMode.BICUBIC}
 
 
 # -----------------------------------------------------------------------------
