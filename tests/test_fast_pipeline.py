@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -462,6 +463,17 @@ def test_torchvisions_decode_is_skipped_for_cmyk_png_and_data_it_refuses():
     assert decode_jpeg_pixels(truncated) is None  # Pillow's decode then decides: it raises
     with pytest.raises(OSError):
         truncated.decode()
+
+
+def test_without_torchvisions_codecs_the_crop_decodes_with_pillow_to_the_same_image(monkeypatch):
+    fast = FastResizedCrop(RandomResizedCropAndInterpolation(224, interpolation="bicubic"))
+    data = encoded(photo(400, 300)).data
+    with_torchvision = fast.crop(fast.decode(EncodedImage(data), 5))
+    monkeypatch.setitem(sys.modules, "torchvision.io", None)  # importing it now raises ImportError
+    assert decode_jpeg_pixels(EncodedImage(data)) is None
+    decoded = fast.decode(EncodedImage(data), 5)
+    assert isinstance(decoded.image, Image.Image)
+    assert fast.crop(decoded).tobytes() == with_torchvision.tobytes()
 
 
 def test_a_full_size_jpeg_crop_from_torchvisions_pixels_equals_the_one_from_pillows_image():
