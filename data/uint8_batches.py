@@ -169,7 +169,7 @@ COLLATE_FN_MAP = {**default_collate_fn_map, Uint8Image: _collate_uint8_images}
 
 
 def collate_samples(batch: Sequence[Any]) -> Any:
-    """The training loader's ``collate_fn``: ``default_collate``, except that ``Uint8Image``s (a
+    """The loaders' ``collate_fn``: ``default_collate``, except that ``Uint8Image``s (a
     classification sample's image, or the image of SimMIM's (image, mask)) become one
     ``Uint8Batch``."""
     return collate(batch, collate_fn_map=COLLATE_FN_MAP)
