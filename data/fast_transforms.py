@@ -26,6 +26,8 @@ the pixels are computed:
   page faults per image here, half of a 10 ms decode). The same pixels either way.
 * RandAugment's (or AutoAugment's) shear and translate ops computed on tensors, bit-identical to
   Pillow's (``data/fast_augment.py``), where the loader keeps freed memory.
+* The horizontal flip after the crop drawn as torchvision draws it and applied while the resized
+  crop's planes are copied into Pillow, instead of as a transpose of the image after.
 * Normalisation and erasing per batch, on the model's device (``data/uint8_batches.py``): a
   sample leaves the worker as uint8 pixels plus the rectangles and fills timm's erasing drew for
   it (its own draws, recorded), a quarter of the bytes; the batch is normalised with the
@@ -139,17 +141,25 @@ def decode_jpeg_pixels(encoded: EncodedImage) -> torch.Tensor | None:
         return None
 
 
-def resize_pixels(pixels: torch.Tensor, size: tuple[int, int], interpolation: F.InterpolationMode) -> Image.Image:
+def resize_pixels(
+    pixels: torch.Tensor, size: tuple[int, int], interpolation: F.InterpolationMode, mirror: bool = False
+) -> Image.Image:
     """uint8 RGB pixels (3, h, w), any strides, resized to ``size`` (height, width) by torch's
-    antialiased uint8 kernel (bilinear or bicubic, ``TORCH_RESIZE_MODES``); an RGB PIL image."""
+    antialiased uint8 kernel (bilinear or bicubic, ``TORCH_RESIZE_MODES``); an RGB PIL image,
+    flipped left to right when ``mirror`` (free here: the planes are copied into Pillow anyway)."""
     batch = pixels.unsqueeze(0).contiguous(memory_format=torch.channels_last)  # the kernel's fast layout
     mode = TORCH_RESIZE_MODES[interpolation]
     out = torch.nn.functional.interpolate(batch, size=tuple(size), mode=mode, antialias=True, align_corners=False)
-    return planes_to_image(out[0].numpy())
+    planes = out[0].numpy()
+    return planes_to_image(planes[:, :, ::-1] if mirror else planes)
 
 
 def resized_crop(
-    img: Image.Image, box: tuple[int, int, int, int], size: tuple[int, int], interpolation: F.InterpolationMode
+    img: Image.Image,
+    box: tuple[int, int, int, int],
+    size: tuple[int, int],
+    interpolation: F.InterpolationMode,
+    mirror: bool = False,
 ) -> Image.Image:
     """torchvision's ``resized_crop(img, *box, size, interpolation)`` (what timm's crop calls) for
     an RGB image, computed by torch's antialiased uint8 resize.
@@ -158,13 +168,14 @@ def resized_crop(
     Pillow's separable bilinear / bicubic filter with the same support, in fixed point: the result is
     within 2 grey levels of Pillow's, 99.8 % of pixels equal (``tests/test_fast_pipeline.py``), and
     about three times faster on one core. Tensors, other modes and interpolations take
-    torchvision's call.
+    torchvision's call. ``mirror``: then flipped left to right.
     """
     top, left, height, width = box
     if not isinstance(img, Image.Image) or img.mode != "RGB" or interpolation not in TORCH_RESIZE_MODES:
-        return F.resized_crop(img, top, left, height, width, list(size), interpolation)
+        out = F.resized_crop(img, top, left, height, width, list(size), interpolation)
+        return F.hflip(out) if mirror else out
     region = np.array(img.crop((left, top, left + width, top + height)))
-    return resize_pixels(torch.from_numpy(region).permute(2, 0, 1), size, interpolation)
+    return resize_pixels(torch.from_numpy(region).permute(2, 0, 1), size, interpolation, mirror)
 
 
 class FastResizedCrop:
@@ -235,22 +246,24 @@ class FastResizedCrop:
                 return DecodedCrop(pixels, box, 1, interpolation, state)
         return DecodedCrop(decode_opened(img), box, scale, interpolation, state)
 
-    def crop(self, decoded: DecodedCrop) -> Image.Image:
-        """The output-size crop of a decoded image."""
+    def crop(self, decoded: DecodedCrop, mirror: bool = False) -> Image.Image:
+        """The output-size crop of a decoded image, flipped left to right when ``mirror``."""
         top, left, h, w = decoded.box
         if isinstance(decoded.image, torch.Tensor):
-            return resize_pixels(decoded.image[:, top : top + h, left : left + w], self.size, decoded.interpolation)
+            region = decoded.image[:, top : top + h, left : left + w]
+            return resize_pixels(region, self.size, decoded.interpolation, mirror)
         if decoded.scale == 1:
-            return resized_crop(decoded.image, decoded.box, self.size, decoded.interpolation)
+            return resized_crop(decoded.image, decoded.box, self.size, decoded.interpolation, mirror)
         s = decoded.scale
         region = (left / s, top / s, (left + w) / s, (top + h) / s)
         resample = F.pil_modes_mapping[decoded.interpolation]
-        return decoded.image.resize((self.size[1], self.size[0]), resample, box=region)
+        out = decoded.image.resize((self.size[1], self.size[0]), resample, box=region)
+        return F.hflip(out) if mirror else out
 
-    def __call__(self, img: Image.Image) -> Image.Image:
+    def __call__(self, img: Image.Image, mirror: bool = False) -> Image.Image:
         """A decoded image: the reference's box and interpolation, resized by ``resized_crop``."""
         box, interpolation = self.draw(img)
-        return resized_crop(img, box, self.size, interpolation)
+        return resized_crop(img, box, self.size, interpolation, mirror)
 
 
 class FastRandomResizedCrop:
@@ -373,8 +386,11 @@ class FastTrainTransform:
         self.reference = reference
         steps = list(reference.transforms)
         self.crop: FastResizedCrop | None = None
+        self.flip: transforms.RandomHorizontalFlip | None = None
         if steps and isinstance(steps[0], RandomResizedCropAndInterpolation):
             self.crop = FastResizedCrop(steps.pop(0))
+            if steps and type(steps[0]) is transforms.RandomHorizontalFlip:
+                self.flip = steps.pop(0)  # drawn as it draws, applied as the crop's planes are copied
         self.tail = _uint8_tail(steps) if uint8_output else None
         if self.tail is not None:
             steps = steps[: len(steps) - self.tail.length]
@@ -395,6 +411,11 @@ class FastTrainTransform:
             return encoded.decode()
         return self.crop.decode(encoded, seed)
 
+    def draw_mirror(self) -> bool:
+        """The flip after the crop, drawn as torchvision's ``RandomHorizontalFlip`` draws it (one
+        ``torch.rand(1)``, the first torch draw of the sample); False when there is none."""
+        return self.flip is not None and bool(torch.rand(1) < self.flip.p)
+
     def __call__(self, img: Image.Image | EncodedImage | DecodedCrop) -> Any:
         if isinstance(img, EncodedImage):
             img = self.decode_encoded(img)
@@ -403,15 +424,16 @@ class FastTrainTransform:
             if self.crop is None:
                 raise TypeError("a DecodedCrop needs a transform that starts with a random resized crop")
             random.setstate(img.random_state)
-            img = self.crop.crop(img)
+            img = self.crop.crop(img, self.draw_mirror())
         elif self.crop is not None:
-            img = self.crop(img)
+            img = self.crop(img, self.draw_mirror())
         for step in self.steps:
             img = step(img)
         return img if self.tail is None else self.tail(img)
 
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__}("]
-        steps = ([self.crop.reference] if self.crop else []) + self.steps + ([self.tail] if self.tail else [])
+        head = [self.crop.reference] if self.crop else []
+        steps = head + ([self.flip] if self.flip else []) + self.steps + ([self.tail] if self.tail else [])
         lines += [f"    {s!r}" for s in steps]
         return "\n".join(lines + [")"])

@@ -255,7 +255,7 @@ def staged_ms(pipeline: str, transform: Any, paths: Sequence[str], seed: int) ->
             reduced += img.scale > 1
             t = now
             random.setstate(img.random_state)
-            img = transform.crop.crop(img)
+            img = transform.crop.crop(img, transform.draw_mirror())  # fast: the flip goes with the crop
             now = clock()
             totals["crop + resize"] = totals.get("crop + resize", 0) + now - t
         elif pipeline == "fast" and transform.crop is not None:

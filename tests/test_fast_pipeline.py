@@ -433,6 +433,33 @@ def test_grey_cmyk_and_progressive_jpegs_decode_at_reduced_size_into_rgb(mode, o
     assert reduced > 0
 
 
+def test_the_flip_goes_with_the_crop_with_torchvisions_draw_and_the_same_pixels():
+    # Output 160 from a 300x200 JPEG: never a reduced decode, so only torch's resize differs.
+    flip = transforms.RandomHorizontalFlip()
+    reference = transforms.Compose(
+        [RandomResizedCropAndInterpolation(160, interpolation="bicubic"), flip, transforms.PILToTensor()]
+    )
+    fast = FastTrainTransform(reference, uint8_output=False)
+    assert fast.flip is flip and flip not in fast.steps
+    data = encoded(photo(300, 200, 1)).data
+    mirrored = 0
+    for seed in range(16):
+        with seeded_rngs(seed):
+            a = fast(fast.decode_encoded(EncodedImage(data), seed)).int()
+            after_fast = generator_states()
+        with seeded_rngs(seed):
+            b = reference(EncodedImage(data).decode()).int()
+            after_ref = generator_states()
+        with seeded_rngs(seed):
+            mirror = bool(torch.rand(1) < flip.p)  # the flip's draw: the sample's first torch draw
+        assert after_fast == after_ref
+        assert (a - b).abs().max() <= RESIZE_MAX_DIFF, seed
+        if mirror:
+            assert (a - b.flip(-1)).abs().float().mean() > 10 * RESIZE_MEAN_DIFF  # it was flipped, not left
+        mirrored += mirror
+    assert 0 < mirrored < 16  # both outcomes of the draw were met
+
+
 @pytest.mark.parametrize(
     "mode,options",
     [
