@@ -254,8 +254,7 @@ def precision_label(device: torch.device, enabled: bool, dtype_name: str) -> tup
 
 def describe_precision(device: torch.device, enabled: bool, dtype_name: str) -> str:
     """The precision a run computes in, and why, in words for its first log lines."""
-    label, reason = precision_label(device, enabled, dtype_name)
-    return f"{label} ({reason})"
+    return Precision.decide(device, enabled, dtype_name).description
 
 
 @functools.lru_cache(maxsize=1)

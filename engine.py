@@ -75,8 +75,8 @@ def _grad_norm(parameters: Iterable[nn.Parameter], max_norm: float | None) -> to
 def model_inputs(samples: torch.Tensor | Uint8Batch | list | tuple, device: torch.device) -> list[torch.Tensor]:
     """The model's positional inputs on ``device``: ``[images]``, or SimMIM's ``[images, masks]``.
 
-    A ``Uint8Batch`` (the fast pipeline's training batches) is normalised and erased on ``device``
-    by its own ``to``."""
+    A ``Uint8Batch`` (the fast pipeline's batches) is normalised and erased on ``device`` by its
+    own ``to``."""
     parts = samples if isinstance(samples, (list, tuple)) else [samples]
     return [p.to(device, non_blocking=True) for p in parts]
 
@@ -197,15 +197,15 @@ class DeviceMean:
         self.finite_only = finite_only
         self._last: torch.Tensor | None = None
         self._sum: torch.Tensor | None = None
-        self._count: torch.Tensor | None = None
+        self._count: torch.Tensor | int = 0
 
     def update(self, value: torch.Tensor, n: int = 1) -> None:
         value = value.detach().float()
-        weight = torch.full_like(value, float(n))
+        weight: torch.Tensor | int = n  # a plain count unless values may be left out
         last = value
         if self.finite_only:
             finite = torch.isfinite(value)
-            weight = torch.where(finite, weight, torch.zeros_like(weight))
+            weight = finite.float() * n
             value = torch.where(finite, value, torch.zeros_like(value))
             last = torch.where(finite, last, value if self._last is None else self._last)
         first = self._sum is None
@@ -219,7 +219,10 @@ class DeviceMean:
 
     @property
     def avg(self) -> float:
-        return float(self._sum / self._count.clamp(min=1)) if self._sum is not None else 0.0
+        if self._sum is None:
+            return 0.0
+        count = self._count.clamp(min=1) if isinstance(self._count, torch.Tensor) else self._count
+        return float(self._sum / count)
 
 
 @dataclass

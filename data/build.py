@@ -83,8 +83,8 @@ def build_transform(is_train: bool, config: CfgNode, uint8_output: bool = False)
         raise UserError(f"DATA.IMG_SIZE is {size}; use a positive image size such as 224")
     interpolation = _interpolation(config)
 
-    pipeline = training_pipeline(config)
     if is_train:
+        pipeline = training_pipeline(config)
         auto_augment = config.AUG.AUTO_AUGMENT
         if auto_augment in (None, "", "none"):
             auto_augment = None

@@ -293,8 +293,11 @@ def fast_compose(reference: transforms.Compose, uint8_output: bool = False) -> t
 def deferred_to_batch(steps: Sequence[Callable]) -> list[Callable]:
     """``steps`` with a trailing ToTensor, Normalize[, RandomErasing] replaced by one ``Uint8Tail``
     (the sample stays uint8, normalised per batch on the model's device); as they are otherwise."""
-    tail = _uint8_tail(steps)
-    return list(steps) if tail is None else [*steps[: len(steps) - tail.length], tail]
+    erasing = steps[-1] if steps and isinstance(steps[-1], RandomErasing) else None
+    body = list(steps[:-1]) if erasing is not None else list(steps)
+    if len(body) < 2 or not isinstance(body[-2], transforms.ToTensor) or not isinstance(body[-1], transforms.Normalize):
+        return list(steps)
+    return [*body[:-2], Uint8Tail(body[-1], erasing)]
 
 
 class ToNormalizedTensor:
@@ -342,10 +345,9 @@ class Uint8Tail:
     the batch: a PIL image becomes a ``Uint8Image`` carrying the erasures timm's ``erasing`` drew
     (``data/uint8_batches.py``); ``Uint8Batch.to(device)`` applies them all, bit-identically."""
 
-    def __init__(self, normalize: transforms.Normalize, erasing: RandomErasing | None, length: int) -> None:
+    def __init__(self, normalize: transforms.Normalize, erasing: RandomErasing | None) -> None:
         self.normalize = normalize
         self.erasing = erasing
-        self.length = length  # how many of the reference's steps this replaces
 
     def __call__(self, img: Image.Image) -> Uint8Image:
         sample = Uint8Image.from_image(img, erasures=[], mean=self.normalize.mean, std=self.normalize.std)
@@ -358,15 +360,6 @@ class Uint8Tail:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.normalize!r}, {self.erasing!r}, on the batch's device)"
-
-
-def _uint8_tail(steps: Sequence[Callable]) -> Uint8Tail | None:
-    """``steps``' trailing ToTensor, Normalize[, RandomErasing] as a ``Uint8Tail``; None if they don't end so."""
-    erasing = steps[-1] if steps and isinstance(steps[-1], RandomErasing) else None
-    body = list(steps[:-1]) if erasing is not None else list(steps)
-    if len(body) < 2 or not isinstance(body[-2], transforms.ToTensor) or not isinstance(body[-1], transforms.Normalize):
-        return None
-    return Uint8Tail(body[-1], erasing, 3 if erasing is not None else 2)
 
 
 class FastTrainTransform:
@@ -391,10 +384,7 @@ class FastTrainTransform:
             self.crop = FastResizedCrop(steps.pop(0))
             if steps and type(steps[0]) is transforms.RandomHorizontalFlip:
                 self.flip = steps.pop(0)  # drawn as it draws, applied as the crop's planes are copied
-        self.tail = _uint8_tail(steps) if uint8_output else None
-        if self.tail is not None:
-            steps = steps[: len(steps) - self.tail.length]
-        self.steps = _fuse_to_tensor(steps)
+        self.steps = _fuse_to_tensor(deferred_to_batch(steps) if uint8_output else steps)
         if tensor_augment:
             self.steps = [fast_augment_ops(step) for step in self.steps]
 
@@ -429,11 +419,11 @@ class FastTrainTransform:
             img = self.crop(img, self.draw_mirror())
         for step in self.steps:
             img = step(img)
-        return img if self.tail is None else self.tail(img)
+        return img
 
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__}("]
         head = [self.crop.reference] if self.crop else []
-        steps = head + ([self.flip] if self.flip else []) + self.steps + ([self.tail] if self.tail else [])
+        steps = head + ([self.flip] if self.flip else []) + self.steps
         lines += [f"    {s!r}" for s in steps]
         return "\n".join(lines + [")"])

@@ -245,7 +245,7 @@ def staged_ms(pipeline: str, transform: Any, paths: Sequence[str], seed: int) ->
         t = clock()
         if pipeline == "fast":
             img: Any = transform.decode_encoded(load_encoded(p))
-            steps = list(transform.steps) + ([transform.tail] if transform.tail is not None else [])
+            steps = list(transform.steps)
         else:
             img = load_rgb(p)
             steps = list(transform.transforms)
