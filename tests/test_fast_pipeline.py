@@ -25,7 +25,7 @@ from torchvision import transforms
 from torchvision.transforms import functional as F
 
 from config import get_config
-from data import build_dataset, build_loader, build_transform, fast_augment
+from data import build_dataset, build_loader, build_transform, fast_augment, fast_transforms, jpeg_region
 from data.fast_transforms import (
     DecodedCrop,
     FastResizedCrop,
@@ -284,9 +284,12 @@ def test_large_crops_of_jpegs_decode_at_reduced_size_within_tolerance():
             k = decoded.scale
             # Reduced exactly when the box is at least 1.25 k times the output on both sides.
             assert k == next((f for f in (8, 4, 2) if h >= 280 * f and w >= 280 * f), 1)
-            image = decoded.image  # a full-size JPEG's pixels come as a tensor (decode_jpeg_pixels)
-            size = (image.shape[2], image.shape[1]) if isinstance(image, torch.Tensor) else image.size
-            assert size == (-(-img.width // k), -(-img.height // k))
+            # What was decoded is the part of the 1/k image that holds the scaled box (data.jpeg_region).
+            image, (oy, ox) = decoded.image, decoded.origin
+            width, height = (image.shape[2], image.shape[1]) if isinstance(image, torch.Tensor) else image.size
+            assert 0 <= ox <= left / k and 0 <= oy <= top / k
+            assert (left + w) / k <= ox + width <= -(-img.width // k)
+            assert (top + h) / k <= oy + height <= -(-img.height // k)
             diff = np.abs(np.asarray(reference, dtype=np.int16) - np.asarray(got, dtype=np.int16))
             if k == 1:
                 assert diff.max() <= RESIZE_MAX_DIFF
@@ -495,6 +498,7 @@ def test_torchvisions_decode_is_skipped_for_cmyk_png_and_data_it_refuses():
 def test_without_torchvisions_codecs_the_crop_decodes_with_pillow_to_the_same_image(monkeypatch):
     fast = FastResizedCrop(RandomResizedCropAndInterpolation(224, interpolation="bicubic"))
     data = encoded(photo(400, 300)).data
+    monkeypatch.setattr(fast_transforms, "decode_region", lambda *args, **kwargs: None)  # no partial decoding
     with_torchvision = fast.crop(fast.decode(EncodedImage(data), 5))
     monkeypatch.setitem(sys.modules, "torchvision.io", None)  # importing it now raises ImportError
     assert decode_jpeg_pixels(EncodedImage(data)) is None
@@ -516,6 +520,122 @@ def test_a_full_size_jpeg_crop_from_torchvisions_pixels_equals_the_one_from_pill
         want = resized_crop(full, decoded.box, (224, 224), decoded.interpolation)
         assert got.tobytes() == want.tobytes(), seed
     assert kinds == {F.InterpolationMode.BILINEAR, F.InterpolationMode.BICUBIC}
+
+
+# -----------------------------------------------------------------------------
+# Partial decoding: only the crop's part of a JPEG (data/jpeg_region.py)
+# -----------------------------------------------------------------------------
+JPEG_KINDS = [
+    ("RGB", {"subsampling": 0}),  # 4:4:4
+    ("RGB", {"subsampling": 1}),  # 4:2:2
+    ("RGB", {"subsampling": 2}),  # 4:2:0, the common case
+    ("RGB", {"progressive": True}),
+    ("L", {}),
+]
+
+
+def jpeg_bytes(img: Image.Image, mode: str = "RGB", **options) -> bytes:
+    buf = io.BytesIO()
+    img.convert(mode).save(buf, "JPEG", quality=90, **options)
+    return buf.getvalue()
+
+
+def test_the_partial_decoder_is_built_on_this_machine():
+    # CI's machine has a C compiler and libjpeg-turbo's headers; without them the fast pipeline
+    # still works (decoding whole images), but this test says the speed-up is off.
+    assert jpeg_region.region_decoder() is not None, "see the log line of data.jpeg_region for why"
+
+
+@pytest.mark.parametrize("mode,options", JPEG_KINDS)
+def test_a_partially_decoded_box_equals_the_same_box_of_pillows_whole_decode(mode, options):
+    # An odd size (MCU rows and columns cut at the edges) and every libjpeg scale.
+    width, height = 613, 419
+    data = jpeg_bytes(photo(width, height, 2), mode, **options)
+    rng = random.Random(0)
+    for scale in (1, 2, 4, 8):
+        whole = Image.open(io.BytesIO(data))
+        if scale > 1:
+            whole.draft("RGB", (width // scale, height // scale))
+        full = np.asarray(whole.convert("RGB"))
+        assert full.shape[:2] == (-(-height // scale), -(-width // scale))
+        boxes = [(0, 0, full.shape[0], full.shape[1]), (full.shape[0] - 1, full.shape[1] - 1, 1, 1)]
+        for _ in range(25):
+            h, w = rng.randint(1, full.shape[0]), rng.randint(1, full.shape[1])
+            boxes.append((rng.randint(0, full.shape[0] - h), rng.randint(0, full.shape[1] - w), h, w))
+        for top, left, h, w in boxes:
+            got = jpeg_region.decode_region(data, (top, left, h, w), scale)
+            assert got is not None and got.dtype == torch.uint8 and got.shape == (3, h, w)
+            want = full[top : top + h, left : left + w]
+            assert np.array_equal(got.permute(1, 2, 0).numpy(), want), (scale, (top, left, h, w))
+
+
+def test_partial_decoding_declines_truncated_files_wherever_the_box_and_cmyk_and_boxes_outside():
+    data = jpeg_bytes(photo(320, 240))
+    assert jpeg_region.decode_region(data, (0, 0, 16, 16)) is not None
+    # Cut off in its last rows: without its end marker even a box in the intact top half is declined.
+    truncated = data[: len(data) * 3 // 4]
+    assert jpeg_region.decode_region(truncated, (0, 0, 16, 16)) is None
+    assert jpeg_region.decode_region(data[:100], (0, 0, 16, 16)) is None
+    assert jpeg_region.decode_region(data + b"trailer", (0, 0, 16, 16)) is None  # decoded whole instead
+    # Damage libjpeg warns about above the box's last row: declined (Pillow, which ignores warnings, decodes it).
+    damaged = bytearray(data)
+    damaged[len(data) // 3 : len(data) // 3 + 40] = b"\xff\xd3" * 20  # stray restart markers
+    assert jpeg_region.decode_region(bytes(damaged), (200, 0, 40, 16)) is None
+    assert jpeg_region.decode_region(jpeg_bytes(photo(64, 48), "CMYK"), (0, 0, 8, 8)) is None
+    assert jpeg_region.decode_region(data, (0, 0, 241, 10)) is None
+    assert jpeg_region.decode_region(data, (-1, 0, 10, 10)) is None
+    assert jpeg_region.decode_region(data, (0, 0, 121, 10), 2) is None  # 240 / 2 rows at half scale
+    # The crop stage then decodes whole (torchvision refuses it too) and Pillow's load raises.
+    fast = FastResizedCrop(RandomResizedCropAndInterpolation(64, interpolation="bicubic"))
+    with pytest.raises(OSError):
+        fast.decode(EncodedImage(truncated), 0)
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+def test_crops_from_partially_decoded_jpegs_equal_crops_from_whole_decodes(monkeypatch, interpolation):
+    # Full scale: torch's resize of the box. Reduced: Pillow's resize of the scaled box, which reads
+    # a few pixels around it; the decoded part includes them, so the crop is the same.
+    fast = FastResizedCrop(RandomResizedCropAndInterpolation(224, interpolation=interpolation))
+    scales, decoded_share = set(), []
+    for index, (width, height) in enumerate([(500, 375), (1000, 750), (2000, 1500)]):
+        data = jpeg_bytes(photo(width, height, index))
+        for seed in range(10):
+            partial = fast.decode(EncodedImage(data), seed)
+            assert isinstance(partial.image, torch.Tensor)
+            decoded_share.append(partial.image[0].numel() * partial.scale**2 / (width * height))
+            with monkeypatch.context() as m:
+                m.setattr(fast_transforms, "decode_region", lambda *args, **kwargs: None)
+                whole = fast.decode(EncodedImage(data), seed)
+            assert whole.origin == (0, 0) and whole.box == partial.box and whole.scale == partial.scale
+            scales.add(partial.scale)
+            assert fast.crop(partial).tobytes() == fast.crop(whole).tobytes(), (width, seed, partial.scale)
+    assert scales == {1, 2, 4}
+    assert np.mean(decoded_share) < 0.7  # of the pixels a whole decode makes (about half, for these boxes)
+
+
+def test_without_a_compiler_partial_decoding_is_off_with_one_log_line(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    jpeg_region.region_decoder.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="data.jpeg_region"):
+            assert jpeg_region.region_decoder() is None
+        assert len(caplog.records) == 1 and "whole images are decoded" in caplog.records[0].getMessage()
+        assert jpeg_region.decode_region(jpeg_bytes(photo(64, 48)), (0, 0, 8, 8)) is None
+        assert not any((tmp_path / "cache").rglob("*.so*"))  # no half-built file left behind
+        fast = FastResizedCrop(RandomResizedCropAndInterpolation(64, interpolation="bicubic"))
+        decoded = fast.decode(EncodedImage(jpeg_bytes(photo(300, 200))), 1)
+        assert decoded.origin == (0, 0) and fast.crop(decoded).size == (64, 64)
+    finally:
+        jpeg_region.region_decoder.cache_clear()
+
+
+def test_the_library_is_rebuilt_into_the_cache_when_missing(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    target = jpeg_region.library_path()
+    assert target.parent == tmp_path / "swin-transformer" and not target.exists()
+    assert jpeg_region.build_library(target) is None and target.exists()
+    assert target.name == jpeg_region.library_path().name  # named by the source's hash
 
 
 # -----------------------------------------------------------------------------
