@@ -115,8 +115,7 @@ def build_transform(is_train: bool, config: CfgNode, uint8_output: bool = False)
             steps[crops[0]] = transforms.RandomCrop(size, padding=4, pad_if_needed=True)
         if pipeline == "reference":
             return transform
-        # The tensor shear / translate pay only where freed memory is kept (allocator.py).
-        return FastTrainTransform(transform, tensor_augment=bool(config.RETAIN_FREED_MEMORY), uint8_output=uint8_output)
+        return FastTrainTransform(transform, uint8_output=uint8_output)
 
     # Evaluation never picks at random; 'random' falls back to bilinear like the official release.
     mode = transforms.InterpolationMode(interpolation if interpolation != "random" else "bilinear")

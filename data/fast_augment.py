@@ -4,13 +4,14 @@ timm's ``ShearX``, ``ShearY``, ``TranslateXRel`` and ``TranslateYRel`` (and the 
 ``Image.transform(AFFINE, resample=BILINEAR or BICUBIC)``, Pillow's generic per-pixel engine (about
 0.9 ms bilinear and 2.2 ms bicubic on 224² RGB here). Each of these maps moves pixels along one
 axis only, so the other coordinate always lands on a pixel centre, where Pillow's 2-D filter
-reduces exactly to its 1-D form along the moving axis. ``shift_rows`` evaluates that 1-D form on
-whole tensors with Pillow's arithmetic: the source coordinate in float64 as its
-``affine_transform`` computes it; the fill colour where that coordinate falls outside the image;
-neighbours clamped at the border; the cubic ``v2 + d (p2 + d (p3 + d p4))`` (Pillow's a = -1
-kernel) or the line ``a + (b - a) d`` in float64 in the same order; then Pillow's clamp and
-truncation to uint8. ``tests/test_fast_pipeline.py`` compares it with Pillow pixel for pixel over
-random magnitudes, sizes and fills. Rotate (a true 2-D resampling) stays Pillow's.
+reduces exactly to its 1-D form along the moving axis. ``shift_rows`` evaluates that 1-D form in
+C (``shift_rows.c``, compiled on first use by ``data/native.py``) with Pillow's arithmetic: the
+source coordinate in double precision as its ``affine_transform`` computes it; the fill colour
+where that coordinate falls outside the image; neighbours clamped at the border; the cubic
+``v2 + d (p2 + d (p3 + d p4))`` (Pillow's a = -1 kernel) or the line ``a + (b - a) d`` in the same
+order; then Pillow's clamp and truncation to uint8. ``tests/test_fast_pipeline.py`` compares it
+with Pillow pixel for pixel over random magnitudes, sizes and fills. Rotate (a true 2-D
+resampling) stays Pillow's, and so does everything where the C file cannot be built.
 
 ``fast_augment_ops`` copies a timm ``RandAugment`` or ``AutoAugment`` with these functions in
 place of timm's; every random draw (op choice, probability, magnitude, interpolation) is timm's
@@ -20,112 +21,72 @@ own, in the same order.
 from __future__ import annotations
 
 import copy
+import ctypes
+import functools
 import random
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 from timm.data import auto_augment
 
+from .native import native_library
+
 BILINEAR = Image.Resampling.BILINEAR
 BICUBIC = Image.Resampling.BICUBIC
-# Edge columns repeated on each side: a pixel inside the image reaches at most 2 past the border.
-_PAD = 2
+SOURCE = Path(__file__).with_name("shift_rows.c")
 
 
-def source_coordinates(size: tuple[int, int], affine: tuple[float, ...], axis: int) -> torch.Tensor:
-    """Pillow's source coordinate along ``axis`` (1: x, 0: y) for every output pixel.
-
-    size: (height, width); affine: Pillow's (a0, a1, a2, a3, a4, a5). Returns float64
-    ``a0*(x+.5) + a1*(y+.5) + a2`` (axis 1) or ``a3*(x+.5) + a4*(y+.5) + a5`` (axis 0) in Pillow's
-    order of operations, shaped (H, W) for axis 1 and (W, H) for axis 0 (rows of the transposed
-    image); (1, W) / (1, H) when the other coordinate's factor is 0 (adding 0 * (y+.5) changes no bit).
-    """
-    height, width = size
-    x = torch.arange(width, dtype=torch.float64).add_(0.5)
-    y = torch.arange(height, dtype=torch.float64).add_(0.5)
-    if axis == 1:
-        a, b, c = affine[0:3]
-        along, across = x.view(1, width), y.view(height, 1)
-    else:
-        b, a, c = affine[3:6]
-        along, across = y.view(1, height), x.view(width, 1)
-    if b == 0:
-        return a * along + c
-    # Pillow evaluates (a0*x + a1*y) + a2; float addition commutes exactly.
-    return (a * along + b * across) + c
+@functools.cache
+def shift_kernel() -> ctypes.CDLL | None:
+    """``shift_rows.c`` compiled and loaded (``data/native.py``), or None where it cannot be built."""
+    lib = native_library(SOURCE, (), "RandAugment's shear and translate; Pillow's own are used instead")
+    if lib is not None:
+        lib.shift_rows_rgb.restype = None
+        lib.shift_rows_rgb.argtypes = (
+            [ctypes.c_void_p, ctypes.c_void_p]
+            + [ctypes.c_int] * 3
+            + [
+                ctypes.POINTER(ctypes.c_double),
+                ctypes.c_int,
+                ctypes.c_char_p,
+            ]
+        )
+    return lib
 
 
-def shift_rows(planes: torch.Tensor, coords: torch.Tensor, resample: int, fill: tuple[int, ...]) -> torch.Tensor:
-    """Resample each row of ``planes`` at Pillow's source x coordinates, as Pillow's AFFINE transform.
-
-    planes: uint8 (C, H, W), any strides; coords: float64 (H, W), or (1, W) when every row moves
-    alike, the source x of each output pixel before Pillow's -0.5 pixel-centre shift; resample:
-    BILINEAR or BICUBIC; fill: C values for pixels whose source lies outside [0, W). Returns uint8
-    (C, H, W), contiguous.
-    """
-    channels, height, width = planes.shape
-    frac = coords - 0.5
-    base = frac.floor()
-    frac.sub_(base)
-    inside = (coords >= 0) & (coords < width)
-    taps = (0, 1) if resample == BILINEAR else (-1, 0, 1, 2)
-    edge = (channels, height, _PAD)
-    padded = torch.cat([planes[:, :, :1].expand(edge), planes, planes[:, :, -1:].expand(edge)], 2).to(torch.int16)
-    fill_planes = torch.tensor(fill, dtype=torch.int16).view(channels, 1, 1)
-    sliced = False
-    if coords.shape[0] == 1:
-        # A translation: the columns that stay inside are one range [lo, hi); when every one of
-        # them reads from the same whole-pixel offset, each tap is a slice of the padded rows.
-        keep = inside[0].nonzero()
-        lo, hi = (int(keep[0]), int(keep[-1]) + 1) if len(keep) else (0, 0)
-        shift = base[:, lo:hi] - torch.arange(lo, hi, dtype=torch.float64)
-        sliced = hi > lo and bool((shift == shift[0, 0]).all())
-    if sliced:
-        start = int(shift[0, 0]) + _PAD + lo
-        values = [padded[:, :, start + k : start + k + hi - lo] for k in taps]
-        frac = frac[:, lo:hi]
-    else:
-        # Pixels inside have base in [-1, W-1]; the clamp only touches pixels that take the fill.
-        first = base.clamp_(-1, width - 1).to(torch.int64).add_(taps[0] + _PAD)
-        index = first.expand(channels, height, width)
-        values = [torch.gather(padded[:, :, k - taps[0] :], 2, index) for k in taps]
-    # float64 arithmetic in one buffer; int16 operands are promoted exactly by the in-place ops.
-    if resample == BILINEAR:
-        a, b = values
-        out = (b - a).to(torch.float64).mul_(frac).add_(a)
-    else:
-        v1, v2, v3, v4 = values
-        p2 = v3 - v1
-        p3 = (v1 - v2).mul_(2).add_(v3).sub_(v4)
-        p4 = (v2 - v1).sub_(v3).add_(v4)
-        # p1 + d * (p2 + d * (p3 + d * p4)) in Pillow's order (+ commutes exactly), then its clamp.
-        out = p4.to(torch.float64).mul_(frac).add_(p3).mul_(frac).add_(p2).mul_(frac).add_(v2).clamp_(0.0, 255.0)
-    values = out.to(torch.int16)  # truncation toward zero, as Pillow's (UINT8) cast of a value >= 0
-    if sliced:
-        result = fill_planes.expand(channels, height, width).clone()
-        result[:, :, lo:hi] = values
-    else:
-        result = values.sub_(fill_planes).mul_(inside.to(torch.int16)).add_(fill_planes)
-    return result.to(torch.uint8)
+def shift_rows(
+    pixels: np.ndarray, affine: tuple[float, ...], axis: int, resample: int, fill: tuple[int, int, int]
+) -> np.ndarray:
+    """Pillow's ``transform(size, AFFINE, affine, resample, fillcolor=fill)`` of RGB ``pixels``
+    (uint8 (H, W, 3)) for a map that moves along ``axis`` only (1: x, 0: y), computed by
+    ``shift_rows.c``: uint8 (H, W, 3). Needs the kernel (``shift_kernel()`` not None)."""
+    height, width, _ = pixels.shape
+    pixels = np.ascontiguousarray(pixels)
+    out = np.empty_like(pixels)
+    shift_kernel().shift_rows_rgb(
+        pixels.ctypes.data,
+        out.ctypes.data,
+        height,
+        width,
+        axis,
+        (ctypes.c_double * 6)(*affine),
+        int(resample == BICUBIC),
+        bytes(fill),
+    )
+    return out
 
 
 def _transform_along_axis(img: Image.Image, affine: tuple[float, ...], axis: int, kwargs: dict) -> Image.Image:
     """``img.transform(img.size, AFFINE, affine, **kwargs)`` for a map that moves along ``axis`` only."""
     resample = _draw_interpolation(kwargs)
     fill = kwargs.get("fillcolor")
-    if img.mode != "RGB" or resample not in (BILINEAR, BICUBIC) or not isinstance(fill, tuple) or len(fill) != 3:
+    rgb_fill = isinstance(fill, tuple) and len(fill) == 3 and all(isinstance(v, int) and 0 <= v < 256 for v in fill)
+    if img.mode != "RGB" or resample not in (BILINEAR, BICUBIC) or not rgb_fill or shift_kernel() is None:
         return img.transform(img.size, Image.Transform.AFFINE, affine, resample=resample, fillcolor=fill)
-    width, height = img.size
-    pixels = torch.from_numpy(np.array(img))  # (H, W, 3)
-    coords = source_coordinates((height, width), affine, axis)
-    if axis == 1:
-        planes = shift_rows(pixels.permute(2, 0, 1), coords, resample, fill)
-    else:
-        planes = shift_rows(pixels.permute(2, 1, 0), coords, resample, fill).transpose(1, 2).contiguous()
-    return planes_to_image(planes.numpy())
+    return Image.fromarray(shift_rows(np.asarray(img), affine, axis, resample, fill))
 
 
 def planes_to_image(planes: np.ndarray) -> Image.Image:

@@ -28,8 +28,8 @@ the pixels are computed:
 * The decoded RGB image is used as it is; ``load_rgb``'s ``convert("RGB")`` copies it, and for a
   1000x750 JPEG that copy makes the C allocator hand out fresh pages on every image (about 1,000
   page faults per image here, half of a 10 ms decode). The same pixels either way.
-* RandAugment's (or AutoAugment's) shear and translate ops computed on tensors, bit-identical to
-  Pillow's (``data/fast_augment.py``), where the loader keeps freed memory.
+* RandAugment's (or AutoAugment's) shear and translate ops computed by a small C kernel,
+  bit-identical to Pillow's (``data/fast_augment.py``).
 * The horizontal flip after the crop drawn as torchvision draws it and applied while the resized
   crop's planes are copied into Pillow, instead of as a transpose of the image after.
 * Normalisation and erasing per batch, on the model's device (``data/uint8_batches.py``): a
@@ -417,13 +417,11 @@ class FastTrainTransform:
     what ``reference`` returns, a float tensor (3, H, W), or with ``uint8_output`` (and a
     reference ending in ToTensor, Normalize[, RandomErasing]) a ``Uint8Image`` whose
     ``normalized()`` is that tensor and which the loader collates into a ``Uint8Batch``.
-    ``transforms`` lists the reference's steps (the ones reproduced). ``tensor_augment``:
-    RandAugment's / AutoAugment's shear and translate run ``data.fast_augment``'s tensor form
-    (bit-identical), which is faster only where the process keeps freed memory
-    (``allocator.py``); else timm's Pillow calls.
+    ``transforms`` lists the reference's steps (the ones reproduced). RandAugment's /
+    AutoAugment's shear and translate run ``data.fast_augment``'s C form (bit-identical).
     """
 
-    def __init__(self, reference: transforms.Compose, tensor_augment: bool = True, uint8_output: bool = False) -> None:
+    def __init__(self, reference: transforms.Compose, uint8_output: bool = False) -> None:
         self.reference = reference
         steps = list(reference.transforms)
         self.crop: FastResizedCrop | None = None
@@ -433,9 +431,8 @@ class FastTrainTransform:
             region_decoder()  # built (once, if missing) and loaded here, not in each loader worker
             if steps and type(steps[0]) is transforms.RandomHorizontalFlip:
                 self.flip = steps.pop(0)  # drawn as it draws, applied as the crop's planes are copied
-        self.steps = _fuse_to_tensor(deferred_to_batch(steps) if uint8_output else steps)
-        if tensor_augment:
-            self.steps = [fast_augment_ops(step) for step in self.steps]
+        steps = _fuse_to_tensor(deferred_to_batch(steps) if uint8_output else steps)
+        self.steps = [fast_augment_ops(step) for step in steps]
 
     @property
     def transforms(self) -> list[Callable]:

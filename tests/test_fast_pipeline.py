@@ -25,7 +25,7 @@ from torchvision import transforms
 from torchvision.transforms import functional as F
 
 from config import get_config
-from data import build_dataset, build_loader, build_transform, fast_augment, fast_transforms, jpeg_region
+from data import build_dataset, build_loader, build_transform, fast_augment, fast_transforms, jpeg_region, native
 from data.fast_transforms import (
     DecodedCrop,
     FastResizedCrop,
@@ -618,7 +618,7 @@ def test_without_a_compiler_partial_decoding_is_off_with_one_log_line(monkeypatc
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     jpeg_region.region_decoder.cache_clear()
     try:
-        with caplog.at_level("WARNING", logger="data.jpeg_region"):
+        with caplog.at_level("WARNING", logger="data.native"):
             assert jpeg_region.region_decoder() is None
         assert len(caplog.records) == 1 and "whole images are decoded" in caplog.records[0].getMessage()
         assert jpeg_region.decode_region(jpeg_bytes(photo(64, 48)), (0, 0, 8, 8)) is None
@@ -630,12 +630,16 @@ def test_without_a_compiler_partial_decoding_is_off_with_one_log_line(monkeypatc
         jpeg_region.region_decoder.cache_clear()
 
 
-def test_the_library_is_rebuilt_into_the_cache_when_missing(monkeypatch, tmp_path):
+def test_a_helper_is_built_into_the_cache_under_the_hash_of_its_source(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    target = jpeg_region.library_path()
+    target = native.library_path(jpeg_region.SOURCE)
     assert target.parent == tmp_path / "swin-transformer" and not target.exists()
-    assert jpeg_region.build_library(target) is None and target.exists()
-    assert target.name == jpeg_region.library_path().name  # named by the source's hash
+    assert native.build_library(jpeg_region.SOURCE, target, ("jpeg",)) is None and target.exists()
+    edited = tmp_path / "jpeg_region.c"
+    edited.write_text(jpeg_region.SOURCE.read_text() + "\n/* edited */\n")
+    assert native.library_path(edited).name != target.name  # an edited source is built afresh
+    problem = native.build_library(edited, tmp_path / "x.so", ("no_such_library_here",))
+    assert problem is not None and "no_such_library_here" in problem and not (tmp_path / "x.so").exists()
 
 
 # -----------------------------------------------------------------------------
@@ -712,11 +716,18 @@ def test_the_fast_augment_copy_gives_timms_images_and_draws(policy):
     assert fast_augment.fast_augment_ops(flip) is flip  # anything else is left as it is
 
 
-def test_the_tensor_ops_follow_the_allocator_setting():
-    kept = build_transform(True, cfg())
-    default = build_transform(True, cfg("RETAIN_FREED_MEMORY", "False"))
-    augment = [s for s in kept.steps if type(s).__name__ == "RandAugment"][0]
-    plain = [s for s in default.steps if type(s).__name__ == "RandAugment"][0]
-    assert augment is not kept.reference.transforms[2] and plain is default.reference.transforms[2]
-    assert any(op.aug_fn is fast_augment.shear_x for op in augment.ops)
-    assert not any(op.aug_fn in fast_augment.REPLACEMENTS.values() for op in plain.ops)
+def test_the_fast_shear_and_translate_are_used_whatever_the_allocator_setting():
+    for options in ((), ("RETAIN_FREED_MEMORY", "False")):
+        fast = build_transform(True, cfg(*options))
+        augment = [s for s in fast.steps if type(s).__name__ == "RandAugment"][0]
+        assert augment is not fast.reference.transforms[2]
+        assert any(op.aug_fn is fast_augment.shear_x for op in augment.ops)
+        assert not any(op.aug_fn in fast_augment.REPLACEMENTS.values() for op in fast.reference.transforms[2].ops)
+
+
+def test_without_the_c_kernel_shear_and_translate_are_pillows_own(monkeypatch):
+    monkeypatch.setattr(fast_augment, "shift_kernel", lambda: None)
+    img = photo(50, 40)
+    want = img.transform(img.size, Image.Transform.AFFINE, (1, 0.2, 0, 0, 1, 0), resample=Image.Resampling.BICUBIC)
+    got = fast_augment.shear_x(img, 0.2, resample=Image.Resampling.BICUBIC, fillcolor=(0, 0, 0))
+    assert got.tobytes() == want.tobytes()

@@ -1,0 +1,86 @@
+"""Small C helpers of the input pipeline, compiled on first use and loaded through ctypes.
+
+Two hot spots of the training transform have no fast form in Pillow, torchvision or torch:
+decoding only part of a JPEG (``jpeg_region.c``) and RandAugment's one-axis affine ops with
+Pillow's exact arithmetic (``shift_rows.c``). Each is a plain C file without Python's API, built
+with the system's C compiler into a per-user cache, under a name carrying the hash of its source
+(an edited file is rebuilt). Where that cannot be done (no compiler, a missing header or library)
+``native_library`` returns None after one log line, and the caller keeps its portable path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+# Pillow's arithmetic is reproduced operation by operation: no fused multiply-adds, no reassociation.
+CFLAGS = ("-O2", "-shared", "-fPIC", "-ffp-contract=off")
+
+
+def cache_dir() -> Path:
+    """Where compiled helpers are kept: ``$XDG_CACHE_HOME/swin-transformer`` (default ``~/.cache``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "swin-transformer"
+
+
+def library_path(source: Path, directory: Path | None = None) -> Path:
+    """The compiled file of ``source``: named by its stem and the hash of its text."""
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
+    return (directory or cache_dir()) / f"{source.stem}-{digest}.so"
+
+
+def build_library(source: Path, target: Path, libraries: Sequence[str] = ()) -> str | None:
+    """Compile ``source`` into ``target``, linking ``libraries`` (e.g. ``("jpeg",)``); None on
+    success, else why it failed, in one line.
+
+    Written to a temporary name and renamed, so processes building at once never load half a file.
+    """
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return "no C compiler (cc) found"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, partial = tempfile.mkstemp(dir=target.parent, suffix=".so.partial")
+    os.close(fd)
+    command = [compiler, *CFLAGS, "-o", partial, str(source), *(f"-l{name}" for name in libraries)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            said = done.stderr.splitlines()
+            lines = [line for line in said if "error" in line or "cannot find" in line] or said
+            return (lines[0] if lines else f"{compiler} exited with {done.returncode}").strip()
+        os.replace(partial, target)
+        return None
+    except (OSError, subprocess.SubprocessError) as error:
+        return str(error)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+def native_library(source: Path, libraries: Sequence[str] = (), purpose: str = "") -> ctypes.CDLL | None:
+    """``source`` compiled (if its file is missing) and loaded; None, with one warning naming
+    ``purpose`` and the reason, where it cannot be had. Callers cache the result per process."""
+    path = library_path(source)
+    problem = None
+    if not path.exists():
+        try:
+            problem = build_library(source, path, libraries)
+        except OSError:  # e.g. a read-only home: build in the temporary directory instead
+            path = library_path(source, Path(tempfile.gettempdir()) / "swin-transformer")
+            problem = None if path.exists() else build_library(source, path, libraries)
+    if problem is None:
+        try:
+            return ctypes.CDLL(str(path))
+        except OSError as error:
+            problem = str(error)
+    logger.warning("%s unavailable (%s): %s", source.name, purpose or "a faster path", problem)
+    return None
