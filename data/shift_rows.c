@@ -18,13 +18,13 @@ static int pillow_floor(double x) { return x < 0.0 ? (int)floor(x) : (int)x; }
 /* Pillow's XCLIP / YCLIP, and the bicubic body's "repeat the last row read" at the far edge. */
 static int clip(int i, int n) { return i < 0 ? 0 : (i < n ? i : n - 1); }
 
-/* Pillow's bicubic (a = -1) through v1..v4 at d in [0, 1), operation for operation. */
-static double cubic(double v1, double v2, double v3, double v4, double d) {
-    double p1 = v2;
+/* Pillow's bicubic (a = -1) through v1..v4 at d in [0, 1). Its p2..p4 are sums of small integers,
+ * exact in double and so equal to the same sums in int; the Horner steps are its doubles. */
+static double cubic(int v1, int v2, int v3, int v4, double d) {
     double p2 = -v1 + v3;
     double p3 = 2 * (v1 - v2) + v3 - v4;
     double p4 = -v1 + v2 - v3 + v4;
-    return p1 + d * (p2 + d * (p3 + d * p4));
+    return v2 + d * (p2 + d * (p3 + d * p4));
 }
 
 /* out = in transformed by Pillow's affine map a (a[0..5]: output pixel centre -> source), for a
