@@ -149,9 +149,10 @@ def _ops(step: Any) -> list[Any]:
 
 def fast_augment_ops(step: Any) -> Any:
     """A copy of timm's ``RandAugment`` / ``AutoAugment`` ``step`` whose shear and translate ops run
-    ``shift_rows``; any other step is returned as it is."""
+    ``shift_rows`` (Pillow's own where the kernel is unavailable); any other step is returned as it is."""
     if not any(op.aug_fn in REPLACEMENTS for op in _ops(step)):
         return step
+    shift_kernel()  # built (once, if missing) and loaded here, not in each loader worker
     fast = copy.deepcopy(step)
     for op in _ops(fast):
         op.aug_fn = REPLACEMENTS.get(op.aug_fn, op.aug_fn)

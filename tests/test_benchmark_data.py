@@ -4,11 +4,31 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "benchmark_data.py")
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+
+import benchmark_data  # noqa: E402
+
+
+def test_paired_timing_gives_each_pipeline_the_same_draws_for_each_image():
+    seen: dict[str, list] = {"reference": [], "fast": []}
+
+    def record(name):
+        return lambda path: seen[name].append((path, random.random(), torch.rand(1).item()))
+
+    paths = [f"image_{i}.jpg" for i in range(60)]
+    ms = benchmark_data.paired_ms_per_image({n: record(n) for n in seen}, paths, seed=3, chunk=25)
+    assert set(ms) == {"reference", "fast"} and all(v > 0 for v in ms.values())
+    assert seen["reference"] == seen["fast"]  # same image, same seed, same draws
+    assert [p for p, _, _ in seen["fast"]] == paths
+    assert len({r for _, r, _ in seen["fast"]}) == 60  # a different seed for each image
 
 
 def test_benchmark_data_tiny_run(tmp_path):

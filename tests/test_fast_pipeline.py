@@ -540,10 +540,11 @@ def jpeg_bytes(img: Image.Image, mode: str = "RGB", **options) -> bytes:
     return buf.getvalue()
 
 
-def test_the_partial_decoder_is_built_on_this_machine():
+def test_the_c_helpers_are_built_on_this_machine():
     # CI's machine has a C compiler and libjpeg-turbo's headers; without them the fast pipeline
-    # still works (decoding whole images), but this test says the speed-up is off.
-    assert jpeg_region.region_decoder() is not None, "see the log line of data.jpeg_region for why"
+    # still works (whole decodes, Pillow's shear), but this test says the speed-ups are off.
+    assert jpeg_region.region_decoder() is not None, "see the warning logged by data.native for why"
+    assert fast_augment.shift_kernel() is not None, "see the warning logged by data.native for why"
 
 
 @pytest.mark.parametrize("mode,options", JPEG_KINDS)
