@@ -9,10 +9,11 @@ the pixels are computed:
 * Decode at reduced size. Given an undecoded JPEG (``data.robust.EncodedImage``), the crop box is
   drawn from the header's size first; when the box is at least 1.25 k times the output size on
   both sides (k = 8, 4 or 2, the largest that fits; ``DRAFT_MARGIN``), libjpeg decodes at 1/k
-  scale through Pillow's ``draft`` and the box, scaled by 1/k with fractional coordinates, is
-  resized straight from the reduced image. The resize is then still a reduction, so no detail the
-  output could hold is lost; the pixels differ from the full decode + crop + resize by about one
-  grey level on average, under 2.5 for any crop (README, "A faster input pipeline").
+  scale (through ``decode_region``, else Pillow's ``draft``) and the box, scaled by 1/k with
+  fractional coordinates, is resized straight from the reduced image. The resize is then still a
+  reduction, so no detail the output could hold is lost; the pixels differ from the full decode +
+  crop + resize by about one grey level on average, under 2.5 for any crop (README, "A faster
+  input pipeline").
 * Only the part of a JPEG the crop reads is decoded (``data/jpeg_region.py``, libjpeg-turbo's
   partial decoding, compiled on first use): the box at full scale, the scaled box plus the resize
   filter's reach at 1/k. The same pixels as a whole decode; ×1.11 on the whole transform per

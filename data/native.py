@@ -14,6 +14,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -33,9 +34,10 @@ def cache_dir() -> Path:
 
 
 def library_path(source: Path, directory: Path | None = None) -> Path:
-    """The compiled file of ``source``: named by its stem and the hash of its text."""
+    """The compiled file of ``source``: named by its stem, the hash of its text and the machine's
+    architecture (a home folder shared by x86 and Arm nodes keeps one build for each)."""
     digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
-    return (directory or cache_dir()) / f"{source.stem}-{digest}.so"
+    return (directory or cache_dir()) / f"{source.stem}-{digest}-{platform.machine() or 'unknown'}.so"
 
 
 def build_library(source: Path, target: Path, libraries: Sequence[str] = ()) -> str | None:
