@@ -65,13 +65,15 @@ _C.DATA.NUM_WORKERS = 8
 _C.DATA.MASK_PATCH_SIZE = 32
 # SimMIM: fraction of mask patches masked in each image (rounded up).
 _C.DATA.MASK_RATIO = 0.6
-# Fail on the first unreadable image instead of substituting another sample.
+# Fail on the first unreadable image instead of substituting another sample (the fast pipeline then
+# decodes every JPEG whole, so damage below a crop is seen too).
 _C.DATA.STRICT = False
 # Training input pipeline: 'fast' (data/fast_transforms.py: the same crop boxes, flips, RandAugment
-# ops and erasing for a given seed; crops resized by torch's uint8 kernel, within 2 grey levels of
-# Pillow's; a JPEG crop box at least 1.25 x 2, 4 or 8 times the output is decoded at 1/2, 1/4 or
-# 1/8 size, about 1 grey level from the full decode; everything else bit-identical) or 'reference'
-# (timm's released transform as it is). README "A faster input pipeline".
+# ops and erasing for a given seed; only the crop's part of a JPEG decoded, the same pixels; crops
+# resized by torch's uint8 kernel, within 2 grey levels of Pillow's; a JPEG crop box at least
+# 1.25 x 2, 4 or 8 times the output is decoded at 1/2, 1/4 or 1/8 size, about 1 grey level from
+# the full decode; everything else bit-identical) or 'reference' (timm's released transform as it
+# is). README "A faster input pipeline".
 _C.DATA.PIPELINE = "fast"
 
 # -----------------------------------------------------------------------------

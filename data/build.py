@@ -115,7 +115,8 @@ def build_transform(is_train: bool, config: CfgNode, uint8_output: bool = False)
             steps[crops[0]] = transforms.RandomCrop(size, padding=4, pad_if_needed=True)
         if pipeline == "reference":
             return transform
-        return FastTrainTransform(transform, uint8_output=uint8_output)
+        # DATA.STRICT fails on any damaged file: decode every JPEG whole so damage below a crop is seen.
+        return FastTrainTransform(transform, uint8_output=uint8_output, partial_decode=not config.DATA.STRICT)
 
     # Evaluation never picks at random; 'random' falls back to bilinear like the official release.
     mode = transforms.InterpolationMode(interpolation if interpolation != "random" else "bilinear")

@@ -198,9 +198,10 @@ class FastResizedCrop:
     ``random.choice``, so they are identical for the same random state.
     """
 
-    def __init__(self, reference: RandomResizedCropAndInterpolation) -> None:
+    def __init__(self, reference: RandomResizedCropAndInterpolation, partial: bool = True) -> None:
         self.reference = reference
         self.size = tuple(reference.size)  # (height, width)
+        self.partial = partial  # decode only the part of a JPEG the crop reads (decode_region)
 
     def draw(self, img: Image.Image) -> tuple[tuple[int, int, int, int], F.InterpolationMode]:
         """The crop box ``(top, left, height, width)`` and interpolation, as the reference draws them."""
@@ -247,7 +248,9 @@ class FastResizedCrop:
                 random.setstate(outer)
         scale = 1
         k = self.draft_factor(img, box)
-        if k > 1 or interpolation in TORCH_RESIZE_MODES:
+        # Bilinear and bicubic only: at reduced scale Pillow's box and nearest filters can switch a
+        # whole source pixel when the box's offset (and so the rounding of its centres) changes.
+        if self.partial and interpolation in TORCH_RESIZE_MODES:
             region = self.decode_region(encoded, box, k)
             if region is not None:
                 pixels, origin = region
@@ -420,16 +423,19 @@ class FastTrainTransform:
     ``normalized()`` is that tensor and which the loader collates into a ``Uint8Batch``.
     ``transforms`` lists the reference's steps (the ones reproduced). RandAugment's /
     AutoAugment's shear and translate run ``data.fast_augment``'s C form (bit-identical).
+    ``partial_decode`` off: JPEGs are decoded whole, so every file is read to its end and damage
+    anywhere in it is seen (``DATA.STRICT``).
     """
 
-    def __init__(self, reference: transforms.Compose, uint8_output: bool = False) -> None:
+    def __init__(self, reference: transforms.Compose, uint8_output: bool = False, partial_decode: bool = True) -> None:
         self.reference = reference
         steps = list(reference.transforms)
         self.crop: FastResizedCrop | None = None
         self.flip: transforms.RandomHorizontalFlip | None = None
         if steps and isinstance(steps[0], RandomResizedCropAndInterpolation):
-            self.crop = FastResizedCrop(steps.pop(0))
-            region_decoder()  # built (once, if missing) and loaded here, not in each loader worker
+            self.crop = FastResizedCrop(steps.pop(0), partial_decode)
+            if partial_decode:
+                region_decoder()  # built (once, if missing) and loaded here, not in each loader worker
             if steps and type(steps[0]) is transforms.RandomHorizontalFlip:
                 self.flip = steps.pop(0)  # drawn as it draws, applied as the crop's planes are copied
         steps = _fuse_to_tensor(deferred_to_batch(steps) if uint8_output else steps)

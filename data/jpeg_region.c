@@ -22,7 +22,7 @@
 enum {
     REGION_OK = 0,
     REGION_ERROR = -1,       /* libjpeg raised: corrupt or unsupported data */
-    REGION_UNSUPPORTED = -2, /* a colour space other than greyscale, YCbCr or RGB (CMYK, YCCK) */
+    REGION_UNSUPPORTED = -2, /* CMYK / YCCK, or an uncommon sampling layout (common_sampling) */
     REGION_OUTSIDE = -3,     /* the rectangle does not lie inside the scaled image */
     REGION_WARNING = -4,     /* libjpeg warned (truncated or corrupt data): let the caller decide */
     REGION_NO_END = -5,      /* the data does not end with the end-of-image marker */
@@ -38,6 +38,18 @@ static void on_error(j_common_ptr cinfo) { longjmp(((struct guard *)cinfo->err)-
 
 static void on_message(j_common_ptr cinfo, int level) {
     if (level < 0) ((struct guard *)cinfo->err)->warned = 1;
+}
+
+/* Sampling layouts whose cropped decode is known to equal the whole decode: every chroma
+ * component at 1x1 and luma at 1x1, 2x1, 1x2 or 2x2 (4:4:4, 4:2:2, 4:4:0, 4:2:0, greyscale).
+ * libjpeg-turbo 2.1 crops luma 4x2 and 2x4 files wrongly at 1/2 and 1/4 scale (3.1 does not);
+ * such rare layouts take the whole decode. */
+static int common_sampling(const struct jpeg_decompress_struct *cinfo) {
+    const jpeg_component_info *c = cinfo->comp_info;
+    if (c[0].h_samp_factor > 2 || c[0].v_samp_factor > 2) return 0;
+    for (int i = 1; i < cinfo->num_components; i++)
+        if (c[i].h_samp_factor != 1 || c[i].v_samp_factor != 1) return 0;
+    return 1;
 }
 
 /* Write the RGB pixels of the rectangle [x, x + w) x [y, y + h) of the image decoded at 1/denom
@@ -61,8 +73,9 @@ int jpeg_region_decode(const unsigned char *data, unsigned long length, int deno
     jpeg_create_decompress(&cinfo);
     jpeg_mem_src(&cinfo, data, length);
     jpeg_read_header(&cinfo, TRUE);
-    if (cinfo.jpeg_color_space != JCS_GRAYSCALE && cinfo.jpeg_color_space != JCS_YCbCr &&
-        cinfo.jpeg_color_space != JCS_RGB) {
+    if ((cinfo.jpeg_color_space != JCS_GRAYSCALE && cinfo.jpeg_color_space != JCS_YCbCr &&
+         cinfo.jpeg_color_space != JCS_RGB) ||
+        !common_sampling(&cinfo)) {
         jpeg_destroy_decompress(&cinfo);
         return REGION_UNSUPPORTED;
     }

@@ -15,7 +15,9 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
+import stat
 import subprocess
 import tempfile
 from collections.abc import Sequence
@@ -33,10 +35,23 @@ def cache_dir() -> Path:
     return Path(base) / "swin-transformer"
 
 
-def library_path(source: Path, directory: Path | None = None) -> Path:
-    """The compiled file of ``source``: named by its stem, the hash of its text and the machine's
-    architecture (a home folder shared by x86 and Arm nodes keeps one build for each)."""
-    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
+def private_temp_dir() -> Path:
+    """``<temp>/swin-transformer-<uid>``, created 0700, refused (OSError) unless it is this user's
+    own and writable by no one else: another user must not be able to plant a library there."""
+    directory = Path(tempfile.gettempdir()) / f"swin-transformer-{os.getuid()}"
+    directory.mkdir(mode=0o700, exist_ok=True)
+    info = directory.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
+        raise OSError(f"{directory} is not a private folder of this user")
+    return directory
+
+
+def library_path(source: Path, libraries: Sequence[str] = (), directory: Path | None = None) -> Path:
+    """The compiled file of ``source``: named by its stem, a hash of its text, the flags and the
+    libraries (any change rebuilds), and the machine's architecture (a home folder shared by x86
+    and Arm nodes keeps one build for each)."""
+    recipe = source.read_bytes() + repr((CFLAGS, tuple(libraries))).encode()
+    digest = hashlib.sha256(recipe).hexdigest()[:16]
     return (directory or cache_dir()) / f"{source.stem}-{digest}-{platform.machine() or 'unknown'}.so"
 
 
@@ -46,19 +61,20 @@ def build_library(source: Path, target: Path, libraries: Sequence[str] = ()) -> 
 
     Written to a temporary name and renamed, so processes building at once never load half a file.
     """
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
+    compiler = shlex.split(os.environ.get("CC", "")) or [shutil.which("cc") or shutil.which("gcc") or ""]
+    if not compiler[0]:
         return "no C compiler (cc) found"
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, partial = tempfile.mkstemp(dir=target.parent, suffix=".so.partial")
     os.close(fd)
-    command = [compiler, *CFLAGS, "-o", partial, str(source), *(f"-l{name}" for name in libraries)]
+    command = [*compiler, *CFLAGS, "-o", partial, str(source), *(f"-l{name}" for name in libraries)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             said = done.stderr.splitlines()
             lines = [line for line in said if "error" in line or "cannot find" in line] or said
-            return (lines[0] if lines else f"{compiler} exited with {done.returncode}").strip()
+            return (lines[0] if lines else f"{compiler[0]} exited with {done.returncode}").strip()
+        os.chmod(partial, 0o755)  # mkstemp made it 0600: others sharing the cache could not load it
         os.replace(partial, target)
         return None
     except (OSError, subprocess.SubprocessError) as error:
@@ -71,14 +87,17 @@ def build_library(source: Path, target: Path, libraries: Sequence[str] = ()) -> 
 def native_library(source: Path, libraries: Sequence[str] = (), purpose: str = "") -> ctypes.CDLL | None:
     """``source`` compiled (if its file is missing) and loaded; None, with one warning naming
     ``purpose`` and the reason, where it cannot be had. Callers cache the result per process."""
-    path = library_path(source)
+    path = library_path(source, libraries)
     problem = None
     if not path.exists():
         try:
             problem = build_library(source, path, libraries)
-        except OSError:  # e.g. a read-only home: build in the temporary directory instead
-            path = library_path(source, Path(tempfile.gettempdir()) / "swin-transformer")
-            problem = None if path.exists() else build_library(source, path, libraries)
+        except OSError:  # e.g. a read-only home: build in a private temporary folder instead
+            try:
+                path = library_path(source, libraries, private_temp_dir())
+                problem = None if path.exists() else build_library(source, path, libraries)
+            except OSError as error:
+                problem = str(error)
     if problem is None:
         try:
             return ctypes.CDLL(str(path))

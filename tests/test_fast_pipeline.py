@@ -10,7 +10,9 @@ files are still caught at load time.
 from __future__ import annotations
 
 import io
+import os
 import random
+import shutil
 import sys
 from pathlib import Path
 
@@ -592,6 +594,37 @@ def test_partial_decoding_declines_truncated_files_wherever_the_box_and_cmyk_and
         fast.decode(EncodedImage(truncated), 0)
 
 
+def with_luma_sampling(data: bytes, factors: int) -> bytes:
+    """``data`` (a 4:2:0 baseline JPEG) with its luma sampling byte in the frame header replaced."""
+    sof = data.index(b"\xff\xc0")
+    luma = sof + 2 + 2 + 1 + 2 + 2 + 1 + 1  # marker, length, precision, height, width, count, component id
+    assert data[luma] == 0x22
+    return data[:luma] + bytes([factors]) + data[luma + 1 :]
+
+
+def test_partial_decoding_declines_uncommon_sampling_layouts():
+    # libjpeg-turbo 2.1 crops luma 4x2 and 2x4 files wrongly at 1/2 and 1/4 scale: only the common
+    # layouts (chroma 1x1, luma up to 2x2) are decoded in part; the header alone decides.
+    data = jpeg_bytes(photo(96, 64), subsampling=2)
+    assert jpeg_region.decode_region(data, (0, 8, 16, 16)) is not None
+    for factors in (0x42, 0x24, 0x41):  # luma 4x2, 2x4, 4x1
+        assert jpeg_region.decode_region(with_luma_sampling(data, factors), (0, 8, 16, 16), 2) is None
+
+
+def test_box_and_nearest_crops_decode_whole():
+    for interpolation in ("box", "nearest"):
+        fast = FastResizedCrop(RandomResizedCropAndInterpolation(64, interpolation=interpolation))
+        decoded = fast.decode(EncodedImage(jpeg_bytes(photo(600, 450))), 1)
+        assert decoded.origin == (0, 0) and isinstance(decoded.image, Image.Image)
+
+
+def test_strict_data_decodes_every_jpeg_whole():
+    strict = build_transform(True, cfg("DATA.STRICT", "True"))
+    assert not strict.crop.partial and build_transform(True, cfg()).crop.partial
+    decoded = strict.decode_encoded(EncodedImage(jpeg_bytes(photo(300, 200))), 1)
+    assert decoded.origin == (0, 0) and decoded.image.shape == (3, 200, 300)
+
+
 @pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
 def test_crops_from_partially_decoded_jpegs_equal_crops_from_whole_decodes(monkeypatch, interpolation):
     # Full scale: torch's resize of the box. Reduced: Pillow's resize of the scaled box, which reads
@@ -633,14 +666,34 @@ def test_without_a_compiler_partial_decoding_is_off_with_one_log_line(monkeypatc
 
 def test_a_helper_is_built_into_the_cache_under_the_hash_of_its_source(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    target = native.library_path(jpeg_region.SOURCE)
+    target = native.library_path(jpeg_region.SOURCE, ("jpeg",))
     assert target.parent == tmp_path / "swin-transformer" and not target.exists()
     assert native.build_library(jpeg_region.SOURCE, target, ("jpeg",)) is None and target.exists()
+    assert target.stat().st_mode & 0o777 == 0o755  # loadable by others sharing the cache
     edited = tmp_path / "jpeg_region.c"
     edited.write_text(jpeg_region.SOURCE.read_text() + "\n/* edited */\n")
-    assert native.library_path(edited).name != target.name  # an edited source is built afresh
+    assert native.library_path(edited, ("jpeg",)).name != target.name  # an edited source is built afresh
+    assert native.library_path(jpeg_region.SOURCE, ()).name != target.name  # so are other libraries
     problem = native.build_library(edited, tmp_path / "x.so", ("no_such_library_here",))
     assert problem is not None and "no_such_library_here" in problem and not (tmp_path / "x.so").exists()
+
+
+def test_an_unwritable_cache_falls_back_to_a_private_temporary_folder(monkeypatch, tmp_path, caplog):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setattr(native, "cache_dir", lambda: blocker / "cache")  # mkdir there raises
+    monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    assert native.native_library(fast_augment.SOURCE) is not None
+    private = tmp_path / "tmp" / f"swin-transformer-{os.getuid()}"
+    assert private.stat().st_mode & 0o777 == 0o700 and any(private.glob("shift_rows-*.so"))
+    # A temporary folder others may write to is refused (they could plant a library): one warning.
+    shutil.rmtree(private)
+    private.mkdir(mode=0o777)
+    private.chmod(0o777)
+    with caplog.at_level("WARNING", logger="data.native"):
+        assert native.native_library(fast_augment.SOURCE) is None
+    assert len(caplog.records) == 1 and "not a private folder" in caplog.records[0].getMessage()
 
 
 # -----------------------------------------------------------------------------
