@@ -4,7 +4,8 @@ A random resized crop keeps about half of a photo; decoding all of it only to cr
 IDCT, chroma upsampling and colour conversion of the other half. libjpeg-turbo's partial
 decoding (``jpeg_skip_scanlines``, ``jpeg_crop_scanline``) skips those stages outside the
 rectangle, and the pixels inside are the ones a full decode gives (tested against Pillow's, at
-full and at 1/2, 1/4, 1/8 scale, for 4:4:4, 4:2:2, 4:2:0, progressive and greyscale files).
+full and at 1/2, 1/4, 1/8 scale, for 4:4:4, 4:2:2, 4:2:0, progressive and greyscale files; rarer
+sampling layouts are declined and decoded whole).
 
 Neither Pillow nor torchvision exposes it, so the 100 lines of C are compiled on first use
 (``data/native.py``) against the system's libjpeg-turbo headers (Debian: ``libjpeg62-turbo-dev``)
@@ -45,9 +46,11 @@ def decode_region(data: bytes | memoryview, box: tuple[int, int, int, int], scal
     with (height, width, 3) memory, equal to the same box of a full decode at that scale.
 
     None where the library is unavailable, and for data it declines: a colour space other than
-    greyscale, YCbCr or RGB (CMYK), a box outside the image, data that does not end with JPEG's
-    end-of-image marker (a truncated file, whatever the box; also a file with bytes after the
-    marker), and anything libjpeg warns or errs about while decoding down to the box's last row.
+    greyscale, YCbCr or RGB (CMYK), a sampling layout other than chroma 1x1 with luma up to 2x2
+    (libjpeg-turbo 2.1 crops luma 4x2 and 2x4 wrongly), a box outside the image, data that does
+    not end with JPEG's end-of-image marker (a truncated file, whatever the box; also a file with
+    bytes after the marker), and anything libjpeg warns or errs about while decoding down to the
+    box's last row.
     The caller's whole decode then decides, as it always did, so a file Pillow refuses is refused.
     The rows below the box are not decoded at all: damage there that Pillow would refuse (an
     error, not one of libjpeg's warnings, which Pillow ignores) goes unnoticed for this sample.
