@@ -89,13 +89,6 @@ def _transform_along_axis(img: Image.Image, affine: tuple[float, ...], axis: int
     return Image.fromarray(shift_rows(np.asarray(img), affine, axis, resample, fill))
 
 
-def planes_to_image(planes: np.ndarray) -> Image.Image:
-    """An RGB image from uint8 planes (3, H, W); Pillow interleaves them (a fifth of a transpose's time)."""
-    _, height, width = planes.shape
-    bands = [Image.frombuffer("L", (width, height), np.ascontiguousarray(p), "raw", "L", 0, 1) for p in planes]
-    return Image.merge("RGB", bands)
-
-
 def _draw_interpolation(kwargs: dict) -> Any:
     """timm's interpolation draw: ``random.choice`` over a tuple, else the value (default bicubic)."""
     interpolation = kwargs.get("resample", BICUBIC)

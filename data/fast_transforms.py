@@ -66,7 +66,7 @@ from torchvision.transforms import functional as F
 
 from errors import UserError
 
-from .fast_augment import fast_augment_ops, planes_to_image
+from .fast_augment import fast_augment_ops
 from .jpeg_region import decode_region, region_decoder
 from .robust import EncodedImage, decode_opened
 from .uint8_batches import ErasingRecorder, Uint8Image
@@ -152,6 +152,13 @@ def decode_jpeg_pixels(encoded: EncodedImage) -> torch.Tensor | None:
             return decode_jpeg(data, mode=ImageReadMode.RGB)
     except RuntimeError:
         return None
+
+
+def planes_to_image(planes: np.ndarray) -> Image.Image:
+    """An RGB image from uint8 planes (3, H, W); Pillow interleaves them (a fifth of a transpose's time)."""
+    _, height, width = planes.shape
+    bands = [Image.frombuffer("L", (width, height), np.ascontiguousarray(p), "raw", "L", 0, 1) for p in planes]
+    return Image.merge("RGB", bands)
 
 
 def resize_pixels(
