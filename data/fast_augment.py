@@ -1,21 +1,20 @@
-"""RandAugment's shear and translate ops, bit-identical to Pillow's and faster.
+"""RandAugment's costliest ops, bit-identical to Pillow's and faster: rotate, shear, translate,
+sharpness.
 
-timm's ``ShearX``, ``ShearY``, ``TranslateXRel`` and ``TranslateYRel`` (and the ``Abs`` forms) call
-``Image.transform(AFFINE, resample=BILINEAR or BICUBIC)``, Pillow's generic per-pixel engine (about
-0.9 ms bilinear and 2.2 ms bicubic on 224² RGB here). Each of these maps moves pixels along one
-axis only, so the other coordinate always lands on a pixel centre, where Pillow's 2-D filter
-reduces exactly to its 1-D form along the moving axis. ``shift_rows`` evaluates that 1-D form in
-C (``shift_rows.c``, compiled on first use by ``data/native.py``) with Pillow's arithmetic: the
-source coordinate in double precision as its ``affine_transform`` computes it; the fill colour
-where that coordinate falls outside the image; neighbours clamped at the border; the cubic
-``v2 + d (p2 + d (p3 + d p4))`` (Pillow's a = -1 kernel) or the line ``a + (b - a) d`` in the same
-order; then Pillow's clamp and truncation to uint8. ``tests/test_fast_pipeline.py`` compares it
-with Pillow pixel for pixel over random magnitudes, sizes and fills. Rotate (a true 2-D
-resampling) stays Pillow's, and so does everything where the C file cannot be built.
+timm's ``Rotate``, ``ShearX/Y`` and ``TranslateX/Y(Rel)`` call Pillow's generic per-pixel affine
+engine (``Image.rotate`` / ``Image.transform(AFFINE)`` with BILINEAR or BICUBIC: about 0.9 and
+2.3 ms on 224² RGB here), and ``Sharpness`` its 3x3 SMOOTH filter (0.9 ms) before a blend.
+``pillow_ops.c`` (compiled on first use by ``data/native.py``) computes the same bytes with
+Pillow's expressions in Pillow's order, one channel per vector lane: the rotation's 2-D filter
+(x86-64 with AVX2; elsewhere Pillow's own rotate is used), the one 1-D pass a shear or translation
+reduces to (the other source coordinate lands on a pixel centre, where Pillow's second pass
+returns its value exactly), and the SMOOTH kernel in float. ``tests/test_fast_pipeline.py``
+compares each with Pillow pixel for pixel over random sizes, magnitudes, fills and filters.
 
 ``fast_augment_ops`` copies a timm ``RandAugment`` or ``AutoAugment`` with these functions in
 place of timm's; every random draw (op choice, probability, magnitude, interpolation) is timm's
-own, in the same order.
+own, in the same order. Other modes, filters and fills, and any machine where the C file cannot
+be built, take Pillow's own calls.
 """
 
 from __future__ import annotations
@@ -23,70 +22,111 @@ from __future__ import annotations
 import copy
 import ctypes
 import functools
+import math
 import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from PIL import Image
+from PIL import Image, ImageEnhance, ImageFilter
 from timm.data import auto_augment
 
 from .native import native_library
 
 BILINEAR = Image.Resampling.BILINEAR
 BICUBIC = Image.Resampling.BICUBIC
-SOURCE = Path(__file__).with_name("shift_rows.c")
+SOURCE = Path(__file__).with_name("pillow_ops.c")
+_DOUBLES6 = ctypes.c_double * 6
 
 
 @functools.cache
-def shift_kernel() -> ctypes.CDLL | None:
-    """``shift_rows.c`` compiled and loaded (``data/native.py``), or None where it cannot be built."""
-    lib = native_library(SOURCE, (), "RandAugment's shear and translate; Pillow's own are used instead")
+def ops_kernel() -> ctypes.CDLL | None:
+    """``pillow_ops.c`` compiled and loaded (``data/native.py``), or None where it cannot be built."""
+    lib = native_library(SOURCE, ("m",), "RandAugment's rotate, shear, translate and sharpness; Pillow's are used")
     if lib is not None:
-        lib.shift_rows_rgb.restype = None
-        lib.shift_rows_rgb.argtypes = (
-            [ctypes.c_void_p, ctypes.c_void_p]
-            + [ctypes.c_int] * 3
-            + [
-                ctypes.POINTER(ctypes.c_double),
-                ctypes.c_int,
-                ctypes.c_char_p,
-            ]
-        )
+        pixels = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+        lib.affine_rgbx.restype = ctypes.c_int
+        lib.affine_rgbx.argtypes = pixels + [ctypes.POINTER(ctypes.c_double), ctypes.c_int, ctypes.c_char_p]
+        lib.shift_rows_rgbx.restype = None
+        lib.shift_rows_rgbx.argtypes = pixels + [
+            ctypes.c_int,
+            ctypes.POINTER(ctypes.c_double),
+            ctypes.c_int,
+            ctypes.c_char_p,
+            ctypes.c_int,
+        ]
+        lib.smooth_rgbx.restype = ctypes.c_int
+        lib.smooth_rgbx.argtypes = pixels
     return lib
 
 
+@functools.cache
+def fast_rotate_available() -> bool:
+    """Whether ``pillow_ops.c`` rotates on this CPU (x86-64 with AVX2); elsewhere Pillow does."""
+    lib = ops_kernel()
+    if lib is None:
+        return False
+    out = ctypes.create_string_buffer(4)
+    return lib.affine_rgbx(bytes(4), out, 1, 1, _DOUBLES6(1, 0, 0, 0, 1, 0), 0, bytes(4)) == 0
+
+
+def _on_rgbx(fn: Callable[..., Any], img: Image.Image, *args: Any) -> tuple[Image.Image, Any]:
+    """``fn(in, out, height, width, *args)`` on ``img``'s pixels as Pillow stores RGB (4 bytes each):
+    the RGB image it wrote and what it returned."""
+    data = img.tobytes("raw", "RGBX")
+    out = ctypes.create_string_buffer(len(data))
+    result = fn(data, out, img.height, img.width, *args)
+    return Image.frombytes("RGB", img.size, memoryview(out), "raw", "RGBX"), result
+
+
+def _rgb_fill(fill: Any) -> bytes | None:
+    """The 4 bytes of an RGB fill colour (R, G, B ints in 0..255), else None (Pillow's own call)."""
+    if isinstance(fill, tuple) and len(fill) == 3 and all(isinstance(v, int) and 0 <= v < 256 for v in fill):
+        return bytes(fill) + b"\xff"
+    return None
+
+
 def shift_rows(
-    pixels: np.ndarray, affine: tuple[float, ...], axis: int, resample: int, fill: tuple[int, int, int]
-) -> np.ndarray:
-    """Pillow's ``transform(size, AFFINE, affine, resample, fillcolor=fill)`` of RGB ``pixels``
-    (uint8 (H, W, 3)) for a map that moves along ``axis`` only (1: x, 0: y), computed by
-    ``shift_rows.c``: uint8 (H, W, 3). Needs the kernel (``shift_kernel()`` not None)."""
-    height, width, _ = pixels.shape
-    pixels = np.ascontiguousarray(pixels)
-    out = np.empty_like(pixels)
-    shift_kernel().shift_rows_rgb(
-        pixels.ctypes.data,
-        out.ctypes.data,
-        height,
-        width,
+    img: Image.Image,
+    affine: tuple[float, ...],
+    axis: int,
+    resample: int,
+    fill: tuple[int, int, int],
+    portable: bool = False,
+) -> Image.Image:
+    """Pillow's ``img.transform(img.size, AFFINE, affine, resample, fillcolor=fill)`` of an RGB image
+    for a map that moves along ``axis`` only (1: x, 0: y), computed by ``pillow_ops.c`` (its
+    scalar form with ``portable``). Needs the kernel (``ops_kernel()`` not None)."""
+    out, _ = _on_rgbx(
+        ops_kernel().shift_rows_rgbx,
+        img,
         axis,
-        (ctypes.c_double * 6)(*affine),
+        _DOUBLES6(*affine),
         int(resample == BICUBIC),
-        bytes(fill),
+        _rgb_fill(fill),
+        int(portable),
     )
     return out
+
+
+def rotation_matrix(size: tuple[int, int], degrees: float) -> list[float]:
+    """Pillow's ``Image.rotate(degrees)`` map from output pixel centres to the source (about the
+    image's centre, no expansion), computed as it computes it."""
+    width, height = size
+    cx, cy = width / 2, height / 2
+    angle = -math.radians(degrees % 360.0)
+    cos, sin = round(math.cos(angle), 15), round(math.sin(angle), 15)
+    a, b, d, e = cos, sin, round(-math.sin(angle), 15), cos
+    return [a, b, (a * -cx + b * -cy + 0.0) + cx, d, e, (d * -cx + e * -cy + 0.0) + cy]
 
 
 def _transform_along_axis(img: Image.Image, affine: tuple[float, ...], axis: int, kwargs: dict) -> Image.Image:
     """``img.transform(img.size, AFFINE, affine, **kwargs)`` for a map that moves along ``axis`` only."""
     resample = _draw_interpolation(kwargs)
     fill = kwargs.get("fillcolor")
-    rgb_fill = isinstance(fill, tuple) and len(fill) == 3 and all(isinstance(v, int) and 0 <= v < 256 for v in fill)
-    if img.mode != "RGB" or resample not in (BILINEAR, BICUBIC) or not rgb_fill or shift_kernel() is None:
+    if img.mode != "RGB" or resample not in (BILINEAR, BICUBIC) or _rgb_fill(fill) is None or ops_kernel() is None:
         return img.transform(img.size, Image.Transform.AFFINE, affine, resample=resample, fillcolor=fill)
-    return Image.fromarray(shift_rows(np.asarray(img), affine, axis, resample, fill))
+    return shift_rows(img, affine, axis, resample, fill)
 
 
 def _draw_interpolation(kwargs: dict) -> Any:
@@ -121,6 +161,39 @@ def translate_y_rel(img: Image.Image, pct: float, **kwargs: Any) -> Image.Image:
     return translate_y_abs(img, pct * img.size[1], **kwargs)
 
 
+def rotate(img: Image.Image, degrees: float, **kwargs: Any) -> Image.Image:
+    """timm's ``rotate``: ``img.rotate(degrees, resample=<drawn>, fillcolor=...)``."""
+    resample = _draw_interpolation(kwargs)
+    fill = kwargs.get("fillcolor")
+    # Pillow turns by whole quarter turns without resampling; those, like other modes, are its own.
+    quarter_turn = degrees % 90.0 == 0.0
+    if quarter_turn or img.mode != "RGB" or resample not in (BILINEAR, BICUBIC) or _rgb_fill(fill) is None:
+        return img.rotate(degrees, resample=resample, fillcolor=fill)
+    if not fast_rotate_available():
+        return img.rotate(degrees, resample=resample, fillcolor=fill)
+    matrix = _DOUBLES6(*rotation_matrix(img.size, degrees))
+    out, _ = _on_rgbx(ops_kernel().affine_rgbx, img, matrix, int(resample == BICUBIC), _rgb_fill(fill))
+    return out
+
+
+def smooth(img: Image.Image) -> Image.Image:
+    """Pillow's ``img.filter(ImageFilter.SMOOTH)`` of an RGB image, by ``pillow_ops.c`` where built."""
+    lib = ops_kernel()
+    if lib is not None and img.mode == "RGB":
+        out, status = _on_rgbx(lib.smooth_rgbx, img)
+        if status == 0:
+            return out
+    return img.filter(ImageFilter.SMOOTH)
+
+
+def sharpness(img: Image.Image, factor: float, **_: Any) -> Image.Image:
+    """timm's ``sharpness``: ``ImageEnhance.Sharpness(img).enhance(factor)``, a blend of the image
+    with its SMOOTH-filtered copy (``smooth``)."""
+    if img.mode != "RGB":
+        return ImageEnhance.Sharpness(img).enhance(factor)
+    return Image.blend(smooth(img), img, factor)
+
+
 # timm's op functions and their replacements; any other op is left as it is.
 REPLACEMENTS: dict[Callable, Callable] = {
     auto_augment.shear_x: shear_x,
@@ -129,6 +202,8 @@ REPLACEMENTS: dict[Callable, Callable] = {
     auto_augment.translate_y_abs: translate_y_abs,
     auto_augment.translate_x_rel: translate_x_rel,
     auto_augment.translate_y_rel: translate_y_rel,
+    auto_augment.rotate: rotate,
+    auto_augment.sharpness: sharpness,
 }
 
 
@@ -141,11 +216,12 @@ def _ops(step: Any) -> list[Any]:
 
 
 def fast_augment_ops(step: Any) -> Any:
-    """A copy of timm's ``RandAugment`` / ``AutoAugment`` ``step`` whose shear and translate ops run
-    ``shift_rows`` (Pillow's own where the kernel is unavailable); any other step is returned as it is."""
+    """A copy of timm's ``RandAugment`` / ``AutoAugment`` ``step`` whose rotate, shear, translate and
+    sharpness ops run ``pillow_ops.c`` (Pillow's own where it is unavailable); any other step is
+    returned as it is."""
     if not any(op.aug_fn in REPLACEMENTS for op in _ops(step)):
         return step
-    shift_kernel()  # built (once, if missing) and loaded here, not in each loader worker
+    fast_rotate_available()  # built (once, if missing) and loaded here, not in each loader worker
     fast = copy.deepcopy(step)
     for op in _ops(fast):
         op.aug_fn = REPLACEMENTS.get(op.aug_fn, op.aug_fn)

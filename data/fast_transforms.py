@@ -29,8 +29,8 @@ the pixels are computed:
 * The decoded RGB image is used as it is; ``load_rgb``'s ``convert("RGB")`` copies it, and for a
   1000x750 JPEG that copy makes the C allocator hand out fresh pages on every image (about 1,000
   page faults per image here, half of a 10 ms decode). The same pixels either way.
-* RandAugment's (or AutoAugment's) shear and translate ops computed by a small C kernel,
-  bit-identical to Pillow's (``data/fast_augment.py``).
+* RandAugment's (or AutoAugment's) rotate, shear, translate and sharpness ops computed by a
+  small C kernel, bit-identical to Pillow's (``data/fast_augment.py``).
 * The horizontal flip after the crop drawn as torchvision draws it and applied while the resized
   crop's planes are copied into Pillow, instead of as a transpose of the image after.
 * Normalisation and erasing per batch, on the model's device (``data/uint8_batches.py``): a
@@ -429,7 +429,8 @@ class FastTrainTransform:
     reference ending in ToTensor, Normalize[, RandomErasing]) a ``Uint8Image`` whose
     ``normalized()`` is that tensor and which the loader collates into a ``Uint8Batch``.
     ``transforms`` lists the reference's steps (the ones reproduced). RandAugment's /
-    AutoAugment's shear and translate run ``data.fast_augment``'s C form (bit-identical).
+    AutoAugment's rotate, shear, translate and sharpness run ``data.fast_augment``'s C form
+    (bit-identical).
     ``partial_decode`` off: JPEGs are decoded whole, so every file is read to its end and damage
     anywhere in it is seen (``DATA.STRICT``).
     """

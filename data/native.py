@@ -1,8 +1,8 @@
 """Small C helpers of the input pipeline, compiled on first use and loaded through ctypes.
 
 Two hot spots of the training transform have no fast form in Pillow, torchvision or torch:
-decoding only part of a JPEG (``jpeg_region.c``) and RandAugment's one-axis affine ops with
-Pillow's exact arithmetic (``shift_rows.c``). Each is a plain C file without Python's API, built
+decoding only part of a JPEG (``jpeg_region.c``) and RandAugment's rotate, shear, translate and
+sharpness with Pillow's exact arithmetic (``pillow_ops.c``). Each is a plain C file without Python's API, built
 with the system's C compiler into a per-user cache, under a name carrying the hash of its source
 (an edited file is rebuilt). Where that cannot be done (no compiler, a missing header or library)
 ``native_library`` returns None after one log line, and the caller keeps its portable path.
@@ -26,7 +26,8 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 # Pillow's arithmetic is reproduced operation by operation: no fused multiply-adds, no reassociation.
-CFLAGS = ("-O2", "-shared", "-fPIC", "-ffp-contract=off")
+# -O3 vectorises plain loops (the SMOOTH filter's byte-to-float rows: 0.18 ms per 224² image vs 0.31).
+CFLAGS = ("-O3", "-shared", "-fPIC", "-ffp-contract=off")
 
 
 def cache_dir() -> Path:

@@ -58,6 +58,17 @@ def cfg(*opts):
     return get_config(opts=base + [str(o) for o in opts])
 
 
+def cpu_has_avx2() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " avx2" in line for line in f)
+    except OSError:
+        return False
+
+
+HAS_AVX2 = sys.platform == "linux" and os.uname().machine == "x86_64" and cpu_has_avx2()
+
+
 def photo(width: int, height: int, index: int = 0) -> Image.Image:
     """A ``width`` x ``height`` crop of scikit-learn's sample photos, mirror-tiled (never upscaled)."""
     a = load_sample_image(("china.jpg", "flower.jpg")[index % 2])
@@ -544,9 +555,10 @@ def jpeg_bytes(img: Image.Image, mode: str = "RGB", **options) -> bytes:
 
 def test_the_c_helpers_are_built_on_this_machine():
     # CI's machine has a C compiler and libjpeg-turbo's headers; without them the fast pipeline
-    # still works (whole decodes, Pillow's shear), but this test says the speed-ups are off.
+    # still works (whole decodes, Pillow's RandAugment ops), but this test says the speed-ups are off.
     assert jpeg_region.region_decoder() is not None, "see the warning logged by data.native for why"
-    assert fast_augment.shift_kernel() is not None, "see the warning logged by data.native for why"
+    assert fast_augment.ops_kernel() is not None, "see the warning logged by data.native for why"
+    assert fast_augment.fast_rotate_available() == HAS_AVX2
 
 
 @pytest.mark.parametrize("mode,options", JPEG_KINDS)
@@ -686,7 +698,7 @@ def test_an_unwritable_cache_falls_back_to_a_private_temporary_folder(monkeypatc
     (tmp_path / "tmp").mkdir()
     assert native.native_library(fast_augment.SOURCE) is not None
     private = tmp_path / "tmp" / f"swin-transformer-{os.getuid()}"
-    assert private.stat().st_mode & 0o777 == 0o700 and any(private.glob("shift_rows-*.so"))
+    assert private.stat().st_mode & 0o777 == 0o700 and any(private.glob("pillow_ops-*.so"))
     # A temporary folder others may write to is refused (they could plant a library): one warning.
     shutil.rmtree(private)
     private.mkdir(mode=0o777)
@@ -697,7 +709,7 @@ def test_an_unwritable_cache_falls_back_to_a_private_temporary_folder(monkeypatc
 
 
 # -----------------------------------------------------------------------------
-# RandAugment's shear and translate
+# RandAugment's rotate, shear, translate and sharpness
 # -----------------------------------------------------------------------------
 def test_shear_and_translate_equal_pillows_affine_transform_pixel_for_pixel():
     rng = random.Random(0)
@@ -721,6 +733,10 @@ def test_shear_and_translate_equal_pillows_affine_transform_pixel_for_pixel():
                 got = ours(img, magnitude, resample=resample, fillcolor=fill)
                 assert got.mode == "RGB" and got.size == img.size
                 assert got.tobytes() == want.tobytes(), (name, img.size, magnitude, resample)
+                # The scalar form, which CPUs without AVX2 run, gives the same bytes.
+                axis = 1 if name.endswith("_x") else 0
+                scalar = fast_augment.shift_rows(img, affine(magnitude), axis, resample, fill, portable=True)
+                assert scalar.tobytes() == want.tobytes(), (name, img.size, magnitude, resample)
                 checked += 1
     assert checked == 320
     # A whole-pixel translation and one that leaves nothing of the image.
@@ -745,6 +761,38 @@ def test_other_modes_and_filters_take_pillows_own_transform():
     assert got.tobytes() == want.tobytes()
 
 
+def test_rotate_equals_pillows_rotate_pixel_for_pixel():
+    # timm's Rotate turns by up to 30 degrees either way (more with mstd); also past a turn, odd
+    # and tiny sizes, and the quarter turns Pillow does by transposing.
+    rng = random.Random(1)
+    angles = [rng.uniform(-45, 45) for _ in range(60)] + [-400.5, 359.99, 0.0, 90.0, -180.0, 270.0, 1e-9]
+    for i, degrees in enumerate(angles):
+        width, height = rng.choice([(224, 224), (160, 97), (33, 57), (7, 5), (1, 1), (2, 9)])
+        img = photo(width, height, i)
+        fill = tuple(rng.randrange(256) for _ in range(3))
+        for resample in (Image.Resampling.BILINEAR, Image.Resampling.BICUBIC):
+            want = img.rotate(degrees, resample=resample, fillcolor=fill)
+            got = fast_augment.rotate(img, degrees, resample=resample, fillcolor=fill)
+            assert got.mode == "RGB" and got.tobytes() == want.tobytes(), (img.size, degrees, resample)
+    if HAS_AVX2:  # the C form ran (elsewhere every call above was Pillow's own)
+        assert fast_augment.fast_rotate_available()
+
+
+def test_sharpness_equals_pillows_image_enhance_pixel_for_pixel():
+    from PIL import ImageEnhance, ImageFilter
+
+    rng = random.Random(2)
+    for i, (width, height) in enumerate([(224, 224), (161, 97), (3, 3), (2, 40), (40, 2), (1, 1), (5, 4)]):
+        img = photo(width, height, i)
+        assert fast_augment.smooth(img).tobytes() == img.filter(ImageFilter.SMOOTH).tobytes(), img.size
+        for factor in (0.0, 0.1, 1.0, 1.9, rng.uniform(0.05, 1.95)):
+            want = ImageEnhance.Sharpness(img).enhance(factor)
+            assert fast_augment.sharpness(img, factor).tobytes() == want.tobytes(), (img.size, factor)
+    grey = photo(30, 20).convert("L")  # other modes: Pillow's own
+    want = ImageEnhance.Sharpness(grey).enhance(1.5)
+    assert fast_augment.sharpness(grey, 1.5).tobytes() == want.tobytes()
+
+
 @pytest.mark.parametrize("policy", ["rand-m9-mstd0.5-inc1", "original"])
 def test_the_fast_augment_copy_gives_timms_images_and_draws(policy):
     # Same hparams as the recipe's train transform: fill with the mean, interpolation random.
@@ -755,7 +803,8 @@ def test_the_fast_augment_copy_gives_timms_images_and_draws(policy):
     names = [op.name for op in fast_augment._ops(fast)]
     assert names == [op.name for op in fast_augment._ops(augment)]
     swapped = {op.name for op in fast_augment._ops(fast) if op.aug_fn in fast_augment.REPLACEMENTS.values()}
-    assert swapped and all(n.startswith(("Shear", "Translate")) for n in swapped)
+    assert swapped and all(n.startswith(("Shear", "Translate", "Rotate", "Sharpness")) for n in swapped)
+    assert {"Rotate", "ShearX"} <= swapped
     assert not any(op.aug_fn in fast_augment.REPLACEMENTS.values() for op in fast_augment._ops(augment))
     img = photo(224, 224, 3)
     for seed in range(60):
@@ -779,9 +828,15 @@ def test_the_fast_shear_and_translate_are_used_whatever_the_allocator_setting():
         assert not any(op.aug_fn in fast_augment.REPLACEMENTS.values() for op in fast.reference.transforms[2].ops)
 
 
-def test_without_the_c_kernel_shear_and_translate_are_pillows_own(monkeypatch):
-    monkeypatch.setattr(fast_augment, "shift_kernel", lambda: None)
+def test_without_the_c_kernel_the_ops_are_pillows_own(monkeypatch):
+    from PIL import ImageEnhance
+
+    monkeypatch.setattr(fast_augment, "ops_kernel", lambda: None)
+    monkeypatch.setattr(fast_augment, "fast_rotate_available", lambda: False)
     img = photo(50, 40)
     want = img.transform(img.size, Image.Transform.AFFINE, (1, 0.2, 0, 0, 1, 0), resample=Image.Resampling.BICUBIC)
     got = fast_augment.shear_x(img, 0.2, resample=Image.Resampling.BICUBIC, fillcolor=(0, 0, 0))
     assert got.tobytes() == want.tobytes()
+    want = img.rotate(12.5, resample=Image.Resampling.BICUBIC, fillcolor=(4, 5, 6))
+    assert fast_augment.rotate(img, 12.5, resample=Image.Resampling.BICUBIC, fillcolor=(4, 5, 6)) == want
+    assert fast_augment.sharpness(img, 1.7) == ImageEnhance.Sharpness(img).enhance(1.7)

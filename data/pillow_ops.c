@@ -1,0 +1,273 @@
+/* RandAugment's costliest ops with Pillow's exact arithmetic, on RGBX pixels (4 bytes each, as
+ * Pillow stores RGB; the fourth byte is ignored on input and undefined on output).
+ *
+ * - rotate, shear, translate: Image.transform(AFFINE, BILINEAR or BICUBIC), Pillow's generic
+ *   per-pixel engine (Geometry.c: affine_transform, BILINEAR/BICUBIC_HEAD and _BODY, the clamp and
+ *   the cast). affine_rgbx is the full 2-D form (rotate). Shear and translate move pixels along one
+ *   axis only, so the other source coordinate lands on a pixel centre, where Pillow's second pass
+ *   returns its centre value exactly (d = 0 in its polynomial): shift_rows_rgbx evaluates the one
+ *   1-D pass that remains.
+ * - the SMOOTH 3x3 filter of ImageEnhance.Sharpness (Filter.c: ImagingFilter3x3, float kernel
+ *   k / 13, offset 0.5, rows y+1, y, y-1 in that order, borders copied).
+ *
+ * Every value is computed with Pillow's expressions in Pillow's order, one channel per vector
+ * lane where vectors are used (the same IEEE operations per lane, so the same bytes). Built with
+ * -ffp-contract=off (data/native.py): no fused multiply-adds. On x86-64 CPUs with AVX2 the affine
+ * ops use four-lane double vectors; elsewhere shear and translate take a scalar form (still faster
+ * than Pillow's 2-D engine) and rotate is left to Pillow.
+ */
+#include <math.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define HAVE_AVX2_PATH 1
+#define AVX2 __attribute__((target("avx2")))
+#endif
+
+typedef int v4i __attribute__((vector_size(16)));
+typedef float v4f __attribute__((vector_size(16)));
+
+/* Pillow's FLOOR: a cast for non-negative values, floor() below zero. */
+static int pillow_floor(double x) { return x < 0.0 ? (int)floor(x) : (int)x; }
+
+/* Pillow's XCLIP / YCLIP; its bicubic body's "repeat the last row read" past an edge is the same. */
+static int clip(int i, int n) { return i < 0 ? 0 : (i < n ? i : n - 1); }
+
+static unsigned char clamp8(double v) { return v <= 0.0 ? 0 : (v >= 255.0 ? 255 : (unsigned char)v); }
+
+/* Pillow's bicubic (a = -1) through four samples at d in [0, 1): p2..p4 formed from the UINT8
+ * samples in int (exact small integers), then converted, as its macro does. */
+static double cubic_u8(int v1, int v2, int v3, int v4, double d) {
+    double p2 = -v1 + v3;
+    double p3 = 2 * (v1 - v2) + v3 - v4;
+    double p4 = -v1 + v2 - v3 + v4;
+    return v2 + d * (p2 + d * (p3 + d * p4));
+}
+
+static int use_avx2(int portable) {
+#ifdef HAVE_AVX2_PATH
+    return !portable && __builtin_cpu_supports("avx2");
+#else
+    (void)portable;
+    return 0;
+#endif
+}
+
+#ifdef HAVE_AVX2_PATH
+/* One RGBX pixel as four int32 lanes. */
+AVX2 static inline __m128i pixel4(const unsigned char *p) {
+    int v;
+    memcpy(&v, p, 4);
+    return _mm_cvtepu8_epi32(_mm_cvtsi32_si128(v));
+}
+
+/* cubic_u8 on the four channels of the pixels at p + offsets[0..3]. */
+AVX2 static inline __m256d cubic_taps4(const unsigned char *p, const size_t *offsets, __m256d d) {
+    __m128i a = pixel4(p + offsets[0]), b = pixel4(p + offsets[1]);
+    __m128i c = pixel4(p + offsets[2]), e = pixel4(p + offsets[3]);
+    __m256d p1 = _mm256_cvtepi32_pd(b);
+    __m256d p2 = _mm256_cvtepi32_pd(_mm_sub_epi32(c, a));
+    __m256d p3 = _mm256_cvtepi32_pd(_mm_sub_epi32(_mm_add_epi32(_mm_slli_epi32(_mm_sub_epi32(a, b), 1), c), e));
+    __m256d p4 = _mm256_cvtepi32_pd(_mm_add_epi32(_mm_sub_epi32(_mm_sub_epi32(b, a), c), e));
+    return _mm256_add_pd(p1, _mm256_mul_pd(d, _mm256_add_pd(p2, _mm256_mul_pd(d, _mm256_add_pd(p3, _mm256_mul_pd(d, p4))))));
+}
+
+/* cubic on four lanes of doubles; -a + c is c - a exactly (negation is exact). */
+AVX2 static inline __m256d cubic4(__m256d a, __m256d b, __m256d c, __m256d e, __m256d d) {
+    __m256d p2 = _mm256_sub_pd(c, a);
+    __m256d p3 = _mm256_sub_pd(_mm256_add_pd(_mm256_mul_pd(_mm256_set1_pd(2.0), _mm256_sub_pd(a, b)), c), e);
+    __m256d p4 = _mm256_add_pd(_mm256_sub_pd(_mm256_sub_pd(b, a), c), e);
+    return _mm256_add_pd(b, _mm256_mul_pd(d, _mm256_add_pd(p2, _mm256_mul_pd(d, _mm256_add_pd(p3, _mm256_mul_pd(d, p4))))));
+}
+
+/* Pillow's line a + (b - a) d on the four channels of two pixels. */
+AVX2 static inline __m256d line4(const unsigned char *pa, const unsigned char *pb, __m256d d) {
+    __m128i a = pixel4(pa), b = pixel4(pb);
+    return _mm256_add_pd(_mm256_cvtepi32_pd(a), _mm256_mul_pd(_mm256_cvtepi32_pd(_mm_sub_epi32(b, a)), d));
+}
+
+/* clamp8 on four lanes: truncating first and clamping the integers gives the same bytes. */
+AVX2 static inline void store4(unsigned char *o, __m256d v) {
+    __m128i i = _mm256_cvttpd_epi32(v);
+    i = _mm_min_epi32(_mm_max_epi32(i, _mm_setzero_si128()), _mm_set1_epi32(255));
+    i = _mm_packus_epi16(_mm_packus_epi32(i, i), i);
+    int w = _mm_cvtsi128_si32(i);
+    memcpy(o, &w, 4);
+}
+
+AVX2 static void affine_avx2(const unsigned char *in, unsigned char *out, int height, int width, const double *a,
+                             int bicubic, const unsigned char *fill) {
+    size_t stride = (size_t)width * 4;
+    for (int y = 0; y < height; y++) {
+        for (int x = 0; x < width; x++) {
+            double xin = x + 0.5, yin = y + 0.5;
+            double xx = a[0] * xin + a[1] * yin + a[2];
+            double yy = a[3] * xin + a[4] * yin + a[5];
+            unsigned char *o = out + (size_t)y * stride + (size_t)x * 4;
+            if (xx < 0.0 || xx >= width || yy < 0.0 || yy >= height) {
+                memcpy(o, fill, 4);
+                continue;
+            }
+            xx -= 0.5;
+            yy -= 0.5;
+            int bx = pillow_floor(xx), by = pillow_floor(yy);
+            __m256d dx = _mm256_set1_pd(xx - bx), dy = _mm256_set1_pd(yy - by);
+            if (bicubic) {
+                size_t xs[4];
+                __m256d r[4];
+                for (int k = 0; k < 4; k++) xs[k] = (size_t)clip(bx - 1 + k, width) * 4;
+                for (int k = 0; k < 4; k++) r[k] = cubic_taps4(in + clip(by - 1 + k, height) * stride, xs, dx);
+                store4(o, cubic4(r[0], r[1], r[2], r[3], dy));
+            } else {
+                size_t x0 = (size_t)clip(bx, width) * 4, x1 = (size_t)clip(bx + 1, width) * 4;
+                const unsigned char *r0 = in + clip(by, height) * stride, *r1 = in + clip(by + 1, height) * stride;
+                __m256d v1 = line4(r0 + x0, r0 + x1, dx), v2 = line4(r1 + x0, r1 + x1, dx);
+                store4(o, _mm256_add_pd(v1, _mm256_mul_pd(_mm256_sub_pd(v2, v1), dy)));
+            }
+        }
+    }
+}
+
+AVX2 static void shift_avx2(const unsigned char *in, unsigned char *out, int height, int width, int axis,
+                            const double *a, int bicubic, const unsigned char *fill) {
+    int extent = axis == 1 ? width : height;
+    size_t step = axis == 1 ? 4 : (size_t)width * 4; /* bytes between neighbours along the axis */
+    for (int y = 0; y < height; y++) {
+        for (int x = 0; x < width; x++) {
+            double xin = x + 0.5, yin = y + 0.5;
+            unsigned char *o = out + ((size_t)y * width + x) * 4;
+            double src = axis == 1 ? a[0] * xin + a[1] * yin + a[2] : a[3] * xin + a[4] * yin + a[5];
+            if (src < 0.0 || src >= extent) {
+                memcpy(o, fill, 4);
+                continue;
+            }
+            src -= 0.5;
+            int base = pillow_floor(src);
+            __m256d d = _mm256_set1_pd(src - base);
+            const unsigned char *line = axis == 1 ? in + (size_t)y * width * 4 : in + (size_t)x * 4;
+            if (bicubic) {
+                size_t taps[4];
+                for (int k = 0; k < 4; k++) taps[k] = clip(base - 1 + k, extent) * step;
+                store4(o, cubic_taps4(line, taps, d));
+            } else {
+                store4(o, line4(line + clip(base, extent) * step, line + clip(base + 1, extent) * step, d));
+            }
+        }
+    }
+}
+#endif
+
+static void shift_scalar(const unsigned char *in, unsigned char *out, int height, int width, int axis,
+                         const double *a, int bicubic, const unsigned char *fill) {
+    int extent = axis == 1 ? width : height;
+    size_t step = axis == 1 ? 4 : (size_t)width * 4;
+    for (int y = 0; y < height; y++) {
+        for (int x = 0; x < width; x++) {
+            double xin = x + 0.5, yin = y + 0.5;
+            unsigned char *o = out + ((size_t)y * width + x) * 4;
+            double src = axis == 1 ? a[0] * xin + a[1] * yin + a[2] : a[3] * xin + a[4] * yin + a[5];
+            if (src < 0.0 || src >= extent) {
+                memcpy(o, fill, 4);
+                continue;
+            }
+            src -= 0.5;
+            int base = pillow_floor(src);
+            double d = src - base;
+            const unsigned char *line = axis == 1 ? in + (size_t)y * width * 4 : in + (size_t)x * 4;
+            if (bicubic) {
+                const unsigned char *t0 = line + clip(base - 1, extent) * step, *t1 = line + clip(base, extent) * step;
+                const unsigned char *t2 = line + clip(base + 1, extent) * step, *t3 = line + clip(base + 2, extent) * step;
+                for (int c = 0; c < 3; c++) o[c] = clamp8(cubic_u8(t0[c], t1[c], t2[c], t3[c], d));
+            } else {
+                const unsigned char *t0 = line + clip(base, extent) * step, *t1 = line + clip(base + 1, extent) * step;
+                for (int c = 0; c < 3; c++) o[c] = (unsigned char)(t0[c] + (t1[c] - t0[c]) * d);
+            }
+        }
+    }
+}
+
+/* out = in transformed by Pillow's affine map a (a[0..5]: output pixel centre -> source).
+ * in, out: height x width RGBX pixels, rows contiguous. bicubic: 1 for BICUBIC, 0 for BILINEAR.
+ * fill: the 4 bytes of pixels whose source lies outside the image. Returns 0, or -1 without doing
+ * anything where the CPU lacks AVX2: a scalar 2-D form is no faster than Pillow's own. */
+int affine_rgbx(const unsigned char *in, unsigned char *out, int height, int width, const double *a, int bicubic,
+                const unsigned char *fill) {
+#ifdef HAVE_AVX2_PATH
+    if (use_avx2(0)) {
+        affine_avx2(in, out, height, width, a, bicubic, fill);
+        return 0;
+    }
+#endif
+    (void)in, (void)out, (void)height, (void)width, (void)a, (void)bicubic, (void)fill;
+    return -1;
+}
+
+/* affine_rgbx for a map that moves along `axis` only (1: x, with a[3..5] = 0, 1, 0; 0: y, with
+ * a[0..2] = 1, 0, 0): one 1-D pass per pixel, on every CPU. portable: 1 forces the scalar form
+ * (the tests compare both with Pillow). */
+void shift_rows_rgbx(const unsigned char *in, unsigned char *out, int height, int width, int axis, const double *a,
+                     int bicubic, const unsigned char *fill, int portable) {
+#ifdef HAVE_AVX2_PATH
+    if (use_avx2(portable)) {
+        shift_avx2(in, out, height, width, axis, a, bicubic, fill);
+        return;
+    }
+#endif
+    shift_scalar(in, out, height, width, axis, a, bicubic, fill);
+}
+
+static void to_float(const unsigned char *bytes, float *f, size_t n) {
+    for (size_t i = 0; i < n; i++) f[i] = bytes[i];
+}
+
+static v4f load4f(const float *f) {
+    v4f v;
+    memcpy(&v, f, sizeof v);
+    return v;
+}
+
+/* Pillow's image.filter(ImageFilter.SMOOTH) of RGBX pixels: the kernel (1 1 1, 1 5 1, 1 1 1) / 13
+ * in float, offset 0.5, the sum ((offset + row y+1) + row y) + row y-1 with each row
+ * (a k0 + b k1) + c k2, clamped to [0, 255] and truncated; the outermost rows and columns copied,
+ * images under 3 x 3 copied whole. The four channels of a pixel are the four lanes of a float
+ * vector (SSE on x86-64, NEON on Arm). Returns 0, or -1 if its row buffer cannot be allocated. */
+int smooth_rgbx(const unsigned char *in, unsigned char *out, int height, int width) {
+    size_t stride = (size_t)width * 4;
+    if (width < 3 || height < 3) {
+        memcpy(out, in, stride * height);
+        return 0;
+    }
+    float *rows = malloc(3 * stride * sizeof(float));
+    if (!rows) return -1;
+    float *above = rows, *row = rows + stride, *below = rows + 2 * stride;
+    const float k1 = 1.0f / 13.0f, k5 = 5.0f / 13.0f, offset = 0.0f + 0.5f;
+    to_float(in, above, stride);
+    to_float(in + stride, row, stride);
+    memcpy(out, in, stride);
+    for (int y = 1; y < height - 1; y++) {
+        const unsigned char *source = in + y * stride;
+        unsigned char *o = out + y * stride;
+        to_float(in + (y + 1) * stride, below, stride);
+        memcpy(o, source, 4);
+        for (int x = 1; x < width - 1; x++) {
+            size_t i = (size_t)x * 4;
+            v4f ss = {offset, offset, offset, offset};
+            ss += load4f(below + i - 4) * k1 + load4f(below + i) * k1 + load4f(below + i + 4) * k1;
+            ss += load4f(row + i - 4) * k1 + load4f(row + i) * k5 + load4f(row + i + 4) * k1;
+            ss += load4f(above + i - 4) * k1 + load4f(above + i) * k1 + load4f(above + i + 4) * k1;
+            v4i t = __builtin_convertvector(ss, v4i); /* truncating, then clamping: Pillow's bytes */
+            for (int c = 0; c < 3; c++) o[i + c] = t[c] <= 0 ? 0 : (t[c] >= 255 ? 255 : (unsigned char)t[c]);
+        }
+        memcpy(o + stride - 4, source + stride - 4, 4);
+        float *done = above;
+        above = row;
+        row = below;
+        below = done;
+    }
+    memcpy(out + (height - 1) * stride, in + (height - 1) * stride, stride);
+    free(rows);
+    return 0;
+}
