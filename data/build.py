@@ -26,7 +26,7 @@ from allocator import retain_freed_memory, retain_freed_memory_in_worker
 from config import is_pretraining
 from errors import UserError
 
-from .fast_transforms import FastTrainTransform, deferred_to_batch, training_pipeline
+from .fast_transforms import FastEvalTransform, FastTrainTransform, deferred_to_batch, training_pipeline
 from .imagenet22k import NUM_CLASSES_22K, ImageNet22KList, annotation_file
 from .robust import RobustImageDataset, load_rgb
 from .samplers import ExactEvalSampler, ResumableSampler
@@ -128,7 +128,10 @@ def build_transform(is_train: bool, config: CfgNode, uint8_output: bool = False)
         steps.append(transforms.Resize((size, size), interpolation=mode))
     steps.append(transforms.ToTensor())
     steps.append(transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
-    return transforms.Compose(deferred_to_batch(steps) if uint8_output else steps)
+    if not uint8_output:
+        return transforms.Compose(steps)
+    # Only the crop of the resize is computed, in C with Pillow's arithmetic: the same bytes.
+    return FastEvalTransform(transforms.Compose(deferred_to_batch(steps)))
 
 
 # -----------------------------------------------------------------------------

@@ -20,63 +20,18 @@ be built, take Pillow's own calls.
 from __future__ import annotations
 
 import copy
-import ctypes
-import functools
 import math
 import random
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageEnhance, ImageFilter
 from timm.data import auto_augment
 
-from .native import native_library
+from . import pillow_ops
+from .pillow_ops import BICUBIC, BILINEAR, DOUBLES6, fast_rotate_available, on_rgbx, ops_kernel
 
-BILINEAR = Image.Resampling.BILINEAR
-BICUBIC = Image.Resampling.BICUBIC
-SOURCE = Path(__file__).with_name("pillow_ops.c")
-_DOUBLES6 = ctypes.c_double * 6
-
-
-@functools.cache
-def ops_kernel() -> ctypes.CDLL | None:
-    """``pillow_ops.c`` compiled and loaded (``data/native.py``), or None where it cannot be built."""
-    lib = native_library(SOURCE, ("m",), "RandAugment's rotate, shear, translate and sharpness; Pillow's are used")
-    if lib is not None:
-        pixels = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
-        lib.affine_rgbx.restype = ctypes.c_int
-        lib.affine_rgbx.argtypes = pixels + [ctypes.POINTER(ctypes.c_double), ctypes.c_int, ctypes.c_char_p]
-        lib.shift_rows_rgbx.restype = None
-        lib.shift_rows_rgbx.argtypes = pixels + [
-            ctypes.c_int,
-            ctypes.POINTER(ctypes.c_double),
-            ctypes.c_int,
-            ctypes.c_char_p,
-            ctypes.c_int,
-        ]
-        lib.smooth_rgbx.restype = ctypes.c_int
-        lib.smooth_rgbx.argtypes = pixels
-    return lib
-
-
-@functools.cache
-def fast_rotate_available() -> bool:
-    """Whether ``pillow_ops.c`` rotates on this CPU (x86-64 with AVX2); elsewhere Pillow does."""
-    lib = ops_kernel()
-    if lib is None:
-        return False
-    out = ctypes.create_string_buffer(4)
-    return lib.affine_rgbx(bytes(4), out, 1, 1, _DOUBLES6(1, 0, 0, 0, 1, 0), 0, bytes(4)) == 0
-
-
-def _on_rgbx(fn: Callable[..., Any], img: Image.Image, *args: Any) -> tuple[Image.Image, Any]:
-    """``fn(in, out, height, width, *args)`` on ``img``'s pixels as Pillow stores RGB (4 bytes each):
-    the RGB image it wrote and what it returned."""
-    data = img.tobytes("raw", "RGBX")
-    out = ctypes.create_string_buffer(len(data))
-    result = fn(data, out, img.height, img.width, *args)
-    return Image.frombytes("RGB", img.size, memoryview(out), "raw", "RGBX"), result
+SOURCE = pillow_ops.SOURCE  # the C file of these ops
 
 
 def _rgb_fill(fill: Any) -> bytes | None:
@@ -97,11 +52,11 @@ def shift_rows(
     """Pillow's ``img.transform(img.size, AFFINE, affine, resample, fillcolor=fill)`` of an RGB image
     for a map that moves along ``axis`` only (1: x, 0: y), computed by ``pillow_ops.c`` (its
     scalar form with ``portable``). Needs the kernel (``ops_kernel()`` not None)."""
-    out, _ = _on_rgbx(
+    out, _ = on_rgbx(
         ops_kernel().shift_rows_rgbx,
         img,
         axis,
-        _DOUBLES6(*affine),
+        DOUBLES6(*affine),
         int(resample == BICUBIC),
         _rgb_fill(fill),
         int(portable),
@@ -171,8 +126,8 @@ def rotate(img: Image.Image, degrees: float, **kwargs: Any) -> Image.Image:
         return img.rotate(degrees, resample=resample, fillcolor=fill)
     if not fast_rotate_available():
         return img.rotate(degrees, resample=resample, fillcolor=fill)
-    matrix = _DOUBLES6(*rotation_matrix(img.size, degrees))
-    out, _ = _on_rgbx(ops_kernel().affine_rgbx, img, matrix, int(resample == BICUBIC), _rgb_fill(fill))
+    matrix = DOUBLES6(*rotation_matrix(img.size, degrees))
+    out, _ = on_rgbx(ops_kernel().affine_rgbx, img, matrix, int(resample == BICUBIC), _rgb_fill(fill))
     return out
 
 
@@ -180,7 +135,7 @@ def smooth(img: Image.Image) -> Image.Image:
     """Pillow's ``img.filter(ImageFilter.SMOOTH)`` of an RGB image, by ``pillow_ops.c`` where built."""
     lib = ops_kernel()
     if lib is not None and img.mode == "RGB":
-        out, status = _on_rgbx(lib.smooth_rgbx, img)
+        out, status = on_rgbx(lib.smooth_rgbx, img)
         if status == 0:
             return out
     return img.filter(ImageFilter.SMOOTH)

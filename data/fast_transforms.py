@@ -68,6 +68,7 @@ from errors import UserError
 
 from .fast_augment import fast_augment_ops
 from .jpeg_region import decode_region, region_decoder
+from .pillow_ops import resize_applies, resize_window
 from .robust import EncodedImage, decode_opened
 from .uint8_batches import ErasingRecorder, Uint8Image
 
@@ -198,6 +199,20 @@ def resized_crop(
     return resize_pixels(torch.from_numpy(region).permute(2, 0, 1), size, interpolation, mirror)
 
 
+def image_pixels(image: Image.Image | torch.Tensor) -> np.ndarray | None:
+    """uint8 (H, W, 3 or 4) pixels of a decoded image for ``resize_window``: an RGB PIL image as
+    Pillow stores it (RGBX), uint8 planes (3, H, W) with (H, W, 3) memory as that view; None for
+    anything else."""
+    if isinstance(image, torch.Tensor):
+        if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
+            return None
+        return image.permute(1, 2, 0).numpy()
+    if isinstance(image, Image.Image) and image.mode == "RGB":
+        width, height = image.size
+        return np.frombuffer(image.tobytes("raw", "RGBX"), dtype=np.uint8).reshape(height, width, 4)
+    return None
+
+
 class FastResizedCrop:
     """timm's ``RandomResizedCropAndInterpolation`` (``reference``), with decoding at reduced size.
 
@@ -311,12 +326,20 @@ class FastResizedCrop:
                 region = image[:, top - oy : top - oy + h, left - ox : left - ox + w]
                 return resize_pixels(region, self.size, decoded.interpolation, mirror)
             return resized_crop(image, (top - oy, left - ox, h, w), self.size, decoded.interpolation, mirror)
-        if isinstance(image, torch.Tensor):
-            image = Image.fromarray(image.permute(1, 2, 0).numpy())
         s = decoded.scale
         region = (left / s - ox, top / s - oy, (left + w) / s - ox, (top + h) / s - oy)
         resample = F.pil_modes_mapping[decoded.interpolation]
-        out = image.resize((self.size[1], self.size[0]), resample, box=region)
+        out_size = (self.size[1], self.size[0])
+        pixels = image_pixels(image)
+        if pixels is not None and resize_applies((pixels.shape[1], pixels.shape[0]), out_size, resample):
+            # Pillow's resize of the box, computed by pillow_ops.c: the same bytes.
+            size = (pixels.shape[1], pixels.shape[0])
+            out = resize_window(pixels, size, out_size, resample, (0, 0, *out_size), box=region)
+            if out is not None:
+                return Image.fromarray(out[:, ::-1] if mirror else out)
+        if isinstance(image, torch.Tensor):
+            image = Image.fromarray(image.permute(1, 2, 0).numpy())
+        out = image.resize(out_size, resample, box=region)
         return F.hflip(out) if mirror else out
 
     def __call__(self, img: Image.Image, mirror: bool = False) -> Image.Image:
@@ -487,4 +510,82 @@ class FastTrainTransform:
         head = [self.crop.reference] if self.crop else []
         steps = head + ([self.flip] if self.flip else []) + self.steps
         lines += [f"    {s!r}" for s in steps]
+        return "\n".join(lines + [")"])
+
+
+class FastEvalTransform:
+    """timm's evaluation transform (``reference``: Resize, CenterCrop, then ToTensor + Normalize
+    deferred to the batch as a ``Uint8Tail``) with the same bytes, faster.
+
+    The decode stage uses torchvision's libjpeg call where it takes the file (the same pixels as
+    Pillow's decode; else Pillow's, which decides whether the file is readable), and only the
+    centre crop of the resize is computed, by ``pillow_ops.c`` with Pillow's coefficients and
+    integer sums (``resize_window``): the resize's other rows and columns are never made. Output
+    size and crop box are torchvision's (the short side to ``size``, the long side truncated; the
+    crop's offsets rounded as ``center_crop`` rounds them). Anything else (other steps, modes,
+    filters, a crop larger than the image, a machine without the C file) runs ``reference``.
+    """
+
+    def __init__(self, reference: transforms.Compose) -> None:
+        self.reference = reference
+        steps = list(reference.transforms)
+        self.resize = steps[0] if steps and type(steps[0]) is transforms.Resize else None
+        self.center = steps[1] if len(steps) == 3 and type(steps[1]) is transforms.CenterCrop else None
+        self.tail = steps[-1] if steps and type(steps[-1]) is Uint8Tail and steps[-1].erasing is None else None
+        self.resample = F.pil_modes_mapping.get(self.resize.interpolation) if self.resize is not None else None
+        self.fast = (
+            self.resize is not None
+            and self.tail is not None
+            and len(steps) == 2 + (self.center is not None)
+            and self.resize.max_size is None
+        )
+
+    @property
+    def transforms(self) -> list[Callable]:
+        return self.reference.transforms
+
+    def decode_encoded(self, encoded: EncodedImage, seed: int | None = None) -> torch.Tensor | Image.Image:
+        """The decode stage: the whole image, uint8 (3, H, W) from torchvision's libjpeg call where
+        it takes the file, else Pillow's decode (which raises for unreadable data). ``seed`` is
+        unused: nothing here is random."""
+        pixels = decode_jpeg_pixels(encoded) if self.fast else None
+        return pixels if pixels is not None else encoded.decode()
+
+    def plan(self, width: int, height: int) -> tuple[tuple[int, int], tuple[int, int, int, int]] | None:
+        """torchvision's resize output (width, height) for a ``width`` x ``height`` image and the
+        crop (left, top, width, height) inside it; None where the crop would pad."""
+        size = self.resize.size
+        if isinstance(size, int) or len(size) == 1:
+            target = size if isinstance(size, int) else size[0]
+            short, long = (width, height) if width <= height else (height, width)
+            new_short, new_long = target, int(target * long / short)
+            out = (new_short, new_long) if width <= height else (new_long, new_short)
+        else:
+            out = (size[1], size[0])
+        if self.center is None:
+            return out, (0, 0, *out)
+        crop_h, crop_w = self.center.size
+        if crop_w > out[0] or crop_h > out[1]:
+            return None
+        top, left = int(round((out[1] - crop_h) / 2.0)), int(round((out[0] - crop_w) / 2.0))
+        return out, (left, top, crop_w, crop_h)
+
+    def __call__(self, img: Image.Image | torch.Tensor | EncodedImage) -> Any:
+        if isinstance(img, EncodedImage):
+            img = self.decode_encoded(img)
+        pixels = image_pixels(img) if self.fast else None
+        if pixels is not None:
+            size = (pixels.shape[1], pixels.shape[0])
+            plan = self.plan(*size)
+            if plan is not None and resize_applies(size, plan[0], self.resample):
+                out = resize_window(pixels, size, plan[0], self.resample, plan[1])
+                if out is not None:
+                    normalize = self.tail.normalize
+                    return Uint8Image(torch.from_numpy(out), erasures=[], mean=normalize.mean, std=normalize.std)
+        if isinstance(img, torch.Tensor):
+            img = Image.fromarray(img.permute(1, 2, 0).numpy())
+        return self.reference(img)
+
+    def __repr__(self) -> str:
+        lines = [f"{type(self).__name__}("] + [f"    {s!r}" for s in self.reference.transforms]
         return "\n".join(lines + [")"])

@@ -271,3 +271,277 @@ int smooth_rgbx(const unsigned char *in, unsigned char *out, int height, int wid
     free(rows);
     return 0;
 }
+
+/* ---------------------------------------------------------------------------------------------
+ * Pillow's resize (Resample.c) of RGB pixels, computing only a window of the output: a resize
+ * followed by a crop (timm's eval Resize + CenterCrop, or a crop resized from a box) gives
+ * Pillow's bytes for that window without the rest. The coefficients are Pillow's, computed in
+ * double for the whole output and rounded to its 22-bit fixed point; the sums are then integer
+ * sums, equal in any order, so both passes vectorise freely.
+ */
+#define RESAMPLE_BITS 22
+
+static double bilinear_weight(double x) {
+    if (x < 0.0) x = -x;
+    return x < 1.0 ? 1.0 - x : 0.0;
+}
+
+static double bicubic_weight(double x) {
+    const double a = -0.5;
+    if (x < 0.0) x = -x;
+    if (x < 1.0) return ((a + 2.0) * x - (a + 3.0)) * x * x + 1;
+    if (x < 2.0) return (((x - 5) * x + 8) * x - 4) * a;
+    return 0.0;
+}
+
+typedef struct {
+    int ksize;
+    int *bounds;  /* per output pixel: first input pixel, number of taps */
+    int *weights; /* per output pixel: ksize fixed-point weights */
+} Taps;
+
+static void free_taps(Taps *t) {
+    free(t->bounds);
+    free(t->weights);
+}
+
+/* Pillow's precompute_coeffs + normalize_coeffs_8bpc for one axis: in_size input pixels, the box
+ * [in0, in1) (floats, as Pillow receives them), out_size output pixels. Returns 0 or -1. */
+static int make_taps(int in_size, float in0, float in1, int out_size, int bicubic, Taps *t) {
+    double scale, filterscale;
+    filterscale = scale = (double)(in1 - in0) / out_size;
+    if (filterscale < 1.0) filterscale = 1.0;
+    double support = (bicubic ? 2.0 : 1.0) * filterscale;
+    int ksize = (int)ceil(support) * 2 + 1;
+    double *w = malloc(ksize * sizeof(double));
+    t->ksize = ksize;
+    t->bounds = malloc((size_t)out_size * 2 * sizeof(int));
+    t->weights = malloc((size_t)out_size * ksize * sizeof(int));
+    if (!w || !t->bounds || !t->weights) {
+        free(w);
+        free_taps(t);
+        return -1;
+    }
+    for (int xx = 0; xx < out_size; xx++) {
+        double center = in0 + (xx + 0.5) * scale;
+        double ww = 0.0, ss = 1.0 / filterscale;
+        int xmin = (int)(center - support + 0.5);
+        if (xmin < 0) xmin = 0;
+        int xmax = (int)(center + support + 0.5);
+        if (xmax > in_size) xmax = in_size;
+        xmax -= xmin;
+        for (int x = 0; x < xmax; x++) {
+            w[x] = bicubic ? bicubic_weight((x + xmin - center + 0.5) * ss) : bilinear_weight((x + xmin - center + 0.5) * ss);
+            ww += w[x];
+        }
+        for (int x = 0; x < xmax; x++)
+            if (ww != 0.0) w[x] /= ww;
+        int *k = t->weights + (size_t)xx * ksize;
+        for (int x = 0; x < ksize; x++) {
+            double v = x < xmax ? w[x] : 0.0;
+            k[x] = v < 0 ? (int)(-0.5 + v * (1 << RESAMPLE_BITS)) : (int)(0.5 + v * (1 << RESAMPLE_BITS));
+        }
+        t->bounds[xx * 2] = xmin;
+        t->bounds[xx * 2 + 1] = xmax;
+    }
+    free(w);
+    return 0;
+}
+
+/* Pillow's clip8: the sum shifted down by the fixed point, clamped to a byte. */
+static inline unsigned char clip_sum(int v) {
+    v >>= RESAMPLE_BITS;
+    return v < 0 ? 0 : (v > 255 ? 255 : (unsigned char)v);
+}
+
+/* One pixel's channels as int lanes from 3- or 4-byte pixels. */
+static inline void pixel_ints(const unsigned char *p, int *c) {
+    c[0] = p[0], c[1] = p[1], c[2] = p[2];
+}
+
+static void horizontal_scalar(const unsigned char *row, int pixel_bytes, int origin_x, const Taps *t, int x0, int n,
+                              unsigned char *out) {
+    for (int xx = x0; xx < x0 + n; xx++, out += 4) {
+        int xmin = t->bounds[xx * 2], taps = t->bounds[xx * 2 + 1];
+        const int *k = t->weights + (size_t)xx * t->ksize;
+        int s[3] = {1 << (RESAMPLE_BITS - 1), 1 << (RESAMPLE_BITS - 1), 1 << (RESAMPLE_BITS - 1)};
+        for (int x = 0; x < taps; x++) {
+            int c[3];
+            pixel_ints(row + (size_t)(xmin + x - origin_x) * pixel_bytes, c);
+            s[0] += c[0] * k[x], s[1] += c[1] * k[x], s[2] += c[2] * k[x];
+        }
+        out[0] = clip_sum(s[0]), out[1] = clip_sum(s[1]), out[2] = clip_sum(s[2]);
+    }
+}
+
+#ifdef HAVE_AVX2_PATH
+/* Two adjacent pixels (3 or 4 bytes each) as eight int32 lanes, RGBX RGBX. An 8-byte load; where
+ * that would pass `end`, the bytes are copied first. */
+AVX2 static inline __m256i two_pixels8(const unsigned char *p, int pixel_bytes, const unsigned char *end) {
+    __m128i bytes;
+    if (p + 8 <= end) {
+        bytes = _mm_loadl_epi64((const __m128i *)p);
+    } else {
+        long long v = 0;
+        memcpy(&v, p, (size_t)(end - p) < 8 ? (size_t)(end - p) : 8);
+        bytes = _mm_cvtsi64_si128(v);
+    }
+    if (pixel_bytes == 3)
+        bytes = _mm_shuffle_epi8(bytes, _mm_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, -1, -1, -1, -1, -1, -1, -1, -1));
+    return _mm256_cvtepu8_epi32(bytes);
+}
+
+AVX2 static void horizontal_avx2(const unsigned char *row, int pixel_bytes, int origin_x, const Taps *t, int x0, int n,
+                                 unsigned char *out, const unsigned char *end) {
+    for (int xx = x0; xx < x0 + n; xx++, out += 4) {
+        int xmin = t->bounds[xx * 2], taps = t->bounds[xx * 2 + 1];
+        const int *k = t->weights + (size_t)xx * t->ksize;
+        const unsigned char *p = row + (size_t)(xmin - origin_x) * pixel_bytes;
+        __m256i acc = _mm256_setzero_si256();
+        int x = 0;
+        for (; x + 1 < taps; x += 2) {
+            __m256i kk = _mm256_setr_m128i(_mm_set1_epi32(k[x]), _mm_set1_epi32(k[x + 1]));
+            __m256i px = two_pixels8(p + (size_t)x * pixel_bytes, pixel_bytes, end);
+            acc = _mm256_add_epi32(acc, _mm256_mullo_epi32(px, kk));
+        }
+        __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+        if (x < taps) {
+            int c[3];
+            pixel_ints(p + (size_t)x * pixel_bytes, c);
+            s = _mm_add_epi32(s, _mm_mullo_epi32(_mm_setr_epi32(c[0], c[1], c[2], 0), _mm_set1_epi32(k[x])));
+        }
+        s = _mm_srai_epi32(_mm_add_epi32(s, _mm_set1_epi32(1 << (RESAMPLE_BITS - 1))), RESAMPLE_BITS);
+        s = _mm_min_epi32(_mm_max_epi32(s, _mm_setzero_si128()), _mm_set1_epi32(255));
+        s = _mm_packus_epi16(_mm_packus_epi32(s, s), s);
+        int w = _mm_cvtsi128_si32(s);
+        memcpy(out, &w, 4);
+    }
+}
+#endif
+
+/* The vertical pass over one output row: n pixels of `pixel_bytes` from `taps` rows. Plain loops
+ * over contiguous bytes, vectorised by the compiler (for AVX2 where inlined into an AVX2 caller). */
+static inline __attribute__((always_inline)) void vertical_row(const unsigned char *const *rows, int taps, const int *k,
+                                                               int pixel_bytes, int n, int *acc, unsigned char *out) {
+    int width = n * pixel_bytes;
+    for (int i = 0; i < width; i++) acc[i] = 1 << (RESAMPLE_BITS - 1);
+    for (int y = 0; y < taps; y++) {
+        const unsigned char *r = rows[y];
+        int ky = k[y];
+        for (int i = 0; i < width; i++) acc[i] += r[i] * ky;
+    }
+    for (int x = 0; x < n; x++)
+        for (int c = 0; c < 3; c++) out[x * 3 + c] = clip_sum(acc[x * pixel_bytes + c]);
+}
+
+static void vertical_generic(const unsigned char *const *rows, int taps, const int *k, int pixel_bytes, int n, int *acc,
+                             unsigned char *out) {
+    vertical_row(rows, taps, k, pixel_bytes, n, acc, out);
+}
+
+#ifdef HAVE_AVX2_PATH
+AVX2 static void vertical_avx2(const unsigned char *const *rows, int taps, const int *k, int pixel_bytes, int n, int *acc,
+                               unsigned char *out) {
+    vertical_row(rows, taps, k, pixel_bytes, n, acc, out);
+}
+#endif
+
+/* The input pixels [x0, x1) x [y0, y1) that resample_rgb reads for the output window (wx, wy,
+ * ww, wh) of Pillow's resize to out_w x out_h from box (floats x0, y0, x1, y1) with bilinear (0)
+ * or bicubic (1) weights: written to window[0..3] as x0, y0, x1, y1. Returns 0 or -1. */
+int resample_source_window(int in_w, int in_h, int out_w, int out_h, int bicubic, const float *box, int wx, int wy,
+                           int ww, int wh, int *window) {
+    Taps h = {0}, v = {0};
+    if (make_taps(in_w, box[0], box[2], out_w, bicubic, &h) || make_taps(in_h, box[1], box[3], out_h, bicubic, &v)) {
+        free_taps(&h);
+        free_taps(&v);
+        return -1;
+    }
+    int need_h = out_w != in_w || box[0] != 0 || box[2] != out_w;
+    int need_v = out_h != in_h || box[1] != 0 || box[3] != out_h;
+    window[0] = need_h ? h.bounds[wx * 2] : wx;
+    window[2] = need_h ? h.bounds[(wx + ww - 1) * 2] + h.bounds[(wx + ww - 1) * 2 + 1] : wx + ww;
+    window[1] = need_v ? v.bounds[wy * 2] : wy;
+    window[3] = need_v ? v.bounds[(wy + wh - 1) * 2] + v.bounds[(wy + wh - 1) * 2 + 1] : wy + wh;
+    free_taps(&h);
+    free_taps(&v);
+    return 0;
+}
+
+/* Pillow's im.resize((out_w, out_h), BILINEAR or BICUBIC, box) of an RGB image of in_w x in_h,
+ * then the window (wx, wy, ww, wh) of it, written to out (wh x ww x 3 bytes). The input is given
+ * from pixel (origin_x, origin_y) on (it must hold what resample_source_window names): in_bytes
+ * bytes, rows of `stride` bytes, pixels of `pixel_bytes` (3: RGB, 4: RGBX). As Pillow: a horizontal pass (into
+ * bytes) over the rows the vertical pass reads, then the vertical pass; either is skipped when its
+ * axis is unchanged. portable: 1 forces the scalar horizontal pass. Returns 0, or -1 where memory
+ * runs out. */
+int resample_rgb(const unsigned char *in, size_t in_bytes, int pixel_bytes, size_t stride, int origin_x, int origin_y,
+                 int in_w, int in_h, int out_w, int out_h, int bicubic, const float *box, int wx, int wy, int ww, int wh,
+                 unsigned char *out, int portable) {
+    Taps h = {0}, v = {0};
+    int status = -1, avx2 = use_avx2(portable);
+    unsigned char *temp = NULL;
+    int *acc = NULL;
+    const unsigned char **rows = NULL;
+    int need_h = out_w != in_w || box[0] != 0 || box[2] != out_w;
+    int need_v = out_h != in_h || box[1] != 0 || box[3] != out_h;
+    if (make_taps(in_w, box[0], box[2], out_w, bicubic, &h) || make_taps(in_h, box[1], box[3], out_h, bicubic, &v))
+        goto done;
+    /* The rows the vertical pass reads (all window rows when it is skipped). */
+    int r0 = need_v ? v.bounds[wy * 2] : wy;
+    int r1 = need_v ? v.bounds[(wy + wh - 1) * 2] + v.bounds[(wy + wh - 1) * 2 + 1] : wy + wh;
+    /* After the horizontal pass: rows r0..r1 of the window's columns, RGBX; else the input itself. */
+    const unsigned char *src = in;
+    size_t src_stride = stride;
+    int src_bytes = pixel_bytes, src_x = origin_x, src_y = origin_y;
+    if (need_h) {
+        temp = malloc((size_t)(r1 - r0) * ww * 4 + 8);
+        if (!temp) goto done;
+        for (int r = r0; r < r1; r++) {
+            const unsigned char *row = in + (size_t)(r - origin_y) * stride;
+            unsigned char *t = temp + (size_t)(r - r0) * ww * 4;
+#ifdef HAVE_AVX2_PATH
+            if (avx2) {
+                horizontal_avx2(row, pixel_bytes, origin_x, &h, wx, ww, t, in + in_bytes);
+                continue;
+            }
+#endif
+            horizontal_scalar(row, pixel_bytes, origin_x, &h, wx, ww, t);
+        }
+        src = temp, src_stride = (size_t)ww * 4, src_bytes = 4, src_x = wx, src_y = r0;
+    }
+    const unsigned char *first = src + (size_t)(wx - src_x) * src_bytes; /* the window's first column */
+    if (!need_v) {
+        for (int y = 0; y < wh; y++) {
+            const unsigned char *row = first + (size_t)(wy + y - src_y) * src_stride;
+            for (int x = 0; x < ww; x++) memcpy(out + ((size_t)y * ww + x) * 3, row + (size_t)x * src_bytes, 3);
+        }
+        status = 0;
+        goto done;
+    }
+    acc = malloc((size_t)ww * src_bytes * sizeof(int));
+    rows = malloc((size_t)v.ksize * sizeof(*rows));
+    if (!acc || !rows) goto done;
+    for (int yy = wy; yy < wy + wh; yy++) {
+        int ymin = v.bounds[yy * 2], taps = v.bounds[yy * 2 + 1];
+        for (int y = 0; y < taps; y++) rows[y] = first + (size_t)(ymin + y - src_y) * src_stride;
+        unsigned char *o = out + (size_t)(yy - wy) * ww * 3;
+        const int *k = v.weights + (size_t)yy * v.ksize;
+#ifdef HAVE_AVX2_PATH
+        if (avx2) {
+            vertical_avx2(rows, taps, k, src_bytes, ww, acc, o);
+            continue;
+        }
+#endif
+        vertical_generic(rows, taps, k, src_bytes, ww, acc, o);
+    }
+    status = 0;
+done:
+    (void)avx2;
+    free_taps(&h);
+    free_taps(&v);
+    free(temp);
+    free(acc);
+    free(rows);
+    return status;
+}

@@ -27,7 +27,16 @@ from torchvision import transforms
 from torchvision.transforms import functional as F
 
 from config import get_config
-from data import build_dataset, build_loader, build_transform, fast_augment, fast_transforms, jpeg_region, native
+from data import (
+    build_dataset,
+    build_loader,
+    build_transform,
+    fast_augment,
+    fast_transforms,
+    jpeg_region,
+    native,
+    pillow_ops,
+)
 from data.fast_transforms import (
     DecodedCrop,
     FastResizedCrop,
@@ -38,6 +47,7 @@ from data.fast_transforms import (
 )
 from data.robust import EncodedImage, UnreadableImageError, load_encoded, load_rgb
 from data.sample_seeds import seeded_rngs
+from data.uint8_batches import Uint8Image
 from data.zip_dataset import map_path, write_zip_split, zip_path
 from errors import UserError
 
@@ -696,7 +706,7 @@ def test_an_unwritable_cache_falls_back_to_a_private_temporary_folder(monkeypatc
     monkeypatch.setattr(native, "cache_dir", lambda: blocker / "cache")  # mkdir there raises
     monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
-    assert native.native_library(fast_augment.SOURCE) is not None
+    assert native.native_library(pillow_ops.SOURCE) is not None
     private = tmp_path / "tmp" / f"swin-transformer-{os.getuid()}"
     assert private.stat().st_mode & 0o777 == 0o700 and any(private.glob("pillow_ops-*.so"))
     # A temporary folder others may write to is refused (they could plant a library): one warning.
@@ -704,7 +714,7 @@ def test_an_unwritable_cache_falls_back_to_a_private_temporary_folder(monkeypatc
     private.mkdir(mode=0o777)
     private.chmod(0o777)
     with caplog.at_level("WARNING", logger="data.native"):
-        assert native.native_library(fast_augment.SOURCE) is None
+        assert native.native_library(pillow_ops.SOURCE) is None
     assert len(caplog.records) == 1 and "not a private folder" in caplog.records[0].getMessage()
 
 
@@ -840,3 +850,126 @@ def test_without_the_c_kernel_the_ops_are_pillows_own(monkeypatch):
     want = img.rotate(12.5, resample=Image.Resampling.BICUBIC, fillcolor=(4, 5, 6))
     assert fast_augment.rotate(img, 12.5, resample=Image.Resampling.BICUBIC, fillcolor=(4, 5, 6)) == want
     assert fast_augment.sharpness(img, 1.7) == ImageEnhance.Sharpness(img).enhance(1.7)
+
+
+# -----------------------------------------------------------------------------
+# Pillow's resize, a window of it (the eval transform and reduced-scale crops)
+# -----------------------------------------------------------------------------
+def test_a_window_of_the_c_resize_equals_pillows_resize_then_crop():
+    # Random sizes up and down, whole images and fractional boxes (Pillow's `box`), any window,
+    # RGB and RGBX input, given whole or from the part the window reads, AVX2 and scalar passes.
+    rng = random.Random(3)
+    checked = 0
+    for i in range(150):
+        width, height = rng.randint(1, 320), rng.randint(1, 320)
+        img = photo(width, height, i)
+        if rng.random() < 0.5:
+            box = None
+        else:
+            x0, y0 = rng.uniform(0, width - 0.5), rng.uniform(0, height - 0.5)
+            box = (x0, y0, rng.uniform(x0 + 0.1, width), rng.uniform(y0 + 0.1, height))
+        out_size = (rng.randint(1, 300), rng.randint(1, 300))
+        if i % 10 == 0:
+            out_size = (width, out_size[1])  # one axis unchanged: that pass is skipped, as Pillow skips it
+        resample = rng.choice([Image.Resampling.BILINEAR, Image.Resampling.BICUBIC])
+        if not pillow_ops.resize_applies(img.size, out_size, resample):
+            continue
+        left, top = rng.randrange(out_size[0]), rng.randrange(out_size[1])
+        window = (left, top, rng.randint(1, out_size[0] - left), rng.randint(1, out_size[1] - top))
+        want = np.asarray(img.resize(out_size, resample, box=box).crop((left, top, left + window[2], top + window[3])))
+        rgb = np.asarray(img)
+        rgbx = np.frombuffer(img.tobytes("raw", "RGBX"), np.uint8).reshape(height, width, 4)
+        x0, y0, x1, y1 = pillow_ops.source_window(img.size, out_size, resample, window, box)
+        for pixels in (rgb, rgbx):
+            for part in (False, True):
+                given = pixels[y0:y1, x0:x1] if part else pixels
+                origin = (x0, y0) if part else (0, 0)
+                for portable in (False, True):
+                    got = pillow_ops.resize_window(given, img.size, out_size, resample, window, box, origin, portable)
+                    assert np.array_equal(got, want), (img.size, out_size, box, window, resample, portable, part)
+        checked += 1
+    assert checked > 130
+
+
+def test_pillows_vertical_first_resize_of_very_tall_images_is_left_to_pillow():
+    # Pillow 12 resizes an image over 100 times taller than wide vertically first when it loses
+    # height; the C resize goes horizontally first, so it declines those.
+    assert not pillow_ops.resize_applies((2, 300), (40, 100), Image.Resampling.BICUBIC)
+    assert pillow_ops.resize_applies((2, 300), (40, 400), Image.Resampling.BICUBIC) == pillow_ops.RESIZE_ORDER_KNOWN
+    assert not pillow_ops.resize_applies((50, 40), (30, 20), Image.Resampling.LANCZOS)
+
+
+def eval_samples(tmp_path: Path) -> list[tuple[str, Image.Image]]:
+    """Files of every kind the eval transform meets: JPEGs of many shapes (wider, taller, square,
+    under the resize size, exactly at it), greyscale, CMYK and progressive JPEGs, a PNG, and a
+    tall strip that Pillow resizes vertically first."""
+    shapes = [(500, 375), (375, 500), (256, 256), (300, 256), (97, 61), (257, 1000), (1024, 683), (224, 300), (3, 400)]
+    files = []
+    for i, (w, h) in enumerate(shapes):
+        files.append(write(photo(w, h, i), tmp_path / f"{i}.jpg", "JPEG"))
+    files.append(write(photo(333, 250, 1).convert("L"), tmp_path / "grey.jpg", "JPEG"))
+    files.append(write(photo(320, 240, 2).convert("CMYK"), tmp_path / "cmyk.jpg", "JPEG"))
+    photo(300, 260, 3).save(tmp_path / "progressive.jpg", "JPEG", quality=85, progressive=True)
+    files.append(tmp_path / "progressive.jpg")
+    files.append(write(photo(281, 211, 4), tmp_path / "photo.png", "PNG"))
+    return [(str(f), load_rgb(str(f))) for f in files]
+
+
+EVAL_OPTIONS = [
+    (),
+    ("DATA.INTERPOLATION", "random"),
+    ("TEST.CROP", "False"),
+    ("DATA.IMG_SIZE", "384"),
+    ("DATA.IMG_SIZE", "32"),
+]
+
+
+@pytest.mark.parametrize("opts", EVAL_OPTIONS)
+def test_the_fast_eval_transform_gives_the_reference_tensors_bit_for_bit(tmp_path, opts):
+    fast = build_transform(False, cfg(*opts), uint8_output=True)
+    reference = build_transform(False, cfg("DATA.PIPELINE", "reference", *opts))
+    assert isinstance(fast, fast_transforms.FastEvalTransform) and fast.fast
+    fallbacks = []
+    fast.reference = lambda img, steps=fast.reference: fallbacks.append(img.size) or steps(img)
+    for path, decoded in eval_samples(tmp_path):
+        want = reference(decoded)
+        for given in (load_encoded(path), decoded, fast.decode_encoded(load_encoded(path))):
+            got = fast(given)
+            assert isinstance(got, Uint8Image) and torch.equal(got.normalized(), want), (path, opts, type(given))
+    # Only the tall strip squeezed to a square (Pillow resizes that vertically first) left the C path.
+    squeezed = opts in (("TEST.CROP", "False"), ("DATA.IMG_SIZE", "32"))
+    assert set(fallbacks) <= {(3, 400)} and (len(fallbacks) == 3) == squeezed
+
+
+def test_the_fast_eval_transform_computes_only_the_crop_in_c(monkeypatch, tmp_path):
+    fast = build_transform(False, cfg(), uint8_output=True)
+    calls = []
+    monkeypatch.setattr(fast, "reference", lambda img: calls.append(img))
+    path = write(photo(500, 375), tmp_path / "a.jpg", "JPEG")
+    sample = fast(load_encoded(str(path)))
+    assert sample.pixels.shape == (224, 224, 3) and not calls
+    # 500x375 resized to 341x256, the centre 224x224 kept: only the columns and rows it reads.
+    plan = fast.plan(500, 375)
+    assert plan == ((341, 256), (58, 16, 224, 224))
+    x0, y0, x1, y1 = pillow_ops.source_window((500, 375), *plan[:1], Image.Resampling.BICUBIC, plan[1])
+    assert 0 < x0 and x1 < 500 and 0 < y0 and y1 < 375
+
+
+def test_a_reduced_scale_crop_through_the_c_resize_equals_pillows_resize_of_the_box():
+    crop = FastResizedCrop(RandomResizedCropAndInterpolation(224, interpolation="random"))
+    rng = random.Random(5)
+    for i in range(20):
+        img = photo(rng.randint(300, 700), rng.randint(300, 700), i)
+        scale = rng.choice([2, 4])
+        w, h = rng.randint(224, img.width), rng.randint(224, img.height)
+        box = (rng.randint(0, img.height - h), rng.randint(0, img.width - w), h, w)
+        for interpolation in (F.InterpolationMode.BILINEAR, F.InterpolationMode.BICUBIC):
+            for image in (img, torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)):
+                for mirror in (False, True):
+                    decoded = fast_transforms.DecodedCrop(image, box, scale, interpolation, None)
+                    got = crop.crop(decoded, mirror)
+                    top, left = box[0], box[1]
+                    region = (left / scale, top / scale, (left + w) / scale, (top + h) / scale)
+                    want = img.resize((224, 224), F.pil_modes_mapping[interpolation], box=region)
+                    want = want.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if mirror else want
+                    assert got.tobytes() == want.tobytes(), (img.size, box, scale, interpolation, mirror)
