@@ -72,8 +72,9 @@ _C.DATA.STRICT = False
 # ops and erasing for a given seed; only the crop's part of a JPEG decoded, the same pixels; crops
 # resized by torch's uint8 kernel, within 2 grey levels of Pillow's; a JPEG crop box at least
 # 1.25 x 2, 4 or 8 times the output is decoded at 1/2, 1/4 or 1/8 size, about 1 grey level from
-# the full decode; everything else bit-identical) or 'reference' (timm's released transform as it
-# is). README "A faster input pipeline".
+# the full decode; everything else bit-identical; the validation transform gives the same bytes,
+# computing only the centre crop of its resize) or 'reference' (timm's released transforms as they
+# are). README "A faster input pipeline".
 _C.DATA.PIPELINE = "fast"
 
 # -----------------------------------------------------------------------------

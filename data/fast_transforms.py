@@ -68,7 +68,7 @@ from errors import UserError
 
 from .fast_augment import fast_augment_ops
 from .jpeg_region import decode_region, region_decoder
-from .pillow_ops import resize_applies, resize_window
+from .pillow_ops import ops_kernel, resize_applies, resize_window
 from .robust import EncodedImage, decode_opened
 from .uint8_batches import ErasingRecorder, Uint8Image
 
@@ -539,6 +539,8 @@ class FastEvalTransform:
             and len(steps) == 2 + (self.center is not None)
             and self.resize.max_size is None
         )
+        if self.fast:
+            ops_kernel()  # built (once, if missing) and loaded here, not in each loader worker
 
     @property
     def transforms(self) -> list[Callable]:
