@@ -56,6 +56,56 @@ static int use_avx2(int portable) {
 #endif
 }
 
+/* Where output pixel (x, y) of a map that moves along `axis` only reads, as Pillow computes it:
+ * the line it moves along (*line: its first pixel; neighbours `step` bytes apart), the pixel
+ * before the source position (*base) and the fraction past it (*d). Returns 0, or -1 where the
+ * source lies outside the image (Pillow leaves the fill colour there). */
+static inline int shift_source(const unsigned char *in, int width, int height, int axis, const double *a, int x, int y,
+                               const unsigned char **line, int *base, double *d) {
+    double xin = x + 0.5, yin = y + 0.5;
+    double src = axis == 1 ? a[0] * xin + a[1] * yin + a[2] : a[3] * xin + a[4] * yin + a[5];
+    if (src < 0.0 || src >= (axis == 1 ? width : height)) return -1;
+    src -= 0.5;
+    *base = pillow_floor(src);
+    *d = src - *base;
+    *line = axis == 1 ? in + (size_t)y * width * 4 : in + (size_t)x * 4;
+    return 0;
+}
+
+/* One output pixel of a one-axis map: from the line, its pixel before the source position and the
+ * fraction past it; `extent` pixels along the line, `step` bytes apart. */
+typedef void (*ShiftPixel)(unsigned char *o, const unsigned char *line, int base, double d, int extent, size_t step,
+                           int bicubic);
+
+/* The loop over the output of a one-axis map, with `pixel` (a constant, inlined) for each. */
+static inline __attribute__((always_inline)) void shift_loop(const unsigned char *in, unsigned char *out, int height,
+                                                             int width, int axis, const double *a, int bicubic,
+                                                             const unsigned char *fill, ShiftPixel pixel) {
+    int extent = axis == 1 ? width : height;
+    size_t step = axis == 1 ? 4 : (size_t)width * 4;
+    for (int y = 0; y < height; y++) {
+        for (int x = 0; x < width; x++) {
+            unsigned char *o = out + ((size_t)y * width + x) * 4;
+            const unsigned char *line;
+            int base;
+            double d;
+            if (shift_source(in, width, height, axis, a, x, y, &line, &base, &d))
+                memcpy(o, fill, 4);
+            else
+                pixel(o, line, base, d, extent, step, bicubic);
+        }
+    }
+}
+
+static void shift_pixel_scalar(unsigned char *o, const unsigned char *line, int base, double d, int extent, size_t step,
+                               int bicubic) {
+    const unsigned char *t[4];
+    for (int k = 0; k < 4; k++) t[k] = line + clip(base - 1 + k, extent) * step;
+    for (int c = 0; c < 3; c++)
+        o[c] = bicubic ? clamp8(cubic_u8(t[0][c], t[1][c], t[2][c], t[3][c], d))
+                       : (unsigned char)(t[1][c] + (t[2][c] - t[1][c]) * d);
+}
+
 #ifdef HAVE_AVX2_PATH
 /* One RGBX pixel as four int32 lanes. */
 AVX2 static inline __m128i pixel4(const unsigned char *p) {
@@ -131,62 +181,27 @@ AVX2 static void affine_avx2(const unsigned char *in, unsigned char *out, int he
     }
 }
 
+AVX2 static void shift_pixel_avx2(unsigned char *o, const unsigned char *line, int base, double d, int extent,
+                                  size_t step, int bicubic) {
+    __m256d dd = _mm256_set1_pd(d);
+    if (bicubic) {
+        size_t taps[4];
+        for (int k = 0; k < 4; k++) taps[k] = clip(base - 1 + k, extent) * step;
+        store4(o, cubic_taps4(line, taps, dd));
+    } else {
+        store4(o, line4(line + clip(base, extent) * step, line + clip(base + 1, extent) * step, dd));
+    }
+}
+
 AVX2 static void shift_avx2(const unsigned char *in, unsigned char *out, int height, int width, int axis,
                             const double *a, int bicubic, const unsigned char *fill) {
-    int extent = axis == 1 ? width : height;
-    size_t step = axis == 1 ? 4 : (size_t)width * 4; /* bytes between neighbours along the axis */
-    for (int y = 0; y < height; y++) {
-        for (int x = 0; x < width; x++) {
-            double xin = x + 0.5, yin = y + 0.5;
-            unsigned char *o = out + ((size_t)y * width + x) * 4;
-            double src = axis == 1 ? a[0] * xin + a[1] * yin + a[2] : a[3] * xin + a[4] * yin + a[5];
-            if (src < 0.0 || src >= extent) {
-                memcpy(o, fill, 4);
-                continue;
-            }
-            src -= 0.5;
-            int base = pillow_floor(src);
-            __m256d d = _mm256_set1_pd(src - base);
-            const unsigned char *line = axis == 1 ? in + (size_t)y * width * 4 : in + (size_t)x * 4;
-            if (bicubic) {
-                size_t taps[4];
-                for (int k = 0; k < 4; k++) taps[k] = clip(base - 1 + k, extent) * step;
-                store4(o, cubic_taps4(line, taps, d));
-            } else {
-                store4(o, line4(line + clip(base, extent) * step, line + clip(base + 1, extent) * step, d));
-            }
-        }
-    }
+    shift_loop(in, out, height, width, axis, a, bicubic, fill, shift_pixel_avx2);
 }
 #endif
 
 static void shift_scalar(const unsigned char *in, unsigned char *out, int height, int width, int axis,
                          const double *a, int bicubic, const unsigned char *fill) {
-    int extent = axis == 1 ? width : height;
-    size_t step = axis == 1 ? 4 : (size_t)width * 4;
-    for (int y = 0; y < height; y++) {
-        for (int x = 0; x < width; x++) {
-            double xin = x + 0.5, yin = y + 0.5;
-            unsigned char *o = out + ((size_t)y * width + x) * 4;
-            double src = axis == 1 ? a[0] * xin + a[1] * yin + a[2] : a[3] * xin + a[4] * yin + a[5];
-            if (src < 0.0 || src >= extent) {
-                memcpy(o, fill, 4);
-                continue;
-            }
-            src -= 0.5;
-            int base = pillow_floor(src);
-            double d = src - base;
-            const unsigned char *line = axis == 1 ? in + (size_t)y * width * 4 : in + (size_t)x * 4;
-            if (bicubic) {
-                const unsigned char *t0 = line + clip(base - 1, extent) * step, *t1 = line + clip(base, extent) * step;
-                const unsigned char *t2 = line + clip(base + 1, extent) * step, *t3 = line + clip(base + 2, extent) * step;
-                for (int c = 0; c < 3; c++) o[c] = clamp8(cubic_u8(t0[c], t1[c], t2[c], t3[c], d));
-            } else {
-                const unsigned char *t0 = line + clip(base, extent) * step, *t1 = line + clip(base + 1, extent) * step;
-                for (int c = 0; c < 3; c++) o[c] = (unsigned char)(t0[c] + (t1[c] - t0[c]) * d);
-            }
-        }
-    }
+    shift_loop(in, out, height, width, axis, a, bicubic, fill, shift_pixel_scalar);
 }
 
 /* out = in transformed by Pillow's affine map a (a[0..5]: output pixel centre -> source).
