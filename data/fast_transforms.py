@@ -465,8 +465,10 @@ class FastTrainTransform:
         self.flip: transforms.RandomHorizontalFlip | None = None
         if steps and isinstance(steps[0], RandomResizedCropAndInterpolation):
             self.crop = FastResizedCrop(steps.pop(0), partial_decode)
+            # The C helpers are built (once, if missing) and loaded here, not in each loader worker.
             if partial_decode:
-                region_decoder()  # built (once, if missing) and loaded here, not in each loader worker
+                region_decoder()
+            ops_kernel()  # the reduced-scale crops' resize
             if steps and type(steps[0]) is transforms.RandomHorizontalFlip:
                 self.flip = steps.pop(0)  # drawn as it draws, applied as the crop's planes are copied
         steps = _fuse_to_tensor(deferred_to_batch(steps) if uint8_output else steps)

@@ -318,6 +318,7 @@ typedef struct {
 static void free_taps(Taps *t) {
     free(t->bounds);
     free(t->weights);
+    t->bounds = NULL, t->weights = NULL; /* callers free again on their way out */
 }
 
 /* Pillow's precompute_coeffs + normalize_coeffs_8bpc for one axis: in_size input pixels, the box

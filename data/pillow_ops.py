@@ -119,10 +119,11 @@ def resize_window(
     """
     (width, height), (out_w, out_h) = size, out_size
     left, top, w, h = window
+    box = box if box is not None else (0.0, 0.0, float(width), float(height))
+    _check_resize(pixels, size, out_size, window, box)
     row_bytes = pixels.shape[1] * pixels.shape[2]
     if pixels.strides[2] != 1 or pixels.strides[1] != pixels.shape[2] or pixels.strides[0] < row_bytes:
         pixels = np.ascontiguousarray(pixels)
-    box = box if box is not None else (0.0, 0.0, float(width), float(height))
     out = np.empty((h, w, 3), dtype=np.uint8)
     end = (pixels.shape[0] - 1) * pixels.strides[0] + row_bytes  # the bytes the C may read
     status = ops_kernel().resample_rgb(
@@ -148,6 +149,25 @@ def resize_window(
     return out if status == 0 else None
 
 
+def _check_resize(
+    pixels: np.ndarray,
+    size: tuple[int, int],
+    out_size: tuple[int, int],
+    window: tuple[int, int, int, int],
+    box: tuple[float, float, float, float],
+) -> None:
+    """Raise ValueError for arguments the C code would read out of bounds with (Pillow raises for
+    a box outside the image too)."""
+    (width, height), (out_w, out_h) = size, out_size
+    left, top, w, h = window
+    if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] not in (3, 4):
+        raise ValueError(f"resize_window needs uint8 (h, w, 3 or 4) pixels, got {pixels.dtype} {pixels.shape}")
+    if not (0 <= box[0] <= box[2] <= width and 0 <= box[1] <= box[3] <= height):
+        raise ValueError(f"box {box} is not inside the {width}x{height} image")
+    if not (w >= 1 and h >= 1 and 0 <= left and left + w <= out_w and 0 <= top and top + h <= out_h):
+        raise ValueError(f"window {window} is not inside the {out_w}x{out_h} output")
+
+
 def source_window(
     size: tuple[int, int],
     out_size: tuple[int, int],
@@ -158,6 +178,7 @@ def source_window(
     """The input pixels (x0, y0, x1, y1) that ``resize_window`` reads for ``window``."""
     (width, height), (out_w, out_h) = size, out_size
     box = box if box is not None else (0.0, 0.0, float(width), float(height))
+    _check_resize(np.empty((1, 1, 3), np.uint8), size, out_size, window, box)
     found = _INTS4()
     if (
         ops_kernel().resample_source_window(

@@ -65,7 +65,7 @@ def test_benchmark_data_tiny_run(tmp_path):
     for pipeline in ("reference", "fast"):
         assert all(ms > 0 for ms in transform["stages"][pipeline].values())
         assert transform["batch step"][pipeline]["ms_per_image"] > 0
-    assert transform["ratio_with_batch_step_on_cpu"] > 0
+    assert transform["ratio_with_batch_step_on_cpu"] > 0 and transform["val_ratio_with_batch_step_on_cpu"] > 0
 
     rows = size["loader"]
     assert {(r["format"], r["workers"], r["pipeline"]) for r in rows} == {

@@ -13,6 +13,7 @@ import io
 import os
 import random
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -973,3 +974,44 @@ def test_a_reduced_scale_crop_through_the_c_resize_equals_pillows_resize_of_the_
                     want = img.resize((224, 224), F.pil_modes_mapping[interpolation], box=region)
                     want = want.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if mirror else want
                     assert got.tobytes() == want.tobytes(), (img.size, box, scale, interpolation, mirror)
+
+
+def test_resize_window_refuses_what_it_would_read_out_of_bounds_with():
+    pixels = np.zeros((30, 40, 3), np.uint8)
+    bicubic = Image.Resampling.BICUBIC
+    with pytest.raises(ValueError, match="box"):
+        pillow_ops.resize_window(pixels, (40, 30), (20, 20), bicubic, (0, 0, 20, 20), box=(10, 10, 60, 50))
+    with pytest.raises(ValueError, match="box"):
+        pillow_ops.resize_window(pixels, (40, 30), (20, 20), bicubic, (0, 0, 20, 20), box=(20, 10, 10, 20))
+    with pytest.raises(ValueError, match="window"):
+        pillow_ops.resize_window(pixels, (40, 30), (20, 20), bicubic, (15, 15, 10, 10))
+    with pytest.raises(ValueError, match="uint8"):
+        pillow_ops.resize_window(pixels.astype(np.int32), (40, 30), (20, 20), bicubic, (0, 0, 20, 20))
+
+
+def test_the_c_resize_returns_none_when_memory_runs_out(tmp_path):
+    # Address space capped: the taps' bounds fit, their weights do not; C frees what it got, once.
+    script = tmp_path / "oom.py"
+    script.write_text(
+        "import resource, numpy as np\n"
+        "from PIL import Image\n"
+        "from data import pillow_ops\n"
+        "assert pillow_ops.ops_kernel() is not None\n"
+        "size = [l for l in open('/proc/self/status') if l.startswith('VmSize')][0].split()[1]\n"
+        "limit = int(size) * 1024 + (1 << 30)\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (limit, limit))\n"
+        "out = pillow_ops.resize_window(np.zeros((10, 10, 3), np.uint8), (10, 10), (100_000_000, 10),\n"
+        "                               Image.Resampling.BILINEAR, (0, 0, 4, 4))\n"
+        "print(out is None)\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, str(script)], cwd=root, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(root)})  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip() == "True", done.stderr[-2000:]
+
+
+def test_the_training_transform_builds_the_c_helpers_before_workers_start(monkeypatch):
+    # Without RandAugment too: the reduced-scale crops resize through pillow_ops.c.
+    pillow_ops.ops_kernel.cache_clear()
+    build_transform(True, cfg("AUG.AUTO_AUGMENT", "none"))
+    assert pillow_ops.ops_kernel.cache_info().currsize == 1
