@@ -28,10 +28,7 @@ from typing import Any
 from PIL import Image, ImageEnhance, ImageFilter
 from timm.data import auto_augment
 
-from . import pillow_ops
 from .pillow_ops import BICUBIC, BILINEAR, DOUBLES6, fast_rotate_available, on_rgbx, ops_kernel
-
-SOURCE = pillow_ops.SOURCE  # the C file of these ops
 
 
 def _rgb_fill(fill: Any) -> bytes | None:

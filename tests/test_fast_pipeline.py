@@ -568,8 +568,8 @@ def test_the_c_helpers_are_built_on_this_machine():
     # CI's machine has a C compiler and libjpeg-turbo's headers; without them the fast pipeline
     # still works (whole decodes, Pillow's RandAugment ops), but this test says the speed-ups are off.
     assert jpeg_region.region_decoder() is not None, "see the warning logged by data.native for why"
-    assert fast_augment.ops_kernel() is not None, "see the warning logged by data.native for why"
-    assert fast_augment.fast_rotate_available() == HAS_AVX2
+    assert pillow_ops.ops_kernel() is not None, "see the warning logged by data.native for why"
+    assert pillow_ops.fast_rotate_available() == HAS_AVX2
 
 
 @pytest.mark.parametrize("mode,options", JPEG_KINDS)
@@ -786,7 +786,7 @@ def test_rotate_equals_pillows_rotate_pixel_for_pixel():
             got = fast_augment.rotate(img, degrees, resample=resample, fillcolor=fill)
             assert got.mode == "RGB" and got.tobytes() == want.tobytes(), (img.size, degrees, resample)
     if HAS_AVX2:  # the C form ran (elsewhere every call above was Pillow's own)
-        assert fast_augment.fast_rotate_available()
+        assert pillow_ops.fast_rotate_available()
 
 
 def test_sharpness_equals_pillows_image_enhance_pixel_for_pixel():
