@@ -213,6 +213,30 @@ def image_pixels(image: Image.Image | torch.Tensor) -> np.ndarray | None:
     return None
 
 
+def image_size(image: Image.Image | torch.Tensor) -> tuple[int, int]:
+    """(width, height) of a PIL image or of pixels (C, H, W)."""
+    return image.size if isinstance(image, Image.Image) else (image.shape[-1], image.shape[-2])
+
+
+def pillow_resize(
+    image: Image.Image | torch.Tensor,
+    out_size: tuple[int, int],
+    resample: Any,
+    window: tuple[int, int, int, int],
+    box: tuple[float, float, float, float] | None = None,
+) -> np.ndarray | None:
+    """Pillow's ``image.resize(out_size, resample, box).crop(window)`` (window: left, top, width,
+    height) of a decoded image computed by ``pillow_ops.resize_window``: uint8 (height, width, 3),
+    the same bytes; None where that does not apply (the caller then runs Pillow's)."""
+    pixels = image_pixels(image)
+    if pixels is None:
+        return None
+    size = (pixels.shape[1], pixels.shape[0])
+    if not resize_applies(size, out_size, resample):
+        return None
+    return resize_window(pixels, size, out_size, resample, window, box)
+
+
 class FastResizedCrop:
     """timm's ``RandomResizedCropAndInterpolation`` (``reference``), with decoding at reduced size.
 
@@ -330,13 +354,9 @@ class FastResizedCrop:
         region = (left / s - ox, top / s - oy, (left + w) / s - ox, (top + h) / s - oy)
         resample = F.pil_modes_mapping[decoded.interpolation]
         out_size = (self.size[1], self.size[0])
-        pixels = image_pixels(image)
-        if pixels is not None and resize_applies((pixels.shape[1], pixels.shape[0]), out_size, resample):
-            # Pillow's resize of the box, computed by pillow_ops.c: the same bytes.
-            size = (pixels.shape[1], pixels.shape[0])
-            out = resize_window(pixels, size, out_size, resample, (0, 0, *out_size), box=region)
-            if out is not None:
-                return Image.fromarray(out[:, ::-1] if mirror else out)
+        out = pillow_resize(image, out_size, resample, (0, 0, *out_size), box=region)
+        if out is not None:
+            return Image.fromarray(out[:, ::-1] if mirror else out)
         if isinstance(image, torch.Tensor):
             image = Image.fromarray(image.permute(1, 2, 0).numpy())
         out = image.resize(out_size, resample, box=region)
@@ -577,15 +597,11 @@ class FastEvalTransform:
     def __call__(self, img: Image.Image | torch.Tensor | EncodedImage) -> Any:
         if isinstance(img, EncodedImage):
             img = self.decode_encoded(img)
-        pixels = image_pixels(img) if self.fast else None
-        if pixels is not None:
-            size = (pixels.shape[1], pixels.shape[0])
-            plan = self.plan(*size)
-            if plan is not None and resize_applies(size, plan[0], self.resample):
-                out = resize_window(pixels, size, plan[0], self.resample, plan[1])
-                if out is not None:
-                    normalize = self.tail.normalize
-                    return Uint8Image(torch.from_numpy(out), erasures=[], mean=normalize.mean, std=normalize.std)
+        plan = self.plan(*image_size(img)) if self.fast else None
+        out = pillow_resize(img, plan[0], self.resample, plan[1]) if plan is not None else None
+        if out is not None:
+            normalize = self.tail.normalize
+            return Uint8Image(torch.from_numpy(out), erasures=[], mean=normalize.mean, std=normalize.std)
         if isinstance(img, torch.Tensor):
             img = Image.fromarray(img.permute(1, 2, 0).numpy())
         return self.reference(img)

@@ -1,10 +1,10 @@
 """Small C helpers of the input pipeline, compiled on first use and loaded through ctypes.
 
-Two hot spots of the training transform have no fast form in Pillow, torchvision or torch:
-decoding only part of a JPEG (``jpeg_region.c``) and RandAugment's rotate, shear, translate and
-sharpness with Pillow's exact arithmetic (``pillow_ops.c``). Each is a plain C file without Python's API, built
-with the system's C compiler into a per-user cache, under a name carrying the hash of its source
-(an edited file is rebuilt). Where that cannot be done (no compiler, a missing header or library)
+Hot spots of the input pipeline that have no fast form in Pillow, torchvision or torch: decoding
+only part of a JPEG (``jpeg_region.c``); RandAugment's rotate, shear, translate and sharpness and
+Pillow's resize, with Pillow's exact arithmetic (``pillow_ops.c``). Each is a plain C file without
+Python's API, built with the system's C compiler into a per-user cache, under a name carrying the
+hash of its source (an edited file is rebuilt). Where that cannot be done (no compiler, a missing header or library)
 ``native_library`` returns None after one log line, and the caller keeps its portable path.
 """
 

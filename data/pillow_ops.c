@@ -1,5 +1,6 @@
-/* RandAugment's costliest ops with Pillow's exact arithmetic, on RGBX pixels (4 bytes each, as
- * Pillow stores RGB; the fourth byte is ignored on input and undefined on output).
+/* Pillow's exact arithmetic for the input pipeline's costliest Pillow calls: RandAugment's ops on
+ * RGBX pixels (4 bytes each, as Pillow stores RGB; the fourth byte is ignored on input and
+ * undefined on output), and Pillow's resize computed for a window of its output (at the end).
  *
  * - rotate, shear, translate: Image.transform(AFFINE, BILINEAR or BICUBIC), Pillow's generic
  *   per-pixel engine (Geometry.c: affine_transform, BILINEAR/BICUBIC_HEAD and _BODY, the clamp and
