@@ -323,7 +323,9 @@ def run_throughput(config, env: DistEnv, logger, precision: Precision) -> float:
         model.flops() / 1e9,
         config.MODEL.NUM_CLASSES,
     )
-    model, precision = inference_model(model, env.device, precision, config.TRAIN.COMPILE, config.TRAIN.COMPILE_BACKEND)
+    model, precision = inference_model(
+        model, env.device, precision, config.TRAIN.COMPILE, config.TRAIN.COMPILE_BACKEND, config.RETAIN_FREED_MEMORY
+    )
     return throughput(config, model, env, precision=precision)
 
 
@@ -453,7 +455,12 @@ def run(args: argparse.Namespace) -> dict | None:
         eval_model, eval_precision = model, precision
         if config.EVAL_MODE and not config.TRAIN.FSDP:
             eval_model, eval_precision = inference_model(
-                model_without_ddp, env.device, precision, config.TRAIN.COMPILE, config.TRAIN.COMPILE_BACKEND
+                model_without_ddp,
+                env.device,
+                precision,
+                config.TRAIN.COMPILE,
+                config.TRAIN.COMPILE_BACKEND,
+                config.RETAIN_FREED_MEMORY,
             )
         stats = validate(config, data.loader_val, eval_model, env, eval_precision)
         if not pretraining:

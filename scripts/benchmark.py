@@ -20,7 +20,9 @@ when the machine's load drifts).
 Rows:
 * forward: images/s under ``torch.inference_mode``. fp32; bf16 (autocast and weights cast to
   bf16, each side's best is reported; ``--half-forward cast`` times only the cast, which halves
-  the compiles); fp16 the same, on CUDA only.
+  the compiles); fp16 the same, on CUDA only. On the CPU the fp32 eager row adds ``fast path``:
+  our model as ``--eval``/``--throughput``/``predict.py`` run it in fp32 (linear weights
+  prepacked, ``models.prepacked``), and with ``--onnxruntime`` our model exported to ONNX.
 * train (``--train``): one step = forward + cross-entropy + backward + AdamW step. Ours uses
   ``optimizer.build_optimizer`` (TRAIN.OPTIMIZER.IMPL from the config), timm's side
   ``torch.optim.AdamW`` over the same parameter groups, lr, betas, eps, weight decay and
@@ -78,6 +80,7 @@ from distributed import cpu_has_fast_bf16, synchronize  # noqa: E402
 from inference import FrozenCompiled  # noqa: E402
 from models.build import build_model  # noqa: E402
 from models.compile import allow_recompiles, compile_model  # noqa: E402
+from models.prepacked import prepack_linears  # noqa: E402
 from models.swin_transformer import WindowAttention  # noqa: E402
 from models.swin_transformer_v2 import WindowAttentionV2  # noqa: E402
 from models.windows import WindowBlockBase  # noqa: E402
@@ -330,6 +333,16 @@ def onnxruntime_step(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], No
     return lambda: session.run(None, feed)
 
 
+FAST_PATH_NOTE = "as --eval/--throughput run it in fp32: linear weights prepacked"
+
+
+def fast_path_model(model: torch.nn.Module) -> torch.nn.Module | None:
+    """A copy of our model as the eager fp32 inference commands run it on the CPU
+    (``inference.inference_model``); None where nothing would change (no oneDNN linear)."""
+    fast = copy.deepcopy(model)
+    return fast if prepack_linears(fast) else None
+
+
 def forward_step(model, x, amp: torch.dtype | None) -> Callable[[], None]:
     device = x.device
     model.eval()
@@ -558,9 +571,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument(
         "--malloc",
-        default="default",
-        choices=("default", "keep"),
-        help="'keep': glibc keeps freed memory for reuse instead of unmapping it (both models)",
+        default="auto",
+        choices=("auto", "default", "keep"),
+        help="'keep': glibc keeps freed memory for reuse instead of unmapping it (both models); 'auto' (default): "
+        "keep on the CPU without --train/--memory, as --eval/--throughput/predict do (RETAIN_FREED_MEMORY), "
+        "else default, as the trainer",
     )
     p.add_argument("--json", default=None, help="write all results here")
     p.add_argument(
@@ -615,18 +630,25 @@ def fmt(v: float | None, spec: str = ".2f") -> str:
     return "-" if v is None else format(v, spec)
 
 
+def malloc_keeps(choice: str, device: torch.device, trains: bool) -> bool:
+    """Whether this run keeps freed memory: ``keep``, or ``auto`` for CPU inference only (what the
+    project's inference commands do; its trainer leaves the allocator alone)."""
+    return choice == "keep" or (choice == "auto" and device.type == "cpu" and not trains)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.memory and args.ranks:
         return sharded_memory(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    malloc_kept = retain_freed_memory(large_blocks=True) if args.malloc == "keep" else False
-    if args.malloc == "keep" and not malloc_kept:
-        print("--malloc keep: mallopt unavailable (not glibc?); default allocator behaviour")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device available")
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    keep = malloc_keeps(args.malloc, device, args.train or args.memory)
+    malloc_kept = retain_freed_memory(large_blocks=True) if keep else False
+    if keep and not malloc_kept:
+        print("--malloc keep: mallopt unavailable (not glibc?); default allocator behaviour")
     config = load_config(args.model, args.img_size, args.opts)
     bs, size = args.batch_size or (128 if device.type == "cuda" else 16), config.DATA.IMG_SIZE
     info = machine_info(device)
@@ -792,6 +814,10 @@ def main(argv=None) -> dict:
             for name, model in (("ours", ours), ("timm", theirs)):
                 if dtype == torch.float32:
                     cands.append(Candidate(name, forward_step(maybe_compile(model, mode), x, None), note))
+                    if name == "ours" and mode == "eager" and device.type == "cpu":
+                        fast = fast_path_model(model)
+                        if fast is not None:
+                            cands.append(Candidate("fast path", forward_step(fast, x, None), FAST_PATH_NOTE))
                     if name == "ours" and args.onnxruntime and mode == "eager" and device.type == "cpu":
                         cands.append(Candidate("onnxruntime", onnxruntime_step(model, x), "our model as ONNX"))
                 else:

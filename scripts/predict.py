@@ -243,7 +243,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     model, config, class_names = load_classifier(args.resume, args.cfg, args.opts, env.device)
     transform = build_transform(False, config)
     precision = Precision.decide(env.device, config.AMP_ENABLE, config.AMP_DTYPE)
-    model, precision = inference_model(model, env.device, precision, args.compile, config.TRAIN.COMPILE_BACKEND)
+    model, precision = inference_model(
+        model, env.device, precision, args.compile, config.TRAIN.COMPILE_BACKEND, config.RETAIN_FREED_MEMORY
+    )
     results = predict(
         model,
         transform,

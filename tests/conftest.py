@@ -86,6 +86,18 @@ def _release_log_handlers():
             h.close()
 
 
+@pytest.fixture(autouse=True)
+def inference_memory_calls(monkeypatch) -> list[bool]:
+    """In-process --eval/--throughput/predict runs would make this process keep every freed block
+    for the rest of the suite (``inference.keep_inference_memory``); record the calls instead
+    (``large_blocks`` of each). A child process checks the real effect (tests/test_inference.py)."""
+    import inference
+
+    calls: list[bool] = []
+    monkeypatch.setattr(inference, "retain_freed_memory", lambda large_blocks=False: calls.append(large_blocks) or True)
+    return calls
+
+
 def run_main(
     args: list[str], cwd: str | None = None, env: dict | None = None, timeout: int = 600
 ) -> subprocess.CompletedProcess:

@@ -29,6 +29,16 @@ def test_a_row_is_shown_as_its_share_of_the_bound_and_emulated_bf16_as_not_appli
     assert benchmark.bound_text({"fraction_of_bound": None, "bound_img_s": 20.0, "dtype": "fp32"}) == "-"
 
 
+def test_auto_malloc_keeps_freed_memory_for_cpu_inference_as_the_inference_commands_do():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert benchmark.malloc_keeps("auto", cpu, trains=False) is True
+    assert benchmark.malloc_keeps("auto", cpu, trains=True) is False  # the trainer leaves it alone
+    assert benchmark.malloc_keeps("auto", cuda, trains=False) is False
+    assert benchmark.malloc_keeps("keep", cuda, trains=True) is True
+    assert benchmark.malloc_keeps("default", cpu, trains=False) is False
+    assert benchmark.parse_args([]).malloc == "auto"
+
+
 def test_top_kernels_ranks_the_operations_of_one_step_by_self_time():
     a, b = torch.randn(256, 256), torch.randn(256, 256)
 

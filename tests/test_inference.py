@@ -4,6 +4,10 @@ bf16), and the attention path ``auto`` takes under torch.compile."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 
 import inference
@@ -123,3 +127,39 @@ def test_the_inductor_compile_runs_with_weight_freezing_on_at_every_call(monkeyp
         fast(torch.randn(2, 3, 32, 32))
         fast(torch.randn(1, 3, 32, 32))  # a smaller last batch recompiles: frozen too
     assert seen == [True, True] and inductor_config.freezing is False
+
+
+def test_inference_keeps_freed_memory_on_the_cpu_only_when_asked(inference_memory_calls):
+    calls = inference_memory_calls  # conftest records retain_freed_memory's calls
+    assert inference.keep_inference_memory(CPU, True) is True and calls == [True]
+    assert inference.keep_inference_memory(CPU, False) is False
+    assert inference.keep_inference_memory(torch.device("cuda"), True) is False
+    assert calls == [True]  # neither of the last two touched the allocator
+    inference.inference_model(tiny(), CPU, Precision(CPU, None, "float32"), compile=False, retain_memory=True)
+    inference.inference_model(tiny(), CPU, Precision(CPU, None, "float32"), compile=False)
+    assert calls == [True, True]
+
+
+def test_an_inference_process_stops_faulting_in_each_batchs_large_activations():
+    # In a child process, so this process's allocator stays as it is: after inference_model with
+    # retain_memory, freed blocks over glibc's 32 MiB mmap limit (Swin-T's stage-1 activations at
+    # batch 16 are 77 MB) are reused instead of mapped and page-faulted in again per batch.
+    script = (
+        "import resource, sys, torch\n"
+        "import inference\n"
+        "from distributed import Precision\n"
+        "cpu = torch.device('cpu')\n"
+        "inference.inference_model(torch.nn.Identity(), cpu, Precision(cpu, None, 'float32'), False,"
+        " retain_memory=sys.argv[1] == 'keep')\n"
+        "for _ in range(2): torch.ones(12 << 20).sum()\n"
+        "start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "for _ in range(10): torch.ones(12 << 20).sum()\n"  # 48 MiB each, as one batch's activation
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)\n"
+    )
+    root = str(Path(__file__).resolve().parent.parent)
+    counts = {}
+    for mode in ("defaults", "keep"):
+        out = subprocess.run([sys.executable, "-c", script, mode], cwd=root, capture_output=True, text=True, check=True)
+        counts[mode] = int(out.stdout.split()[-1])
+    # About 123,000 pages when each 48 MiB buffer is mapped afresh.
+    assert 2 * counts["keep"] < 100_000 < counts["defaults"], counts

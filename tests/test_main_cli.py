@@ -61,7 +61,7 @@ def _checkpoint_of(tmp_path: Path, name: str, opts: list[str]) -> Path:
 
 @pytest.mark.slow
 def test_train_then_eval_resume_reports_the_same_accuracy_and_throughput_reports_images_per_s(
-    small_data: str, tmp_path: Path, capsys: pytest.CaptureFixture
+    small_data: str, tmp_path: Path, capsys: pytest.CaptureFixture, inference_memory_calls: list[bool]
 ) -> None:
     train = _subprocess(demo_args(small_data, tmp_path, "--tag", "cli"))
     assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
@@ -82,8 +82,11 @@ def test_train_then_eval_resume_reports_the_same_accuracy_and_throughput_reports
     assert found[0] == trained  # the same weights give the same numbers
     assert f"Accuracy of the network on the 15 test images: {float(acc1):.2f}%" in evaluated.stdout
 
+    assert "inference: freed memory kept in this process" in evaluated.stdout  # RETAIN_FREED_MEMORY
+
     code, out, err = _in_process(demo_args(small_data, tmp_path, "--tag", "cli-tp", "--throughput"), capsys)
     assert code == 0, err
+    assert inference_memory_calls == [True]  # large blocks too (recorded here: conftest)
     assert re.search(
         r"throughput: [\d.]+ images/s \(batch 16, 32x32, float32, device cpu, \d+ timed iterations\)", out
     ), out

@@ -1,0 +1,104 @@
+"""Linear layers whose weights are reordered once into oneDNN's blocked layout, for CPU inference.
+
+``nn.Linear`` on the CPU hands its weight to the BLAS as it is stored, every call. oneDNN's linear
+can instead take a weight reordered once for its kernels (what Inductor's weight freezing does in a
+compiled graph); for eager inference ``prepack_linears`` swaps each ``nn.Linear`` of a model for a
+``PrepackedLinear`` holding that reordered copy. Same weights, same module tree otherwise: the
+parameters stay where they were (``weight``/``bias`` of the same names, so the state dict and any
+code reading ``layer.weight`` are unchanged), and the packed copy is a plain attribute, rebuilt if
+the weight changes in place.
+
+Measured (README, "Performance"): Swin-T 224 batch 16 fp32 forward, 2-core AMD EPYC with AVX2
+(no AVX-512), memory kept: 13.2 -> 14.2 images/s (x1.06 paired). The packed call has no autograd
+and no autocast rule, so the layer takes the plain ``F.linear`` whenever gradients, autocast,
+tracing, another device or another dtype is involved.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def prepack_available() -> bool:
+    """Whether this torch has oneDNN's linear with prepacked weights (CPU builds with mkldnn)."""
+    ops = getattr(torch.ops, "mkldnn", None)
+    return (
+        torch.backends.mkldnn.is_available()
+        and hasattr(ops, "_reorder_linear_weight")
+        and hasattr(ops, "_linear_pointwise")
+    )
+
+
+def _autocast_on() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4 spelling
+        return torch.is_autocast_cpu_enabled()
+
+
+class PrepackedLinear(nn.Module):
+    """``nn.Linear``'s forward with the weight reordered once for oneDNN (inference on the CPU).
+
+    ``weight`` and ``bias`` are the original layer's parameters (not copied).
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self._packed: torch.Tensor | None = None
+        self._packed_from: tuple[int, int, torch.dtype] | None = None
+
+    def __getstate__(self) -> dict:
+        # The packed copy is derived (and oneDNN's opaque tensors do not copy or pickle): rebuilt on use.
+        state = self.__dict__.copy()
+        state["_packed"], state["_packed_from"] = None, None
+        return state
+
+    def _packed_weight(self) -> torch.Tensor:
+        w = self.weight
+        key = (w.data_ptr(), w._version, w.dtype)
+        if self._packed is None or self._packed_from != key:
+            self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach())
+            self._packed_from = key
+        return self._packed
+
+    def _takes_packed(self, x: torch.Tensor) -> bool:
+        w = self.weight
+        return (
+            x.device.type == "cpu"
+            and w.device.type == "cpu"
+            and x.dtype == w.dtype
+            and (self.bias is None or self.bias.dtype == w.dtype)
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+            and not _autocast_on()
+            and not torch.compiler.is_compiling()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._takes_packed(x):
+            return F.linear(x, self.weight, self.bias)
+        bias = None if self.bias is None else self.bias.detach()
+        return torch.ops.mkldnn._linear_pointwise(x, self._packed_weight(), bias, "none", [], "")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def prepack_linears(model: nn.Module) -> int:
+    """Replace every ``nn.Linear`` in ``model`` (in place) by a ``PrepackedLinear``; how many.
+
+    0 where this torch lacks the oneDNN ops. For inference: call after the weights are final.
+    """
+    if not prepack_available():
+        return 0
+    swapped = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Linear:
+                setattr(module, name, PrepackedLinear(child))
+                swapped += 1
+    return swapped

@@ -1,0 +1,109 @@
+"""models/prepacked.py: linear layers with weights reordered once for oneDNN, used by eager fp32
+inference on the CPU (--eval, --throughput, predict) — the same logits, the same state dict, and the
+plain linear wherever the packed call would be wrong (gradients, autocast, other dtypes)."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import inference
+from distributed import Precision
+from models.prepacked import PrepackedLinear, prepack_available, prepack_linears
+from models.swin_transformer import SwinTransformer
+from models.swin_transformer_v2 import SwinTransformerV2
+
+pytestmark = pytest.mark.skipif(not prepack_available(), reason="this torch has no oneDNN linear")
+CPU = torch.device("cpu")
+
+
+def tiny(family: str) -> nn.Module:
+    torch.manual_seed(0)
+    kwargs = dict(img_size=32, patch_size=2, embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=4)
+    if family == "v1":
+        model = SwinTransformer(num_classes=7, **kwargs)
+    else:
+        model = SwinTransformerV2(num_classes=7, pretrained_window_sizes=(0, 0), **kwargs)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.mark.parametrize("family", ["v1", "v2"])
+def test_a_prepacked_model_gives_the_same_logits_and_keeps_its_state_dict(family):
+    model = tiny(family)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.inference_mode():
+        expected = model(x)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    linears = sum(type(m) is nn.Linear for m in model.modules())
+    assert prepack_linears(model) == linears > 0
+    assert not any(type(m) is nn.Linear for m in model.modules())
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+    with torch.inference_mode():
+        got = model(x)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert model.head._packed is not None  # the classifier took the packed call
+
+
+def test_the_packed_weight_follows_an_in_place_change_of_the_weights():
+    layer = nn.Linear(6, 5)
+    packed = PrepackedLinear(layer)
+    x = torch.randn(4, 6)
+    with torch.no_grad():
+        packed(x)
+        layer.weight.mul_(-2.0)  # e.g. load_state_dict after packing
+        layer.bias.add_(1.0)
+        torch.testing.assert_close(packed(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+
+
+def test_gradients_autocast_and_other_dtypes_take_the_plain_linear():
+    torch.manual_seed(1)
+    layer = nn.Linear(6, 5)
+    packed = PrepackedLinear(copy.deepcopy(layer))
+    x = torch.randn(4, 6, requires_grad=True)
+    packed(x).square().sum().backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    layer(x2).square().sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(packed.weight.grad, layer.weight.grad)
+    assert packed._packed is None  # never packed: every call had gradients
+
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out, ref = packed(x), layer(x)
+    assert out.dtype == ref.dtype == torch.bfloat16 and torch.equal(out, ref)
+    assert packed._packed is None
+
+    # A float32 input to float32 weights packs; a bf16 input to them does not (F.linear's own rules apply).
+    with torch.no_grad():
+        half = x.detach().to(torch.bfloat16)
+        with pytest.raises(RuntimeError):
+            packed(half)
+        assert packed._packed is None
+        packed(x.detach())
+    assert packed._packed is not None
+
+
+def test_a_prepacked_model_copies_and_pickles_without_its_packed_weights():
+    model = tiny("v1")
+    prepack_linears(model)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        expected = model(x)
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert clone.head._packed is None
+        with torch.inference_mode():
+            torch.testing.assert_close(clone(x), expected)
+
+
+def test_eager_fp32_cpu_inference_prepacks_and_autocast_inference_does_not():
+    fp32, _ = inference.inference_model(tiny("v1"), CPU, Precision(CPU, None, "float32"), compile=False)
+    assert isinstance(fp32.head, PrepackedLinear)
+    bf16, _ = inference.inference_model(tiny("v1"), CPU, Precision(CPU, torch.bfloat16, "bf16 autocast"), False)
+    assert type(bf16.head) is nn.Linear
