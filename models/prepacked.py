@@ -38,6 +38,11 @@ def _autocast_on() -> bool:
         return torch.is_autocast_cpu_enabled()
 
 
+def reorder_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` (out, in) reordered into oneDNN's layout for its linear (an opaque tensor)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight)
+
+
 class PrepackedLinear(nn.Module):
     """``nn.Linear``'s forward with the weight reordered once for oneDNN (inference on the CPU).
 
@@ -58,11 +63,16 @@ class PrepackedLinear(nn.Module):
         state["_packed"], state["_packed_from"] = None, None
         return state
 
-    def _packed_weight(self) -> torch.Tensor:
+    def _packed_weight(self) -> torch.Tensor | None:
+        """The reordered weight; None where oneDNN cannot pack this dtype on this CPU (bf16 needs
+        AVX-512 BW/VL/DQ or AVX-NE-CONVERT), remembered until the weight changes."""
         w = self.weight
         key = (w.data_ptr(), w._version, w.dtype)
-        if self._packed is None or self._packed_from != key:
-            self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach())
+        if self._packed_from != key:
+            try:
+                self._packed = reorder_weight(w.detach())
+            except RuntimeError:
+                self._packed = None
             self._packed_from = key
         return self._packed
 
@@ -79,10 +89,11 @@ class PrepackedLinear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._takes_packed(x):
+        packed = self._packed_weight() if self._takes_packed(x) else None
+        if packed is None:
             return F.linear(x, self.weight, self.bias)
         bias = None if self.bias is None else self.bias.detach()
-        return torch.ops.mkldnn._linear_pointwise(x, self._packed_weight(), bias, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

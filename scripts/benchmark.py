@@ -270,6 +270,7 @@ FORWARD_LEVERS = {
     "fold windows": {"fold": True},
     "expand bias": {"fold": False},
     "roll+expand bias": {"gather": False, "fold": False},
+    "prepacked linears": {"prepack": True},
 }
 DEFAULT_LEVERS = ("attn=auto", "attn=sdpa", "attn=reference", "roll+partition", "no eval bias cache")
 
@@ -280,10 +281,14 @@ def variant(
     gather: bool = True,
     cache: bool = True,
     fold: bool | None = None,
+    prepack: bool = False,
 ):
     """A copy of our model with the speed switches set (same weights); ``fold`` None keeps the
-    device's choice of folding windows into heads for shifted-window sdpa."""
+    device's choice of folding windows into heads for shifted-window sdpa; ``prepack``: the linear
+    weights reordered for oneDNN (``models.prepacked``), in the dtype the copy is cast to later."""
     m = copy.deepcopy(model)
+    if prepack:
+        prepack_linears(m)
     for mod in m.modules():
         if isinstance(mod, (WindowAttention, WindowAttentionV2)):
             if attn_impl:

@@ -63,3 +63,7 @@ def test_every_lever_is_a_switch_of_the_model_copy_and_leaves_the_original_alone
         assert attn.fold_windows is switches.get("fold"), name
         assert attn.attn_impl == switches.get("attn_impl", "auto"), name
     assert all(m.fold_windows is None for m in model.modules() if isinstance(m, WindowAttention))
+    from models.prepacked import PrepackedLinear
+
+    packed = benchmark.variant(model, **benchmark.FORWARD_LEVERS["prepacked linears"])
+    assert isinstance(packed.head, PrepackedLinear) and type(model.head) is torch.nn.Linear

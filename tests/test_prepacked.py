@@ -107,3 +107,35 @@ def test_eager_fp32_cpu_inference_prepacks_and_autocast_inference_does_not():
     assert isinstance(fp32.head, PrepackedLinear)
     bf16, _ = inference.inference_model(tiny("v1"), CPU, Precision(CPU, torch.bfloat16, "bf16 autocast"), False)
     assert type(bf16.head) is nn.Linear
+
+
+def test_a_model_cast_to_bf16_after_packing_repacks_in_bf16_and_agrees_with_its_plain_copy():
+    model = tiny("v1")
+    plain = copy.deepcopy(model).to(torch.bfloat16)
+    prepack_linears(model)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        model(x)  # packed in float32 first
+        model.to(torch.bfloat16)
+        got, expected = model(x.to(torch.bfloat16)), plain(x.to(torch.bfloat16))
+    assert model.head._packed_from[2] == torch.bfloat16  # packed again, or refused (None) on this CPU
+    # oneDNN and the plain path may round bf16 sums differently: within bf16's error of the logits.
+    assert float((got.float() - expected.float()).abs().max()) <= 0.03 * float(expected.float().abs().max())
+
+
+def test_a_weight_onednn_refuses_to_pack_runs_as_a_plain_linear(monkeypatch):
+    import models.prepacked as prepacked
+
+    def refuse(weight):
+        calls.append(weight.dtype)
+        raise RuntimeError("mkldnn_reorder_linear_weight: bf16 path needs the cpu support ...")
+
+    calls = []
+    monkeypatch.setattr(prepacked, "reorder_weight", refuse)
+    layer = nn.Linear(6, 5)
+    packed = PrepackedLinear(layer)
+    x = torch.randn(4, 6)
+    with torch.no_grad():
+        for _ in range(3):
+            torch.testing.assert_close(packed(x), layer(x))
+    assert calls == [torch.float32]  # tried once, not per call
