@@ -20,9 +20,11 @@ when the machine's load drifts).
 Rows:
 * forward: images/s under ``torch.inference_mode``. fp32; bf16 (autocast and weights cast to
   bf16, each side's best is reported; ``--half-forward cast`` times only the cast, which halves
-  the compiles); fp16 the same, on CUDA only. On the CPU the fp32 eager row adds ``fast path``:
-  our model as ``--eval``/``--throughput``/``predict.py`` run it in fp32 (linear weights
-  prepacked, ``models.prepacked``), and with ``--onnxruntime`` our model exported to ONNX.
+  the compiles); fp16 the same, on CUDA only. On the CPU the eager rows add ``fast path``:
+  our model as ``--eval``/``--throughput``/``predict.py`` run it (``inference.inference_model``:
+  fp32 linear weights prepacked, ``models.prepacked``; bf16, where the CPU has native bf16,
+  weights cast once and prepacked), and with ``--onnxruntime`` the fp32 row our model exported
+  to ONNX.
 * train (``--train``): one step = forward + cross-entropy + backward + AdamW step. Ours uses
   ``optimizer.build_optimizer`` (TRAIN.OPTIMIZER.IMPL from the config), timm's side
   ``torch.optim.AdamW`` over the same parameter groups, lr, betas, eps, weight decay and
@@ -76,11 +78,11 @@ import torch.nn.functional as F  # noqa: E402
 
 from allocator import retain_freed_memory  # noqa: E402
 from config import get_config, model_section  # noqa: E402
-from distributed import cpu_has_fast_bf16, synchronize  # noqa: E402
-from inference import FrozenCompiled  # noqa: E402
+from distributed import Precision, cpu_has_fast_bf16, synchronize  # noqa: E402
+from inference import CastInputs, FrozenCompiled, inference_model  # noqa: E402
 from models.build import build_model  # noqa: E402
 from models.compile import allow_recompiles, compile_model  # noqa: E402
-from models.prepacked import prepack_linears  # noqa: E402
+from models.prepacked import PrepackedLinear, prepack_linears  # noqa: E402
 from models.swin_transformer import WindowAttention  # noqa: E402
 from models.swin_transformer_v2 import WindowAttentionV2  # noqa: E402
 from models.windows import WindowBlockBase  # noqa: E402
@@ -338,14 +340,22 @@ def onnxruntime_step(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], No
     return lambda: session.run(None, feed)
 
 
-FAST_PATH_NOTE = "as --eval/--throughput run it in fp32: linear weights prepacked"
+FAST_PATH_NOTES = {
+    torch.float32: "as --eval/--throughput run it in fp32: linear weights prepacked",
+    torch.bfloat16: "as --eval/--throughput run it in bf16: weights cast once, prepacked",
+}
 
 
-def fast_path_model(model: torch.nn.Module) -> torch.nn.Module | None:
-    """A copy of our model as the eager fp32 inference commands run it on the CPU
-    (``inference.inference_model``); None where nothing would change (no oneDNN linear)."""
-    fast = copy.deepcopy(model)
-    return fast if prepack_linears(fast) else None
+def fast_path_model(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module | None:
+    """A copy of our model as the eager inference commands run it on the CPU in ``dtype``
+    (``inference.inference_model``: fp32 weights prepacked; bf16 weights cast once and prepacked
+    where the CPU has native bf16), taking float32 images; None where it would be the model as
+    it is (no oneDNN linear, or bf16 left to autocast)."""
+    cpu = torch.device("cpu")
+    amp = None if dtype == torch.float32 else dtype
+    fast, precision = inference_model(copy.deepcopy(model), cpu, Precision(cpu, amp, "benchmark"), compile=False)
+    changed = isinstance(fast, CastInputs) or any(isinstance(m, PrepackedLinear) for m in fast.modules())
+    return fast if changed and precision.dtype is None else None
 
 
 def forward_step(model, x, amp: torch.dtype | None) -> Callable[[], None]:
@@ -820,9 +830,9 @@ def main(argv=None) -> dict:
                 if dtype == torch.float32:
                     cands.append(Candidate(name, forward_step(maybe_compile(model, mode), x, None), note))
                     if name == "ours" and mode == "eager" and device.type == "cpu":
-                        fast = fast_path_model(model)
+                        fast = fast_path_model(model, dtype)
                         if fast is not None:
-                            cands.append(Candidate("fast path", forward_step(fast, x, None), FAST_PATH_NOTE))
+                            cands.append(Candidate("fast path", forward_step(fast, x, None), FAST_PATH_NOTES[dtype]))
                     if name == "ours" and args.onnxruntime and mode == "eager" and device.type == "cpu":
                         cands.append(Candidate("onnxruntime", onnxruntime_step(model, x), "our model as ONNX"))
                 else:
@@ -835,6 +845,11 @@ def main(argv=None) -> dict:
                         cands.append(
                             Candidate(f"{name}|cast", forward_step(maybe_compile(cast, mode), x.to(dtype), None), note)
                         )
+                    fast = None
+                    if name == "ours" and mode == "eager" and device.type == "cpu" and dtype == torch.bfloat16:
+                        fast = fast_path_model(model, dtype)
+                    if fast is not None:
+                        cands.append(Candidate("fast path", forward_step(fast, x, None), FAST_PATH_NOTES[dtype]))
             prepare(cands, mode)
             run_row("forward", dtype_name, mode, cands, rounds, iters, warmup)
             if dtype == torch.float32:
@@ -861,8 +876,13 @@ def main(argv=None) -> dict:
                         b_timm.compile_s,
                         b_timm.samples,
                     )
+                    whole = [c for c in cands if "|" not in c.name]  # rows of their own (the fast path)
                     record(
-                        "forward", dtype_name, mode, [merged_o, merged_t], {"all": {c.name: c.median() for c in cands}}
+                        "forward",
+                        dtype_name,
+                        mode,
+                        [merged_o, merged_t, *whole],
+                        {"all": {c.name: c.median() for c in cands}},
                     )
                 else:
                     record("forward", dtype_name, mode, cands)

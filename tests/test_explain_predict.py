@@ -801,10 +801,12 @@ def test_explain_draws_attention_of_the_trained_demo(trained_demo, tmp_path, cap
 
 
 @pytest.mark.slow
-def test_compiled_bf16_inference_agrees_with_fp32_on_the_demo_val_set(trained_demo, monkeypatch):
-    """The --compile inference path with bf16 weights (as on a CPU with native bf16): top-1 equal
-    to the fp32 model's on at least 99 % of the 360 validation digits, logits within bf16 error.
-    Inductor (with frozen weights) when SWIN_TEST_INDUCTOR=1, else aot_eager (the same numerics)."""
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_bf16_inference_agrees_with_fp32_on_the_demo_val_set(trained_demo, monkeypatch, compile):
+    """The inference path with bf16 weights (as on a CPU with native bf16), eager (packed
+    linears) and under --compile: top-1 equal to the fp32 model's on at least 99 % of the 360
+    validation digits, logits within bf16 error. Compiled: Inductor (with frozen weights) when
+    SWIN_TEST_INDUCTOR=1, else aot_eager (the same numerics)."""
     from PIL import Image
 
     import inference
@@ -820,7 +822,7 @@ def test_compiled_bf16_inference_agrees_with_fp32_on_the_demo_val_set(trained_de
     with torch.no_grad():
         reference = model.eval()(images)
     backend = "inductor" if os.environ.get("SWIN_TEST_INDUCTOR") == "1" else "aot_eager"
-    fast, precision = inference.inference_model(model, cpu, Precision(cpu, torch.bfloat16, "bf16"), True, backend)
+    fast, precision = inference.inference_model(model, cpu, Precision(cpu, torch.bfloat16, "bf16"), compile, backend)
     with torch.no_grad(), precision.autocast():
         out = fast(images)
     assert next(fast.parameters()).dtype == torch.bfloat16 and out.dtype == torch.float32

@@ -33,7 +33,8 @@ def tiny(family: str = "v1") -> torch.nn.Module:
     return model
 
 
-def test_without_compile_the_model_runs_as_trained_in_eval_mode_without_gradients():
+def test_without_compile_or_native_bf16_the_model_runs_as_trained_in_eval_mode_without_gradients(monkeypatch):
+    monkeypatch.setattr(inference, "cpu_has_fast_bf16", lambda: False)
     model = tiny().train()
     precision = Precision(CPU, torch.bfloat16, "bf16 autocast")
     out, p = inference.inference_model(model, CPU, precision, compile=False)
@@ -81,6 +82,31 @@ def test_compiled_on_a_native_bf16_cpu_the_weights_are_cast_once_and_logits_stay
         assert 0 < err < 0.03, (family, float(err))
 
 
+def test_eager_on_a_native_bf16_cpu_the_weights_are_cast_once_packed_and_logits_stay_within_bf16_error(
+    monkeypatch,
+):
+    from models.prepacked import PrepackedLinear, prepack_available
+
+    monkeypatch.setattr(inference, "cpu_has_fast_bf16", lambda: True)
+    for family in ("v1", "v2"):
+        model = tiny(family).eval()
+        x = torch.randn(4, 3, 32, 32)
+        with torch.no_grad():
+            reference = model(x)
+        fast, precision = inference.inference_model(
+            model, CPU, Precision(CPU, torch.bfloat16, "bf16 autocast"), compile=False
+        )
+        assert isinstance(fast, inference.CastInputs) and fast.model is model
+        assert precision.dtype is None and "bfloat16 weights" in precision.description
+        assert {p.dtype for p in fast.parameters()} == {torch.bfloat16}
+        assert isinstance(model.head, PrepackedLinear) == prepack_available()
+        with torch.no_grad(), precision.autocast():
+            out = fast(x)
+        assert out.dtype == torch.float32
+        err = (out - reference).abs().max() / reference.abs().max()
+        assert 0 < err < 0.03, (family, float(err))
+
+
 def test_compiled_without_native_bf16_or_in_fp32_the_weights_stay_float32(monkeypatch):
     monkeypatch.setattr(inference, "cpu_has_fast_bf16", lambda: False)
     for precision in (Precision(CPU, torch.bfloat16, "bf16 autocast"), Precision(CPU, None, "float32")):
@@ -92,12 +118,16 @@ def test_compiled_without_native_bf16_or_in_fp32_the_weights_stay_float32(monkey
             torch.testing.assert_close(fast(x), model(x), atol=1e-5, rtol=0)
 
 
-def test_auto_attention_is_the_math_under_torch_compile_and_sdpa_for_eager_inference(monkeypatch):
+def test_auto_attention_is_the_math_under_torch_compile_and_sdpa_for_eager_fp32_inference(monkeypatch):
     import models.swin_transformer as v1
 
     with torch.no_grad():
         assert resolve_attn_impl("auto", CPU) == "sdpa"
         assert resolve_attn_impl("auto", torch.device("cuda")) == "sdpa"
+    with torch.no_grad():  # the fused CPU kernel loses to the math in bf16 and fp16
+        assert resolve_attn_impl("auto", CPU, torch.bfloat16) == "reference"
+        assert resolve_attn_impl("auto", CPU, torch.float16) == "reference"
+        assert resolve_attn_impl("auto", torch.device("cuda"), torch.bfloat16) == "sdpa"
     assert resolve_attn_impl("auto", CPU) == "reference"  # CPU training
     assert resolve_attn_impl("auto", torch.device("cuda")) == "sdpa"
     monkeypatch.setattr(v1, "_is_compiling", lambda: True)

@@ -102,11 +102,17 @@ def test_a_prepacked_model_copies_and_pickles_without_its_packed_weights():
             torch.testing.assert_close(clone(x), expected)
 
 
-def test_eager_fp32_cpu_inference_prepacks_and_autocast_inference_does_not():
+def test_eager_cpu_inference_prepacks_fp32_and_cast_bf16_weights_but_not_under_autocast(monkeypatch):
     fp32, _ = inference.inference_model(tiny("v1"), CPU, Precision(CPU, None, "float32"), compile=False)
     assert isinstance(fp32.head, PrepackedLinear)
-    bf16, _ = inference.inference_model(tiny("v1"), CPU, Precision(CPU, torch.bfloat16, "bf16 autocast"), False)
-    assert type(bf16.head) is nn.Linear
+    bf16_autocast = Precision(CPU, torch.bfloat16, "bf16 autocast")
+    monkeypatch.setattr(inference, "cpu_has_fast_bf16", lambda: False)  # autocast stays: nothing packed
+    kept, p = inference.inference_model(tiny("v1"), CPU, bf16_autocast, False)
+    assert p is bf16_autocast and type(kept.head) is nn.Linear
+    monkeypatch.setattr(inference, "cpu_has_fast_bf16", lambda: True)  # weights cast once, then packed
+    cast, p = inference.inference_model(tiny("v1"), CPU, bf16_autocast, False)
+    assert p.dtype is None and isinstance(cast.model.head, PrepackedLinear)
+    assert cast.model.head.weight.dtype == torch.bfloat16
 
 
 def test_a_model_cast_to_bf16_after_packing_repacks_in_bf16_and_agrees_with_its_plain_copy():
