@@ -5,15 +5,18 @@ builds its position bias plus shift mask once and reuses it while the weights ar
 eval cache), so nothing derived from the weights is rebuilt per batch. On a CPU two more things
 happen once, before the first batch:
 
-* where the run's precision is bf16 and the CPU multiplies bf16 natively (AVX-512 BF16 or AMX),
-  the weights are cast to bf16 (``CastInputs``: images in as bf16, logits out as float32) instead
-  of autocast casting every weight on every call;
+* where the run's precision is bf16, the CPU multiplies bf16 natively (AVX-512 BF16 or AMX) and
+  the caller asks for it (``cast_weights``: ``--throughput`` always, ``--eval`` and predict with
+  ``TEST.CAST_WEIGHTS``, since the figures then match the training-time ones only within bf16
+  error), the weights are cast to bf16 (``CastInputs``: images in as bf16, logits out as
+  float32) instead of autocast casting every weight on every call;
 * the linear layers' weights, float32 or bf16, are reordered for oneDNN (``models.prepacked``).
 
-Swin-T 224 batch 16 on a 2-core AMD EPYC with AVX-512 BF16 (README, "Performance"): fp32
-12.7 -> 15.1 images/s (benchmark, same run); ``main.py --throughput`` in bf16, runs taken in
-turn with the previous commit, 18.1-20.4 -> 23.9-25.5 (with the windows' attention as the
-explicit math, which bf16 takes on the CPU: ``models.swin_transformer.resolve_attn_impl``).
+Swin-T 224 batch 16 on a 2-core AMD EPYC with AVX-512 BF16 (README, "Performance"): fp32 9.8
+-> 14.4 images/s (the benchmark's fast-path row, same run); ``main.py --throughput`` in bf16,
+runs taken in turn with the previous commit, 18.1-20.4 -> 23.9-25.5 (with V1's windows'
+attention as the explicit math, which bf16 takes on the CPU:
+``models.swin_transformer.resolve_attn_impl``).
 
 ``--compile`` (``TRAIN.COMPILE``) compiles the whole model once for inference instead of block by
 block as for training:
@@ -111,20 +114,23 @@ def inference_model(
     compile: bool,
     backend: str = "inductor",
     retain_memory: bool = False,
+    cast_weights: bool = True,
 ) -> tuple[nn.Module, Precision]:
     """The module and precision to run inference with (see the module's docstring).
 
     ``model`` is put in eval mode with gradients off; ``retain_memory`` (``RETAIN_FREED_MEMORY``)
-    applies ``keep_inference_memory``. The result may wrap it (``CastInputs``, a compiled module)
-    and the caller's ``model`` may then hold bf16 weights: use the returned module, with the
-    returned ``Precision`` (float32 where the weights were cast: no autocast needed).
+    applies ``keep_inference_memory``; ``cast_weights`` False keeps eager bf16 under autocast
+    (the model as trained; compiled, the weights are cast where the CPU allows). The result may
+    wrap it (``CastInputs``, a compiled module) and the caller's ``model`` may then hold bf16
+    weights: use the returned module, with the returned ``Precision`` (float32 where the weights
+    were cast: no autocast needed).
     """
     model.eval().requires_grad_(False)
     keep_inference_memory(device, retain_memory)
     if compile and device.type != "cpu":
         logger.info("inference: the whole model compiled (%s), %s", backend, precision.description)
         return torch.compile(model, backend=backend), precision
-    if casts_weights(device, precision):
+    if casts_weights(device, precision) and (cast_weights or compile):
         model = CastInputs(model.to(torch.bfloat16), torch.bfloat16)
         precision = Precision(device, None, "bfloat16 weights", "cast once; no autocast")
         logger.info("inference: weights cast to bfloat16 once (the CPU multiplies bf16 natively)")

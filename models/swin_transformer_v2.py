@@ -187,10 +187,12 @@ class WindowAttentionV2(nn.Module):
         v = qkv[2]
         nW = 1 if mask is None else mask.shape[0]
         bias = self._attn_bias(mask)  # nW or 1, h, N, N (fp32)
+        # V1's choice as in fp32, whatever the dtype: in bf16 the fused kernel keeps the softmax in
+        # fp32, while the math would round V2's logits (scaled by up to 100) to bf16, in steps of 0.5.
+        impl = resolve_attn_impl(self.attn_impl, x.device)
         p_drop = self.attn_drop_p if self.training else 0.0
         with _autocast_off(x.device):
             q, k = _logit_precision(qkv[:2]).unbind(0)  # one cast for both
-            impl = resolve_attn_impl(self.attn_impl, x.device, q.dtype)  # as V1's
             # Folding 1/τ into the unit queries gives the same logits as scaling cos(q, k).
             qn = unit_rows(q, self.logit_scales().to(q.dtype))
             kn = unit_rows(k)

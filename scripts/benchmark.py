@@ -21,10 +21,10 @@ Rows:
 * forward: images/s under ``torch.inference_mode``. fp32; bf16 (autocast and weights cast to
   bf16, each side's best is reported; ``--half-forward cast`` times only the cast, which halves
   the compiles); fp16 the same, on CUDA only. On the CPU the eager rows add ``fast path``:
-  our model as ``--eval``/``--throughput``/``predict.py`` run it (``inference.inference_model``:
-  fp32 linear weights prepacked, ``models.prepacked``; bf16, where the CPU has native bf16,
-  weights cast once and prepacked), and with ``--onnxruntime`` the fp32 row our model exported
-  to ONNX.
+  our model as ``--throughput`` runs it (``inference.inference_model``: fp32 linear weights
+  prepacked, ``models.prepacked``, as ``--eval``/``predict.py`` too; bf16, where the CPU has
+  native bf16, weights cast once and prepacked, as ``--eval``/``predict.py`` with
+  ``TEST.CAST_WEIGHTS``), and with ``--onnxruntime`` the fp32 row our model exported to ONNX.
 * train (``--train``): one step = forward + cross-entropy + backward + AdamW step. Ours uses
   ``optimizer.build_optimizer`` (TRAIN.OPTIMIZER.IMPL from the config), timm's side
   ``torch.optim.AdamW`` over the same parameter groups, lr, betas, eps, weight decay and
@@ -345,12 +345,12 @@ def onnxruntime_step(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], No
 
 FAST_PATH_NOTES = {
     torch.float32: "as --eval/--throughput run it in fp32: linear weights prepacked",
-    torch.bfloat16: "as --eval/--throughput run it in bf16: weights cast once, prepacked",
+    torch.bfloat16: "as --throughput runs it in bf16: weights cast once, prepacked",
 }
 
 
 def fast_path_model(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module | None:
-    """A copy of our model as the eager inference commands run it on the CPU in ``dtype``
+    """A copy of our model as ``--throughput`` runs it on the CPU in ``dtype``
     (``inference.inference_model``: fp32 weights prepacked; bf16 weights cast once and prepacked
     where the CPU has native bf16), taking float32 images; None where it would be the model as
     it is (no oneDNN linear, or bf16 left to autocast)."""
@@ -834,12 +834,6 @@ def main(argv=None) -> dict:
             for name, model in (("ours", ours), ("timm", theirs)):
                 if dtype == torch.float32:
                     cands.append(Candidate(name, forward_step(maybe_compile(model, mode), x, None), note))
-                    if name == "ours" and mode == "eager" and device.type == "cpu":
-                        fast = fast_path_model(model, dtype)
-                        if fast is not None:
-                            cands.append(Candidate("fast path", forward_step(fast, x, None), FAST_PATH_NOTES[dtype]))
-                    if name == "ours" and args.onnxruntime and mode == "eager" and device.type == "cpu":
-                        cands.append(Candidate("onnxruntime", onnxruntime_step(model, x), "our model as ONNX"))
                 else:
                     if "autocast" in half_forward:
                         cands.append(
@@ -850,11 +844,12 @@ def main(argv=None) -> dict:
                         cands.append(
                             Candidate(f"{name}|cast", forward_step(maybe_compile(cast, mode), x.to(dtype), None), note)
                         )
-                    fast = None
-                    if name == "ours" and mode == "eager" and device.type == "cpu" and dtype == torch.bfloat16:
-                        fast = fast_path_model(model, dtype)
+                if name == "ours" and mode == "eager" and device.type == "cpu":
+                    fast = fast_path_model(model, dtype) if dtype in FAST_PATH_NOTES else None
                     if fast is not None:
                         cands.append(Candidate("fast path", forward_step(fast, x, None), FAST_PATH_NOTES[dtype]))
+                    if args.onnxruntime and dtype == torch.float32:
+                        cands.append(Candidate("onnxruntime", onnxruntime_step(model, x), "our model as ONNX"))
             prepare(cands, mode)
             run_row("forward", dtype_name, mode, cands, rounds, iters, warmup)
             if dtype == torch.float32:

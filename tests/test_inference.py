@@ -107,6 +107,18 @@ def test_eager_on_a_native_bf16_cpu_the_weights_are_cast_once_packed_and_logits_
         assert 0 < err < 0.03, (family, float(err))
 
 
+def test_asked_not_to_cast_eager_bf16_stays_under_autocast_while_compiled_still_casts(monkeypatch):
+    """``cast_weights`` False (``--eval``/predict without TEST.CAST_WEIGHTS): the model as trained,
+    so the figures equal the training-time ones; --compile casts regardless (opt-in already)."""
+    monkeypatch.setattr(inference, "cpu_has_fast_bf16", lambda: True)
+    bf16 = Precision(CPU, torch.bfloat16, "bf16 autocast")
+    model = tiny()
+    kept, p = inference.inference_model(model, CPU, bf16, compile=False, cast_weights=False)
+    assert kept is model and p is bf16 and {q.dtype for q in model.parameters()} == {torch.float32}
+    compiled, p = inference.inference_model(tiny(), CPU, bf16, compile=True, backend="aot_eager", cast_weights=False)
+    assert p.dtype is None and {q.dtype for q in compiled.parameters()} == {torch.bfloat16}
+
+
 def test_compiled_without_native_bf16_or_in_fp32_the_weights_stay_float32(monkeypatch):
     monkeypatch.setattr(inference, "cpu_has_fast_bf16", lambda: False)
     for precision in (Precision(CPU, torch.bfloat16, "bf16 autocast"), Precision(CPU, None, "float32")):

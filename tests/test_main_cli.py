@@ -61,7 +61,11 @@ def _checkpoint_of(tmp_path: Path, name: str, opts: list[str]) -> Path:
 
 @pytest.mark.slow
 def test_train_then_eval_resume_reports_the_same_accuracy_and_throughput_reports_images_per_s(
-    small_data: str, tmp_path: Path, capsys: pytest.CaptureFixture, inference_memory_calls: list[bool]
+    small_data: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    inference_memory_calls: list[bool],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     train = _subprocess(demo_args(small_data, tmp_path, "--tag", "cli"))
     assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
@@ -91,6 +95,23 @@ def test_train_then_eval_resume_reports_the_same_accuracy_and_throughput_reports
         r"throughput: [\d.]+ images/s \(batch 16, 32x32, float32, device cpu, \d+ timed iterations\)", out
     ), out
     assert "Train:" not in out and "Acc@1" not in out
+
+    # bf16 on a CPU with native bf16: --eval runs the model as trained (autocast) unless
+    # TEST.CAST_WEIGHTS, --throughput casts the weights once.
+    import inference
+
+    monkeypatch.setattr(inference, "cpu_has_fast_bf16", lambda: True)
+    bf16 = ["AMP_ENABLE", "True", "AMP_DTYPE", "bfloat16"]
+    last = str(run_dir / "last.pth")
+    for cast in (False, True):
+        args = demo_args(small_data, tmp_path, "--tag", f"cli-bf16-{cast}", "--eval", "--resume", last)
+        code, out, err = _in_process(args + [*bf16, "TEST.CAST_WEIGHTS", str(cast)], capsys)
+        assert code == 0, err
+        assert ("inference: weights cast to bfloat16 once" in out) is cast
+        assert ACC_LINE.search(out).group(4) == "15"
+    code, out, err = _in_process(demo_args(small_data, tmp_path, "--tag", "cli-bf16-tp", "--throughput") + bf16, capsys)
+    assert code == 0 and "inference: weights cast to bfloat16 once" in out, err
+    assert re.search(r"throughput: [\d.]+ images/s \(batch 16, 32x32, bfloat16 weights, device cpu", out), out
 
 
 # --------------------------------------------------------------------------- user errors
