@@ -54,18 +54,30 @@ from models.prepacked import prepack_linears
 logger = logging.getLogger(__name__)
 
 
+def _float32(out):
+    """``out`` (a tensor, or lists, tuples and dicts of them) with floating-point tensors as float32."""
+    if isinstance(out, torch.Tensor):
+        return out.float() if out.is_floating_point() else out
+    if isinstance(out, (list, tuple)):
+        return type(out)(_float32(o) for o in out)
+    if isinstance(out, dict):
+        return {k: _float32(v) for k, v in out.items()}
+    return out
+
+
 class CastInputs(nn.Module):
     """Runs a model whose weights are ``dtype`` on float inputs: floating-point inputs are cast
-    to ``dtype`` on the way in, a floating-point result to float32 on the way out."""
+    to ``dtype`` on the way in (images (B, C, H, W); integer inputs such as SimMIM's token masks
+    pass unchanged), floating-point results to float32 on the way out (logits (B, classes), a
+    loss, or a backbone's list of feature maps)."""
 
     def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
         super().__init__()
         self.model, self.dtype = model, dtype
 
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+    def forward(self, *inputs: torch.Tensor):
         cast = [t.to(self.dtype) if t.is_floating_point() else t for t in inputs]
-        out = self.model(*cast)
-        return out.float() if out.is_floating_point() else out
+        return _float32(self.model(*cast))
 
 
 class FrozenCompiled(nn.Module):

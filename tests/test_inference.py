@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import inference
@@ -61,30 +62,18 @@ def test_cast_inputs_feeds_a_bf16_model_float_images_and_returns_float32_logits(
     inference.CastInputs(Probe(), torch.bfloat16)(torch.ones(2), torch.zeros(2, dtype=torch.long))
     assert seen == [torch.bfloat16, torch.long]
 
+    # A backbone's list of feature maps comes back as float32 maps, integer outputs as they are.
+    class Pyramid(torch.nn.Module):
+        def forward(self, images):
+            return [images, images[:, :1]], {"ids": images.long()}
 
-def test_compiled_on_a_native_bf16_cpu_the_weights_are_cast_once_and_logits_stay_within_bf16_error(monkeypatch):
-    monkeypatch.setattr(inference, "cpu_has_fast_bf16", lambda: True)
-    for family in ("v1", "v2"):
-        model = tiny(family).eval()
-        x = torch.randn(4, 3, 32, 32)
-        with torch.no_grad():
-            reference = model(x)
-        fast, precision = inference.inference_model(
-            model, CPU, Precision(CPU, torch.bfloat16, "bf16 autocast"), compile=True, backend="aot_eager"
-        )
-        assert precision.dtype is None and "bfloat16 weights" in precision.description
-        assert {p.dtype for p in fast.parameters()} == {torch.bfloat16}
-        with torch.no_grad(), precision.autocast():
-            out = fast(x)
-        assert out.dtype == torch.float32
-        # bf16 keeps 8 bits of mantissa: a few parts in a thousand of the logits' scale.
-        err = (out - reference).abs().max() / reference.abs().max()
-        assert 0 < err < 0.03, (family, float(err))
+    maps, extra = inference.CastInputs(Pyramid(), torch.bfloat16)(torch.ones(1, 3, 2, 2))
+    assert [m.dtype for m in maps] == [torch.float32] * 2 and extra["ids"].dtype == torch.long
 
 
-def test_eager_on_a_native_bf16_cpu_the_weights_are_cast_once_packed_and_logits_stay_within_bf16_error(
-    monkeypatch,
-):
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_on_a_native_bf16_cpu_the_weights_are_cast_once_and_logits_stay_within_bf16_error(monkeypatch, compile):
+    """Eager: cast, wrapped in CastInputs and the linears packed; compiled: cast, then compiled."""
     from models.prepacked import PrepackedLinear, prepack_available
 
     monkeypatch.setattr(inference, "cpu_has_fast_bf16", lambda: True)
@@ -93,16 +82,17 @@ def test_eager_on_a_native_bf16_cpu_the_weights_are_cast_once_packed_and_logits_
         x = torch.randn(4, 3, 32, 32)
         with torch.no_grad():
             reference = model(x)
-        fast, precision = inference.inference_model(
-            model, CPU, Precision(CPU, torch.bfloat16, "bf16 autocast"), compile=False
-        )
-        assert isinstance(fast, inference.CastInputs) and fast.model is model
+        bf16 = Precision(CPU, torch.bfloat16, "bf16 autocast")
+        fast, precision = inference.inference_model(model, CPU, bf16, compile=compile, backend="aot_eager")
         assert precision.dtype is None and "bfloat16 weights" in precision.description
         assert {p.dtype for p in fast.parameters()} == {torch.bfloat16}
-        assert isinstance(model.head, PrepackedLinear) == prepack_available()
+        if not compile:
+            assert isinstance(fast, inference.CastInputs) and fast.model is model
+            assert isinstance(model.head, PrepackedLinear) == prepack_available()
         with torch.no_grad(), precision.autocast():
             out = fast(x)
         assert out.dtype == torch.float32
+        # bf16 keeps 8 bits of mantissa: a few parts in a thousand of the logits' scale.
         err = (out - reference).abs().max() / reference.abs().max()
         assert 0 < err < 0.03, (family, float(err))
 
