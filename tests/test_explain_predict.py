@@ -576,7 +576,7 @@ def test_v2_checkpoint_explain_cli_walks_and_draws(v2_checkpoint, tmp_path, caps
     assert f"prediction for {v2_checkpoint['image']}: {V2_CLASSES[int(c)]} ({100 * p:.1f}%)" in text
 
 
-def test_v2_checkpoint_predicts_and_exports(v2_checkpoint, tmp_path, capsys):
+def test_v2_checkpoint_predicts_and_exports(v2_checkpoint, tmp_path, capsys, monkeypatch):
     import export
 
     from data.build import build_transform
@@ -604,6 +604,18 @@ def test_v2_checkpoint_predicts_and_exports(v2_checkpoint, tmp_path, capsys):
     compiled = json.loads(capsys.readouterr().out)
     assert [t["index"] for t in compiled[0]["top"]] == [t["index"] for t in top[:2]]
     assert [t["prob"] for t in compiled[0]["top"]] == pytest.approx([t["prob"] for t in top[:2]], abs=0.02)
+    # bf16 with TEST.CAST_WEIGHTS on a (here: pretended) native-bf16 CPU: weights cast once, eager.
+    import inference
+
+    monkeypatch.setattr(inference, "cpu_has_fast_bf16", lambda: True)
+    casts = []
+    monkeypatch.setattr(inference, "CastInputs", lambda m, d, cls=inference.CastInputs: casts.append(d) or cls(m, d))
+    bf16 = ["--opts", "AMP_ENABLE", "True", "AMP_DTYPE", "bfloat16", "TEST.CAST_WEIGHTS", "True"]
+    assert predict.main([*argv[:-1], *bf16]) == 0
+    cast = json.loads(capsys.readouterr().out)
+    assert casts == [torch.bfloat16]
+    assert [t["index"] for t in cast[0]["top"]] == [t["index"] for t in top[:2]]
+    assert [t["prob"] for t in cast[0]["top"]] == pytest.approx([t["prob"] for t in top[:2]], abs=0.02)
 
     out = str(tmp_path / "v2.safetensors")
     assert export.main([v2_checkpoint["ckpt"], "--out", out]) == 0
