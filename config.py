@@ -287,11 +287,6 @@ _C.TEST.CROP = True
 _C.TEST.SEQUENTIAL = False
 # Shuffle validation data (official key).
 _C.TEST.SHUFFLE = False
-# --eval and predict.py in bf16 on a CPU with native bf16 (AVX-512 BF16 or AMX): cast the weights
-# to bf16 once (then prepack them) instead of running the model as trained under autocast. Faster
-# (Swin-T x1.25 on a 2-core AVX-512-BF16 CPU) but top-1 within bf16 error of the training-time
-# figures instead of equal to them, so off by default; --throughput and --compile always cast.
-_C.TEST.CAST_WEIGHTS = False
 
 # -----------------------------------------------------------------------------
 # Misc

@@ -2,21 +2,15 @@
 
 Eager (the default) is the model as trained, under the run's autocast; every attention module
 builds its position bias plus shift mask once and reuses it while the weights are unchanged (the
-eval cache), so nothing derived from the weights is rebuilt per batch. On a CPU two more things
-happen once, before the first batch:
-
-* where the run's precision is bf16, the CPU multiplies bf16 natively (AVX-512 BF16 or AMX) and
-  the caller asks for it (``cast_weights``: ``--throughput`` always, ``--eval`` and predict with
-  ``TEST.CAST_WEIGHTS``, since the figures then match the training-time ones only within bf16
-  error), the weights are cast to bf16 (``CastInputs``: images in as bf16, logits out as
-  float32) instead of autocast casting every weight on every call;
-* the linear layers' weights, float32 or bf16, are reordered for oneDNN (``models.prepacked``).
-
-Swin-T 224 batch 16 on a 2-core AMD EPYC with AVX-512 BF16 (README, "Performance"): fp32 9.8
--> 14.4 images/s (the benchmark's fast-path row, same run); ``main.py --throughput`` in bf16,
-runs taken in turn with the previous commit, 18.1-20.4 -> 23.9-25.5 (with V1's windows'
-attention as the explicit math, which bf16 takes on the CPU:
-``models.swin_transformer.resolve_attn_impl``).
+eval cache), so nothing derived from the weights is rebuilt per batch. On a CPU the linear
+layers' weights are also reordered once for oneDNN (``models.prepacked``), in float32, or under
+bf16 autocast as a bf16 copy: autocast would cast every weight to bf16 on every call, and the
+packed product gives the same bits as autocast's, so ``--eval`` still reproduces the training-time
+figures exactly. Swin-T 224 batch 16 on a 2-core AMD EPYC with AVX-512 BF16 (README,
+"Performance"): fp32 9.8 -> 14.4 images/s (the benchmark's fast-path row, same run); bf16
+autocast 22.9 -> 26.4 (interleaved rounds), as fast as casting the whole model to bf16. V1's
+windows' attention takes the explicit math in bf16 on the CPU
+(``models.swin_transformer.resolve_attn_impl``).
 
 ``--compile`` (``TRAIN.COMPILE``) compiles the whole model once for inference instead of block by
 block as for training:
@@ -101,7 +95,7 @@ class FrozenCompiled(nn.Module):
 
 
 def casts_weights(device: torch.device, precision: Precision) -> bool:
-    """Whether CPU inference casts the weights to bf16 once (instead of autocast)."""
+    """Whether the compiled CPU path casts the weights to bf16 once (instead of autocast)."""
     return device.type == "cpu" and precision.dtype == torch.bfloat16 and cpu_has_fast_bf16()
 
 
@@ -126,32 +120,30 @@ def inference_model(
     compile: bool,
     backend: str = "inductor",
     retain_memory: bool = False,
-    cast_weights: bool = True,
 ) -> tuple[nn.Module, Precision]:
     """The module and precision to run inference with (see the module's docstring).
 
     ``model`` is put in eval mode with gradients off; ``retain_memory`` (``RETAIN_FREED_MEMORY``)
-    applies ``keep_inference_memory``; ``cast_weights`` False keeps eager bf16 under autocast
-    (the model as trained; compiled, the weights are cast where the CPU allows). The result may
-    wrap it (``CastInputs``, a compiled module) and the caller's ``model`` may then hold bf16
-    weights: use the returned module, with the returned ``Precision`` (float32 where the weights
-    were cast: no autocast needed).
+    applies ``keep_inference_memory``. Eager, it is returned (its linears prepacked on a CPU)
+    with ``precision``. Compiled, the result wraps it (``CastInputs``, a compiled module), the
+    caller's ``model`` may then hold bf16 weights: use the returned module, with the returned
+    ``Precision`` (float32 where the weights were cast: no autocast needed).
     """
     model.eval().requires_grad_(False)
     keep_inference_memory(device, retain_memory)
     if compile and device.type != "cpu":
         logger.info("inference: the whole model compiled (%s), %s", backend, precision.description)
         return torch.compile(model, backend=backend), precision
-    if casts_weights(device, precision) and (cast_weights or compile):
-        model = CastInputs(model.to(torch.bfloat16), torch.bfloat16)
-        precision = Precision(device, None, "bfloat16 weights", "cast once; no autocast")
-        logger.info("inference: weights cast to bfloat16 once (the CPU multiplies bf16 natively)")
     if not compile:
-        if device.type == "cpu" and precision.dtype is None:
+        if device.type == "cpu" and precision.dtype in (None, torch.bfloat16):
             packed = prepack_linears(model)
             if packed:
-                logger.info("inference: the weights of %d linear layers prepacked for oneDNN", packed)
+                in_bf16 = " (as bf16 copies: autocast's products)" if precision.dtype else ""
+                logger.info("inference: the weights of %d linear layers prepacked for oneDNN%s", packed, in_bf16)
         return model, precision
+    if casts_weights(device, precision):
+        model = CastInputs(model.to(torch.bfloat16), torch.bfloat16)
+        precision = Precision(device, None, "bfloat16 weights", "cast once; no autocast")
     frozen = backend == "inductor"
     logger.info(
         "inference: the whole model compiled (%s%s), %s; the first batch includes the compile",

@@ -324,13 +324,7 @@ def run_throughput(config, env: DistEnv, logger, precision: Precision) -> float:
         config.MODEL.NUM_CLASSES,
     )
     model, precision = inference_model(
-        model,
-        env.device,
-        precision,
-        config.TRAIN.COMPILE,
-        config.TRAIN.COMPILE_BACKEND,
-        config.RETAIN_FREED_MEMORY,
-        cast_weights=True,  # no figure to reproduce: the fastest inference
+        model, env.device, precision, config.TRAIN.COMPILE, config.TRAIN.COMPILE_BACKEND, config.RETAIN_FREED_MEMORY
     )
     return throughput(config, model, env, precision=precision)
 
@@ -467,7 +461,6 @@ def run(args: argparse.Namespace) -> dict | None:
                 config.TRAIN.COMPILE,
                 config.TRAIN.COMPILE_BACKEND,
                 config.RETAIN_FREED_MEMORY,
-                config.TEST.CAST_WEIGHTS,
             )
         stats = validate(config, data.loader_val, eval_model, env, eval_precision)
         if not pretraining:

@@ -8,10 +8,16 @@ parameters stay where they were (``weight``/``bias`` of the same names, so the s
 code reading ``layer.weight`` are unchanged), and the packed copy is a plain attribute, rebuilt if
 the weight changes in place.
 
-Measured (README, "Performance"): Swin-T 224 batch 16 fp32 forward, 2-core AMD EPYC with AVX2
-(no AVX-512), memory kept: 13.2 -> 14.2 images/s (x1.06 paired). The packed call has no autograd
-and no autocast rule, so the layer takes the plain ``F.linear`` whenever gradients, autocast,
-tracing, another device or another dtype is involved.
+Under the CPU's bf16 autocast a float32 layer packs a bf16 copy of its weight instead, once:
+autocast would cast the weight (and input and bias) to bf16 on every call, and the packed
+product of the same bf16 operands gives the same bits (checked for every Swin-T shape on an
+AVX-512-BF16 CPU, and by a test).
+
+Measured (README, "Performance"): Swin-T 224 batch 16 forward, memory kept: fp32 on a 2-core AMD
+EPYC with AVX2 (no AVX-512) 13.2 -> 14.2 images/s (x1.06 paired); on one with AVX-512 BF16, fp32
+9.8 -> 14.4 (same run) and bf16 autocast 22.9 -> 26.4. The packed call has no autograd and no
+autocast rule of its own, so the layer takes the plain ``F.linear`` whenever gradients, fp16
+autocast, tracing, another device or another dtype is involved.
 """
 
 from __future__ import annotations
@@ -38,6 +44,13 @@ def _autocast_on() -> bool:
         return torch.is_autocast_cpu_enabled()
 
 
+def _autocast_dtype() -> torch.dtype:
+    try:
+        return torch.get_autocast_dtype("cpu")
+    except (AttributeError, TypeError):  # torch < 2.4 spelling
+        return torch.get_autocast_cpu_dtype()
+
+
 def reorder_weight(weight: torch.Tensor) -> torch.Tensor:
     """``weight`` (out, in) reordered into oneDNN's layout for its linear (an opaque tensor)."""
     return torch.ops.mkldnn._reorder_linear_weight(weight)
@@ -55,7 +68,7 @@ class PrepackedLinear(nn.Module):
         self.weight = linear.weight
         self.bias = linear.bias
         self._packed: torch.Tensor | None = None
-        self._packed_from: tuple[int, int, torch.dtype] | None = None
+        self._packed_from: tuple[int, int, torch.dtype, torch.dtype] | None = None
 
     def __getstate__(self) -> dict:
         # The packed copy is derived (and oneDNN's opaque tensors do not copy or pickle): rebuilt on use.
@@ -63,37 +76,46 @@ class PrepackedLinear(nn.Module):
         state["_packed"], state["_packed_from"] = None, None
         return state
 
-    def _packed_weight(self) -> torch.Tensor | None:
-        """The reordered weight; None where oneDNN cannot pack this dtype on this CPU (bf16 needs
-        AVX-512 BW/VL/DQ or AVX-NE-CONVERT), remembered until the weight changes."""
+    def _packed_weight(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """The weight in ``dtype``, reordered; None where oneDNN cannot pack this dtype on this CPU
+        (bf16 needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT), remembered until the weight changes."""
         w = self.weight
-        key = (w.data_ptr(), w._version, w.dtype)
+        key = (w.data_ptr(), w._version, w.dtype, dtype)
         if self._packed_from != key:
             try:
-                self._packed = reorder_weight(w.detach())
+                self._packed = reorder_weight(w.detach().to(dtype))
             except RuntimeError:
                 self._packed = None
             self._packed_from = key
         return self._packed
 
-    def _takes_packed(self, x: torch.Tensor) -> bool:
+    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype | None:
+        """The dtype the packed product runs in for ``x``, None for the plain ``F.linear``: the
+        weight's own dtype without autocast; bf16 for a float32 layer under the CPU's bf16
+        autocast, which would cast input, weight and bias to bf16 itself (the packed product then
+        gives the same bits as autocast's: checked for every Swin-T shape, and by a test)."""
         w = self.weight
-        return (
-            x.device.type == "cpu"
-            and w.device.type == "cpu"
-            and x.dtype == w.dtype
-            and (self.bias is None or self.bias.dtype == w.dtype)
-            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
-            and not _autocast_on()
-            and not torch.compiler.is_compiling()
-        )
+        if (
+            x.device.type != "cpu"
+            or w.device.type != "cpu"
+            or (self.bias is not None and self.bias.dtype != w.dtype)
+            or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+            or torch.compiler.is_compiling()
+        ):
+            return None
+        if not _autocast_on():
+            return w.dtype if x.dtype == w.dtype else None
+        if w.dtype == torch.float32 and x.is_floating_point() and _autocast_dtype() == torch.bfloat16:
+            return torch.bfloat16
+        return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        packed = self._packed_weight() if self._takes_packed(x) else None
+        dtype = self._compute_dtype(x)
+        packed = None if dtype is None else self._packed_weight(dtype)
         if packed is None:
             return F.linear(x, self.weight, self.bias)
-        bias = None if self.bias is None else self.bias.detach()
-        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+        bias = None if self.bias is None else self.bias.detach().to(dtype)
+        return torch.ops.mkldnn._linear_pointwise(x.to(dtype), packed, bias, "none", [], "")
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

@@ -21,10 +21,9 @@ Rows:
 * forward: images/s under ``torch.inference_mode``. fp32; bf16 (autocast and weights cast to
   bf16, each side's best is reported; ``--half-forward cast`` times only the cast, which halves
   the compiles); fp16 the same, on CUDA only. On the CPU the eager rows add ``fast path``:
-  our model as ``--throughput`` runs it (``inference.inference_model``: fp32 linear weights
-  prepacked, ``models.prepacked``, as ``--eval``/``predict.py`` too; bf16, where the CPU has
-  native bf16, weights cast once and prepacked, as ``--eval``/``predict.py`` with
-  ``TEST.CAST_WEIGHTS``), and with ``--onnxruntime`` the fp32 row our model exported to ONNX.
+  our model as ``--eval``/``--throughput``/``predict.py`` run it (``inference.inference_model``:
+  linear weights prepacked, ``models.prepacked``; in bf16 as bf16 copies under autocast), and
+  with ``--onnxruntime`` the fp32 row our model exported to ONNX.
 * train (``--train``): one step = forward + cross-entropy + backward + AdamW step. Ours uses
   ``optimizer.build_optimizer`` (TRAIN.OPTIMIZER.IMPL from the config), timm's side
   ``torch.optim.AdamW`` over the same parameter groups, lr, betas, eps, weight decay and
@@ -79,7 +78,7 @@ import torch.nn.functional as F  # noqa: E402
 from allocator import retain_freed_memory  # noqa: E402
 from config import get_config, model_section  # noqa: E402
 from distributed import Precision, cpu_has_fast_bf16, synchronize  # noqa: E402
-from inference import CastInputs, FrozenCompiled, inference_model  # noqa: E402
+from inference import FrozenCompiled, inference_model  # noqa: E402
 from models.build import build_model  # noqa: E402
 from models.compile import allow_recompiles, compile_model  # noqa: E402
 from models.prepacked import PrepackedLinear, prepack_linears  # noqa: E402
@@ -345,20 +344,18 @@ def onnxruntime_step(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], No
 
 FAST_PATH_NOTES = {
     torch.float32: "as --eval/--throughput run it in fp32: linear weights prepacked",
-    torch.bfloat16: "as --throughput runs it in bf16: weights cast once, prepacked",
+    torch.bfloat16: "as --eval/--throughput run it in bf16: autocast, linear weights prepacked in bf16",
 }
 
 
 def fast_path_model(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module | None:
-    """A copy of our model as ``--throughput`` runs it on the CPU in ``dtype``
-    (``inference.inference_model``: fp32 weights prepacked; bf16 weights cast once and prepacked
-    where the CPU has native bf16), taking float32 images; None where it would be the model as
-    it is (no oneDNN linear, or bf16 left to autocast)."""
+    """A copy of our model as the eager inference commands run it on the CPU in ``dtype``
+    (``inference.inference_model``: linear weights prepacked, in bf16 under bf16 autocast), to be
+    run under the same autocast; None where nothing would change (no oneDNN linear)."""
     cpu = torch.device("cpu")
     amp = None if dtype == torch.float32 else dtype
-    fast, precision = inference_model(copy.deepcopy(model), cpu, Precision(cpu, amp, "benchmark"), compile=False)
-    changed = isinstance(fast, CastInputs) or any(isinstance(m, PrepackedLinear) for m in fast.modules())
-    return fast if changed and precision.dtype is None else None
+    fast, _ = inference_model(copy.deepcopy(model), cpu, Precision(cpu, amp, "benchmark"), compile=False)
+    return fast if any(isinstance(m, PrepackedLinear) for m in fast.modules()) else None
 
 
 def forward_step(model, x, amp: torch.dtype | None) -> Callable[[], None]:
@@ -847,7 +844,8 @@ def main(argv=None) -> dict:
                 if name == "ours" and mode == "eager" and device.type == "cpu":
                     fast = fast_path_model(model, dtype) if dtype in FAST_PATH_NOTES else None
                     if fast is not None:
-                        cands.append(Candidate("fast path", forward_step(fast, x, None), FAST_PATH_NOTES[dtype]))
+                        amp = None if dtype == torch.float32 else dtype
+                        cands.append(Candidate("fast path", forward_step(fast, x, amp), FAST_PATH_NOTES[dtype]))
                     if args.onnxruntime and dtype == torch.float32:
                         cands.append(Candidate("onnxruntime", onnxruntime_step(model, x), "our model as ONNX"))
             prepare(cands, mode)

@@ -244,13 +244,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     transform = build_transform(False, config)
     precision = Precision.decide(env.device, config.AMP_ENABLE, config.AMP_DTYPE)
     model, precision = inference_model(
-        model,
-        env.device,
-        precision,
-        args.compile,
-        config.TRAIN.COMPILE_BACKEND,
-        config.RETAIN_FREED_MEMORY,
-        config.TEST.CAST_WEIGHTS,
+        model, env.device, precision, args.compile, config.TRAIN.COMPILE_BACKEND, config.RETAIN_FREED_MEMORY
     )
     results = predict(
         model,

@@ -4,11 +4,11 @@ bf16), and the attention path ``auto`` takes under torch.compile."""
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 import inference
@@ -34,8 +34,7 @@ def tiny(family: str = "v1") -> torch.nn.Module:
     return model
 
 
-def test_without_compile_or_native_bf16_the_model_runs_as_trained_in_eval_mode_without_gradients(monkeypatch):
-    monkeypatch.setattr(inference, "cpu_has_fast_bf16", lambda: False)
+def test_without_compile_the_model_runs_as_trained_in_eval_mode_without_gradients():
     model = tiny().train()
     precision = Precision(CPU, torch.bfloat16, "bf16 autocast")
     out, p = inference.inference_model(model, CPU, precision, compile=False)
@@ -71,11 +70,7 @@ def test_cast_inputs_feeds_a_bf16_model_float_images_and_returns_float32_logits(
     assert [m.dtype for m in maps] == [torch.float32] * 2 and extra["ids"].dtype == torch.long
 
 
-@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
-def test_on_a_native_bf16_cpu_the_weights_are_cast_once_and_logits_stay_within_bf16_error(monkeypatch, compile):
-    """Eager: cast, wrapped in CastInputs and the linears packed; compiled: cast, then compiled."""
-    from models.prepacked import PrepackedLinear, prepack_available
-
+def test_compiled_on_a_native_bf16_cpu_the_weights_are_cast_once_and_logits_stay_within_bf16_error(monkeypatch):
     monkeypatch.setattr(inference, "cpu_has_fast_bf16", lambda: True)
     for family in ("v1", "v2"):
         model = tiny(family).eval()
@@ -83,12 +78,9 @@ def test_on_a_native_bf16_cpu_the_weights_are_cast_once_and_logits_stay_within_b
         with torch.no_grad():
             reference = model(x)
         bf16 = Precision(CPU, torch.bfloat16, "bf16 autocast")
-        fast, precision = inference.inference_model(model, CPU, bf16, compile=compile, backend="aot_eager")
+        fast, precision = inference.inference_model(model, CPU, bf16, compile=True, backend="aot_eager")
         assert precision.dtype is None and "bfloat16 weights" in precision.description
         assert {p.dtype for p in fast.parameters()} == {torch.bfloat16}
-        if not compile:
-            assert isinstance(fast, inference.CastInputs) and fast.model is model
-            assert isinstance(model.head, PrepackedLinear) == prepack_available()
         with torch.no_grad(), precision.autocast():
             out = fast(x)
         assert out.dtype == torch.float32
@@ -97,16 +89,22 @@ def test_on_a_native_bf16_cpu_the_weights_are_cast_once_and_logits_stay_within_b
         assert 0 < err < 0.03, (family, float(err))
 
 
-def test_asked_not_to_cast_eager_bf16_stays_under_autocast_while_compiled_still_casts(monkeypatch):
-    """``cast_weights`` False (``--eval``/predict without TEST.CAST_WEIGHTS): the model as trained,
-    so the figures equal the training-time ones; --compile casts regardless (opt-in already)."""
+def test_eager_bf16_stays_under_autocast_with_bf16_packed_linears_and_autocasts_exact_logits(monkeypatch):
+    """Eager bf16 (--eval, --throughput, predict) keeps the float32 model under autocast, so
+    --eval equals the training-time figures; only the linears' bf16 weights are packed once."""
+    from models.prepacked import PrepackedLinear, prepack_available
+
     monkeypatch.setattr(inference, "cpu_has_fast_bf16", lambda: True)
     bf16 = Precision(CPU, torch.bfloat16, "bf16 autocast")
-    model = tiny()
-    kept, p = inference.inference_model(model, CPU, bf16, compile=False, cast_weights=False)
-    assert kept is model and p is bf16 and {q.dtype for q in model.parameters()} == {torch.float32}
-    compiled, p = inference.inference_model(tiny(), CPU, bf16, compile=True, backend="aot_eager", cast_weights=False)
-    assert p.dtype is None and {q.dtype for q in compiled.parameters()} == {torch.bfloat16}
+    for family in ("v1", "v2"):
+        model = tiny(family).eval()
+        plain = copy.deepcopy(model)
+        x = torch.randn(4, 3, 32, 32)
+        fast, p = inference.inference_model(model, CPU, bf16, compile=False)
+        assert fast is model and p is bf16 and {q.dtype for q in model.parameters()} == {torch.float32}
+        assert isinstance(model.head, PrepackedLinear) == prepack_available()
+        with torch.no_grad(), bf16.autocast():
+            assert torch.equal(fast(x), plain(x)), family
 
 
 def test_compiled_without_native_bf16_or_in_fp32_the_weights_stay_float32(monkeypatch):

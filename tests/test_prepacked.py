@@ -1,6 +1,7 @@
 """models/prepacked.py: linear layers with weights reordered once for oneDNN, used by eager fp32
-inference on the CPU (--eval, --throughput, predict) — the same logits, the same state dict, and the
-plain linear wherever the packed call would be wrong (gradients, autocast, other dtypes)."""
+and bf16-autocast inference on the CPU (--eval, --throughput, predict) — the same logits, the same
+state dict, and the plain linear wherever the packed call would be wrong (gradients, fp16
+autocast, other dtypes)."""
 
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ def test_the_packed_weight_follows_an_in_place_change_of_the_weights():
         torch.testing.assert_close(packed(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
 
 
-def test_gradients_autocast_and_other_dtypes_take_the_plain_linear():
+def test_gradients_and_other_dtypes_take_the_plain_linear():  # bf16 autocast: test_under_bf16_autocast_...
     torch.manual_seed(1)
     layer = nn.Linear(6, 5)
     packed = PrepackedLinear(copy.deepcopy(layer))
@@ -74,11 +75,6 @@ def test_gradients_autocast_and_other_dtypes_take_the_plain_linear():
     torch.testing.assert_close(x.grad, x2.grad)
     torch.testing.assert_close(packed.weight.grad, layer.weight.grad)
     assert packed._packed is None  # never packed: every call had gradients
-
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        out, ref = packed(x), layer(x)
-    assert out.dtype == ref.dtype == torch.bfloat16 and torch.equal(out, ref)
-    assert packed._packed is None
 
     # A float32 input to float32 weights packs; a bf16 input to them does not (F.linear's own rules apply).
     with torch.no_grad():
@@ -102,17 +98,31 @@ def test_a_prepacked_model_copies_and_pickles_without_its_packed_weights():
             torch.testing.assert_close(clone(x), expected)
 
 
-def test_eager_cpu_inference_prepacks_fp32_and_cast_bf16_weights_but_not_under_autocast(monkeypatch):
+def test_eager_cpu_inference_prepacks_in_fp32_and_under_bf16_autocast_but_not_fp16():
     fp32, _ = inference.inference_model(tiny("v1"), CPU, Precision(CPU, None, "float32"), compile=False)
     assert isinstance(fp32.head, PrepackedLinear)
-    bf16_autocast = Precision(CPU, torch.bfloat16, "bf16 autocast")
-    monkeypatch.setattr(inference, "cpu_has_fast_bf16", lambda: False)  # autocast stays: nothing packed
-    kept, p = inference.inference_model(tiny("v1"), CPU, bf16_autocast, False)
-    assert p is bf16_autocast and type(kept.head) is nn.Linear
-    monkeypatch.setattr(inference, "cpu_has_fast_bf16", lambda: True)  # weights cast once, then packed
-    cast, p = inference.inference_model(tiny("v1"), CPU, bf16_autocast, False)
-    assert p.dtype is None and isinstance(cast.model.head, PrepackedLinear)
-    assert cast.model.head.weight.dtype == torch.bfloat16
+    bf16, p = inference.inference_model(tiny("v1"), CPU, Precision(CPU, torch.bfloat16, "bf16 autocast"), False)
+    assert isinstance(bf16.head, PrepackedLinear) and bf16.head.weight.dtype == torch.float32
+    fp16, _ = inference.inference_model(tiny("v1"), CPU, Precision(CPU, torch.float16, "fp16 autocast"), False)
+    assert type(fp16.head) is nn.Linear
+
+
+def test_under_bf16_autocast_the_packed_product_gives_autocasts_bits_from_a_bf16_copy_packed_once():
+    """Autocast would cast input, weight and bias to bf16 and multiply: the packed layer does the
+    same with its weight cast and packed once (where this CPU packs bf16; else it is F.linear)."""
+    torch.manual_seed(0)
+    for n_in, n_out, rows in ((96, 288, 3136), (384, 96, 784), (768, 1000, 16)):
+        plain = nn.Linear(n_in, n_out).eval()
+        packed = PrepackedLinear(plain)
+        x = torch.randn(rows, n_in)
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            expected, got = plain(x), packed(x)
+            key = packed._packed_from
+            packed(x)
+        assert got.dtype == expected.dtype == torch.bfloat16 and torch.equal(got, expected), (n_in, n_out)
+        assert key[3] == torch.bfloat16 and packed._packed_from == key  # packed once, as bf16
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.float16):  # no fp16 packing
+        assert torch.equal(packed(x), plain(x))
 
 
 def test_a_model_cast_to_bf16_after_packing_repacks_in_bf16_and_agrees_with_its_plain_copy():
