@@ -224,8 +224,8 @@ def resolve_attn_impl(impl: str, device: torch.device, dtype: torch.dtype = torc
     without copies, beats matmul + softmax for 49-token windows); the reference math for bf16 and
     fp16 CPU inference (there the fused kernel loses: Swin-T 224 batch 16, bf16 weights, 2-core
     AVX-512-BF16 EPYC, 24.35 -> 26.03 images/s with the math; V2 passes no dtype, see there) and
-    for CPU training
-    (with a bias that needs a gradient, CPU sdpa falls back to a slower math path). Under
+    for CPU training (with a bias that needs a gradient, CPU sdpa falls back to a slower math
+    path). Under
     ``torch.compile``: the reference math, which Inductor fuses (bias, mask and softmax into one
     kernel beside the matrix products) while sdpa stays an opaque call fed a dense mask: on a
     2-core AVX-512-BF16 CPU, Swin-T's frozen bf16 graph spent 108 ms per batch of 16 in sdpa

@@ -342,18 +342,19 @@ def onnxruntime_step(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], No
     return lambda: session.run(None, feed)
 
 
+# The fast path's note per autocast dtype (None: fp32) the inference commands prepack under.
 FAST_PATH_NOTES = {
-    torch.float32: "as --eval/--throughput run it in fp32: linear weights prepacked",
+    None: "as --eval/--throughput run it in fp32: linear weights prepacked",
     torch.bfloat16: "as --eval/--throughput run it in bf16: autocast, linear weights prepacked in bf16",
 }
 
 
-def fast_path_model(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module | None:
-    """A copy of our model as the eager inference commands run it on the CPU in ``dtype``
-    (``inference.inference_model``: linear weights prepacked, in bf16 under bf16 autocast), to be
-    run under the same autocast; None where nothing would change (no oneDNN linear)."""
+def fast_path_model(model: torch.nn.Module, amp: torch.dtype | None) -> torch.nn.Module | None:
+    """A copy of our model as the eager inference commands run it on the CPU under autocast to
+    ``amp`` (None: fp32) (``inference.inference_model``: linear weights prepacked, in bf16 under
+    bf16 autocast), to be run under that autocast; None where nothing would change (no oneDNN
+    linear)."""
     cpu = torch.device("cpu")
-    amp = None if dtype == torch.float32 else dtype
     fast, _ = inference_model(copy.deepcopy(model), cpu, Precision(cpu, amp, "benchmark"), compile=False)
     return fast if any(isinstance(m, PrepackedLinear) for m in fast.modules()) else None
 
@@ -842,10 +843,10 @@ def main(argv=None) -> dict:
                             Candidate(f"{name}|cast", forward_step(maybe_compile(cast, mode), x.to(dtype), None), note)
                         )
                 if name == "ours" and mode == "eager" and device.type == "cpu":
-                    fast = fast_path_model(model, dtype) if dtype in FAST_PATH_NOTES else None
+                    amp = None if dtype == torch.float32 else dtype
+                    fast = fast_path_model(model, amp) if amp in FAST_PATH_NOTES else None
                     if fast is not None:
-                        amp = None if dtype == torch.float32 else dtype
-                        cands.append(Candidate("fast path", forward_step(fast, x, amp), FAST_PATH_NOTES[dtype]))
+                        cands.append(Candidate("fast path", forward_step(fast, x, amp), FAST_PATH_NOTES[amp]))
                     if args.onnxruntime and dtype == torch.float32:
                         cands.append(Candidate("onnxruntime", onnxruntime_step(model, x), "our model as ONNX"))
             prepare(cands, mode)

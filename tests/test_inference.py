@@ -89,12 +89,11 @@ def test_compiled_on_a_native_bf16_cpu_the_weights_are_cast_once_and_logits_stay
         assert 0 < err < 0.03, (family, float(err))
 
 
-def test_eager_bf16_stays_under_autocast_with_bf16_packed_linears_and_autocasts_exact_logits(monkeypatch):
+def test_eager_bf16_stays_under_autocast_with_bf16_packed_linears_and_autocasts_exact_logits():
     """Eager bf16 (--eval, --throughput, predict) keeps the float32 model under autocast, so
     --eval equals the training-time figures; only the linears' bf16 weights are packed once."""
     from models.prepacked import PrepackedLinear, prepack_available
 
-    monkeypatch.setattr(inference, "cpu_has_fast_bf16", lambda: True)
     bf16 = Precision(CPU, torch.bfloat16, "bf16 autocast")
     for family in ("v1", "v2"):
         model = tiny(family).eval()

@@ -101,7 +101,7 @@ def test_a_prepacked_model_copies_and_pickles_without_its_packed_weights():
 def test_eager_cpu_inference_prepacks_in_fp32_and_under_bf16_autocast_but_not_fp16():
     fp32, _ = inference.inference_model(tiny("v1"), CPU, Precision(CPU, None, "float32"), compile=False)
     assert isinstance(fp32.head, PrepackedLinear)
-    bf16, p = inference.inference_model(tiny("v1"), CPU, Precision(CPU, torch.bfloat16, "bf16 autocast"), False)
+    bf16, _ = inference.inference_model(tiny("v1"), CPU, Precision(CPU, torch.bfloat16, "bf16 autocast"), False)
     assert isinstance(bf16.head, PrepackedLinear) and bf16.head.weight.dtype == torch.float32
     fp16, _ = inference.inference_model(tiny("v1"), CPU, Precision(CPU, torch.float16, "fp16 autocast"), False)
     assert type(fp16.head) is nn.Linear
