@@ -42,7 +42,7 @@ from models.swin_transformer import (
     sdpa_windows_folded,
     weights_key,
 )
-from models.windows import WindowBlockBase, relative_position_index
+from models.windows import MASK_VALUE, WindowBlockBase, relative_position_index
 
 # τ ≥ 0.01: the learned log-temperature is clamped at log(1/0.01) before exponentiation.
 LOGIT_SCALE_MAX = math.log(100.0)
@@ -177,7 +177,7 @@ class WindowAttentionV2(nn.Module):
         """
         Args:
             x: (B·nW, N, C) tokens of each window, N = M².
-            mask: (nW, N, N) of 0 / ``MASK_VALUE`` for shifted windows, or None.
+            mask: (nW, N, N) of 0 / the release's -100 for shifted windows, or None.
         Returns:
             (B·nW, N, C).
         """
@@ -271,6 +271,10 @@ class SwinTransformerBlockV2(WindowBlockBase):
     With ``shift_size`` > 0 the windows are shifted (SW-MSA) exactly as in V1; the padding,
     shifting and partitioning around ``attn`` is :class:`models.windows.WindowBlockBase`.
     """
+
+    # The release's -100, not V1's underflowing value: V2's logits reach ±116, where -100 lets a
+    # masked pair through, and the released weights were trained with that.
+    mask_value = MASK_VALUE
 
     def __init__(
         self,

@@ -25,6 +25,14 @@ from kernels import try_fused_reverse_unshift, try_fused_shift_partition
 # The official release blocks cross-window attention with -100 rather than -inf, so that a fully
 # masked row (impossible here, but cheap to be safe) never produces NaN.
 MASK_VALUE = -100.0
+# What V1 blocks use instead: still finite (in fp16 too), but far enough below any logit that
+# exp() of a masked entry underflows to exactly 0. With -100, a masked weight is e^-100 times the
+# row's largest, about 1e-44: a subnormal float, which x86 CPUs multiply through a microcode
+# assist; the products over those weights ran 5-10x slower, and a Swin-T training step on a
+# 2-core Xeon went from 3.98 to 3.58 s. The outputs are unchanged unless a masked logit exceeds
+# every unmasked one in its row by some 80 (then -100 lets it through); V1 logits are far from
+# that, while V2's reach ±116 (cosine × up to 100), so V2 keeps the release's value.
+UNDERFLOW_MASK_VALUE = -1.0e4
 
 
 def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
@@ -78,19 +86,22 @@ def relative_position_index(window_size: int) -> torch.Tensor:
     return rel[0] * (2 * M - 1) + rel[1]
 
 
-def shift_attention_mask(height: int, width: int, window_size: int, shift_size: int) -> torch.Tensor | None:
+def shift_attention_mask(
+    height: int, width: int, window_size: int, shift_size: int, mask_value: float = MASK_VALUE
+) -> torch.Tensor | None:
     """Mask that keeps attention inside each sub-window after the cyclic shift (V1 Fig. 4).
 
     After rolling the map by (-s, -s), a window at the bottom or right edge holds tokens that were
     far apart in the image. Tokens are labelled by the region they came from (3×3 regions cut at
-    -M and -s along each axis); pairs with different labels get ``MASK_VALUE``.
+    -M and -s along each axis); pairs with different labels get ``mask_value``.
 
     Args:
         height, width: the (padded) feature map size, multiples of ``window_size``.
         window_size: M.
         shift_size: s; 0 gives None (no mask is needed).
+        mask_value: the additive value of a blocked pair (the release's -100 by default).
     Returns:
-        (nW, M², M²) float tensor of 0 and ``MASK_VALUE``, nW = height/M * width/M; or None.
+        (nW, M², M²) float tensor of 0 and ``mask_value``, nW = height/M * width/M; or None.
     """
     if shift_size == 0:
         return None
@@ -103,7 +114,7 @@ def shift_attention_mask(height: int, width: int, window_size: int, shift_size: 
             region += 1
     windows = window_partition(labels, M).view(-1, M * M)  # nW, M²
     different = windows[:, None, :] != windows[:, :, None]
-    return torch.zeros(different.shape).masked_fill(different, MASK_VALUE)
+    return torch.zeros(different.shape).masked_fill(different, mask_value)
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -261,6 +272,9 @@ class WindowBlockBase(nn.Module):
     # Shifted blocks: roll + partition (and the reverse) as one gather each. A switch for the
     # benchmark; both give identical results.
     gather_partition: bool = True
+    # The additive value of blocked pairs in the shift mask (V1 overrides it; see
+    # UNDERFLOW_MASK_VALUE).
+    mask_value: float = MASK_VALUE
     dim: int
     mlp_ratio: float
     window_size: int
@@ -278,9 +292,9 @@ class WindowBlockBase(nn.Module):
 
     def attention_mask(self, height: int, width: int, device: torch.device) -> torch.Tensor | None:
         """The shift mask for a padded map of ``height`` × ``width`` (cached per size)."""
-        key = (height, width, device)
+        key = (height, width, device, self.mask_value)
         if key not in self._mask_cache:
-            mask = shift_attention_mask(height, width, self.window_size, self.shift_size)
+            mask = shift_attention_mask(height, width, self.window_size, self.shift_size, self.mask_value)
             self._mask_cache[key] = None if mask is None else mask.to(device)
         return self._mask_cache[key]
 

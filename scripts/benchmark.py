@@ -44,8 +44,9 @@ Rows:
   (gloo), the share of parameters, gradients and AdamW state each rank holds, and its peak RSS
   (``sharding_memory.py``; nothing else is measured, timm is not involved).
 * levers (``--levers [NAMES]``): rows with our model's switches flipped (attention path, eval
-  bias cache, gather vs roll partition, folding windows into heads vs expanding the bias, foreach
-  vs single-tensor AdamW), timm alongside. Forward levers take ``--levers-dtype`` (weights cast)
+  bias cache, gather vs roll partition, folding windows into heads vs expanding the bias, the
+  release's -100 shift mask vs V1's underflowing one, foreach vs single-tensor AdamW), timm
+  alongside. Forward levers take ``--levers-dtype`` (weights cast)
   and ``--levers-mode compiled``; train levers are fp32 eager.
 
 bf16 on a CPU without AVX-512 BF16 / AMX is emulated (a few GFLOP/s against ~90 fp32): such
@@ -84,7 +85,7 @@ from models.compile import allow_recompiles, compile_model  # noqa: E402
 from models.prepacked import PrepackedLinear, prepack_linears  # noqa: E402
 from models.swin_transformer import WindowAttention  # noqa: E402
 from models.swin_transformer_v2 import WindowAttentionV2  # noqa: E402
-from models.windows import WindowBlockBase  # noqa: E402
+from models.windows import MASK_VALUE, WindowBlockBase  # noqa: E402
 from optimizer import build_optimizer, param_groups  # noqa: E402
 from timing import time_images_per_second  # noqa: E402
 
@@ -275,6 +276,7 @@ FORWARD_LEVERS = {
     "expand bias": {"fold": False},
     "roll+expand bias": {"gather": False, "fold": False},
     "prepacked linears": {"prepack": True},
+    "release mask": {"release_mask": True},
 }
 DEFAULT_LEVERS = ("attn=auto", "attn=sdpa", "attn=reference", "roll+partition", "no eval bias cache")
 
@@ -286,10 +288,13 @@ def variant(
     cache: bool = True,
     fold: bool | None = None,
     prepack: bool = False,
+    release_mask: bool = False,
 ):
     """A copy of our model with the speed switches set (same weights); ``fold`` None keeps the
     device's choice of folding windows into heads for shifted-window sdpa; ``prepack``: the linear
-    weights reordered for oneDNN (``models.prepacked``), in the dtype the copy is cast to later."""
+    weights reordered for oneDNN (``models.prepacked``), in the dtype the copy is cast to later;
+    ``release_mask``: shifted windows masked with the release's -100 (subnormal weights) instead
+    of V1's underflowing value (V2 uses -100 either way)."""
     m = copy.deepcopy(model)
     if prepack:
         prepack_linears(m)
@@ -301,6 +306,8 @@ def variant(
             mod.fold_windows = fold
         elif isinstance(mod, WindowBlockBase):
             mod.gather_partition = gather
+            if release_mask:
+                mod.mask_value = MASK_VALUE
     return m
 
 
@@ -983,6 +990,7 @@ def main(argv=None) -> dict:
         cands = []
         for name, model, cfg in [(f"attn={i}", variant(ours, i), config) for i in impls] + [
             ("roll+partition", variant(ours, gather=False), config),
+            ("release mask", variant(ours, release_mask=True), config),
             ("single-tensor AdamW", variant(ours), single_cfg),
         ]:
             cands.append(Candidate(name, train_step(model, build_optimizer(cfg, model), x, y, None)))

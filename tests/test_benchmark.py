@@ -83,6 +83,12 @@ def test_every_lever_is_a_switch_of_the_model_copy_and_leaves_the_original_alone
 
     packed = benchmark.variant(model, **benchmark.FORWARD_LEVERS["prepacked linears"])
     assert isinstance(packed.head, PrepackedLinear) and type(model.head) is torch.nn.Linear
+    from models.windows import MASK_VALUE, UNDERFLOW_MASK_VALUE
+
+    released = benchmark.variant(model, **benchmark.FORWARD_LEVERS["release mask"])
+    shifted = released.layers[0].blocks[1]
+    assert shifted.mask_value == MASK_VALUE and model.layers[0].blocks[1].mask_value == UNDERFLOW_MASK_VALUE
+    assert float(shifted.attention_mask(8, 8, torch.device("cpu")).min()) == MASK_VALUE
 
 
 def test_the_fast_path_row_times_a_copy_as_the_inference_commands_build_it():

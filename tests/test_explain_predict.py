@@ -26,7 +26,7 @@ from conftest import run_main
 
 from config import get_config
 from errors import UserError
-from models.swin_transformer import SwinTransformer, shift_attention_mask
+from models.swin_transformer import UNDERFLOW_MASK_VALUE, SwinTransformer, shift_attention_mask
 from models.swin_transformer_v2 import SwinTransformerV2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -182,8 +182,8 @@ def test_mask_picture_draws_the_models_own_mask(swin_t, tmp_path):
     assert (g.height, g.width, g.window_size, g.shift_size) == (14, 14, 7, 3)
     assert g.block is model.layers[0].blocks[1]
     assert np.array_equal(drawn["mask"], g.block.attention_mask(14, 14, torch.device("cpu")).numpy())
-    assert np.array_equal(drawn["mask"], shift_attention_mask(14, 14, 7, 3).numpy())
-    assert drawn["mask"].shape == (4, 49, 49) and set(np.unique(drawn["mask"])) == {0.0, -100.0}
+    assert np.array_equal(drawn["mask"], shift_attention_mask(14, 14, 7, 3, UNDERFLOW_MASK_VALUE).numpy())
+    assert drawn["mask"].shape == (4, 49, 49) and set(np.unique(drawn["mask"])) == {0.0, UNDERFLOW_MASK_VALUE}
     assert drawn["labels_agree"]  # "came from different regions" is exactly "masked"
     assert len(np.unique(drawn["labels_before"])) == 9
     assert _is_png(str(tmp_path / "mask.png"))
@@ -206,7 +206,7 @@ def test_large_windows_are_drawn_on_an_8x8_map_with_m4(tmp_path):
     )
     drawn = explain.plot_cyclic_shift_mask(model, str(tmp_path / "mask.png"))
     assert "8×8 map with M=4" in drawn["geometry"].note
-    assert np.array_equal(drawn["mask"], shift_attention_mask(8, 8, 4, 2).numpy())
+    assert np.array_equal(drawn["mask"], shift_attention_mask(8, 8, 4, 2, UNDERFLOW_MASK_VALUE).numpy())
 
 
 def test_relative_position_picture_draws_the_models_index_and_bias(swin_t, tmp_path):

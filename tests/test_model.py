@@ -31,6 +31,7 @@ from config import get_config  # noqa: E402
 from models import build_model, load_pretrained  # noqa: E402
 from models.swin_transformer import (  # noqa: E402
     MASK_VALUE,
+    UNDERFLOW_MASK_VALUE,
     SwinTransformerBlock,
     WindowAttention,
     relative_position_index,
@@ -563,6 +564,46 @@ def test_shift_attention_mask_for_8x8_window_4_shift_2_has_the_expected_blocks()
     expected = torch.where(labels[:, None] == labels[None, :], 0.0, MASK_VALUE)
     assert torch.equal(mask[3], expected)
     assert shift_attention_mask(8, 8, 4, 0) is None
+
+
+def _subnormals(t: torch.Tensor) -> int:
+    return int(((t != 0) & (t.abs() < torch.finfo(t.dtype).tiny)).sum())
+
+
+def test_v1_masked_pairs_get_a_weight_of_exactly_zero_where_the_releases_mask_leaves_subnormals():
+    torch.manual_seed(0)
+    logits = 5 * torch.randn(4, 16, 16)
+    released = (logits + shift_attention_mask(8, 8, 4, 2)).softmax(-1)
+    ours = (logits + shift_attention_mask(8, 8, 4, 2, UNDERFLOW_MASK_VALUE)).softmax(-1)
+    blocked = shift_attention_mask(8, 8, 4, 2) != 0
+    # e^-100 relative to the row's largest weight: a subnormal float, slow to multiply on x86.
+    assert _subnormals(released) > 100 and float(released[blocked].max()) > 0
+    assert _subnormals(ours) == 0 and bool((ours[blocked] == 0).all())
+    torch.testing.assert_close(ours, released, rtol=0, atol=1e-30)
+    # The block carries the value; V2 keeps the release's (its logits reach ±116).
+    block = SwinTransformerBlock(dim=8, num_heads=2, window_size=4, shift_size=2)
+    assert block.mask_value == UNDERFLOW_MASK_VALUE
+    assert set(block.attention_mask(8, 8, torch.device("cpu")).unique().tolist()) == {UNDERFLOW_MASK_VALUE, 0.0}
+    block.mask_value = MASK_VALUE  # the cache is keyed on the value
+    assert set(block.attention_mask(8, 8, torch.device("cpu")).unique().tolist()) == {MASK_VALUE, 0.0}
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "reference"])
+def test_v1_logits_and_gradients_are_bit_equal_with_the_releases_mask_value(impl):
+    torch.manual_seed(0)
+    ours = build_model(_config(SWIN_T, *SMALL, "MODEL.SWIN.ATTN_IMPL", impl, "DATA.IMG_SIZE", "112"))
+    released = copy.deepcopy(ours)
+    for blk in _blocks(released):
+        blk.mask_value = MASK_VALUE
+    x = torch.randn(2, 3, 112, 112)
+    for model in (ours, released):
+        model.train()
+        model(x).logsumexp(-1).sum().backward()
+    assert any(blk.shift_size for blk in _blocks(ours))
+    for (name, a), b in zip(ours.named_parameters(), released.parameters(), strict=True):
+        assert torch.equal(a.grad, b.grad), name
+    with torch.inference_mode():
+        assert torch.equal(ours.eval()(x), released.eval()(x))
 
 
 # ---------------------------------------------------------------------------------------------
