@@ -30,8 +30,8 @@ MASK_VALUE = -100.0
 # row's largest, about 1e-44: a subnormal float, which x86 CPUs multiply through a microcode
 # assist; the products over those weights ran 5-10x slower, and a Swin-T training step on a
 # 2-core Xeon went from 3.98 to 3.58 s. The outputs are unchanged unless a masked logit exceeds
-# every unmasked one in its row by some 80 (then -100 lets it through); V1 logits are far from
-# that, while V2's reach ±116 (cosine × up to 100), so V2 keeps the release's value.
+# every unmasked one in its row by some 80 (then -100 lets it through); V1's logits are not scaled
+# up, while V2's reach ±116 (cosine × up to 100), so V2 keeps the release's value.
 UNDERFLOW_MASK_VALUE = -1.0e4
 
 
