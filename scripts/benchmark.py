@@ -46,8 +46,8 @@ Rows:
 * levers (``--levers [NAMES]``): rows with our model's switches flipped (attention path, eval
   bias cache, gather vs roll partition, folding windows into heads vs expanding the bias, the
   release's -100 shift mask vs V1's underflowing one, foreach vs single-tensor AdamW), timm
-  alongside. Forward levers take ``--levers-dtype`` (weights cast)
-  and ``--levers-mode compiled``; train levers are fp32 eager.
+  alongside. Forward levers take ``--levers-dtype`` (weights cast) and ``--levers-mode
+  compiled``; train levers are fp32 eager.
 
 bf16 on a CPU without AVX-512 BF16 / AMX is emulated (a few GFLOP/s against ~90 fp32): such
 rows are timed with one warm-up and one iteration and flagged, and bf16 training is skipped
