@@ -45,13 +45,12 @@ def test_a_row_is_shown_as_its_share_of_the_bound_and_emulated_bf16_as_not_appli
     assert benchmark.bound_text({"fraction_of_bound": None, "bound_img_s": 20.0, "dtype": "fp32"}) == "-"
 
 
-def test_auto_malloc_keeps_freed_memory_for_cpu_inference_as_the_inference_commands_do():
+def test_auto_malloc_keeps_freed_memory_on_the_cpu_as_the_trainer_and_inference_commands_do():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert benchmark.malloc_keeps("auto", cpu, trains=False) is True
-    assert benchmark.malloc_keeps("auto", cpu, trains=True) is False  # the trainer leaves it alone
-    assert benchmark.malloc_keeps("auto", cuda, trains=False) is False
-    assert benchmark.malloc_keeps("keep", cuda, trains=True) is True
-    assert benchmark.malloc_keeps("default", cpu, trains=False) is False
+    assert benchmark.malloc_keeps("auto", cpu) is True
+    assert benchmark.malloc_keeps("auto", cuda) is False
+    assert benchmark.malloc_keeps("keep", cuda) is True
+    assert benchmark.malloc_keeps("default", cpu) is False
     assert benchmark.parse_args([]).malloc == "auto"
 
 
@@ -112,3 +111,19 @@ def test_the_fast_path_row_times_a_copy_as_the_inference_commands_build_it():
         torch.testing.assert_close(got, expected, atol=1e-5 if dtype is None else 0, rtol=0)
     # The timed model is a copy: the original keeps its nn.Linear layers.
     assert type(model.head) is torch.nn.Linear
+
+
+def test_a_model_compiled_again_for_the_next_mode_is_traced_afresh_not_served_the_last_modes_graph():
+    traced = []
+
+    def backend(gm, example_inputs):  # counts the graphs Dynamo hands to a compiler
+        traced.append(gm)
+        return gm.forward
+
+    model, x = torch.nn.Linear(4, 4), torch.randn(2, 4)
+    torch.compile(model, backend=backend)(x)
+    torch.compile(model, backend=backend)(x)  # a second wrapper of the same module ...
+    assert len(traced) == 1  # ... reuses the first graph: the frozen row once timed the compiled one
+    benchmark.forget_compiled_graphs()
+    torch.compile(model, backend=backend)(x)
+    assert len(traced) == 2
