@@ -5,9 +5,11 @@ image: decode, resize, augment, 0.1-3 MB each; a CPU training step: activations 
 tens of MB each) pays, under glibc's defaults, a page fault for every 4 KiB page of each one,
 every time: glibc maps blocks above its mmap threshold with ``mmap`` and unmaps them on free, and
 returns the free top of the heap to the OS past its trim threshold. In this VM that made torch's
-resize and RandAugment's tensor shifts 20-50 % slower (1,100 faults per image). For a CPU
-training process (``scripts/benchmark.py --malloc keep``) the effect was within this VM's noise
-(README, "Performance"), so the trainer applies it to its loader processes only.
+resize and RandAugment's tensor shifts 20-50 % slower (1,100 faults per image), and a Swin-T
+training step on the CPU (batch 16) took 67,000-119,000 faults and 0.4-0.6 s of kernel time
+(README, "Performance"). The loader's processes keep their freed memory, and so does the main
+process of a CPU run, training or inference (``keep_process_memory``), which holds its peak
+working set each step anyway.
 
 ``retain_freed_memory`` changes this process's thresholds with ``mallopt``: blocks up to 32 MiB
 come from the heap and up to 256 MiB of free heap is kept (what ``MALLOC_MMAP_THRESHOLD_=33554432
@@ -65,3 +67,19 @@ def retain_freed_memory_in_worker(worker_id: int) -> None:
     """A ``DataLoader`` ``worker_init_fn``: ``retain_freed_memory`` in each loader worker."""
     if not retain_freed_memory() and worker_id == 0:
         logger.debug("RETAIN_FREED_MEMORY: no glibc mallopt here; the allocator keeps its defaults")
+
+
+def keep_process_memory(device_type: str, enabled: bool, purpose: str) -> bool:
+    """On a CPU (``device_type``), keep this process's freed memory from now on, large blocks
+    too (``retain_freed_memory(large_blocks=True)``); whether it took.
+
+    For a process whose model runs on the CPU: its activations (and, training, gradients) are
+    allocated afresh every batch at about the same peak, so keeping that peak costs nothing the
+    process did not use already. On a GPU the host allocator is not where the tensors live.
+    """
+    if not enabled or device_type != "cpu":
+        return False
+    kept = retain_freed_memory(large_blocks=True)
+    if kept:
+        logger.info("%s: freed memory kept in this process (RETAIN_FREED_MEMORY), no page faults per batch", purpose)
+    return kept

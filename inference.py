@@ -41,7 +41,7 @@ import logging
 import torch
 from torch import nn
 
-from allocator import retain_freed_memory
+from allocator import keep_process_memory
 from distributed import Precision, cpu_has_fast_bf16
 from models.prepacked import prepack_linears
 
@@ -103,14 +103,10 @@ def keep_inference_memory(device: torch.device, enabled: bool) -> bool:
     """On a CPU, keep this process's freed memory from now on (large blocks too); whether it took.
 
     For processes that only run inference (their working set is one batch's activations, held
-    anyway at its peak); a training run's evaluation leaves the trainer's allocator alone.
+    anyway at its peak); a training run's evaluation shares the trainer's process, which keeps
+    its memory already.
     """
-    if not enabled or device.type != "cpu":
-        return False
-    kept = retain_freed_memory(large_blocks=True)
-    if kept:
-        logger.info("inference: freed memory kept in this process (RETAIN_FREED_MEMORY), no page faults per batch")
-    return kept
+    return keep_process_memory(device.type, enabled, "inference")
 
 
 def inference_model(

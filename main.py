@@ -17,6 +17,7 @@ import time
 import torch.nn as nn
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
+from allocator import keep_process_memory
 from checkpoint import (
     capture_rng_state,
     config_yaml,
@@ -347,6 +348,8 @@ def run(args: argparse.Namespace) -> dict | None:
         return {"images_per_s": run_throughput(config, env, logger, precision)}
 
     data = build_loader(config, env.world_size, env.rank, pin_memory=env.device.type == "cuda")
+    if not config.EVAL_MODE:  # --eval keeps it in inference_model
+        keep_process_memory(env.device.type, config.RETAIN_FREED_MEMORY, "training")
     record = run_record(config, data.num_classes)
     save_run_config(record, env, logger)
     pretraining = is_pretraining(config)

@@ -87,14 +87,15 @@ def _release_log_handlers():
 
 
 @pytest.fixture(autouse=True)
-def inference_memory_calls(monkeypatch) -> list[bool]:
-    """In-process --eval/--throughput/predict runs would make this process keep every freed block
-    for the rest of the suite (``inference.keep_inference_memory``); record the calls instead
-    (``large_blocks`` of each). A child process checks the real effect (tests/test_inference.py)."""
-    import inference
+def kept_memory_calls(monkeypatch) -> list[bool]:
+    """In-process training, --eval, --throughput or predict runs on the CPU would make this process
+    keep every freed block for the rest of the suite (``allocator.keep_process_memory``); record
+    the calls instead (``large_blocks`` of each). Child processes check the real effect
+    (tests/test_inference.py, tests/test_data.py)."""
+    import allocator
 
     calls: list[bool] = []
-    monkeypatch.setattr(inference, "retain_freed_memory", lambda large_blocks=False: calls.append(large_blocks) or True)
+    monkeypatch.setattr(allocator, "retain_freed_memory", lambda large_blocks=False: calls.append(large_blocks) or True)
     return calls
 
 

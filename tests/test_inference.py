@@ -158,8 +158,8 @@ def test_the_inductor_compile_runs_with_weight_freezing_on_at_every_call(monkeyp
     assert seen == [True, True] and inductor_config.freezing is False
 
 
-def test_inference_keeps_freed_memory_on_the_cpu_only_when_asked(inference_memory_calls):
-    calls = inference_memory_calls  # conftest records retain_freed_memory's calls
+def test_inference_keeps_freed_memory_on_the_cpu_only_when_asked(kept_memory_calls):
+    calls = kept_memory_calls  # conftest records retain_freed_memory's calls
     assert inference.keep_inference_memory(CPU, True) is True and calls == [True]
     assert inference.keep_inference_memory(CPU, False) is False
     assert inference.keep_inference_memory(torch.device("cuda"), True) is False
