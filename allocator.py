@@ -6,7 +6,7 @@ tens of MB each) pays, under glibc's defaults, a page fault for every 4 KiB page
 every time: glibc maps blocks above its mmap threshold with ``mmap`` and unmaps them on free, and
 returns the free top of the heap to the OS past its trim threshold. In this VM that made torch's
 resize and RandAugment's tensor shifts 20-50 % slower (1,100 faults per image), and a Swin-T
-training step on the CPU (batch 16) took 67,000-119,000 faults and 0.4-0.6 s of kernel time
+training step on the CPU (batch 16) took 67,000-166,000 faults and 0.4-0.8 s of kernel time
 (README, "Performance"). The loader's processes keep their freed memory, and so does the main
 process of a CPU run, training or inference (``keep_process_memory``), which holds its peak
 working set each step anyway.
