@@ -99,16 +99,6 @@ def casts_weights(device: torch.device, precision: Precision) -> bool:
     return device.type == "cpu" and precision.dtype == torch.bfloat16 and cpu_has_fast_bf16()
 
 
-def keep_inference_memory(device: torch.device, enabled: bool) -> bool:
-    """On a CPU, keep this process's freed memory from now on (large blocks too); whether it took.
-
-    For processes that only run inference (their working set is one batch's activations, held
-    anyway at its peak); a training run's evaluation shares the trainer's process, which keeps
-    its memory already.
-    """
-    return keep_process_memory(device.type, enabled, "inference")
-
-
 def inference_model(
     model: nn.Module,
     device: torch.device,
@@ -120,13 +110,15 @@ def inference_model(
     """The module and precision to run inference with (see the module's docstring).
 
     ``model`` is put in eval mode with gradients off; ``retain_memory`` (``RETAIN_FREED_MEMORY``)
-    applies ``keep_inference_memory``. Eager, it is returned (its linears prepacked on a CPU)
+    applies ``allocator.keep_process_memory`` (an inference process holds one batch's activations at
+    a time, so keeping that peak costs nothing; a training run's evaluation shares the trainer's
+    process, which keeps its memory already). Eager, it is returned (its linears prepacked on a CPU)
     with ``precision``. Compiled, the result wraps it (``CastInputs``, a compiled module), the
     caller's ``model`` may then hold bf16 weights: use the returned module, with the returned
     ``Precision`` (float32 where the weights were cast: no autocast needed).
     """
     model.eval().requires_grad_(False)
-    keep_inference_memory(device, retain_memory)
+    keep_process_memory(device.type, retain_memory, "inference")
     if compile and device.type != "cpu":
         logger.info("inference: the whole model compiled (%s), %s", backend, precision.description)
         return torch.compile(model, backend=backend), precision

@@ -159,10 +159,12 @@ def test_the_inductor_compile_runs_with_weight_freezing_on_at_every_call(monkeyp
 
 
 def test_inference_keeps_freed_memory_on_the_cpu_only_when_asked(kept_memory_calls):
+    from allocator import keep_process_memory
+
     calls = kept_memory_calls  # conftest records retain_freed_memory's calls
-    assert inference.keep_inference_memory(CPU, True) is True and calls == [True]
-    assert inference.keep_inference_memory(CPU, False) is False
-    assert inference.keep_inference_memory(torch.device("cuda"), True) is False
+    assert keep_process_memory("cpu", True, "inference") is True and calls == [True]
+    assert keep_process_memory("cpu", False, "inference") is False
+    assert keep_process_memory("cuda", True, "inference") is False
     assert calls == [True]  # neither of the last two touched the allocator
     inference.inference_model(tiny(), CPU, Precision(CPU, None, "float32"), compile=False, retain_memory=True)
     inference.inference_model(tiny(), CPU, Precision(CPU, None, "float32"), compile=False)
