@@ -717,6 +717,7 @@ def test_predict_on_trained_demo_matches_eval_accuracy(trained_demo, tmp_path):
         env=TWO_THREADS,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "inference: the whole model compiled" not in proc.stdout  # eager unless --compile
     m = ACC_LINE.search(proc.stdout)
     acc1, count = float(m.group(1)), int(m.group(4))
     assert count == len(results)
@@ -833,14 +834,14 @@ def test_compiled_bf16_inference_agrees_with_fp32_on_the_demo_val_set(trained_de
 
 @pytest.mark.slow
 def test_eval_with_compile_runs_the_compiled_inference_path_with_the_eager_accuracy(trained_demo, tmp_path):
-    common = ["--cfg", DEMO_CFG, "--data-path", trained_demo["data"], "--eval", "--resume", trained_demo["ckpt"]]
-    opts = ["--opts", "DATA.NUM_WORKERS", "0", "TRAIN.COMPILE_BACKEND", "aot_eager"]
-    eager = run_main([*common, "--output", str(tmp_path / "eager"), *opts], env=TWO_THREADS)
-    compiled = run_main([*common, "--output", str(tmp_path / "compiled"), "--compile", *opts], env=TWO_THREADS)
-    assert eager.returncode == 0 and compiled.returncode == 0, compiled.stderr[-2000:]
+    """The eager accuracy is the training run's last validation, which an eager --eval of the same
+    checkpoint reproduces (test_predict_on_trained_demo_matches_eval_accuracy)."""
+    args = ["--cfg", DEMO_CFG, "--data-path", trained_demo["data"], "--eval", "--resume", trained_demo["ckpt"]]
+    args += ["--output", str(tmp_path), "--compile", "--opts", "DATA.NUM_WORKERS", "0"]
+    compiled = run_main([*args, "TRAIN.COMPILE_BACKEND", "aot_eager"], env=TWO_THREADS)
+    assert compiled.returncode == 0, compiled.stderr[-2000:]
     assert "inference: the whole model compiled (aot_eager" in compiled.stdout
-    assert "inference: the whole model compiled" not in eager.stdout
-    (e_acc1, *_, e_n), (c_acc1, *_, c_n) = (ACC_LINE.search(p.stdout).groups() for p in (eager, compiled))
-    assert e_n == c_n == "360"
+    c_acc1, *_, c_n = ACC_LINE.search(compiled.stdout).groups()
+    assert c_n == "360"
     # bf16 weights (where the CPU has native bf16) may move a digit or two, never more than 1 %.
-    assert abs(float(c_acc1) - float(e_acc1)) <= 1.0
+    assert abs(float(c_acc1) - trained_demo["accs"][-1]) <= 1.0
