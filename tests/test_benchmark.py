@@ -34,6 +34,13 @@ def test_the_matmul_peak_is_the_fastest_product_so_slow_moments_do_not_lower_it(
     assert len(calls) > 4 and fast / 4 < gflops <= fast * 1.01  # the mean would be about fast / 10
 
 
+def test_rows_are_set_against_the_higher_of_the_peaks_measured_before_and_after_them():
+    before, after = {"fp32": 141.0, "bf16": 415.0}, {"fp32": 182.0, "bf16": 360.0}
+    assert benchmark.higher_peaks(before, after) == {"fp32": 182.0, "bf16": 415.0}
+    emulated = {"fp32": 150.0, "bf16": None}
+    assert benchmark.higher_peaks(emulated, {"fp32": 120.0, "bf16": None}) == {"fp32": 150.0, "bf16": None}
+
+
 def test_the_isa_line_names_each_instruction_set_present_or_not():
     line = benchmark.isa_line({"avx2": True, "avx512f": True, "avx512_bf16": False, "amx": False})
     assert line == "AVX2 yes, AVX-512 yes, AVX-512 BF16 no, AMX no"

@@ -76,7 +76,13 @@ def test_the_benchmark_times_onnxruntime_beside_ours_and_timm(tmp_path):
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"] if r["phase"] == "forward"}
+    result = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in result["rows"] if r["phase"] == "forward"}
+    # Each row's bound comes from the higher of the fp32 peaks measured before and after the rows.
+    machine = result["machine"]
+    peak = machine["matmul_peak_gflops"]["fp32"]
+    assert peak >= machine["matmul_peak_gflops_before_rows"]["fp32"] > 0
+    assert rows["ours"]["bound_img_s"] == pytest.approx(peak / machine["gflop_per_forward"])
     from models.prepacked import prepack_available
 
     # the CPU's fp32 eager row also times the inference commands' fast path where oneDNN packs
