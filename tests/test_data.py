@@ -687,7 +687,7 @@ def test_large_blocks_mode_also_keeps_blocks_over_32_mib():
         "from allocator import retain_freed_memory\n"
         "mode = sys.argv[1]\n"
         "if mode != 'defaults': assert retain_freed_memory(large_blocks=mode == 'large')\n"
-        "for _ in range(2): torch.ones(12 << 20).sum()\n"
+        "for _ in range(20): torch.ones(12 << 20).sum()\n"
         "start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
         "for _ in range(10): torch.ones(12 << 20).sum()\n"  # 48 MiB each
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)\n"
@@ -698,5 +698,8 @@ def test_large_blocks_mode_also_keeps_blocks_over_32_mib():
         out = subprocess.run([sys.executable, "-c", script, mode], cwd=root, capture_output=True, text=True, check=True)
         counts[mode] = int(out.stdout.split()[-1])
     # 10 x 48 MiB is about 123,000 pages when each buffer is mapped afresh (measured: 122,890 with
-    # glibc's defaults and with the loader's thresholds, 49,153 with large_blocks).
-    assert 2 * counts["large"] < 100_000 < min(counts["defaults"], counts["thresholds"]), counts
+    # glibc's defaults and with the loader's thresholds). With large_blocks the heap grows for the
+    # first few buffers (12,288 faults each; 3-8 of them, varying run to run and machine to
+    # machine) until freed ones are reused, so after twenty warm-up buffers the measured ten fault
+    # at most two buffers' worth (0 in 8 of 8 runs here).
+    assert counts["large"] <= 2 * 12_288 < 100_000 < min(counts["defaults"], counts["thresholds"]), counts
