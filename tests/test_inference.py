@@ -182,7 +182,7 @@ def test_an_inference_process_stops_faulting_in_each_batchs_large_activations():
         "cpu = torch.device('cpu')\n"
         "inference.inference_model(torch.nn.Identity(), cpu, Precision(cpu, None, 'float32'), False,"
         " retain_memory=sys.argv[1] == 'keep')\n"
-        "for _ in range(2): torch.ones(12 << 20).sum()\n"
+        "for _ in range(20): torch.ones(12 << 20).sum()\n"
         "start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
         "for _ in range(10): torch.ones(12 << 20).sum()\n"  # 48 MiB each, as one batch's activation
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)\n"
@@ -192,5 +192,7 @@ def test_an_inference_process_stops_faulting_in_each_batchs_large_activations():
     for mode in ("defaults", "keep"):
         out = subprocess.run([sys.executable, "-c", script, mode], cwd=root, capture_output=True, text=True, check=True)
         counts[mode] = int(out.stdout.split()[-1])
-    # About 123,000 pages when each 48 MiB buffer is mapped afresh.
-    assert 2 * counts["keep"] < 100_000 < counts["defaults"], counts
+    # About 123,000 pages when each 48 MiB buffer is mapped afresh. Kept, the heap grows for the
+    # first 3-8 buffers (a buffer's 12,288 faults each; it varies by run and machine, and CI once
+    # saw five after two warm-ups) before freed ones are reused: after twenty, at most two more.
+    assert counts["keep"] <= 2 * 12_288 < 100_000 < counts["defaults"], counts
