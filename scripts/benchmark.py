@@ -15,7 +15,9 @@ share the machine, so every row times its candidates in the same run, interleave
 times every candidate once (``--iters`` batches each, the order reversed every other round) and
 the table reports the median images/s over ``--rounds`` rounds, the ratio ours/timm of those
 medians, and ``paired``: the median over rounds of each round's own ratio (the steadier figure
-when the machine's load drifts).
+when the machine's load drifts). Before the rounds, ``--warmup`` batches each and, on the CPU, up
+to ``--settle`` passes over all candidates until the page faults stop (``settle_page_faults``),
+so the first round does not time the heap growing.
 
 Rows:
 * forward: images/s under ``torch.inference_mode``. fp32; bf16 (autocast and weights cast to
@@ -477,6 +479,7 @@ class Candidate:
     note: str = ""
     compile_s: float | None = None
     samples: list[float] = field(default_factory=list)
+    settle: tuple[int, float | None] = (0, None)  # settling passes, page faults per batch in the last
 
     def median(self) -> float | None:
         return statistics.median(self.samples) if self.samples else None
@@ -488,13 +491,63 @@ def min_seconds(device: torch.device) -> float:
     return 1.0 if device.type == "cuda" else 0.0
 
 
+# A batch that faults in fewer fresh pages than this (4 MiB) is reusing its buffers.
+QUIET_FAULTS_PER_BATCH = 1000
+
+
+def minor_page_faults() -> int | None:
+    """Minor page faults of this process so far, all its threads; None where they can't be counted."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def settle_page_faults(
+    steps: list[Callable[[], None]], device: torch.device, max_passes: int
+) -> tuple[int, float | None]:
+    """Untimed passes over ``steps`` (one batch each) on the CPU until a pass faults in fewer
+    than ``QUIET_FAULTS_PER_BATCH`` pages per batch, at most ``max_passes``; (passes run, faults
+    per batch in the last pass), (0, None) where nothing was run.
+
+    Even with freed memory kept, a CPU process's heap grows over its first batches before freed
+    blocks are reused (Swin-T training step, batch 16, one warm-up each, then interleaved: 487k
+    and 192k faults in the warm-ups, 129k, 32k, 37k and 49k in the first timed round, then 0 with
+    a rare burst), so a fixed warm-up left the first round timing the kernel's page faults. The
+    candidates share the heap, so a pass runs all of them.
+    """
+    if device.type != "cpu" or max_passes <= 0 or not steps or minor_page_faults() is None:
+        return 0, None
+    passes, per_batch = 0, None
+    while passes < max_passes and (per_batch is None or per_batch >= QUIET_FAULTS_PER_BATCH):
+        before = minor_page_faults()
+        for step in steps:
+            step()
+        per_batch = (minor_page_faults() - before) / len(steps)
+        passes += 1
+    return passes, per_batch
+
+
 def time_interleaved(
-    cands: list[Candidate], batch_size: int, device: torch.device, rounds: int, iters: int, warmup: int
+    cands: list[Candidate],
+    batch_size: int,
+    device: torch.device,
+    rounds: int,
+    iters: int,
+    warmup: int,
+    settle: int = 0,
 ) -> None:
+    """Median-ready samples for each live candidate: ``warmup`` batches each, then up to
+    ``settle`` passes until the page faults stop (``settle_page_faults``), then ``rounds``
+    rounds of ``iters`` batches per candidate, in alternating order."""
     live = [c for c in cands if c.step is not None]
     for c in live:
         for _ in range(warmup):
             c.step()
+    settled = settle_page_faults([c.step for c in live], device, settle)
+    for c in live:
+        c.settle = settled
     synchronize(device)
     for r in range(rounds):
         for c in live if r % 2 == 0 else live[::-1]:
@@ -618,6 +671,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=2, help="timed batches per candidate per round (default 2)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds; medians are over these (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed batches per candidate first (default 1)")
+    p.add_argument(
+        "--settle",
+        type=int,
+        default=5,
+        help="CPU: then up to this many untimed passes over the candidates, until one pass faults in "
+        f"fewer than {QUIET_FAULTS_PER_BATCH} pages per batch (default 5; 0: off)",
+    )
     p.add_argument("--compile-budget", type=float, default=180.0, help="seconds allowed for one compile (default 180)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
@@ -788,19 +848,23 @@ def main(argv=None) -> dict:
                     timm_note=t.note if t else "",
                     ours_compile_s=c.compile_s,
                     timm_compile_s=t.compile_s if t else None,
+                    settle_passes=c.settle[0],
+                    settle_faults_per_batch=c.settle[1],
                     **(extra or {}),
                 )
             )
+            passes, faults = c.settle
+            settled = f", {passes} settling passes ({faults:,.0f} faults per batch in the last)" if passes else ""
             print(
                 f"  {phase} {dtype} {mode}: {c.name} {fmt(o)} img/s, timm {fmt(tm)} img/s, "
                 f"ratio {fmt(rows[-1]['ratio'], '.3f')}, "
-                f"paired {fmt(rows[-1]['paired_ratio'], '.3f')}",
+                f"paired {fmt(rows[-1]['paired_ratio'], '.3f')}{settled}",
                 flush=True,
             )
         save()
 
-    def run_row(phase, dtype, mode, cands, rounds, iters, warmup):
-        time_interleaved(cands, bs, device, rounds, iters, warmup)
+    def run_row(phase, dtype, mode, cands, rounds, iters, warmup, settle):
+        time_interleaved(cands, bs, device, rounds, iters, warmup, settle)
 
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -852,10 +916,11 @@ def main(argv=None) -> dict:
         if dtype_name == "fp16" and device.type != "cuda":
             print("skip fp16: CUDA only")
             continue
-        rounds, iters, warmup = args.rounds, args.iters, args.warmup
+        rounds, iters, warmup, settle = args.rounds, args.iters, args.warmup, args.settle
         note = ""
         if dtype != torch.float32 and slow_bf16:
-            rounds, iters, warmup, note = 1, 1, 0, "emulated bf16 (no AVX512-BF16/AMX): 1 batch, eager only"
+            rounds, iters, warmup, settle = 1, 1, 0, 0
+            note = "emulated bf16 (no AVX512-BF16/AMX): 1 batch, eager only"
         for mode in modes:
             if note and mode != "eager":
                 continue
@@ -882,7 +947,7 @@ def main(argv=None) -> dict:
                     if args.onnxruntime and dtype == torch.float32:
                         cands.append(Candidate("onnxruntime", onnxruntime_step(model, x), "our model as ONNX"))
             prepare(cands, mode)
-            run_row("forward", dtype_name, mode, cands, rounds, iters, warmup)
+            run_row("forward", dtype_name, mode, cands, rounds, iters, warmup, settle)
             if dtype == torch.float32:
                 record("forward", dtype_name, mode, cands)
             else:
@@ -952,7 +1017,7 @@ def main(argv=None) -> dict:
                     Candidate("timm", train_step(t_model, t_opt, x, y, amp)),
                 ]
                 prepare(cands, mode)
-                run_row("train", dtype_name, mode, cands, args.rounds, args.iters, args.warmup)
+                run_row("train", dtype_name, mode, cands, args.rounds, args.iters, args.warmup, args.settle)
                 record("train", dtype_name, mode, cands)
                 del o_model, t_model, o_opt, t_opt, cands
 
@@ -997,7 +1062,7 @@ def main(argv=None) -> dict:
         # Every lever is reported against timm: if timm's compile failed there is nothing to compare.
         compared = cands[-1].step is not None
         cands = [c for c in cands if c.step is not None] if compared else []
-        time_interleaved(cands, bs, device, args.rounds, args.iters, args.warmup)
+        time_interleaved(cands, bs, device, args.rounds, args.iters, args.warmup, args.settle)
         if cands:
             add_levers(f"forward {args.levers_dtype} {l_mode}", cands)
         if args.profile_kernels:
@@ -1026,7 +1091,7 @@ def main(argv=None) -> dict:
                 train_step(t_model, adamw_like(t_model, config, build_optimizer(config, variant(ours))), x, y, None),
             )
         )
-        time_interleaved(cands, bs, device, args.rounds, args.iters, args.warmup)
+        time_interleaved(cands, bs, device, args.rounds, args.iters, args.warmup, args.settle)
         add_levers("train fp32 eager", cands)
         del cands
 

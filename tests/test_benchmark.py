@@ -135,3 +135,41 @@ def test_a_model_compiled_again_for_the_next_mode_is_traced_afresh_not_served_th
     torch.compile(model, backend=backend)(x)
     assert len(traced) == 2
     benchmark.forget_compiled_graphs()  # leave no graph of nn.Linear behind for other tests
+
+
+def test_settling_runs_passes_over_all_candidates_until_one_faults_in_few_pages(monkeypatch):
+    # Page faults per batch of a process whose heap is still growing, then has settled.
+    faults_per_batch = iter([50_000, 50_000, 9_000, 9_000, 10, 30, 0, 0])
+    counter = {"faults": 0}
+    ran = []
+
+    def step(name):
+        def run():
+            ran.append(name)
+            counter["faults"] += next(faults_per_batch)
+
+        return run
+
+    monkeypatch.setattr(benchmark, "minor_page_faults", lambda: counter["faults"])
+    passes, per_batch = benchmark.settle_page_faults([step("ours"), step("timm")], torch.device("cpu"), 5)
+    assert (passes, per_batch) == (3, 20.0)  # the third pass averaged 20 faults per batch
+    assert ran == ["ours", "timm"] * 3
+
+
+def test_settling_stops_at_its_cap_and_does_nothing_off_the_cpu_or_when_off(monkeypatch):
+    counter = {"faults": 0}
+
+    def step():
+        counter["faults"] += 12_288  # a fresh 48 MiB buffer every batch: never quiet
+
+    monkeypatch.setattr(benchmark, "minor_page_faults", lambda: counter["faults"])
+    assert benchmark.settle_page_faults([step], torch.device("cpu"), 4) == (4, 12_288.0)
+    assert counter["faults"] == 4 * 12_288
+    assert benchmark.settle_page_faults([step], torch.device("cuda"), 4) == (0, None)
+    assert benchmark.settle_page_faults([step], torch.device("cpu"), 0) == (0, None)
+    assert counter["faults"] == 4 * 12_288
+
+
+def test_a_real_step_that_reuses_its_buffers_settles_in_one_pass():
+    buffer = torch.zeros(1 << 20)
+    assert benchmark.settle_page_faults([lambda: buffer.add_(1.0)], torch.device("cpu"), 5)[0] == 1

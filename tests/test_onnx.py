@@ -89,3 +89,5 @@ def test_the_benchmark_times_onnxruntime_beside_ours_and_timm(tmp_path):
     assert set(rows) == {"ours", "onnxruntime"} | ({"fast path"} if prepack_available() else set())
     assert rows["onnxruntime"]["ours_img_s"] > 0 and rows["onnxruntime"]["timm_img_s"] > 0
     assert "onnxruntime" in done.stdout
+    # Before the rounds, the CPU rows settled: at least one untimed pass, at most --settle's 5.
+    assert all(1 <= r["settle_passes"] <= 5 for r in rows.values()), rows
