@@ -89,7 +89,7 @@ from models.swin_transformer import WindowAttention  # noqa: E402
 from models.swin_transformer_v2 import WindowAttentionV2  # noqa: E402
 from models.windows import MASK_VALUE, WindowBlockBase  # noqa: E402
 from optimizer import build_optimizer, param_groups  # noqa: E402
-from timing import time_images_per_second  # noqa: E402
+from timing import QUIET_FAULTS_PER_BATCH, settle_page_faults, time_images_per_second  # noqa: E402
 
 MODELS = {
     "swin_tiny": "configs/swin_tiny.yaml",
@@ -489,44 +489,6 @@ def min_seconds(device: torch.device) -> float:
     """Shortest timed span per measurement: a GPU step takes milliseconds, so a couple of batches
     would time launch jitter; a CPU step already takes seconds."""
     return 1.0 if device.type == "cuda" else 0.0
-
-
-# A batch that faults in fewer fresh pages than this (4 MiB) is reusing its buffers.
-QUIET_FAULTS_PER_BATCH = 1000
-
-
-def minor_page_faults() -> int | None:
-    """Minor page faults of this process so far, all its threads; None where they can't be counted."""
-    try:
-        import resource
-    except ImportError:  # not on Windows
-        return None
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
-def settle_page_faults(
-    steps: list[Callable[[], None]], device: torch.device, max_passes: int
-) -> tuple[int, float | None]:
-    """Untimed passes over ``steps`` (one batch each) on the CPU until a pass faults in fewer
-    than ``QUIET_FAULTS_PER_BATCH`` pages per batch, at most ``max_passes``; (passes run, faults
-    per batch in the last pass), (0, None) where nothing was run.
-
-    Even with freed memory kept, a CPU process's heap grows over its first batches before freed
-    blocks are reused (Swin-T training step, batch 16, one warm-up each, then interleaved: 487k
-    and 192k faults in the warm-ups, 129k, 32k, 37k and 49k in the first timed round, then 0 with
-    a rare burst), so a fixed warm-up left the first round timing the kernel's page faults. The
-    candidates share the heap, so a pass runs all of them.
-    """
-    if device.type != "cpu" or max_passes <= 0 or not steps or minor_page_faults() is None:
-        return 0, None
-    passes, per_batch = 0, None
-    while passes < max_passes and (per_batch is None or per_batch >= QUIET_FAULTS_PER_BATCH):
-        before = minor_page_faults()
-        for step in steps:
-            step()
-        per_batch = (minor_page_faults() - before) / len(steps)
-        passes += 1
-    return passes, per_batch
 
 
 def time_interleaved(
