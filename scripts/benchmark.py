@@ -15,9 +15,9 @@ share the machine, so every row times its candidates in the same run, interleave
 times every candidate once (``--iters`` batches each, the order reversed every other round) and
 the table reports the median images/s over ``--rounds`` rounds, the ratio ours/timm of those
 medians, and ``paired``: the median over rounds of each round's own ratio (the steadier figure
-when the machine's load drifts). Before the rounds, ``--warmup`` batches each and, on the CPU, up
-to ``--settle`` passes over all candidates until the page faults stop (``settle_page_faults``),
-so the first round does not time the heap growing.
+when the machine's load drifts). Before the rounds, ``--warmup`` batches each and, on the CPU,
+up to ``--settle`` passes over all candidates until the page faults stop
+(``timing.settle_page_faults``), so the first round does not time the heap growing.
 
 Rows:
 * forward: images/s under ``torch.inference_mode``. fp32; bf16 (autocast and weights cast to
