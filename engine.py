@@ -31,7 +31,7 @@ from distributed import (
 )
 from errors import UserError
 from fsdp import forwards_to_pad, global_grad_norm, no_grad_sync, pad_forwards
-from timing import time_images_per_second
+from timing import SETTLE_PASSES, time_images_per_second
 
 logger = logging.getLogger("swin")
 
@@ -558,9 +558,9 @@ def throughput(
         with precision.autocast():
             model(*inputs)
 
-    # On the CPU, up to 5 more untimed batches until the page faults stop (timing.settle_page_faults).
+    # On the CPU, a few more untimed batches until the page faults stop (timing.settle_page_faults).
     warmup = 3 if env.device.type == "cpu" else 50
-    timing = time_images_per_second(step, batch_size, env.device, warmup=warmup, iters=iters, settle=5)
+    timing = time_images_per_second(step, batch_size, env.device, warmup=warmup, iters=iters, settle=SETTLE_PASSES)
     logger.info(
         f"throughput: {timing.images_per_s:.1f} images/s (batch {batch_size}, {size}x{size}, {precision.label}, "
         f"device {env.device}, {timing.iters} timed iterations after {warmup + timing.settle_passes} untimed)"

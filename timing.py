@@ -24,6 +24,9 @@ class Timing:
 
 # A batch that faults in fewer fresh pages than this (4 MiB) is reusing its buffers.
 QUIET_FAULTS_PER_BATCH = 1000
+# Settling passes allowed on the CPU (--throughput, the benchmark's default, the model table):
+# a Swin-T training step, the slowest to settle that was measured, took 4-5.
+SETTLE_PASSES = 5
 
 
 def minor_page_faults() -> int | None:

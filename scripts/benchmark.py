@@ -89,7 +89,7 @@ from models.swin_transformer import WindowAttention  # noqa: E402
 from models.swin_transformer_v2 import WindowAttentionV2  # noqa: E402
 from models.windows import MASK_VALUE, WindowBlockBase  # noqa: E402
 from optimizer import build_optimizer, param_groups  # noqa: E402
-from timing import QUIET_FAULTS_PER_BATCH, settle_page_faults, time_images_per_second  # noqa: E402
+from timing import QUIET_FAULTS_PER_BATCH, SETTLE_PASSES, settle_page_faults, time_images_per_second  # noqa: E402
 
 MODELS = {
     "swin_tiny": "configs/swin_tiny.yaml",
@@ -636,9 +636,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--settle",
         type=int,
-        default=5,
+        default=SETTLE_PASSES,
         help="CPU: then up to this many untimed passes over the candidates, until one pass faults in "
-        f"fewer than {QUIET_FAULTS_PER_BATCH} pages per batch (default 5; 0: off)",
+        f"fewer than {QUIET_FAULTS_PER_BATCH} pages per batch (default {SETTLE_PASSES}; 0: off)",
     )
     p.add_argument("--compile-budget", type=float, default=180.0, help="seconds allowed for one compile (default 180)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -825,9 +825,6 @@ def main(argv=None) -> dict:
             )
         save()
 
-    def run_row(phase, dtype, mode, cands, rounds, iters, warmup, settle):
-        time_interleaved(cands, bs, device, rounds, iters, warmup, settle)
-
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for d in dtypes:
@@ -909,7 +906,7 @@ def main(argv=None) -> dict:
                     if args.onnxruntime and dtype == torch.float32:
                         cands.append(Candidate("onnxruntime", onnxruntime_step(model, x), "our model as ONNX"))
             prepare(cands, mode)
-            run_row("forward", dtype_name, mode, cands, rounds, iters, warmup, settle)
+            time_interleaved(cands, bs, device, rounds, iters, warmup, settle)
             if dtype == torch.float32:
                 record("forward", dtype_name, mode, cands)
             else:
@@ -979,7 +976,7 @@ def main(argv=None) -> dict:
                     Candidate("timm", train_step(t_model, t_opt, x, y, amp)),
                 ]
                 prepare(cands, mode)
-                run_row("train", dtype_name, mode, cands, args.rounds, args.iters, args.warmup, args.settle)
+                time_interleaved(cands, bs, device, args.rounds, args.iters, args.warmup, args.settle)
                 record("train", dtype_name, mode, cands)
                 del o_model, t_model, o_opt, t_opt, cands
 

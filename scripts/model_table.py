@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 from config import get_config, model_section  # noqa: E402
 from models import build_model  # noqa: E402
-from timing import time_images_per_second  # noqa: E402
+from timing import SETTLE_PASSES, time_images_per_second  # noqa: E402
 
 CFG = os.path.join(ROOT, "configs")
 # (short name, label, config under configs/, release params, release GFLOPs (MACs), release V100 img/s)
@@ -101,8 +101,9 @@ def measure_throughput(config, device: torch.device, batch_size: int, amp: bool,
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
             return model(images)
 
-    # On the CPU, up to 5 more untimed batches until the page faults stop, as --throughput does.
-    return time_images_per_second(step, batch_size, device, warmup=warmup, iters=iters, settle=5).images_per_s
+    # On the CPU, a few more untimed batches until the page faults stop, as --throughput does.
+    timing = time_images_per_second(step, batch_size, device, warmup=warmup, iters=iters, settle=SETTLE_PASSES)
+    return timing.images_per_s
 
 
 def main(argv=None) -> list:
