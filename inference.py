@@ -24,8 +24,9 @@ block as for training:
   fuses (see ``models.swin_transformer.resolve_attn_impl``).
 * on a GPU, the whole model under the run's autocast.
 
-Compiling costs its first call (about 25-40 s for Swin-T on a 2-core CPU), so it pays for a
-large evaluation, not for a handful of images.
+Compiling costs its first call (80 s for Swin-T fp32 on a 2-core AVX2 CPU), so it pays for a
+large evaluation, not for a handful of images; it is the only compile (``OneShapeCompiled``: a
+smaller last batch runs eagerly).
 
 On a CPU these commands also keep the process's freed memory (``RETAIN_FREED_MEMORY``,
 ``allocator.retain_freed_memory(large_blocks=True)``): a batch's activations are tens of MB each
@@ -77,8 +78,8 @@ class CastInputs(nn.Module):
 class FrozenCompiled(nn.Module):
     """``torch.compile(model)`` whose Inductor compiles run with weight freezing on.
 
-    Compiling happens at the first call (and again for a new input shape, such as a smaller last
-    batch), so the setting is applied around every call rather than when the wrapper is made;
+    Compiling happens at the first call (and again for a new input shape), so the setting is
+    applied around every call rather than when the wrapper is made;
     freezing passed through ``torch.compile(options=...)`` does not reach the pass that prepacks
     the weights (measured: the graph kept plain ``addmm`` calls and ran 16 % slower).
     """
@@ -92,6 +93,33 @@ class FrozenCompiled(nn.Module):
 
         with inductor_config.patch(freezing=True):
             return self.compiled(*inputs)
+
+
+class OneShapeCompiled(nn.Module):
+    """A compiled module used for the input shapes of its first call; a call with other shapes
+    (the smaller last batch of an evaluation or of predict.py) runs the same model eagerly.
+
+    Compiling for a second shape would cost a second compile of the whole model (Dynamo then makes
+    the batch dimension dynamic), minutes with Inductor on a CPU, for one batch that runs eagerly
+    in a second or two. Any output works (logits, a feature list, SimMIM's loss), unlike padding
+    the batch up to the compiled size.
+    """
+
+    def __init__(self, compiled: nn.Module, eager: nn.Module) -> None:
+        super().__init__()
+        self.compiled = compiled
+        # Not a submodule: its parameters are the compiled module's own.
+        object.__setattr__(self, "eager", eager)
+        self.shapes: tuple | None = None
+
+    def forward(self, *inputs: torch.Tensor):
+        shapes = tuple(tuple(t.shape) for t in inputs)
+        if self.shapes is None:
+            self.shapes = shapes
+        if shapes == self.shapes:
+            return self.compiled(*inputs)
+        logger.info("inference: inputs of shape %s run eagerly (compiled for %s)", shapes, self.shapes)
+        return self.eager(*inputs)
 
 
 def casts_weights(device: torch.device, precision: Precision) -> bool:
@@ -121,7 +149,7 @@ def inference_model(
     keep_process_memory(device.type, retain_memory, "inference")
     if compile and device.type != "cpu":
         logger.info("inference: the whole model compiled (%s), %s", backend, precision.description)
-        return torch.compile(model, backend=backend), precision
+        return OneShapeCompiled(torch.compile(model, backend=backend), model), precision
     if not compile:
         if device.type == "cpu" and precision.dtype in (None, torch.bfloat16):
             packed = prepack_linears(model)
@@ -139,4 +167,5 @@ def inference_model(
         ", weights frozen" if frozen else "",
         precision.description,
     )
-    return (FrozenCompiled(model) if frozen else torch.compile(model, backend=backend)), precision
+    compiled = FrozenCompiled(model) if frozen else torch.compile(model, backend=backend)
+    return OneShapeCompiled(compiled, model), precision

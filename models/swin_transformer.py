@@ -361,9 +361,10 @@ class SwinTransformerBlock(WindowBlockBase):
         use_rpb: bool = True,
         attn_impl: str = "auto",
         fused_window_process: bool = False,
+        resolution: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
-        self._init_windows(window_size, shift_size, fused_window_process)
+        self._init_windows(window_size, shift_size, fused_window_process, resolution)
         self.dim = dim
         self.num_heads = num_heads
         self.mlp_ratio = mlp_ratio
@@ -414,7 +415,8 @@ class BasicLayer(nn.Module):
     """One stage: ``depth`` blocks alternating W-MSA and SW-MSA, then (optionally) patch merging.
 
     ``block_cls`` and ``merge_cls`` are the family's block and patch merging (V1's here, V2's in
-    ``swin_transformer_v2``); ``block_options`` go to every block unchanged.
+    ``swin_transformer_v2``); ``resolution`` is the stage's (H, W) map in the model as built (the
+    blocks keep its shift mask); ``block_options`` go to every block unchanged.
     """
 
     def __init__(
@@ -429,6 +431,7 @@ class BasicLayer(nn.Module):
         shift: bool = True,
         block_cls: type = SwinTransformerBlock,
         merge_cls: type = PatchMerging,
+        resolution: tuple[int, int] | None = None,
         **block_options,
     ) -> None:
         super().__init__()
@@ -443,6 +446,7 @@ class BasicLayer(nn.Module):
                     window_size=window_size,
                     shift_size=window_size // 2 if (shift and i % 2 == 1) else 0,
                     drop_path=drop_path[i] if drop_path else 0.0,
+                    resolution=resolution,
                     **block_options,
                 )
                 for i in range(depth)
@@ -552,6 +556,7 @@ class SwinTrunk(nn.Module):
                     shift=shift and stage_shift,
                     block_cls=self.block_cls,
                     merge_cls=self.merge_cls,
+                    resolution=res,
                     mlp_ratio=mlp_ratio,
                     qkv_bias=qkv_bias,
                     drop=drop_rate,

@@ -290,9 +290,10 @@ class SwinTransformerBlockV2(WindowBlockBase):
         pretrained_window_size: int = 0,
         attn_impl: str = "auto",
         fused_window_process: bool = False,
+        resolution: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
-        self._init_windows(window_size, shift_size, fused_window_process)
+        self._init_windows(window_size, shift_size, fused_window_process, resolution)
         self.dim = dim
         self.num_heads = num_heads
         self.mlp_ratio = mlp_ratio

@@ -166,9 +166,18 @@ def roll_reverse_unshift(windows: torch.Tensor, shift: int, window_size: int, H:
 # ``torch.roll`` on CPU is two narrow+cat copies (one per axis) and the partition a third; a
 # precomputed token permutation does all of it in a single ``index_select`` (~5x less time than
 # roll+partition for Swin-T stage 1 on the CPU here).
-_PERMUTATIONS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+# (perm, inverse): the token order of the shifted windows and its inverse, each (H·W,) int64.
+Permutation = tuple[torch.Tensor, torch.Tensor]
+_PERMUTATIONS: dict[tuple, Permutation] = {}
+_MASKS: dict[tuple, torch.Tensor] = {}
+# Past this many entries a cache starts again (many image sizes in one process, e.g. detection).
+_CACHE_LIMIT = 64
 
 
+# A block keeps the permutation and mask of the map size its model is built for as buffers
+# (WindowBlockBase); these caches serve other sizes. Under torch.compile they neither read nor fill
+# the cache but build in the graph: a cache read traced by Dynamo guards on the cache's contents,
+# and a first call that fills the cache fails that guard (a second compile).
 def window_permutation(
     height: int, width: int, window_size: int, shift_size: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,21 +186,45 @@ def window_permutation(
     ``x.flatten(1, 2)[:, perm]`` equals ``window_partition(torch.roll(x, (-s, -s), (1, 2)), M)``
     flattened to (B, H·W, C); ``inverse`` undoes it (window reverse, then roll by +s).
     """
+    if torch.compiler.is_compiling():
+        return _build_permutation(height, width, window_size, shift_size, device)
     key = (height, width, window_size, shift_size, str(device))
     hit = _PERMUTATIONS.get(key)
     if hit is None:
         # Normal tensors even when first built under inference_mode: training reuses them.
         with torch.inference_mode(False):
-            index = torch.arange(height * width).view(1, height, width, 1)
-            if shift_size:
-                index = torch.roll(index, shifts=(-shift_size, -shift_size), dims=(1, 2))
-            perm = window_partition(index, window_size).reshape(-1)
-            inverse = torch.empty_like(perm)
-            inverse[perm] = torch.arange(perm.numel())
-            hit = (perm.to(device), inverse.to(device))
-        if len(_PERMUTATIONS) > 64:
+            hit = _build_permutation(height, width, window_size, shift_size, device)
+        if len(_PERMUTATIONS) > _CACHE_LIMIT:
             _PERMUTATIONS.clear()
         _PERMUTATIONS[key] = hit
+    return hit
+
+
+def _build_permutation(
+    height: int, width: int, window_size: int, shift_size: int, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    index = torch.arange(height * width, device=device).view(1, height, width, 1)
+    if shift_size:
+        index = torch.roll(index, shifts=(-shift_size, -shift_size), dims=(1, 2))
+    perm = window_partition(index, window_size).reshape(-1)
+    inverse = torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.numel(), device=device))
+    return perm, inverse
+
+
+def cached_shift_mask(
+    height: int, width: int, window_size: int, shift_size: int, mask_value: float, device: torch.device
+) -> torch.Tensor:
+    """:func:`shift_attention_mask` (``shift_size`` > 0) on ``device``, built once per arguments."""
+    if torch.compiler.is_compiling():
+        return shift_attention_mask(height, width, window_size, shift_size, mask_value).to(device)
+    key = (height, width, window_size, shift_size, mask_value, str(device))
+    hit = _MASKS.get(key)
+    if hit is None:
+        with torch.inference_mode(False):
+            hit = shift_attention_mask(height, width, window_size, shift_size, mask_value).to(device)
+        if len(_MASKS) > _CACHE_LIMIT:
+            _MASKS.clear()
+        _MASKS[key] = hit
     return hit
 
 
@@ -209,31 +242,42 @@ class _PermuteTokens(torch.autograd.Function):
         return _PermuteTokens.apply(grad, ctx.inverse, ctx.perm), None, None
 
 
-def gather_shift_partition(x: torch.Tensor, shift_size: int, window_size: int) -> torch.Tensor:
+def gather_shift_partition(
+    x: torch.Tensor, shift_size: int, window_size: int, permutation: Permutation | None = None
+) -> torch.Tensor:
     """(B, H, W, C) → (B·nW, M², C): cyclic shift by -s and window partition in one gather.
 
     Equal (exactly) to ``window_partition(torch.roll(x, (-s, -s), (1, 2)), M).view(-1, M², C)``.
+    ``permutation``: :func:`window_permutation`'s result for this map, if the caller holds it.
     """
     B, H, W, C = x.shape
-    perm, inverse = window_permutation(H, W, window_size, shift_size, x.device)
+    perm, inverse = permutation or window_permutation(H, W, window_size, shift_size, x.device)
     return _PermuteTokens.apply(x.reshape(B, H * W, C), perm, inverse).view(-1, window_size * window_size, C)
 
 
-def gather_reverse_unshift(windows: torch.Tensor, shift_size: int, window_size: int, H: int, W: int) -> torch.Tensor:
+def gather_reverse_unshift(
+    windows: torch.Tensor, shift_size: int, window_size: int, H: int, W: int, permutation: Permutation | None = None
+) -> torch.Tensor:
     """(B·nW, M², C) → (B, H, W, C): the inverse of :func:`gather_shift_partition`."""
     C = windows.shape[-1]
-    perm, inverse = window_permutation(H, W, window_size, shift_size, windows.device)
+    perm, inverse = permutation or window_permutation(H, W, window_size, shift_size, windows.device)
     return _PermuteTokens.apply(windows.reshape(-1, H * W, C), inverse, perm).view(-1, H, W, C)
 
 
 def shift_partition(
-    x: torch.Tensor, shift: int, window_size: int, fused: bool = False, gather: bool = True
+    x: torch.Tensor,
+    shift: int,
+    window_size: int,
+    fused: bool = False,
+    gather: bool = True,
+    permutation: Permutation | None = None,
 ) -> torch.Tensor:
     """Cyclic shift by -s, then window partition: (B, H, W, C) → (B·nW, M², C).
 
     The one place that picks the implementation: the Triton kernel when ``fused`` and it can run
     (CUDA, or Triton's interpreter), else the token gather for shifted windows (``gather``), else
-    ``torch.roll`` + partition. All three give identical results.
+    ``torch.roll`` + partition. All three give identical results. ``permutation``: the gather's
+    index for this map, if the caller holds it (else looked up).
     """
     M, C = window_size, x.shape[-1]
     if fused:
@@ -241,12 +285,19 @@ def shift_partition(
         if out is not None:
             return out.view(-1, M * M, C)
     if shift and gather:
-        return gather_shift_partition(x, shift, M)
+        return gather_shift_partition(x, shift, M, permutation)
     return roll_shift_partition(x, shift, M).view(-1, M * M, C)
 
 
 def reverse_unshift(
-    windows: torch.Tensor, shift: int, window_size: int, H: int, W: int, fused: bool = False, gather: bool = True
+    windows: torch.Tensor,
+    shift: int,
+    window_size: int,
+    H: int,
+    W: int,
+    fused: bool = False,
+    gather: bool = True,
+    permutation: Permutation | None = None,
 ) -> torch.Tensor:
     """Inverse of :func:`shift_partition`: (B·nW, M², C) → (B, H, W, C), same choice of path."""
     M, C = window_size, windows.shape[-1]
@@ -255,7 +306,7 @@ def reverse_unshift(
         if out is not None:
             return out
     if shift and gather:
-        return gather_reverse_unshift(windows, shift, M, H, W)
+        return gather_reverse_unshift(windows, shift, M, H, W, permutation)
     return roll_reverse_unshift(windows.view(-1, M, M, C), shift, M, H, W)
 
 
@@ -282,21 +333,48 @@ class WindowBlockBase(nn.Module):
     fused_window_process: bool
     attn: Callable[..., torch.Tensor]
 
-    def _init_windows(self, window_size: int, shift_size: int, fused_window_process: bool) -> None:
+    def _init_windows(
+        self,
+        window_size: int,
+        shift_size: int,
+        fused_window_process: bool,
+        resolution: tuple[int, int] | None = None,
+    ) -> None:
+        """``resolution``: the (H, W) map the block sees in the model as built, if known. A shifted
+        block then holds that map's shift mask and token permutation as buffers (not saved in
+        checkpoints), as the release and timm hold their mask: under torch.compile they are graph
+        inputs like the weights, where a cache lookup would add guards and a second compile."""
         if not 0 <= shift_size < window_size:
             raise ValueError(f"shift_size must be in [0, window_size), got {shift_size} for window {window_size}")
         self.window_size = window_size
         self.shift_size = shift_size
         self.fused_window_process = fused_window_process
-        self._mask_cache: dict[tuple, torch.Tensor | None] = {}
+        self.own_map: tuple[int, int] | None = None
+        if shift_size and resolution is not None:
+            M = window_size
+            self.own_map = (math.ceil(resolution[0] / M) * M, math.ceil(resolution[1] / M) * M)
+            self.own_mask_value = self.mask_value
+            mask = shift_attention_mask(*self.own_map, M, shift_size, self.mask_value)
+            perm, inverse = _build_permutation(*self.own_map, M, shift_size)
+            self.register_buffer("shift_mask", mask, persistent=False)
+            self.register_buffer("token_permutation", perm, persistent=False)
+            self.register_buffer("token_inverse", inverse, persistent=False)
 
     def attention_mask(self, height: int, width: int, device: torch.device) -> torch.Tensor | None:
-        """The shift mask for a padded map of ``height`` × ``width`` (cached per size)."""
-        key = (height, width, device, self.mask_value)
-        if key not in self._mask_cache:
-            mask = shift_attention_mask(height, width, self.window_size, self.shift_size, self.mask_value)
-            self._mask_cache[key] = None if mask is None else mask.to(device)
-        return self._mask_cache[key]
+        """The shift mask for a padded map of ``height`` × ``width`` (the block's buffer, or cached
+        per size), or None in a block without shift."""
+        if not self.shift_size:
+            return None
+        if self.own_map == (height, width) and self.own_mask_value == self.mask_value:
+            return self.shift_mask
+        return cached_shift_mask(height, width, self.window_size, self.shift_size, self.mask_value, device)
+
+    def permutation(self, height: int, width: int) -> Permutation | None:
+        """The token gather's index for a padded map of ``height`` × ``width`` when the block holds
+        it (its own map size), else None (looked up by the gather)."""
+        if self.own_map == (height, width):
+            return self.token_permutation, self.token_inverse
+        return None
 
     def flops(self, height: int, width: int) -> int:
         """Multiply-accumulates of the block on an ``height`` × ``width`` map, as the release counts
@@ -316,9 +394,9 @@ class WindowBlockBase(nn.Module):
         x = pad_to_multiple(x, M)
         Hp, Wp = x.shape[1], x.shape[2]
         mask = self.attention_mask(Hp, Wp, x.device)
-        fused, gather = self.fused_window_process, self.gather_partition
-        windows = self.attn(shift_partition(x, s, M, fused, gather), mask=mask)
-        x = reverse_unshift(windows, s, M, Hp, Wp, fused, gather)
+        fused, gather, perm = self.fused_window_process, self.gather_partition, self.permutation(Hp, Wp)
+        windows = self.attn(shift_partition(x, s, M, fused, gather, perm), mask=mask)
+        x = reverse_unshift(windows, s, M, Hp, Wp, fused, gather, perm)
         if Hp != H or Wp != W:
             x = x[:, :H, :W, :].contiguous()
         return x

@@ -151,11 +151,63 @@ def test_the_inductor_compile_runs_with_weight_freezing_on_at_every_call(monkeyp
     monkeypatch.setattr(torch, "compile", fake_compile)
     monkeypatch.setattr(inference, "cpu_has_fast_bf16", lambda: False)
     fast, _ = inference.inference_model(tiny(), CPU, Precision(CPU, None, "float32"), compile=True)
-    assert isinstance(fast, inference.FrozenCompiled)
+    assert isinstance(fast.compiled, inference.FrozenCompiled)
+    frozen = fast.compiled
     with torch.no_grad():
-        fast(torch.randn(2, 3, 32, 32))
-        fast(torch.randn(1, 3, 32, 32))  # a smaller last batch recompiles: frozen too
+        frozen(torch.randn(2, 3, 32, 32))
+        frozen(torch.randn(1, 3, 32, 32))  # a new shape recompiles: frozen too
     assert seen == [True, True] and inductor_config.freezing is False
+
+
+def test_compiled_inference_compiles_once_and_runs_a_smaller_last_batch_eagerly(caplog):
+    """One graph for a whole evaluation: not a second compile for the window caches being filled
+    by the first call, nor for the last batch (it runs eagerly, with the same logits)."""
+    import logging
+
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    for family in ("v1", "v2"):
+        model = tiny(family).eval()
+        reference = copy.deepcopy(model)
+        fast, _ = inference.inference_model(model, CPU, Precision(CPU, None, "float32"), True, "aot_eager")
+        with torch.no_grad(), caplog.at_level(logging.INFO, logger="inference"):
+            for batch in (4, 4, 3):
+                x = torch.randn(batch, 3, 32, 32)
+                torch.testing.assert_close(fast(x), reference(x), atol=1e-5, rtol=0)
+        eager_line = "inference: inputs of shape ((3, 3, 32, 32),) run eagerly (compiled for ((4, 3, 32, 32),))"
+        assert eager_line in caplog.text
+    assert counters["stats"]["unique_graphs"] == 2, counters["stats"]  # one per family
+    torch._dynamo.reset()
+
+
+def test_a_compiled_shifted_block_reads_its_window_caches_without_guarding_on_them():
+    """A compiled block builds its token permutation and shift mask in the graph: filling the
+    caches (by this call, or by an eager model of the same size) does not make it compile again."""
+    import torch._dynamo
+
+    from models.swin_transformer import SwinTransformerBlock
+    from models.windows import _MASKS, _PERMUTATIONS
+
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    _MASKS.clear()
+    _PERMUTATIONS.clear()
+    block = SwinTransformerBlock(dim=8, num_heads=2, window_size=4, shift_size=2).eval()
+    compiled = torch.compile(block, backend="aot_eager")
+    x = torch.randn(2, 8, 8, 8)
+    with torch.no_grad():
+        first = compiled(x)
+        assert not _MASKS and not _PERMUTATIONS  # built in the graph, not cached
+        eager = block(x)  # fills both caches
+        assert _MASKS and _PERMUTATIONS
+        torch.testing.assert_close(compiled(x), eager, atol=1e-6, rtol=0)
+    torch.testing.assert_close(first, eager, atol=1e-6, rtol=0)
+    assert counters["stats"]["unique_graphs"] == 1, counters["stats"]
+    torch._dynamo.reset()
 
 
 def test_inference_keeps_freed_memory_on_the_cpu_only_when_asked(kept_memory_calls):

@@ -586,6 +586,35 @@ def test_v1_masked_pairs_get_a_weight_of_exactly_zero_where_the_releases_mask_le
     assert set(block.attention_mask(8, 8, torch.device("cpu")).unique().tolist()) == {UNDERFLOW_MASK_VALUE, 0.0}
     block.mask_value = MASK_VALUE  # the cache is keyed on the value
     assert set(block.attention_mask(8, 8, torch.device("cpu")).unique().tolist()) == {MASK_VALUE, 0.0}
+    # A block built for its map holds that map's mask as a buffer; a changed value is not served from it.
+    block = SwinTransformerBlock(dim=8, num_heads=2, window_size=4, shift_size=2, resolution=(7, 7))
+    assert block.attention_mask(8, 8, torch.device("cpu")) is block.shift_mask
+    block.mask_value = MASK_VALUE
+    assert torch.equal(block.attention_mask(8, 8, torch.device("cpu")), shift_attention_mask(8, 8, 4, 2))
+
+
+def test_shifted_blocks_hold_their_maps_mask_and_permutation_as_buffers_that_checkpoints_leave_out():
+    """Swin-T: each shifted block keeps the mask and token permutation of its padded map (as the
+    release keeps its mask), equal to what the window functions build; none is in the state_dict."""
+    from models.windows import _build_permutation
+
+    model = build_model(get_config(str(ROOT / "configs" / "swin_tiny.yaml"), []))
+    held = {n: b for n, b in model.named_buffers() if n.rsplit(".", 1)[-1] in ("shift_mask", "token_permutation")}
+    assert {n: tuple(b.shape) for n, b in held.items()} == {
+        "layers.0.blocks.1.shift_mask": (64, 49, 49),
+        "layers.0.blocks.1.token_permutation": (3136,),
+        "layers.1.blocks.1.shift_mask": (16, 49, 49),
+        "layers.1.blocks.1.token_permutation": (784,),
+        **{f"layers.2.blocks.{i}.shift_mask": (4, 49, 49) for i in (1, 3, 5)},
+        **{f"layers.2.blocks.{i}.token_permutation": (196,) for i in (1, 3, 5)},
+    }  # stage 4 (7×7) is one window, unshifted
+    block = model.layers[1].blocks[1]
+    assert torch.equal(block.shift_mask, shift_attention_mask(28, 28, 7, 3, UNDERFLOW_MASK_VALUE))
+    perm, inverse = _build_permutation(28, 28, 7, 3)
+    assert torch.equal(block.token_permutation, perm) and torch.equal(block.token_inverse, inverse)
+    assert not [k for k in model.state_dict() if "shift_mask" in k or "token_" in k]
+    # A map of another size (here 35×35 of a 280² image) is looked up instead, with the same result.
+    assert block.permutation(28, 28) is not None and block.permutation(35, 35) is None
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "reference"])

@@ -27,6 +27,7 @@ import main as main_module
 from config import config_from_yaml_text, get_config
 from errors import UserError
 from models import build_model
+from models.pretrained import DERIVED_KEYS
 from tests.conftest import DEMO_CFG, ROOT, TINY_RUN_OPTS
 
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
@@ -82,7 +83,8 @@ def _release_state_dict(model: torch.nn.Module) -> collections.OrderedDict:
         for name, p in module.named_parameters(recurse=False):
             out[dot + name] = p.detach().clone()
         for name, b in module.named_buffers(recurse=False):
-            out[dot + name] = b.clone()
+            if name in DERIVED_KEYS:  # not the shift mask and permutation this project's blocks hold
+                out[dot + name] = b.clone()
     return out
 
 
