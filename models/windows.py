@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -178,31 +179,34 @@ _CACHE_LIMIT = 64
 # (WindowBlockBase); these caches serve other sizes. Under torch.compile they neither read nor fill
 # the cache but build in the graph: a cache read traced by Dynamo guards on the cache's contents,
 # and a first call that fills the cache fails that guard (a second compile).
-def window_permutation(
-    height: int, width: int, window_size: int, shift_size: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _cached(cache: dict, key: tuple, build: Callable[[], Any]) -> Any:
+    """``cache[key]``, built by ``build()`` on first use outside inference mode (training reuses
+    it); under torch.compile ``build()`` every time, the cache neither read nor filled."""
+    if torch.compiler.is_compiling():
+        return build()
+    hit = cache.get(key)
+    if hit is None:
+        with torch.inference_mode(False):
+            hit = build()
+        if len(cache) > _CACHE_LIMIT:
+            cache.clear()
+        cache[key] = hit
+    return hit
+
+
+def window_permutation(height: int, width: int, window_size: int, shift_size: int, device: torch.device) -> Permutation:
     """(perm, inverse) of the H·W tokens of a map for shift ``s`` and window ``M``, cached.
 
     ``x.flatten(1, 2)[:, perm]`` equals ``window_partition(torch.roll(x, (-s, -s), (1, 2)), M)``
     flattened to (B, H·W, C); ``inverse`` undoes it (window reverse, then roll by +s).
     """
-    if torch.compiler.is_compiling():
-        return _build_permutation(height, width, window_size, shift_size, device)
     key = (height, width, window_size, shift_size, str(device))
-    hit = _PERMUTATIONS.get(key)
-    if hit is None:
-        # Normal tensors even when first built under inference_mode: training reuses them.
-        with torch.inference_mode(False):
-            hit = _build_permutation(height, width, window_size, shift_size, device)
-        if len(_PERMUTATIONS) > _CACHE_LIMIT:
-            _PERMUTATIONS.clear()
-        _PERMUTATIONS[key] = hit
-    return hit
+    return _cached(_PERMUTATIONS, key, lambda: _build_permutation(height, width, window_size, shift_size, device))
 
 
 def _build_permutation(
     height: int, width: int, window_size: int, shift_size: int, device: torch.device | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> Permutation:
     index = torch.arange(height * width, device=device).view(1, height, width, 1)
     if shift_size:
         index = torch.roll(index, shifts=(-shift_size, -shift_size), dims=(1, 2))
@@ -215,17 +219,10 @@ def cached_shift_mask(
     height: int, width: int, window_size: int, shift_size: int, mask_value: float, device: torch.device
 ) -> torch.Tensor:
     """:func:`shift_attention_mask` (``shift_size`` > 0) on ``device``, built once per arguments."""
-    if torch.compiler.is_compiling():
-        return shift_attention_mask(height, width, window_size, shift_size, mask_value).to(device)
     key = (height, width, window_size, shift_size, mask_value, str(device))
-    hit = _MASKS.get(key)
-    if hit is None:
-        with torch.inference_mode(False):
-            hit = shift_attention_mask(height, width, window_size, shift_size, mask_value).to(device)
-        if len(_MASKS) > _CACHE_LIMIT:
-            _MASKS.clear()
-        _MASKS[key] = hit
-    return hit
+    return _cached(
+        _MASKS, key, lambda: shift_attention_mask(height, width, window_size, shift_size, mask_value).to(device)
+    )
 
 
 class _PermuteTokens(torch.autograd.Function):
