@@ -31,6 +31,7 @@ from distributed import (
 )
 from errors import UserError
 from fsdp import forwards_to_pad, global_grad_norm, no_grad_sync, pad_forwards
+from models.compile import FirstBatchSizeCompiled
 from timing import SETTLE_PASSES, time_images_per_second
 
 logger = logging.getLogger("swin")
@@ -437,11 +438,12 @@ def evaluate(config, loader, model: nn.Module, env: DistEnv, precision: Precisio
     padding = forwards_to_pad(model, env, len(loader))
     dataset = getattr(loader, "dataset", None)
     clear_unreadable(dataset)
+    compiled_for = FirstBatchSizeCompiled()  # a compiled model's smaller last batch runs eagerly
     end = time.time()
     for idx, (images, target) in enumerate(loader):
         (images,) = model_inputs(images, env.device)
         target = target.to(env.device, non_blocking=True)
-        with precision.autocast():
+        with precision.autocast(), compiled_for(len(images)):
             output = model(images)
         output = output.float()
         # Summed on the device (a placeholder's -1 matches no class and is ignored by the loss):
@@ -504,12 +506,13 @@ def evaluate_reconstruction(
     padding = forwards_to_pad(model, env, len(loader))  # sharded: all ranks run as many forwards
     dataset = getattr(loader, "dataset", None)
     clear_unreadable(dataset)
+    compiled_for = FirstBatchSizeCompiled()
     for (images, masks), target in loader:
         keep = target != UNREADABLE_TARGET  # on the host, before the batch moves: no device sync
         n = int(keep.sum())
         if n:
             images, masks = model_inputs((images[keep], masks[keep]), env.device)
-            with precision.autocast():
+            with precision.autocast(), compiled_for(n):
                 loss = model(images, masks)
             sums[0] += loss.detach().double() * n  # on the device: no host read per batch
             sums[1] += n

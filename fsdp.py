@@ -33,6 +33,7 @@ from torch.distributed.tensor import DTensor
 
 from distributed import DistEnv, all_gather_object, autocast_context
 from errors import UserError
+from models.compile import run_eagerly
 
 logger = logging.getLogger(__name__)
 
@@ -245,7 +246,8 @@ def pad_forwards(model: nn.Module, config: Any, env: DistEnv, count: int) -> Non
     if is_pretraining(config):
         grid = size // section.PATCH_SIZE
         inputs.append(torch.zeros(1, grid, grid, dtype=torch.long, device=env.device))
-    with torch.no_grad(), autocast_context(env.device, config.AMP_ENABLE, config.AMP_DTYPE):
+    # Eager: a compiled model would otherwise compile every block again for the one-image batch.
+    with torch.no_grad(), autocast_context(env.device, config.AMP_ENABLE, config.AMP_DTYPE), run_eagerly():
         for _ in range(count):
             model(*inputs)
 

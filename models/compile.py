@@ -10,6 +10,7 @@ working unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -64,3 +65,29 @@ def compile_model(model: nn.Module, scope: str = "blocks", backend: str = "induc
         blk.compile(backend=backend, dynamic=False)
     logger.info("compiled %d Swin blocks (%s, regional)", len(blocks), backend)
     return model
+
+
+def run_eagerly() -> contextlib.AbstractContextManager:
+    """A context in which compiled code (a compiled block or model) runs its Python eagerly and
+    nothing new is compiled; a no-op before torch 2.6 (no ``torch.compiler.set_stance``)."""
+    if hasattr(torch.compiler, "set_stance"):
+        return torch.compiler.set_stance("force_eager")
+    return contextlib.nullcontext()
+
+
+class FirstBatchSizeCompiled:
+    """Per batch of an evaluation: compiled code serves the batch size of the first call; a batch
+    of another size (the smaller last batch) runs eagerly.
+
+    Graphs are specialized to their sizes (``dynamic=False`` above), so that one batch would
+    otherwise compile every block variant again, a minute or more with Inductor on a CPU, to run
+    once. ``compiled_for = FirstBatchSizeCompiled()``, then per batch ``with compiled_for(len(images)): model(images)``.
+    """
+
+    def __init__(self) -> None:
+        self.size: int | None = None
+
+    def __call__(self, batch_size: int) -> contextlib.AbstractContextManager:
+        if self.size is None:
+            self.size = batch_size
+        return contextlib.nullcontext() if batch_size == self.size else run_eagerly()

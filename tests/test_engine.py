@@ -217,6 +217,31 @@ def test_evaluate_counts_every_image_and_reports_top1_top5():
     assert stats["loss"] == pytest.approx(nn.functional.cross_entropy(logits, targets).item(), rel=1e-5)
 
 
+def test_a_block_compiled_models_smaller_last_val_batch_runs_eagerly_instead_of_compiling_again():
+    """Training-time validation of a ``--compile`` run: each block variant is compiled for eval at
+    the first batch's size; the smaller last batch would compile them all again."""
+    import copy
+
+    import torch._dynamo
+
+    from models import compile_model
+
+    config, model, *_ = _setup(["MODEL.NUM_CLASSES", "12"])
+    eager = copy.deepcopy(model)
+    compile_model(model, "blocks", "aot_eager")
+    g = torch.Generator().manual_seed(5)
+    batches = [(torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 12, (n,), generator=g)) for n in (5, 5, 3)]
+    graphs = torch._dynamo.utils.counters["stats"]
+    evaluate(config, batches[:2], model, CPU)
+    compiled = graphs["unique_graphs"]
+    assert compiled > 0  # the blocks did compile, for eval at batch 5
+    stats = evaluate(config, batches, model, CPU)
+    assert graphs["unique_graphs"] == compiled  # the batch of 3 compiled nothing
+    reference = evaluate(config, batches, eager, CPU)
+    assert stats["count"] == reference["count"] == 13
+    assert stats["acc1"] == reference["acc1"] and stats["loss"] == pytest.approx(reference["loss"], rel=1e-5)
+
+
 # -----------------------------------------------------------------------------
 # Evaluation with unreadable validation images: named, excluded, never substituted
 # -----------------------------------------------------------------------------
