@@ -4,10 +4,18 @@ The cyclic shift and window partition run as one token gather in inference (``mo
 gather path: ``index_select`` with a constant permutation), which ONNX expresses as ``Gather``,
 so no ``roll`` reaches the exporter. The batch dimension stays dynamic; the image size is fixed
 at export (the windows, masks and position biases are built for it).
+
+Two exporters write the file: torch's ``torch.export``-based one (``dynamo``, torch's default
+since 2.9; it needs onnxscript) and the TorchScript tracer (``torchscript``), which torch has
+deprecated and says it will remove. ``auto`` takes the first and falls back to the second where
+the first is not installed (said in the log) or fails (a warning with its reason). Both graphs run at the same speed in
+onnxruntime (Swin-T 224, batch 16, 2-core AVX2 EPYC: 11.4 and 11.0 images/s, 10 interleaved
+rounds); the first takes longer to write (Swin-T: 32 s against 3 s).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import warnings
@@ -21,23 +29,44 @@ from errors import UserError
 logger = logging.getLogger(__name__)
 
 # The opset of the TorchScript exporter: LayerNormalization (17) and everything the model uses.
+# The torch.export-based exporter writes its own (20 on torch 2.14).
 OPSET = 17
 # Logits of onnxruntime and PyTorch must agree to this (fp32 on both sides).
 TOLERANCE = 1e-4
+EXPORTERS = ("auto", "dynamo", "torchscript")
 
 
-def export_onnx(model: nn.Module, path: str, img_size: int, in_chans: int = 3, batch: int = 2) -> None:
-    """Write ``model`` (eval mode, on the CPU) to ``path``: input ``images`` (N, in_chans, S, S) →
-    ``logits`` (N, classes), N dynamic."""
-    model = model.eval().cpu()
-    example = torch.randn(batch, in_chans, img_size, img_size, generator=torch.Generator().manual_seed(0))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with torch.no_grad(), warnings.catch_warnings():
+def dynamo_exporter_available() -> bool:
+    """Whether torch's ``torch.export``-based ONNX exporter can run here (it needs onnxscript)."""
+    try:
+        import onnxscript  # noqa: F401
+    except ImportError:
+        return False
+    return "dynamo" in inspect.signature(torch.onnx.export).parameters
+
+
+def _export_dynamo(model: nn.Module, example: torch.Tensor, path: str) -> None:
+    torch.onnx.export(
+        model,
+        (example,),
+        path,
+        dynamo=True,
+        input_names=["images"],
+        output_names=["logits"],
+        dynamic_shapes=({0: torch.export.Dim("batch")},),
+        verbose=False,  # its progress lines would go to stdout
+    )
+
+
+def _export_torchscript(model: nn.Module, example: torch.Tensor, path: str) -> None:
+    with warnings.catch_warnings():
         # The tracer warns at each Python branch on a shape (padding, window count, residual
         # form). Those are meant to be constants: the image size is fixed at export, and no branch
         # depends on the batch size (verify_onnx runs another batch size than the example's).
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        # The TorchScript exporter: no onnxscript needed, and the same on torch 2.11 and 2.14.
+        # Chosen on purpose (exporter "torchscript" or auto's fallback): torch's deprecation
+        # notice would only repeat that.
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
         torch.onnx.export(
             model,
             (example,),
@@ -48,6 +77,42 @@ def export_onnx(model: nn.Module, path: str, img_size: int, in_chans: int = 3, b
             output_names=["logits"],
             dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
         )
+
+
+def export_onnx(
+    model: nn.Module, path: str, img_size: int, in_chans: int = 3, batch: int = 2, exporter: str = "auto"
+) -> str:
+    """Write ``model`` (eval mode, on the CPU) to ``path``: input ``images`` (N, in_chans, S, S) →
+    ``logits`` (N, classes), N dynamic. ``exporter`` is one of :data:`EXPORTERS`; returns the one
+    that wrote the file ('dynamo' or 'torchscript')."""
+    if exporter not in EXPORTERS:
+        raise UserError(f"ONNX exporter {exporter!r}: use one of {', '.join(EXPORTERS)}")
+    model = model.eval().cpu()
+    example = torch.randn(batch, in_chans, img_size, img_size, generator=torch.Generator().manual_seed(0))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if exporter == "dynamo" and not dynamo_exporter_available():
+        raise UserError(
+            "the torch.export-based ONNX exporter needs onnxscript and torch >= 2.5; pip install onnxscript"
+        )
+    use_dynamo = exporter == "dynamo" or (exporter == "auto" and dynamo_exporter_available())
+    if exporter == "auto" and not use_dynamo:
+        logger.info("ONNX: the TorchScript exporter (the torch.export-based one needs onnxscript and torch >= 2.5)")
+    with torch.no_grad():
+        if use_dynamo:
+            try:
+                _export_dynamo(model, example, path)
+                return "dynamo"
+            except Exception as e:
+                reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                if exporter == "dynamo":
+                    raise UserError(
+                        f"the torch.export-based ONNX exporter failed ({reason}); try --exporter torchscript"
+                    ) from e
+                logger.warning(
+                    "ONNX: the torch.export-based exporter failed (%s); using the TorchScript exporter", reason
+                )
+        _export_torchscript(model, example, path)
+    return "torchscript"
 
 
 def onnxruntime_session(path: str, threads: int | None = None):

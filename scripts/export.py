@@ -35,9 +35,11 @@ from models.layouts import from_official, to_official  # noqa: E402
 from models.pretrained import DERIVED_KEYS, extract_state_dict  # noqa: E402
 
 
-def export_to_onnx(checkpoint_path: str, out_path: str, img_size: int | None = None) -> float:
-    """The checkpoint's classifier as ONNX at ``img_size`` (default: its DATA.IMG_SIZE), verified by
-    onnxruntime; returns the max logit difference."""
+def export_to_onnx(
+    checkpoint_path: str, out_path: str, img_size: int | None = None, exporter: str = "auto"
+) -> tuple[float, str]:
+    """The checkpoint's classifier as ONNX at ``img_size`` (default: its DATA.IMG_SIZE) by
+    ``exporter``, verified by onnxruntime; returns the max logit difference and the exporter used."""
     from config import config_for_checkpoint
     from models import build_model, load_weights
     from models.onnx_export import export_onnx, verify_onnx
@@ -52,8 +54,8 @@ def export_to_onnx(checkpoint_path: str, out_path: str, img_size: int | None = N
     model = build_model(config)
     load_weights(model, checkpoint, "inference", name=checkpoint_path)
     size = int(config.DATA.IMG_SIZE)
-    export_onnx(model, out_path, size)
-    return verify_onnx(model, out_path, size)
+    used = export_onnx(model, out_path, size, exporter=exporter)
+    return verify_onnx(model, out_path, size), used
 
 
 def export(checkpoint_path: str, out_path: str, layout: str = "official") -> int:
@@ -92,12 +94,21 @@ def main(argv=None) -> int:
         "--layout", choices=["official", "timm"], default="official", help="key layout to write (default: official)"
     )
     p.add_argument("--img-size", type=int, help="ONNX only: the input size to export (default: the checkpoint's)")
+    p.add_argument(
+        "--exporter",
+        choices=["auto", "dynamo", "torchscript"],
+        default="auto",
+        help="ONNX only: torch's torch.export-based exporter (dynamo), the deprecated TorchScript one, or "
+        "auto: dynamo, falling back to TorchScript where it is missing or fails (default: auto)",
+    )
     args = p.parse_args(argv)
 
     def run() -> None:
         if args.out.endswith(".onnx"):
-            diff = export_to_onnx(args.checkpoint, args.out, args.img_size)
-            sys.stdout.write(f"wrote {args.out}; onnxruntime's logits within {diff:.1e} of PyTorch's\n")
+            diff, used = export_to_onnx(args.checkpoint, args.out, args.img_size, args.exporter)
+            sys.stdout.write(
+                f"wrote {args.out} ({used} exporter); onnxruntime's logits within {diff:.1e} of PyTorch's\n"
+            )
             return
         n = export(args.checkpoint, args.out, args.layout)
         sys.stdout.write(f"wrote {n} tensors ({args.layout} layout) to {args.out}\n")

@@ -19,6 +19,7 @@ import export as export_script  # noqa: E402
 from checkpoint import config_yaml  # noqa: E402
 from config import get_config  # noqa: E402
 from models import build_model  # noqa: E402
+from models.onnx_export import onnxruntime_session  # noqa: E402
 
 TINY = {
     "swin": ["MODEL.SWIN.EMBED_DIM", "16", "MODEL.SWIN.NUM_HEADS", "[1,2,4,8]", "MODEL.NUM_CLASSES", "10"],
@@ -27,35 +28,75 @@ TINY = {
 DEMO = {"swin": "swin_demo_digits.yaml", "swinv2": "swinv2_demo_digits.yaml"}
 
 
-@pytest.mark.parametrize("family", ["swin", "swinv2"])
-def test_a_checkpoint_exports_to_onnx_and_onnxruntime_gives_pytorchs_logits(family, tmp_path, capsys):
+def _checkpoint(family: str, tmp_path: Path) -> tuple[Path, torch.nn.Module]:
     config = get_config(str(ROOT / "configs" / "demo" / DEMO[family]), TINY[family])
     torch.manual_seed(0)
     model = build_model(config)
     ckpt = tmp_path / "model.pth"
     torch.save({"model": model.state_dict(), "config": config_yaml(config)}, ckpt)
+    return ckpt, model
+
+
+# auto is torch's torch.export-based exporter (onnxscript is installed); the TorchScript one is
+# what auto falls back to.
+@pytest.mark.parametrize("family,exporter", [("swin", "auto"), ("swinv2", "auto"), ("swin", "torchscript")])
+def test_a_checkpoint_exports_to_onnx_and_onnxruntime_gives_pytorchs_logits(family, exporter, tmp_path, capsys):
+    ckpt, model = _checkpoint(family, tmp_path)
     out = tmp_path / "model.onnx"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert export_script.main([str(ckpt), "--out", str(out)]) == 0
-    # The shape branches the tracer would warn about are constants of the export (fixed size).
-    assert not [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
+        assert export_script.main([str(ckpt), "--out", str(out), "--exporter", exporter]) == 0
+    # The shape branches the tracer would warn about are constants of the export (fixed size), and
+    # neither exporter leaves torch's deprecation notice for the other.
+    assert not [w for w in caught if issubclass(w.category, (torch.jit.TracerWarning, DeprecationWarning))]
     line = capsys.readouterr().out
-    assert "onnxruntime's logits within" in line
+    used = "dynamo" if exporter == "auto" else exporter
+    assert f"({used} exporter); onnxruntime's logits within" in line
     assert float(line.rsplit("within ", 1)[1].split(" ")[0]) < 1e-4
     graph = onnx.load(str(out)).graph
     ops = {node.op_type for node in graph.node}
     assert "Gather" in ops and not any("Roll" in op for op in ops)  # the shift is a gather
     batch = graph.input[0].type.tensor_type.shape.dim[0]
-    assert batch.dim_param == "batch"  # any batch size
+    assert batch.dim_param == "batch"  # any batch size, one image too
+    images = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = model.eval()(images).numpy()
+    got = onnxruntime_session(str(out)).run(None, {"images": images.numpy()})[0]
+    assert abs(got - expected).max() < 1e-4
+
+
+def test_auto_falls_back_to_the_torchscript_exporter_with_the_reason_and_dynamo_alone_fails_in_one_line(
+    tmp_path, capsys, caplog, monkeypatch
+):
+    ckpt, _ = _checkpoint("swin", tmp_path)
+    real = torch.onnx.export
+
+    def export(*args, dynamo=True, **kwargs):
+        if dynamo:
+            raise RuntimeError("Failed to export the model with torch.export.\nmore detail")
+        return real(*args, dynamo=False, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", export)
+    out = tmp_path / "model.onnx"
+    assert export_script.main([str(ckpt), "--out", str(out)]) == 0
+    assert "(torchscript exporter); onnxruntime's logits within" in capsys.readouterr().out
+    assert (
+        "ONNX: the torch.export-based exporter failed (RuntimeError: Failed to export the model with torch.export.)"
+        in caplog.text
+    )
+    assert export_script.main([str(ckpt), "--out", str(out), "--exporter", "dynamo"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "error: the torch.export-based ONNX exporter failed (RuntimeError: Failed to export the model with "
+        "torch.export.); try --exporter torchscript\n"
+    )
 
 
 def test_onnx_export_at_another_size_and_a_bad_suffix_are_handled(tmp_path, capsys):
     # V2: its continuous position bias serves any window, so the model exports at a new size as is.
-    config = get_config(str(ROOT / "configs" / "demo" / DEMO["swinv2"]), TINY["swinv2"])
-    ckpt = tmp_path / "model.pth"
-    torch.save({"model": build_model(config).state_dict(), "config": config_yaml(config)}, ckpt)
-    assert export_script.main([str(ckpt), "--out", str(tmp_path / "m48.onnx"), "--img-size", "48"]) == 0
+    ckpt, _ = _checkpoint("swinv2", tmp_path)
+    args = [str(ckpt), "--out", str(tmp_path / "m48.onnx"), "--img-size", "48", "--exporter", "torchscript"]
+    assert export_script.main(args) == 0
     graph = onnx.load(str(tmp_path / "m48.onnx")).graph
     assert [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim[1:]] == [3, 48, 48]
     capsys.readouterr()
