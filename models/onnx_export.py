@@ -45,7 +45,12 @@ def dynamo_exporter_available() -> bool:
     return "dynamo" in inspect.signature(torch.onnx.export).parameters
 
 
+# ONNX files are protobufs, which cannot exceed 2 GiB: past this, weights go to PATH.data beside.
+ONE_FILE_LIMIT = 2**31 - 2**26
+
+
 def _export_dynamo(model: nn.Module, example: torch.Tensor, path: str) -> None:
+    weight_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     torch.onnx.export(
         model,
         (example,),
@@ -54,6 +59,10 @@ def _export_dynamo(model: nn.Module, example: torch.Tensor, path: str) -> None:
         input_names=["images"],
         output_names=["logits"],
         dynamic_shapes=({0: torch.export.Dim("batch")},),
+        # Left to itself the exporter writes every model's weights to a second file, PATH.data,
+        # that a copied or downloaded PATH alone would miss; one file, as the TorchScript exporter
+        # writes, unless the 2 GiB limit forces the split.
+        external_data=weight_bytes > ONE_FILE_LIMIT,
         verbose=False,  # its progress lines would go to stdout
     )
 

@@ -53,6 +53,7 @@ def test_a_checkpoint_exports_to_onnx_and_onnxruntime_gives_pytorchs_logits(fami
     used = "dynamo" if exporter == "auto" else exporter
     assert f"({used} exporter); onnxruntime's logits within" in line
     assert float(line.rsplit("within ", 1)[1].split(" ")[0]) < 1e-4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.pth"]  # weights inside, no .data
     graph = onnx.load(str(out)).graph
     ops = {node.op_type for node in graph.node}
     assert "Gather" in ops and not any("Roll" in op for op in ops)  # the shift is a gather
