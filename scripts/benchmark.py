@@ -356,13 +356,13 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def onnxruntime_step(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
-    """One inference batch of ``model`` exported to ONNX and run by onnxruntime on the CPU, with
-    as many threads as torch uses (the peer a CPU user might pick instead)."""
+def onnxruntime_step(model: torch.nn.Module, x: torch.Tensor, exporter: str = "auto") -> Callable[[], None]:
+    """One inference batch of ``model`` exported to ONNX by ``exporter`` and run by onnxruntime on
+    the CPU, with as many threads as torch uses (the peer a CPU user might pick instead)."""
     from models.onnx_export import export_onnx, onnxruntime_session
 
     path = os.path.join(tempfile.mkdtemp(prefix="bench_onnx_"), "model.onnx")
-    export_onnx(model, path, x.shape[-1], x.shape[1], batch=x.shape[0])
+    export_onnx(model, path, x.shape[-1], x.shape[1], batch=x.shape[0], exporter=exporter)
     session = onnxruntime_session(path, threads=torch.get_num_threads())
     feed = {"images": x.detach().cpu().numpy()}
     return lambda: session.run(None, feed)
@@ -657,6 +657,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="CPU: add onnxruntime running our model exported to ONNX to the fp32 eager forward row",
     )
+    p.add_argument(
+        "--onnx-exporter",
+        choices=["auto", "dynamo", "torchscript"],
+        default="auto",
+        help="the exporter that writes the --onnxruntime model, as export.py's --exporter (default: auto); "
+        "the graphs run level, the TorchScript exporter writes Swin-T in 3 s instead of ~30",
+    )
     p.add_argument("--opts", nargs="*", default=[], help="extra config KEY VALUE pairs for our model")
     return p.parse_args(argv)
 
@@ -904,7 +911,8 @@ def main(argv=None) -> dict:
                     if fast is not None:
                         cands.append(Candidate("fast path", forward_step(fast, x, amp), FAST_PATH_NOTES[amp]))
                     if args.onnxruntime and dtype == torch.float32:
-                        cands.append(Candidate("onnxruntime", onnxruntime_step(model, x), "our model as ONNX"))
+                        step = onnxruntime_step(model, x, args.onnx_exporter)
+                        cands.append(Candidate("onnxruntime", step, "our model as ONNX"))
             prepare(cands, mode)
             time_interleaved(cands, bs, device, rounds, iters, warmup, settle)
             if dtype == torch.float32:

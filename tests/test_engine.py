@@ -228,7 +228,7 @@ def test_a_block_compiled_models_smaller_last_val_batch_runs_eagerly_instead_of_
 
     config, model, *_ = _setup(["MODEL.NUM_CLASSES", "12"])
     eager = copy.deepcopy(model)
-    compile_model(model, "blocks", "aot_eager")
+    compile_model(model, "blocks", "eager")  # Dynamo's guards and graphs alone: what decides a recompile
     g = torch.Generator().manual_seed(5)
     batches = [(torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 12, (n,), generator=g)) for n in (5, 5, 3)]
     graphs = torch._dynamo.utils.counters["stats"]

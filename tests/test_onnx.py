@@ -39,7 +39,7 @@ def _checkpoint(family: str, tmp_path: Path) -> tuple[Path, torch.nn.Module]:
 
 # auto is torch's torch.export-based exporter (onnxscript is installed); the TorchScript one is
 # what auto falls back to.
-@pytest.mark.parametrize("family,exporter", [("swin", "auto"), ("swinv2", "auto"), ("swin", "torchscript")])
+@pytest.mark.parametrize("family,exporter", [("swin", "auto"), ("swinv2", "auto"), ("swinv2", "torchscript")])
 def test_a_checkpoint_exports_to_onnx_and_onnxruntime_gives_pytorchs_logits(family, exporter, tmp_path, capsys):
     ckpt, model = _checkpoint(family, tmp_path)
     out = tmp_path / "model.onnx"
@@ -112,7 +112,8 @@ def test_the_benchmark_times_onnxruntime_beside_ours_and_timm(tmp_path):
     out = tmp_path / "bench.json"
     done = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--model", "demo", "--dtypes", "fp32"]
-        + ["--modes", "eager", "--rounds", "1", "--iters", "1", "--onnxruntime", "--json", str(out)],
+        + ["--modes", "eager", "--rounds", "1", "--iters", "1", "--onnxruntime", "--json", str(out)]
+        + ["--onnx-exporter", "torchscript"],  # the quicker writer; both exporters are tested above
         capture_output=True,
         text=True,
         timeout=600,
