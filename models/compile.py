@@ -81,7 +81,8 @@ class FirstBatchSizeCompiled:
 
     Graphs are specialized to their sizes (``dynamic=False`` above), so that one batch would
     otherwise compile every block variant again, a minute or more with Inductor on a CPU, to run
-    once. ``compiled_for = FirstBatchSizeCompiled()``, then per batch ``with compiled_for(len(images)): model(images)``.
+    once. Use: ``compiled_for = FirstBatchSizeCompiled()``, then per batch
+    ``with compiled_for(len(images)): model(images)``.
     """
 
     def __init__(self) -> None:

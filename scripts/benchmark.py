@@ -84,6 +84,7 @@ from distributed import Precision, cpu_has_fast_bf16, synchronize  # noqa: E402
 from inference import FrozenCompiled, inference_model  # noqa: E402
 from models.build import build_model  # noqa: E402
 from models.compile import allow_recompiles, compile_model  # noqa: E402
+from models.onnx_export import EXPORTERS  # noqa: E402
 from models.prepacked import PrepackedLinear, prepack_linears  # noqa: E402
 from models.swin_transformer import WindowAttention  # noqa: E402
 from models.swin_transformer_v2 import WindowAttentionV2  # noqa: E402
@@ -659,7 +660,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument(
         "--onnx-exporter",
-        choices=["auto", "dynamo", "torchscript"],
+        choices=EXPORTERS,
         default="auto",
         help="the exporter that writes the --onnxruntime model, as export.py's --exporter (default: auto); "
         "the graphs run level, the TorchScript exporter writes Swin-T in 3 s instead of ~30",

@@ -32,6 +32,7 @@ from safetensors.torch import save_file  # noqa: E402
 from checkpoint import load_checkpoint_file  # noqa: E402
 from errors import UserError, report_user_errors  # noqa: E402
 from models.layouts import from_official, to_official  # noqa: E402
+from models.onnx_export import EXPORTERS  # noqa: E402
 from models.pretrained import DERIVED_KEYS, extract_state_dict  # noqa: E402
 
 
@@ -96,7 +97,7 @@ def main(argv=None) -> int:
     p.add_argument("--img-size", type=int, help="ONNX only: the input size to export (default: the checkpoint's)")
     p.add_argument(
         "--exporter",
-        choices=["auto", "dynamo", "torchscript"],
+        choices=EXPORTERS,
         default="auto",
         help="ONNX only: torch's torch.export-based exporter (dynamo), the deprecated TorchScript one, or "
         "auto: dynamo, falling back to TorchScript where it is missing or fails (default: auto)",

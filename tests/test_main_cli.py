@@ -316,10 +316,18 @@ def test_best_checkpoint_holds_the_best_epoch_even_between_save_freq_boundaries(
 # --------------------------------------------------------------------------- compile scopes
 
 
+@pytest.fixture(scope="module")
+def eager_tiny_run(small_data: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The last checkpoint of the tiny demo run, eager: what every compiled run must end at."""
+    out = tmp_path_factory.mktemp("eager_run")
+    assert main_module.main(demo_args(small_data, out, "--tag", "eager", opts=("AMP_ENABLE", "False"))) == 0
+    return out / "swin_demo_digits" / "eager" / "last.pth"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("scope", ["model", "blocks"])
 def test_compile_scope_trains_through_main_and_ends_with_the_eager_weights(
-    small_data: str, tmp_path: Path, capsys: pytest.CaptureFixture, scope: str
+    small_data: str, eager_tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture, scope: str
 ) -> None:
     """TRAIN.COMPILE_SCOPE 'model' once raised UnboundLocalError before its first step; both
     scopes must train (aot_eager: Dynamo and AOTAutograd without Inductor's code generation) and
@@ -327,18 +335,14 @@ def test_compile_scope_trains_through_main_and_ends_with_the_eager_weights(
     import torch._dynamo
 
     torch._dynamo.reset()
-    eager_opts = ("AMP_ENABLE", "False")
-    code, out, err = _in_process(demo_args(small_data, tmp_path, "--tag", "eager", opts=eager_opts), capsys)
-    assert code == 0, err[-3000:]
-    compiled_opts = (*eager_opts, "TRAIN.COMPILE", "True", "TRAIN.COMPILE_SCOPE", scope)
+    compiled_opts = ("AMP_ENABLE", "False", "TRAIN.COMPILE", "True", "TRAIN.COMPILE_SCOPE", scope)
     compiled_opts += ("TRAIN.COMPILE_BACKEND", "aot_eager")
     code, out, err = _in_process(demo_args(small_data, tmp_path, "--tag", "compiled", opts=compiled_opts), capsys)
     assert code == 0, err[-3000:]
     assert "Train: [0/1][4/5]" in out + err
     torch._dynamo.reset()
-    runs = tmp_path / "swin_demo_digits"
-    eager = torch.load(runs / "eager" / "last.pth", weights_only=True)["model"]
-    compiled = torch.load(runs / "compiled" / "last.pth", weights_only=True)["model"]
+    eager = torch.load(eager_tiny_run, weights_only=True)["model"]
+    compiled = torch.load(tmp_path / "swin_demo_digits" / "compiled" / "last.pth", weights_only=True)["model"]
     assert compiled.keys() == eager.keys()  # no '_orig_mod.' prefixes in the checkpoint
     for k, v in eager.items():
         torch.testing.assert_close(compiled[k], v, atol=1e-5, rtol=1e-5, msg=k)
