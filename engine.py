@@ -31,7 +31,7 @@ from distributed import (
 )
 from errors import UserError
 from fsdp import forwards_to_pad, global_grad_norm, no_grad_sync, pad_forwards
-from models.compile import FirstBatchSizeCompiled
+from models.compile import FirstBatchSizeCompiled, run_eagerly
 from timing import SETTLE_PASSES, time_images_per_second
 
 logger = logging.getLogger("swin")
@@ -512,7 +512,9 @@ def evaluate_reconstruction(
         n = int(keep.sum())
         if n:
             images, masks = model_inputs((images[keep], masks[keep]), env.device)
-            with precision.autocast(), compiled_for(n):
+            # A batch thinned by unreadable images has a one-off size: run it eagerly, and let the
+            # first whole batch set the compiled size.
+            with precision.autocast(), run_eagerly() if n < len(target) else compiled_for(n):
                 loss = model(images, masks)
             sums[0] += loss.detach().double() * n  # on the device: no host read per batch
             sums[1] += n

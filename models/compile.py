@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -67,17 +68,22 @@ def compile_model(model: nn.Module, scope: str = "blocks", backend: str = "induc
     return model
 
 
-def run_eagerly() -> contextlib.AbstractContextManager:
+@contextlib.contextmanager
+def run_eagerly() -> Iterator[None]:
     """A context in which compiled code (a compiled block or model) runs its Python eagerly and
     nothing new is compiled; a no-op before torch 2.6 (no ``torch.compiler.set_stance``)."""
-    if hasattr(torch.compiler, "set_stance"):
-        return torch.compiler.set_stance("force_eager")
-    return contextlib.nullcontext()
+    if not hasattr(torch.compiler, "set_stance"):
+        yield
+        return
+    # Entered here, not returned: set_stance(...) changes the process's stance when called, so a
+    # call whose result never entered a ``with`` would leave everything after it uncompiled.
+    with torch.compiler.set_stance("force_eager"):
+        yield
 
 
 class FirstBatchSizeCompiled:
     """Per batch of an evaluation: compiled code serves the batch size of the first call; a batch
-    of another size (the smaller last batch) runs eagerly.
+    of another size (the smaller last batch) runs eagerly. Needs torch >= 2.6 (``run_eagerly``).
 
     Graphs are specialized to their sizes (``dynamic=False`` above), so that one batch would
     otherwise compile every block variant again, a minute or more with Inductor on a CPU, to run

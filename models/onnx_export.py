@@ -15,10 +15,12 @@ rounds); the first takes longer to write (Swin-T: 32 s against 3 s).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
 import warnings
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -49,22 +51,38 @@ def dynamo_exporter_available() -> bool:
 ONE_FILE_LIMIT = 2**31 - 2**26
 
 
+@contextlib.contextmanager
+def _quiet(*names: str) -> Iterator[None]:
+    """The named loggers at WARNING for the block: the dynamo exporter's ONNX passes log each step
+    at INFO (about 330 lines for the digits demo) wherever a caller logs at INFO."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
 def _export_dynamo(model: nn.Module, example: torch.Tensor, path: str) -> None:
     weight_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
-    torch.onnx.export(
-        model,
-        (example,),
-        path,
-        dynamo=True,
-        input_names=["images"],
-        output_names=["logits"],
-        dynamic_shapes=({0: torch.export.Dim("batch")},),
-        # Left to itself the exporter writes every model's weights to a second file, PATH.data,
-        # that a copied or downloaded PATH alone would miss; one file, as the TorchScript exporter
-        # writes, unless the 2 GiB limit forces the split.
-        external_data=weight_bytes > ONE_FILE_LIMIT,
-        verbose=False,  # its progress lines would go to stdout
-    )
+    with _quiet("onnx_ir", "onnxscript"):
+        torch.onnx.export(
+            model,
+            (example,),
+            path,
+            dynamo=True,
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+            # Left to itself the exporter writes every model's weights to a second file, PATH.data,
+            # that a copied or downloaded PATH alone would miss; one file, as the TorchScript
+            # exporter writes, unless the 2 GiB limit forces the split.
+            external_data=weight_bytes > ONE_FILE_LIMIT,
+            verbose=False,  # its progress lines would go to stdout
+        )
 
 
 def _export_torchscript(model: nn.Module, example: torch.Tensor, path: str) -> None:
@@ -73,9 +91,10 @@ def _export_torchscript(model: nn.Module, example: torch.Tensor, path: str) -> N
         # form). Those are meant to be constants: the image size is fixed at export, and no branch
         # depends on the batch size (verify_onnx runs another batch size than the example's).
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        # Chosen on purpose (exporter "torchscript" or auto's fallback): torch's deprecation
-        # notice would only repeat that.
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        # Chosen on purpose (--exporter torchscript, or auto's fallback): torch's notices that
+        # this exporter is deprecated would only repeat that.
+        warnings.filterwarnings("ignore", "You are using the legacy TorchScript-based ONNX export", DeprecationWarning)
+        warnings.filterwarnings("ignore", "The feature will be removed", DeprecationWarning)
         torch.onnx.export(
             model,
             (example,),
@@ -88,37 +107,54 @@ def _export_torchscript(model: nn.Module, example: torch.Tensor, path: str) -> N
         )
 
 
+def _wants_dynamo(exporter: str) -> bool:
+    """Whether ``exporter`` (one of :data:`EXPORTERS`) starts with the torch.export-based exporter."""
+    if exporter not in EXPORTERS:
+        raise UserError(f"ONNX exporter {exporter!r}: use one of {', '.join(EXPORTERS)}")
+    if exporter == "torchscript":
+        return False
+    if dynamo_exporter_available():
+        return True
+    if exporter == "dynamo":
+        raise UserError(
+            "the torch.export-based ONNX exporter needs onnxscript and torch >= 2.5; pip install onnxscript"
+        )
+    logger.info("ONNX: the TorchScript exporter (the torch.export-based one needs onnxscript and torch >= 2.5)")
+    return False
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
 def export_onnx(
     model: nn.Module, path: str, img_size: int, in_chans: int = 3, batch: int = 2, exporter: str = "auto"
 ) -> str:
     """Write ``model`` (eval mode, on the CPU) to ``path``: input ``images`` (N, in_chans, S, S) →
     ``logits`` (N, classes), N dynamic. ``exporter`` is one of :data:`EXPORTERS`; returns the one
     that wrote the file ('dynamo' or 'torchscript')."""
-    if exporter not in EXPORTERS:
-        raise UserError(f"ONNX exporter {exporter!r}: use one of {', '.join(EXPORTERS)}")
+    use_dynamo = _wants_dynamo(exporter)
     model = model.eval().cpu()
     example = torch.randn(batch, in_chans, img_size, img_size, generator=torch.Generator().manual_seed(0))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    if exporter == "dynamo" and not dynamo_exporter_available():
-        raise UserError(
-            "the torch.export-based ONNX exporter needs onnxscript and torch >= 2.5; pip install onnxscript"
-        )
-    use_dynamo = exporter == "dynamo" or (exporter == "auto" and dynamo_exporter_available())
-    if exporter == "auto" and not use_dynamo:
-        logger.info("ONNX: the TorchScript exporter (the torch.export-based one needs onnxscript and torch >= 2.5)")
     with torch.no_grad():
         if use_dynamo:
             try:
                 _export_dynamo(model, example, path)
                 return "dynamo"
+            except OSError:
+                raise  # the file cannot be written: the other exporter would fail the same way
             except Exception as e:
-                reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                # Whatever torch.export or its ONNX translation refuses; the whole trace for --debug
+                # callers, one line for everyone.
+                logger.debug("the torch.export-based ONNX exporter failed", exc_info=True)
                 if exporter == "dynamo":
                     raise UserError(
-                        f"the torch.export-based ONNX exporter failed ({reason}); try --exporter torchscript"
+                        f"the torch.export-based ONNX exporter failed ({_first_line(e)}); try --exporter torchscript"
                     ) from e
                 logger.warning(
-                    "ONNX: the torch.export-based exporter failed (%s); using the TorchScript exporter", reason
+                    "ONNX: the torch.export-based exporter failed (%s); using the TorchScript exporter", _first_line(e)
                 )
         _export_torchscript(model, example, path)
     return "torchscript"

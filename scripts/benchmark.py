@@ -357,16 +357,17 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def onnxruntime_step(model: torch.nn.Module, x: torch.Tensor, exporter: str = "auto") -> Callable[[], None]:
+def onnxruntime_step(model: torch.nn.Module, x: torch.Tensor, exporter: str = "auto") -> tuple[Callable[[], None], str]:
     """One inference batch of ``model`` exported to ONNX by ``exporter`` and run by onnxruntime on
-    the CPU, with as many threads as torch uses (the peer a CPU user might pick instead)."""
+    the CPU, with as many threads as torch uses (the peer a CPU user might pick instead); and the
+    exporter that wrote it ('dynamo' or 'torchscript': auto may have fallen back)."""
     from models.onnx_export import export_onnx, onnxruntime_session
 
     path = os.path.join(tempfile.mkdtemp(prefix="bench_onnx_"), "model.onnx")
-    export_onnx(model, path, x.shape[-1], x.shape[1], batch=x.shape[0], exporter=exporter)
+    used = export_onnx(model, path, x.shape[-1], x.shape[1], batch=x.shape[0], exporter=exporter)
     session = onnxruntime_session(path, threads=torch.get_num_threads())
     feed = {"images": x.detach().cpu().numpy()}
-    return lambda: session.run(None, feed)
+    return (lambda: session.run(None, feed)), used
 
 
 # The fast path's note per autocast dtype (None: fp32) the inference commands prepack under.
@@ -912,8 +913,8 @@ def main(argv=None) -> dict:
                     if fast is not None:
                         cands.append(Candidate("fast path", forward_step(fast, x, amp), FAST_PATH_NOTES[amp]))
                     if args.onnxruntime and dtype == torch.float32:
-                        step = onnxruntime_step(model, x, args.onnx_exporter)
-                        cands.append(Candidate("onnxruntime", step, "our model as ONNX"))
+                        step, used = onnxruntime_step(model, x, args.onnx_exporter)
+                        cands.append(Candidate("onnxruntime", step, f"our model as ONNX ({used} exporter)"))
             prepare(cands, mode)
             time_interleaved(cands, bs, device, rounds, iters, warmup, settle)
             if dtype == torch.float32:

@@ -217,6 +217,7 @@ def test_evaluate_counts_every_image_and_reports_top1_top5():
     assert stats["loss"] == pytest.approx(nn.functional.cross_entropy(logits, targets).item(), rel=1e-5)
 
 
+@pytest.mark.skipif(not hasattr(torch.compiler, "set_stance"), reason="torch < 2.6 compiles the last batch again")
 def test_a_block_compiled_models_smaller_last_val_batch_runs_eagerly_instead_of_compiling_again():
     """Training-time validation of a ``--compile`` run: each block variant is compiled for eval at
     the first batch's size; the smaller last batch would compile them all again."""
@@ -228,15 +229,20 @@ def test_a_block_compiled_models_smaller_last_val_batch_runs_eagerly_instead_of_
 
     config, model, *_ = _setup(["MODEL.NUM_CLASSES", "12"])
     eager = copy.deepcopy(model)
+    torch._dynamo.reset()
+    graphs = torch._dynamo.utils.counters["stats"]
+    graphs.clear()
     compile_model(model, "blocks", "eager")  # Dynamo's guards and graphs alone: what decides a recompile
     g = torch.Generator().manual_seed(5)
     batches = [(torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 12, (n,), generator=g)) for n in (5, 5, 3)]
-    graphs = torch._dynamo.utils.counters["stats"]
-    evaluate(config, batches[:2], model, CPU)
-    compiled = graphs["unique_graphs"]
-    assert compiled > 0  # the blocks did compile, for eval at batch 5
-    stats = evaluate(config, batches, model, CPU)
-    assert graphs["unique_graphs"] == compiled  # the batch of 3 compiled nothing
+    try:
+        evaluate(config, batches[:2], model, CPU)
+        compiled = graphs["unique_graphs"]
+        assert compiled >= 6  # every distinct block compiled, for eval at batch 5
+        stats = evaluate(config, batches, model, CPU)
+        assert graphs["unique_graphs"] == compiled  # the batch of 3 compiled nothing
+    finally:
+        torch._dynamo.reset()
     reference = evaluate(config, batches, eager, CPU)
     assert stats["count"] == reference["count"] == 13
     assert stats["acc1"] == reference["acc1"] and stats["loss"] == pytest.approx(reference["loss"], rel=1e-5)

@@ -320,8 +320,11 @@ def test_best_checkpoint_holds_the_best_epoch_even_between_save_freq_boundaries(
 def eager_tiny_run(small_data: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The last checkpoint of the tiny demo run, eager: what every compiled run must end at."""
     out = tmp_path_factory.mktemp("eager_run")
-    assert main_module.main(demo_args(small_data, out, "--tag", "eager", opts=("AMP_ENABLE", "False"))) == 0
-    return out / "swin_demo_digits" / "eager" / "last.pth"
+    code = main_module.main(demo_args(small_data, out, "--tag", "eager", opts=("AMP_ENABLE", "False")))
+    run = out / "swin_demo_digits" / "eager"
+    log = run / "log_rank0.txt"
+    assert code == 0, log.read_text()[-3000:] if log.exists() else f"main.py exited {code}"
+    return run / "last.pth"
 
 
 @pytest.mark.slow

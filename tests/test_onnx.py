@@ -131,6 +131,7 @@ def test_the_benchmark_times_onnxruntime_beside_ours_and_timm(tmp_path):
     # the CPU's fp32 eager row also times the inference commands' fast path where oneDNN packs
     assert set(rows) == {"ours", "onnxruntime"} | ({"fast path"} if prepack_available() else set())
     assert rows["onnxruntime"]["ours_img_s"] > 0 and rows["onnxruntime"]["timm_img_s"] > 0
+    assert rows["onnxruntime"]["ours_note"] == "our model as ONNX (torchscript exporter)"
     assert "onnxruntime" in done.stdout
     # Before the rounds, the CPU rows settled: at least one untimed pass, at most --settle's 5.
     assert all(1 <= r["settle_passes"] <= 5 for r in rows.values()), rows
