@@ -8,9 +8,9 @@ at export (the windows, masks and position biases are built for it).
 Two exporters write the file: torch's ``torch.export``-based one (``dynamo``, torch's default
 since 2.9; it needs onnxscript) and the TorchScript tracer (``torchscript``), which torch has
 deprecated and says it will remove. ``auto`` takes the first and falls back to the second where
-the first is not installed (said in the log) or fails (a warning with its reason). Both graphs run at the same speed in
-onnxruntime (Swin-T 224, batch 16, 2-core AVX2 EPYC: 11.4 and 11.0 images/s, 10 interleaved
-rounds); the first takes longer to write (Swin-T: 32 s against 3 s).
+the first is not installed (said in the log) or fails (a warning with its reason). Both graphs
+run at the same speed in onnxruntime (Swin-T 224, batch 16, 2-core AVX2 EPYC: 11.4 and 11.0
+images/s, 10 interleaved rounds); the first takes longer to write (Swin-T: 24-32 s against 3 s).
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ OPSET = 17
 # Logits of onnxruntime and PyTorch must agree to this (fp32 on both sides).
 TOLERANCE = 1e-4
 EXPORTERS = ("auto", "dynamo", "torchscript")
+# ONNX files are protobufs, which cannot exceed 2 GiB: past this, weights go to PATH.data beside.
+ONE_FILE_LIMIT = 2**31 - 2**26
 
 
 def dynamo_exporter_available() -> bool:
@@ -45,10 +47,6 @@ def dynamo_exporter_available() -> bool:
     except ImportError:
         return False
     return "dynamo" in inspect.signature(torch.onnx.export).parameters
-
-
-# ONNX files are protobufs, which cannot exceed 2 GiB: past this, weights go to PATH.data beside.
-ONE_FILE_LIMIT = 2**31 - 2**26
 
 
 @contextlib.contextmanager
