@@ -30,7 +30,7 @@ demo: venv
 	@echo "curves:      $(DEMO_OUT)/curves.png"
 
 test: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 # ruff: the rules are in pyproject.toml; `make format` rewrites what `make lint` would refuse.
 lint: venv
@@ -42,7 +42,7 @@ format: venv
 	$(VENV)/bin/ruff format .
 
 test-fast: venv
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n auto --dist loadfile -m "not slow"
 
 # On a GPU machine, with its own python3 (torch there; yacs/termcolor from .whl/ if missing).
 gpu-check:

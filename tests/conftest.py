@@ -27,6 +27,30 @@ TINY_RUN_OPTS = [
 ]
 
 
+def worker_cores() -> int:
+    """The cores this test process may keep busy: all of the machine's, or under pytest-xdist
+    (``make test`` runs ``-n auto``) this worker's share of them."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+
+
+def threads_env() -> dict:
+    """Environment for a child that may use this process's cores: one intra-op thread per core."""
+    return {"OMP_NUM_THREADS": str(worker_cores()), "MKL_NUM_THREADS": str(worker_cores())}
+
+
+def pytest_configure(config) -> None:
+    """Under pytest-xdist each worker, and every child it starts, uses only its share of the cores
+    as intra-op threads: two workers on 2 cores with two threads each would oversubscribe OpenMP,
+    which slows every process several-fold."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return
+    os.environ.update(threads_env())
+    import torch
+
+    torch.set_num_threads(worker_cores())
+
+
 def subprocess_env() -> dict:
     """This environment plus ``SUBPROCESS_ENV``, without an outer launcher's variables: a child
     main.py must never join the process group of a torchrun that runs the tests."""

@@ -22,7 +22,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import run_main
+from conftest import run_main, threads_env
 
 from config import get_config
 from errors import UserError
@@ -58,8 +58,9 @@ DEMO_TRAIN_OPTS = [
     "SAVE_FREQ",
     "100",
 ]
-# A fixed thread count, so a run's numbers repeat (training-time and --eval figures compared).
-TWO_THREADS = {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
+# One thread count for every run of the session, so a run's numbers repeat (training-time and --eval
+# figures compared): this process's cores (both, or one under `make test`'s two workers).
+THREADS = threads_env()
 
 
 def _is_png(path: str) -> bool:
@@ -666,14 +667,15 @@ def trained_demo(demo_data, tmp_path_factory):
     demo's schedule squeezed) 74 % after 4 of 6 epochs; batch 64 at 5e-4: 89.7 % after 8,
     93.9 % after 10; batch 32 at 5e-4: 86.1 % after 5 (1e-3: 85.0 %); batch 16 at 5e-4: 89.7 %
     after 4, 91.1 % after 5, 93.1 % after 6 (~20 s per epoch on an idle core). Six epochs of
-    batch 16 keep a margin over 90 %. Trained on both cores (the suite runs one test at a time):
-    on a 2-core Xeon in fp32, 92.8 % in 2 min 15 s on one thread, 91.4 % in 1 min 39 s on two.
+    batch 16 keep a margin over 90 %. Trained on this process's cores (both when the suite runs
+    alone, one under `make test`'s two workers): on a 2-core Xeon in fp32, 92.8 % in 2 min 15 s on
+    one thread, 91.4 % in 1 min 39 s on two.
     The figure moves with the CPU's kernels, precision and thread count, so tests ask for 85 %.
     """
     out = tmp_path_factory.mktemp("demo_run")
     proc = run_main(
         ["--cfg", DEMO_CFG, "--data-path", demo_data, "--output", str(out), "--opts", *DEMO_TRAIN_OPTS],
-        env=TWO_THREADS,
+        env=THREADS,
         timeout=1800,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -714,7 +716,7 @@ def test_predict_on_trained_demo_matches_eval_accuracy(trained_demo, tmp_path):
             "DATA.NUM_WORKERS",
             "0",
         ],
-        env=TWO_THREADS,
+        env=THREADS,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "inference: the whole model compiled" not in proc.stdout  # eager unless --compile
@@ -750,7 +752,7 @@ def test_predict_json_cli_names_classes_from_the_checkpoint(trained_demo, tmp_pa
         capture_output=True,
         text=True,
         timeout=600,
-        env={**os.environ, **TWO_THREADS},
+        env={**os.environ, **THREADS},
     )
     assert proc.returncode == 0, proc.stderr
     results = json.loads(proc.stdout)
@@ -838,7 +840,7 @@ def test_eval_with_compile_runs_the_compiled_inference_path_with_the_eager_accur
     checkpoint reproduces (test_predict_on_trained_demo_matches_eval_accuracy)."""
     args = ["--cfg", DEMO_CFG, "--data-path", trained_demo["data"], "--eval", "--resume", trained_demo["ckpt"]]
     args += ["--output", str(tmp_path), "--compile", "--opts", "DATA.NUM_WORKERS", "0"]
-    compiled = run_main([*args, "TRAIN.COMPILE_BACKEND", "aot_eager"], env=TWO_THREADS)
+    compiled = run_main([*args, "TRAIN.COMPILE_BACKEND", "aot_eager"], env=THREADS)
     assert compiled.returncode == 0, compiled.stderr[-2000:]
     assert "inference: the whole model compiled (aot_eager" in compiled.stdout
     c_acc1, *_, c_n = ACC_LINE.search(compiled.stdout).groups()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import run_main
+from conftest import run_main, threads_env
 
 import main as main_module
 from models.pretrained import DERIVED_KEYS
@@ -215,7 +215,7 @@ def test_v2_demo_config_learns_the_digits_in_a_few_epochs(demo_data, tmp_path):
             "AMP_ENABLE",
             "False",
         ],
-        env={"OMP_NUM_THREADS": "2"},
+        env=threads_env(),
         timeout=1200,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
