@@ -235,6 +235,7 @@ def fsdp_runs(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["v1", "v2"])
 def test_two_sharded_ranks_train_and_evaluate_as_one_unsharded_process(fsdp_runs: Path, case: str) -> None:
     sharded = torch.load(fsdp_runs / f"{case}_fsdp.pt", weights_only=True)
@@ -251,6 +252,7 @@ def test_two_sharded_ranks_train_and_evaluate_as_one_unsharded_process(fsdp_runs
     assert sharded["eval"]["loss"] == pytest.approx(single["eval"]["loss"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_weights_gathered_in_bf16_compute_what_autocast_computes_unsharded(fsdp_runs: Path) -> None:
     result = torch.load(fsdp_runs / "bf16.pt", weights_only=True)
     v1_diff, v1_grads = result["v1"]
@@ -259,11 +261,13 @@ def test_weights_gathered_in_bf16_compute_what_autocast_computes_unsharded(fsdp_
     assert v2_diff == 0.0 and v2_grads == ["torch.float32"]  # V2's position-bias MLP needs fp32: not cast
 
 
+@pytest.mark.slow
 def test_a_plain_optimizer_state_loads_into_the_sharded_optimizer_by_parameter_name(fsdp_runs: Path) -> None:
     result = torch.load(fsdp_runs / "optimizer.pt", weights_only=True)
     assert result["moments"] > 50 and result["diff"] == 0.0 and result["lrs"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["v1", "v2"])
 def test_a_checkpoint_of_two_sharded_ranks_resumes_in_one_process_to_the_uninterrupted_weights(
     fsdp_runs: Path, case: str
@@ -316,6 +320,7 @@ def _launch_two_ranks(cmd: list[str], marker: str, timeout: float = 120) -> tupl
     raise AssertionError(f"{marker!r} never appeared:\n" + "".join(lines[-40:]))
 
 
+@pytest.mark.slow
 def test_sigkilled_two_rank_fsdp_run_resumes_in_one_process_to_the_uninterrupted_weights(
     small_data: str, tmp_path: Path
 ) -> None:

@@ -39,7 +39,15 @@ def _checkpoint(family: str, tmp_path: Path) -> tuple[Path, torch.nn.Module]:
 
 # auto is torch's torch.export-based exporter (onnxscript is installed); the TorchScript one is
 # what auto falls back to.
-@pytest.mark.parametrize("family,exporter", [("swin", "auto"), ("swinv2", "auto"), ("swinv2", "torchscript")])
+# The torch.export-based exporter takes ~20 s a model here; the TorchScript one ~2 s.
+@pytest.mark.parametrize(
+    "family,exporter",
+    [
+        pytest.param("swin", "auto", marks=pytest.mark.slow),
+        pytest.param("swinv2", "auto", marks=pytest.mark.slow),
+        ("swinv2", "torchscript"),
+    ],
+)
 def test_a_checkpoint_exports_to_onnx_and_onnxruntime_gives_pytorchs_logits(family, exporter, tmp_path, capsys):
     ckpt, model = _checkpoint(family, tmp_path)
     out = tmp_path / "model.onnx"
