@@ -76,6 +76,12 @@ class PrepackedLinear(nn.Module):
         state["_packed"], state["_packed_from"] = None, None
         return state
 
+    def train(self, mode: bool = True) -> PrepackedLinear:
+        # torch's fused optimizers change the weight in place without bumping its version (the
+        # key below): every switch between training and evaluation packs afresh.
+        self._packed, self._packed_from = None, None
+        return super().train(mode)
+
     def _packed_weight(self, dtype: torch.dtype) -> torch.Tensor | None:
         """The weight in ``dtype``, reordered; None where oneDNN cannot pack this dtype on this CPU
         (bf16 needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT), remembered until the weight changes."""

@@ -150,9 +150,13 @@ class WindowAttention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        # Eval-mode cache of bias (+ mask) per padded map size; keyed on the table's version so an
-        # optimizer step or a load invalidates it.
+        # Eval-mode cache of bias (+ mask) per padded map size; keyed on the table's version (a
+        # load or a foreach step bumps it) and cleared by train()/eval() (a fused step does not).
         self._bias_cache = EvalTensorCache()
+
+    def train(self, mode: bool = True) -> WindowAttention:
+        self._bias_cache.clear()  # weights may have changed without a version bump (EvalTensorCache)
+        return super().train(mode)
 
     def relative_position_bias(self) -> torch.Tensor:
         """B of Eq. 4: (num_heads, M², M²)."""
@@ -301,8 +305,10 @@ def eval_cache_usable(enabled: bool) -> bool:
 
 
 def weights_key(params) -> tuple:
-    """Identifies the current values of ``params``: an optimizer step or a load bumps a version;
-    ``.to(dtype/device)`` swaps the storage without bumping it."""
+    """Identifies the current values of ``params``: a load or a foreach/single-tensor optimizer
+    step bumps a version; ``.to(dtype/device)`` swaps the storage without bumping it. torch's
+    fused optimizers update in place without bumping it, which is why ``EvalTensorCache`` is also
+    cleared whenever its module switches between training and evaluation."""
     return tuple((p._version, p.data_ptr()) for p in params)
 
 
@@ -315,12 +321,18 @@ class EvalTensorCache:
     """A few tensors derived from weights (attention bias plus mask), kept between inference
     calls; in training, tracing or compiling every call builds afresh.
 
-    The caller's key says what the tensor depends on (``weights_key``, ``mask_key``, dtype).
+    The caller's key says what the tensor depends on (``weights_key``, ``mask_key``, dtype). The
+    owning module calls ``clear`` from its ``train()``: a fused optimizer's steps leave the
+    weights' versions as they were, so without it a trainer's every validation after the first
+    would reuse the first one's bias.
     """
 
     def __init__(self, limit: int = 8) -> None:
         self.limit = limit
         self._store: dict[tuple, torch.Tensor] = {}
+
+    def clear(self) -> None:
+        self._store.clear()
 
     def __call__(self, enabled: bool, key: Callable[[], tuple], build: Callable[[], torch.Tensor]) -> torch.Tensor:
         if not eval_cache_usable(enabled):

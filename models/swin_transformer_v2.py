@@ -139,6 +139,10 @@ class WindowAttentionV2(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         self._bias_cache = EvalTensorCache()
 
+    def train(self, mode: bool = True) -> WindowAttentionV2:
+        self._bias_cache.clear()  # weights may have changed without a version bump (EvalTensorCache)
+        return super().train(mode)
+
     def bias_table(self) -> torch.Tensor:
         """16·σ(MLP(Δ̂)) for every relative offset: ((2M-1)², num_heads), fp32."""
         with _autocast_off(self.relative_coords_table.device):

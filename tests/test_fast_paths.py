@@ -79,6 +79,39 @@ def _set(model: torch.nn.Module, attn_impl=None, gather=None, cache=None) -> tor
     return model
 
 
+def _family_model(family: str) -> torch.nn.Module:
+    """The demo-sized V1 model (``_demo_model``) or a V2 of the same size, post-norms at one so
+    that every branch contributes; in eval mode."""
+    from models.swin_transformer_v2 import SwinTransformerV2
+
+    if family == "v1":
+        return _demo_model().eval()
+    torch.manual_seed(0)
+    model = SwinTransformerV2(
+        img_size=32,
+        patch_size=2,
+        embed_dim=16,
+        depths=(2, 2, 2, 2),
+        num_heads=(1, 2, 4, 8),
+        window_size=4,
+        num_classes=10,
+    ).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.fill_(1.0)
+    return model
+
+
+def _uncached(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` whose attention modules build their bias afresh on every call."""
+    copied = copy.deepcopy(model)
+    for m in copied.modules():
+        if hasattr(m, "cache_eval_bias"):
+            m.cache_eval_bias = False
+    return copied
+
+
 # ---------------------------------------------------------------------------------------------
 # Gather-based shift + partition
 # ---------------------------------------------------------------------------------------------
@@ -181,17 +214,24 @@ def test_cached_eval_bias_equals_fresh_bias():
     assert live is not first and live.requires_grad and torch.equal(live.detach(), fresh)
 
 
-def test_eval_cache_is_invalidated_by_an_optimizer_step_and_by_load_state_dict():
-    model = _demo_model().eval()
+@pytest.mark.parametrize("family", ["v1", "v2"])
+@pytest.mark.parametrize(
+    "impl", [{"foreach": False}, {"foreach": True}, {"fused": True}], ids=["single", "foreach", "fused"]
+)
+def test_eval_cache_is_invalidated_by_an_optimizer_step_and_by_load_state_dict(family, impl):
+    """Every AdamW implementation: torch's fused one updates the weights in place without bumping
+    their versions (the cache's key), so a trainer's validations after the first would otherwise
+    reuse the first one's bias."""
+    model = _family_model(family)
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         before = model(x)
-    uncached = _set(copy.deepcopy(model), cache=False)
+    uncached = _uncached(model)
 
-    # One optimizer step that moves only the relative position tables.
+    # One optimizer step that moves only the attention's bias parameters (V1's tables, V2's MLP).
     model.train()
-    tables = [p for n, p in model.named_parameters() if "relative_position_bias_table" in n]
-    opt = torch.optim.AdamW(tables, lr=0.1)
+    bias_params = [p for n, p in model.named_parameters() if "relative_position_bias_table" in n or "cpb_mlp" in n]
+    opt = torch.optim.AdamW(bias_params, lr=0.1, **impl)
     model(x).logsumexp(-1).sum().backward()
     opt.step()
     model.eval()
@@ -203,7 +243,7 @@ def test_eval_cache_is_invalidated_by_an_optimizer_step_and_by_load_state_dict()
     torch.testing.assert_close(after, expected, atol=0, rtol=0)
 
     # Loading other weights invalidates it too.
-    fresh = _demo_model()
+    fresh = _family_model(family)
     with torch.no_grad():
         for p in fresh.parameters():
             p.add_(0.01)
@@ -408,35 +448,13 @@ def test_a_block_keeps_an_fp32_residual_stream_under_autocast(family):
 def test_eval_cache_is_invalidated_by_a_dtype_change(family):
     """``.to(dtype)`` swaps the weights' storage without bumping their versions: the cached bias
     of the old dtype must not be served to the converted model."""
-    from models.swin_transformer_v2 import SwinTransformerV2
-
-    torch.manual_seed(0)
-    if family == "v1":
-        model = _demo_model().eval()
-    else:
-        model = SwinTransformerV2(
-            img_size=32,
-            patch_size=2,
-            embed_dim=16,
-            depths=(2, 2, 2, 2),
-            num_heads=(1, 2, 4, 8),
-            window_size=4,
-            num_classes=10,
-        ).eval()
-        with torch.no_grad():
-            for m in model.modules():
-                if isinstance(m, torch.nn.LayerNorm):
-                    m.weight.fill_(1.0)
+    model = _family_model(family)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         model(x)  # fills the cache in fp32
         model.double()  # new storage, same versions
         cached = model(x.double())
-        uncached = copy.deepcopy(model)
-        for m in uncached.modules():
-            if hasattr(m, "cache_eval_bias"):
-                m.cache_eval_bias = False
-        uncached = uncached(x.double())
+        uncached = _uncached(model)(x.double())
     assert cached.dtype == torch.float64
     torch.testing.assert_close(cached, uncached, atol=0, rtol=0)
 

@@ -64,6 +64,22 @@ def test_the_packed_weight_follows_an_in_place_change_of_the_weights():
         torch.testing.assert_close(packed(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
 
 
+def test_after_a_fused_optimizer_step_and_eval_the_packed_weight_is_the_new_one():
+    """torch's fused AdamW updates the weight in place without bumping its version (the packed
+    copy's key): switching to eval mode, as every evaluation does, repacks."""
+    layer = nn.Linear(6, 5)
+    packed = PrepackedLinear(layer).eval()
+    x = torch.randn(4, 6)
+    with torch.no_grad():
+        packed(x)
+    packed.train()
+    packed(x).square().sum().backward()
+    torch.optim.AdamW(packed.parameters(), lr=0.1, fused=True).step()
+    packed.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+
+
 def test_gradients_and_other_dtypes_take_the_plain_linear():  # bf16 autocast: test_under_bf16_autocast_...
     torch.manual_seed(1)
     layer = nn.Linear(6, 5)
