@@ -247,7 +247,7 @@ _C.TRAIN.OPTIMIZER.EPS = 1e-8
 _C.TRAIN.OPTIMIZER.BETAS = (0.9, 0.999)
 # SGD momentum.
 _C.TRAIN.OPTIMIZER.MOMENTUM = 0.9
-# torch's optimizer implementation: 'auto' (fused on CUDA, foreach elsewhere), 'fused', 'foreach', 'single'.
+# torch's optimizer implementation: 'auto' (fused on CUDA and the CPU, foreach elsewhere), 'fused', 'foreach', 'single'.
 _C.TRAIN.OPTIMIZER.IMPL = "auto"
 
 # -----------------------------------------------------------------------------

@@ -177,9 +177,11 @@ def _impl_kwargs(impl: str, params: Iterable[torch.Tensor]) -> dict[str, bool]:
     if key not in _IMPLS:
         raise UserError(f"TRAIN.OPTIMIZER.IMPL must be one of {', '.join(_IMPLS)}, not {impl!r}")
     if key == "auto":
-        # Fused kernels are fastest on CUDA; foreach (multi-tensor) is the fast portable path.
-        on_cuda = all(p.device.type == "cuda" for p in params)
-        return {"fused": True} if on_cuda else {"foreach": True}
+        # Fused kernels, on CUDA and (torch >= 2.4) on the CPU: Swin-T's AdamW step on a 2-core
+        # AVX2 EPYC took 24.5 ms fused against 129.5 ms foreach (multi-tensor), the fast path
+        # for any other device.
+        fusable = all(p.device.type in ("cuda", "cpu") for p in params)
+        return {"fused": True} if fusable else {"foreach": True}
     if key == "fused":
         return {"fused": True}
     if key == "foreach":
@@ -220,13 +222,20 @@ def build_optimizer(config: Any, model: nn.Module) -> torch.optim.Optimizer:
             len(groups),
             groups_table(groups),
         )
-    try:
+
+    def make(impl: dict[str, bool]) -> torch.optim.Optimizer:
         if name == "adamw":
             return torch.optim.AdamW(groups, lr=lr, eps=float(opt_cfg.EPS), betas=tuple(opt_cfg.BETAS), **impl)
         return torch.optim.SGD(groups, lr=lr, momentum=float(opt_cfg.MOMENTUM), nesterov=True, **impl)
+
+    try:
+        return make(impl)
     except RuntimeError as e:
-        # e.g. 'fused' asked for on a device or dtype without fused kernels
+        # e.g. fused kernels this torch lacks for the device or dtype: 'auto' takes foreach instead
         reason = (str(e).splitlines() or ["error"])[0]
+        if str(opt_cfg.IMPL).strip().lower() == "auto":
+            logger.info("optimizer: no fused %s here (%s); foreach instead", name, reason)
+            return make({"foreach": True})
         raise UserError(f"TRAIN.OPTIMIZER.IMPL {opt_cfg.IMPL!r} does not work here ({reason}); use 'auto'") from None
 
 

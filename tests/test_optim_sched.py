@@ -76,7 +76,7 @@ def test_param_groups_split_decay() -> None:
         "head.bias",
         "extra",
     }
-    assert opt.defaults["foreach"] is True  # 'auto' on CPU
+    assert opt.defaults["fused"] is True  # 'auto' on the CPU: torch's fused kernels
     assert opt.param_groups[0]["lr"] == pytest.approx(5e-4)
 
 
@@ -97,6 +97,25 @@ def test_sgd_and_impl_choices() -> None:
     assert isinstance(opt, torch.optim.SGD)
     assert opt.defaults["nesterov"] is True and opt.defaults["momentum"] == 0.9
     assert opt.defaults["foreach"] is False and opt.defaults["fused"] is False
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_auto_takes_foreach_where_torch_refuses_fused_kernels_and_an_explicit_fused_is_a_user_error(
+    name: str, monkeypatch
+) -> None:
+    cls = torch.optim.AdamW if name == "adamw" else torch.optim.SGD
+
+    class NoFusedHere(cls):  # what a torch without fused kernels for the device raises
+        def __init__(self, *args, fused=None, **kwargs) -> None:
+            if fused:
+                raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of a device")
+            super().__init__(*args, fused=fused, **kwargs)
+
+    monkeypatch.setattr(torch.optim, cls.__name__, NoFusedHere)
+    opt = build_optimizer(_config(OPTIMIZER__NAME=name), _TinySwin())
+    assert isinstance(opt, NoFusedHere) and opt.defaults["foreach"] is True and not opt.defaults["fused"]
+    with pytest.raises(UserError, match=r"TRAIN.OPTIMIZER.IMPL 'fused' does not work here \(`fused=True` requires"):
+        build_optimizer(_config(OPTIMIZER__NAME=name, OPTIMIZER__IMPL="fused"), _TinySwin())
 
 
 @pytest.mark.parametrize("field,value", [("OPTIMIZER__NAME", "lamb"), ("OPTIMIZER__IMPL", "turbo")])
