@@ -233,7 +233,7 @@ def build_optimizer(config: Any, model: nn.Module) -> torch.optim.Optimizer:
     except RuntimeError as e:
         # e.g. fused kernels this torch lacks for the device or dtype: 'auto' takes foreach instead
         reason = (str(e).splitlines() or ["error"])[0]
-        if str(opt_cfg.IMPL).strip().lower() == "auto":
+        if impl.get("fused") and str(opt_cfg.IMPL).strip().lower() == "auto":
             logger.info("optimizer: no fused %s here (%s); foreach instead", name, reason)
             return make({"foreach": True})
         raise UserError(f"TRAIN.OPTIMIZER.IMPL {opt_cfg.IMPL!r} does not work here ({reason}); use 'auto'") from None
