@@ -224,12 +224,15 @@ def build_optimizer(config: Any, model: nn.Module) -> torch.optim.Optimizer:
         )
 
     def make(impl: dict[str, bool]) -> torch.optim.Optimizer:
+        # Copies: the optimizer writes its defaults (fused=True...) into the group dicts it gets,
+        # and a retry must not inherit them.
+        fresh = [dict(g) for g in groups]
         if name == "adamw":
-            return torch.optim.AdamW(groups, lr=lr, eps=float(opt_cfg.EPS), betas=tuple(opt_cfg.BETAS), **impl)
-        return torch.optim.SGD(groups, lr=lr, momentum=float(opt_cfg.MOMENTUM), nesterov=True, **impl)
+            return torch.optim.AdamW(fresh, lr=lr, eps=float(opt_cfg.EPS), betas=tuple(opt_cfg.BETAS), **impl)
+        return torch.optim.SGD(fresh, lr=lr, momentum=float(opt_cfg.MOMENTUM), nesterov=True, **impl)
 
     try:
-        return make(impl)
+        optimizer = make(impl)
     except RuntimeError as e:
         # e.g. fused kernels this torch lacks for the device or dtype: 'auto' takes foreach instead
         reason = (str(e).splitlines() or ["error"])[0]
@@ -237,6 +240,22 @@ def build_optimizer(config: Any, model: nn.Module) -> torch.optim.Optimizer:
             logger.info("optimizer: no fused %s here (%s); foreach instead", name, reason)
             return make({"foreach": True})
         raise UserError(f"TRAIN.OPTIMIZER.IMPL {opt_cfg.IMPL!r} does not work here ({reason}); use 'auto'") from None
+    if name == "sgd":
+        _zero_momentum_buffers(optimizer)
+    return optimizer
+
+
+def _zero_momentum_buffers(optimizer: torch.optim.SGD) -> None:
+    """Give every parameter a zero momentum buffer before the first step.
+
+    Fused SGD allocates the buffers uninitialised on its first step and fills them in the
+    kernel; when that step is skipped (``found_inf``: a non-finite gradient, or fp16's first
+    scale overflowing) the kernel returns early and the garbage stays as momentum. A zero buffer
+    gives the same first update as torch's lazily created one (``buf = grad``; dampening 0).
+    """
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p, memory_format=torch.preserve_format))
 
 
 # Per-group flags that choose torch's implementation, not the optimisation itself.

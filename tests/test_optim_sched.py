@@ -107,13 +107,14 @@ def test_auto_takes_foreach_where_torch_refuses_fused_kernels_and_an_explicit_fu
 
     class NoFusedHere(cls):  # what a torch without fused kernels for the device raises
         def __init__(self, *args, fused=None, **kwargs) -> None:
+            super().__init__(*args, fused=fused, **kwargs)  # by now the groups hold fused=True
             if fused:
                 raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of a device")
-            super().__init__(*args, fused=fused, **kwargs)
 
     monkeypatch.setattr(torch.optim, cls.__name__, NoFusedHere)
     opt = build_optimizer(_config(OPTIMIZER__NAME=name), _TinySwin())
     assert isinstance(opt, NoFusedHere) and opt.defaults["foreach"] is True and not opt.defaults["fused"]
+    assert all(g["foreach"] and not g["fused"] for g in opt.param_groups)  # none kept the failed try's flag
     with pytest.raises(UserError, match=r"TRAIN.OPTIMIZER.IMPL 'fused' does not work here \(`fused=True` requires"):
         build_optimizer(_config(OPTIMIZER__NAME=name, OPTIMIZER__IMPL="fused"), _TinySwin())
 
