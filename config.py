@@ -230,7 +230,8 @@ _C.TRAIN.LR_SCHEDULER.NAME = "cosine"
 _C.TRAIN.LR_SCHEDULER.DECAY_EPOCHS = 30
 # Decay factor for 'step'.
 _C.TRAIN.LR_SCHEDULER.DECAY_RATE = 0.1
-# The decay starts after warmup (True) rather than counting warmup in.
+# 'cosine' and 'linear': the decay starts after warmup (True) rather than counting warmup in.
+# 'step' and 'multistep' count their epochs from the start, warmup included, as the release does.
 _C.TRAIN.LR_SCHEDULER.WARMUP_PREFIX = True
 # Multi-step gamma (official key).
 _C.TRAIN.LR_SCHEDULER.GAMMA = 0.1

@@ -3,8 +3,10 @@
 All schedules count optimizer steps (``t_in_epochs=False``): call
 ``scheduler.step_update(global_step)`` after every optimizer step, where ``global_step`` is
 the number of optimizer steps taken so far. A linear warmup from ``warmup_lr`` to ``base_lr``
-over ``TRAIN.WARMUP_EPOCHS`` epochs comes first; with ``TRAIN.LR_SCHEDULER.WARMUP_PREFIX``
-the decay starts after it, otherwise the decay's clock starts at step 0.
+over ``TRAIN.WARMUP_EPOCHS`` epochs comes first. For 'cosine' and 'linear', with
+``TRAIN.LR_SCHEDULER.WARMUP_PREFIX`` the decay starts after it, otherwise the decay's clock starts
+at step 0; 'step' and 'multistep' count their epochs from step 0, as the official release does
+(its SimMIM configs decay at epoch 700 of 800, warmup included).
 
 Layer-wise lr decay: a param group with an ``lr_scale`` (optimizer.param_groups) gets the
 schedule's lr times that scale, at every step (timm's ``Scheduler.update_groups`` applies it,
@@ -13,10 +15,11 @@ and so does :class:`LinearLRScheduler`, which updates through it).
 
 from __future__ import annotations
 
+import bisect
 from typing import Any
 
 import torch
-from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler, StepLRScheduler
+from timm.scheduler import CosineLRScheduler, StepLRScheduler
 from timm.scheduler.scheduler import Scheduler
 
 from errors import UserError
@@ -71,6 +74,44 @@ class LinearLRScheduler(Scheduler):
         return self.t_initial + self.warmup_t if self.warmup_prefix else self.t_initial
 
 
+class MilestoneLRScheduler(Scheduler):
+    """Linear warmup, then the base lr times ``gamma`` for each milestone reached: at step ``t``
+    the lr is ``base x gamma ** (number of milestones <= t)``.
+
+    The official release's multistep schedule. timm's ``MultiStepLRScheduler`` applies each
+    milestone one step early (it compares ``t + 1``) and, with a warmup prefix, ``warmup_t``
+    steps late. Milestones are steps counted from 0, warmup included, none inside the warmup.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        milestones: list[int],
+        gamma: float = 0.1,
+        warmup_t: int = 0,
+        warmup_lr_init: float = 0.0,
+        t_in_epochs: bool = False,
+        initialize: bool = True,
+    ) -> None:
+        super().__init__(optimizer, param_group_field="lr", t_in_epochs=t_in_epochs, initialize=initialize)
+        if not milestones or sorted(milestones) != list(milestones) or milestones[0] < warmup_t:
+            raise ValueError(f"milestones must be sorted and >= warmup_t ({warmup_t}), got {milestones}")
+        self.milestones = list(milestones)
+        self.gamma = gamma
+        self.warmup_t = warmup_t
+        self.warmup_lr_init = warmup_lr_init
+        if self.warmup_t:
+            self.warmup_steps = [(v - warmup_lr_init) / self.warmup_t for v in self.base_values]
+            super().update_groups(self.warmup_lr_init)
+        else:
+            self.warmup_steps = [1.0 for _ in self.base_values]
+
+    def _get_lr(self, t: int) -> list[float]:
+        if t < self.warmup_t:
+            return [self.warmup_lr_init + t * s for s in self.warmup_steps]
+        return [v * self.gamma ** bisect.bisect_right(self.milestones, t) for v in self.base_values]
+
+
 def build_scheduler(
     config: Any,
     optimizer: torch.optim.Optimizer,
@@ -90,6 +131,8 @@ def build_scheduler(
 
     'cosine': cosine from base_lr to min_lr. 'linear': straight line from base_lr to min_lr.
     'step': x DECAY_RATE every DECAY_EPOCHS. 'multistep': x GAMMA at each epoch in MULTISTEPS.
+    'step' and 'multistep' count epochs from the start of training, warmup included (the
+    release's schedules; WARMUP_PREFIX shifts 'cosine' and 'linear' only).
     """
     sched_cfg = config.TRAIN.LR_SCHEDULER
     name = str(sched_cfg.NAME).strip().lower()
@@ -119,9 +162,9 @@ def build_scheduler(
         # unscaled base lr here, the group's lr_scale is applied by the scheduler.
         group["lr"] = base_lr
         group["initial_lr"] = base_lr
-    common = dict(warmup_lr_init=warmup_lr, warmup_t=warmup_steps, t_in_epochs=False, warmup_prefix=prefix)
+    common = dict(warmup_lr_init=warmup_lr, warmup_t=warmup_steps, t_in_epochs=False)
 
-    scheduler = _build(name, sched_cfg, optimizer, n_iter_per_epoch, decay_steps, min_lr, common)
+    scheduler = _build(name, sched_cfg, optimizer, n_iter_per_epoch, decay_steps, min_lr, common, prefix)
     lr0 = scheduler._get_lr(0)
     for group, value in zip(optimizer.param_groups, lr0, strict=True):
         # Layer-wise lr decay relies on the scheduler applying 'lr_scale' (timm >= 0.9 does).
@@ -138,21 +181,31 @@ def _build(
     decay_steps: int,
     min_lr: float,
     common: dict,
+    prefix: bool,
 ) -> Scheduler:
     if name == "cosine":
-        return CosineLRScheduler(optimizer, t_initial=decay_steps, lr_min=min_lr, cycle_limit=1, **common)
+        return CosineLRScheduler(
+            optimizer, t_initial=decay_steps, lr_min=min_lr, cycle_limit=1, warmup_prefix=prefix, **common
+        )
     if name == "linear":
-        return LinearLRScheduler(optimizer, t_initial=decay_steps, lr_min=min_lr, **common)
+        return LinearLRScheduler(optimizer, t_initial=decay_steps, lr_min=min_lr, warmup_prefix=prefix, **common)
     if name == "step":
         decay_t = int(sched_cfg.DECAY_EPOCHS * n_iter_per_epoch)
         if decay_t < 1:
             raise UserError(
                 f"TRAIN.LR_SCHEDULER.DECAY_EPOCHS ({sched_cfg.DECAY_EPOCHS}) must be > 0 for the step schedule"
             )
-        return StepLRScheduler(optimizer, decay_t=decay_t, decay_rate=sched_cfg.DECAY_RATE, **common)
+        return StepLRScheduler(
+            optimizer, decay_t=decay_t, decay_rate=sched_cfg.DECAY_RATE, warmup_prefix=False, **common
+        )
     milestones = sorted(int(m * n_iter_per_epoch) for m in sched_cfg.MULTISTEPS)
     if not milestones or milestones[0] < 1:
         raise UserError(
             "TRAIN.LR_SCHEDULER.MULTISTEPS must list positive epochs for the multistep schedule, e.g. [30, 60]"
         )
-    return MultiStepLRScheduler(optimizer, decay_t=milestones, decay_rate=sched_cfg.GAMMA, **common)
+    if milestones[0] < common["warmup_t"]:
+        raise UserError(
+            f"TRAIN.LR_SCHEDULER.MULTISTEPS {list(sched_cfg.MULTISTEPS)} has an epoch before the warmup "
+            f"ends (epoch {common['warmup_t'] / n_iter_per_epoch:g}); list epochs from there on"
+        )
+    return MilestoneLRScheduler(optimizer, milestones=milestones, gamma=sched_cfg.GAMMA, **common)

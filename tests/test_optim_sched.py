@@ -177,9 +177,44 @@ def test_other_schedules(name: str) -> None:
         assert _lr_at(sched, opt, 100) == pytest.approx(1e-5)
         assert _lr_at(sched, opt, 500) == pytest.approx(1e-5)
     elif name == "step":
-        assert _lr_at(sched, opt, 20 + 30) == pytest.approx(1e-4)
+        # Epochs counted from step 0, warmup included, as the release's StepLRScheduler.
+        assert _lr_at(sched, opt, 29) == pytest.approx(1e-3)
+        assert _lr_at(sched, opt, 30) == pytest.approx(1e-4)
+        assert _lr_at(sched, opt, 60) == pytest.approx(1e-5)
     else:
         assert values[-1] == pytest.approx(1e-5)
+
+
+@pytest.mark.parametrize("prefix", [True, False])
+def test_multistep_decays_at_the_listed_epochs_warmup_included_as_the_release(prefix: bool) -> None:
+    """The release's multistep: lr x GAMMA from the first step of each listed epoch, whatever
+    WARMUP_PREFIX says (timm's scheduler would decay one step early, and WARMUP_EPOCHS late)."""
+    _, opt, sched = _sched("multistep", n_iter=10, prefix=prefix, LR_SCHEDULER__MULTISTEPS=[6, 4])
+    assert _lr_at(sched, opt, 19) < 1e-3  # still warming up (2 epochs)
+    assert [_lr_at(sched, opt, t) for t in (20, 39, 40, 59, 60, 99)] == pytest.approx(
+        [1e-3, 1e-3, 1e-4, 1e-4, 1e-5, 1e-5]
+    )
+
+
+def test_simmim_pretrain_config_decays_at_epoch_700() -> None:
+    from config import get_config
+
+    cfg = get_config(
+        str(
+            Path(__file__).resolve().parents[1]
+            / "configs/simmim/simmim_pretrain__swin_base__img192_window6__800ep.yaml"
+        )
+    )
+    opt = build_optimizer(cfg, _TinySwin())
+    sched = build_scheduler(cfg, opt, n_iter_per_epoch=5, base_lr=1e-3, warmup_lr=1e-6, min_lr=1e-5)
+    assert cfg.TRAIN.WARMUP_EPOCHS == 10 and list(cfg.TRAIN.LR_SCHEDULER.MULTISTEPS) == [700]
+    assert _lr_at(sched, opt, 700 * 5 - 1) == pytest.approx(1e-3)
+    assert _lr_at(sched, opt, 700 * 5) == pytest.approx(1e-4)
+
+
+def test_a_multistep_epoch_inside_the_warmup_is_a_user_error() -> None:
+    with pytest.raises(UserError, match=r"MULTISTEPS \[1\] has an epoch before the warmup ends \(epoch 2\)"):
+        _sched("multistep", LR_SCHEDULER__MULTISTEPS=[1])
 
 
 def test_scheduler_state_dict_round_trip() -> None:
