@@ -16,8 +16,8 @@ AVX-512-BF16 CPU, and by a test).
 Measured (README, "Performance"): Swin-T 224 batch 16 forward, memory kept: fp32 on a 2-core AMD
 EPYC with AVX2 (no AVX-512) 13.2 -> 14.2 images/s (x1.06 paired); on one with AVX-512 BF16, fp32
 9.8 -> 14.4 (same run) and bf16 autocast 22.9 -> 26.4. The packed call has no autograd and no
-autocast rule of its own, so the layer takes the plain ``F.linear`` whenever gradients, fp16
-autocast, tracing, another device or another dtype is involved.
+autocast rule of its own, so the layer takes the plain ``F.linear`` whenever gradients, training
+mode, fp16 autocast, tracing, another device or another dtype is involved.
 """
 
 from __future__ import annotations
@@ -69,17 +69,21 @@ class PrepackedLinear(nn.Module):
         self.bias = linear.bias
         self._packed: torch.Tensor | None = None
         self._packed_from: tuple[int, int, torch.dtype, torch.dtype] | None = None
+        # The weight's storage as packed, held so that its address (in the key) cannot go to
+        # another weight, e.g. one put in by load_state_dict(assign=True), while the key stands.
+        self._packed_source: torch.Tensor | None = None
+        self.train(linear.training)  # packs only in evaluation mode, as the layer it replaces is in
 
     def __getstate__(self) -> dict:
         # The packed copy is derived (and oneDNN's opaque tensors do not copy or pickle): rebuilt on use.
         state = self.__dict__.copy()
-        state["_packed"], state["_packed_from"] = None, None
+        state["_packed"], state["_packed_from"], state["_packed_source"] = None, None, None
         return state
 
     def train(self, mode: bool = True) -> PrepackedLinear:
         # torch's fused optimizers change the weight in place without bumping its version (the
         # key below): every switch between training and evaluation packs afresh.
-        self._packed, self._packed_from = None, None
+        self._packed, self._packed_from, self._packed_source = None, None, None
         return super().train(mode)
 
     def _packed_weight(self, dtype: torch.dtype) -> torch.Tensor | None:
@@ -92,7 +96,7 @@ class PrepackedLinear(nn.Module):
                 self._packed = reorder_weight(w.detach().to(dtype))
             except RuntimeError:
                 self._packed = None
-            self._packed_from = key
+            self._packed_from, self._packed_source = key, w.detach()
         return self._packed
 
     def _compute_dtype(self, x: torch.Tensor) -> torch.dtype | None:
@@ -106,6 +110,8 @@ class PrepackedLinear(nn.Module):
             or w.device.type != "cpu"
             or (self.bias is not None and self.bias.dtype != w.dtype)
             or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+            or self.training
+            or torch.jit.is_tracing()
             or torch.compiler.is_compiling()
         ):
             return None

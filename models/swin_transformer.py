@@ -150,8 +150,9 @@ class WindowAttention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        # Eval-mode cache of bias (+ mask) per padded map size; keyed on the table's version (a
-        # load or a foreach step bumps it) and cleared by train()/eval() (a fused step does not).
+        # Eval-mode cache of bias (+ mask) per padded map size; keyed on the mask and the table
+        # (a load or a foreach step bumps its version) and cleared by train()/eval() (a fused
+        # step does not).
         self._bias_cache = EvalTensorCache()
 
     def train(self, mode: bool = True) -> WindowAttention:
@@ -176,7 +177,7 @@ class WindowAttention(nn.Module):
             return bias.to(dtype)
 
         weights = [self.relative_position_bias_table] if self.use_rpb else []
-        return self._bias_cache(self.cache_eval_bias, lambda: (mask_key(mask), dtype, weights_key(weights)), build)
+        return self._bias_cache(self.cache_eval_bias and not self.training, [mask, *weights], build, extra=(dtype,))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """
@@ -300,28 +301,29 @@ def _is_compiling() -> bool:
 
 def eval_cache_usable(enabled: bool) -> bool:
     """Whether a module may reuse a tensor derived from its weights (attention bias + mask) from
-    an earlier call: only in inference, never while tracing or compiling."""
+    an earlier call: only in inference, never while tracing or compiling. Callers fold their own
+    ``not self.training`` into ``enabled``."""
     return enabled and not torch.is_grad_enabled() and not torch.jit.is_tracing() and not _is_compiling()
 
 
-def weights_key(params) -> tuple:
-    """Identifies the current values of ``params``: a load or a foreach/single-tensor optimizer
-    step bumps a version; ``.to(dtype/device)`` swaps the storage without bumping it. torch's
-    fused optimizers update in place without bumping it, which is why ``EvalTensorCache`` is also
-    cleared whenever its module switches between training and evaluation."""
-    return tuple((p._version, p.data_ptr()) for p in params)
-
-
-def mask_key(mask: torch.Tensor | None) -> tuple | None:
-    """Identifies a cached shift mask (blocks keep one tensor per padded map size)."""
-    return None if mask is None else (tuple(mask.shape), mask.data_ptr())
+def _tensor_key(t: torch.Tensor | None) -> tuple | None:
+    """What identifies ``t``'s current values while its storage is kept alive: a load or a
+    foreach/single-tensor optimizer step bumps the version; ``.to(dtype/device)`` or an assigning
+    load puts the values in another storage."""
+    if t is None:
+        return None
+    # Inference tensors (a mask built under inference_mode) keep no version counter.
+    version = None if t.is_inference() else t._version
+    return (t.data_ptr(), version, tuple(t.shape), t.dtype, t.device)
 
 
 class EvalTensorCache:
     """A few tensors derived from weights (attention bias plus mask), kept between inference
     calls; in training, tracing or compiling every call builds afresh.
 
-    The caller's key says what the tensor depends on (``weights_key``, ``mask_key``, dtype). The
+    An entry is keyed on the addresses and versions of the tensors it was built from, and holds
+    those storages: freed, an address could go to another mask or weight of the same shape (a
+    backbone run at many image sizes empties ``windows``' mask cache) and hit the old entry. The
     owning module calls ``clear`` from its ``train()``: a fused optimizer's steps leave the
     weights' versions as they were, so without it a trainer's every validation after the first
     would reuse the first one's bias.
@@ -329,21 +331,29 @@ class EvalTensorCache:
 
     def __init__(self, limit: int = 8) -> None:
         self.limit = limit
-        self._store: dict[tuple, torch.Tensor] = {}
+        self._store: dict[tuple, tuple[tuple[torch.Tensor, ...], torch.Tensor]] = {}
 
     def clear(self) -> None:
         self._store.clear()
 
-    def __call__(self, enabled: bool, key: Callable[[], tuple], build: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def __call__(
+        self,
+        enabled: bool,
+        sources: Sequence[torch.Tensor | None],
+        build: Callable[[], torch.Tensor],
+        extra: tuple = (),
+    ) -> torch.Tensor:
+        """``build()``, or what it returned for the same ``sources`` (and ``extra``, e.g. a dtype)."""
         if not eval_cache_usable(enabled):
             return build()
-        k = key()
-        hit = self._store.get(k)
+        key = (extra, tuple(_tensor_key(t) for t in sources))
+        hit = self._store.get(key)
         if hit is None:
             if len(self._store) >= self.limit:
                 self._store.clear()
-            hit = self._store[k] = build()
-        return hit
+            anchors = tuple(t.detach() for t in sources if t is not None)
+            hit = self._store[key] = (anchors, build())
+        return hit[1]
 
 
 class SwinTransformerBlock(WindowBlockBase):

@@ -37,10 +37,8 @@ from models.swin_transformer import (
     SwinBackbone,
     SwinTransformer,
     folds_windows,
-    mask_key,
     resolve_attn_impl,
     sdpa_windows_folded,
-    weights_key,
 )
 from models.windows import MASK_VALUE, WindowBlockBase, relative_position_index
 
@@ -166,7 +164,7 @@ class WindowAttentionV2(nn.Module):
             return bias if mask is None else bias + mask.unsqueeze(1).to(bias.dtype)
 
         weights = list(self.cpb_mlp.parameters())
-        return self._bias_cache(self.cache_eval_bias, lambda: (mask_key(mask), weights_key(weights)), build)
+        return self._bias_cache(self.cache_eval_bias and not self.training, [mask, *weights], build)
 
     def _qkv(self, x: torch.Tensor) -> torch.Tensor:
         """(B_, N, C) → (3, B_, heads, N, d): one matmul, bias (q_bias, 0, v_bias)."""

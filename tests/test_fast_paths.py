@@ -201,6 +201,9 @@ def test_cached_eval_bias_equals_fresh_bias():
         attn.relative_position_bias_table.normal_(0, 0.5)
     mask = shift_attention_mask(14, 21, 7, 3)
     with torch.no_grad():
+        # Training mode never caches, gradients or not (a fused step would leave no trace in the key).
+        assert attn._attn_bias(mask, torch.float32) is not attn._attn_bias(mask, torch.float32)
+        attn.eval()
         first = attn._attn_bias(mask, torch.float32)
         second = attn._attn_bias(mask, torch.float32)
         plain = attn._attn_bias(None, torch.float32)
@@ -212,6 +215,21 @@ def test_cached_eval_bias_equals_fresh_bias():
     with torch.enable_grad():
         live = attn._attn_bias(mask, torch.float32)
     assert live is not first and live.requires_grad and torch.equal(live.detach(), fresh)
+
+
+def test_a_mask_freed_and_replaced_at_its_address_by_another_is_not_served_the_old_bias():
+    """A backbone run at many image sizes empties the mask cache; another size's mask of the same
+    shape (here 2x4 windows of 4 against 4x2) may be allocated at the freed one's address. The
+    cache entry holds the masks it was built from, so an address cannot come back while it lives."""
+    attn = WindowAttention(dim=8, window_size=4, num_heads=2).eval()
+    with torch.no_grad():
+        attn.relative_position_bias_table.normal_(0, 0.5)
+        for i in range(20):
+            h, w = (8, 16) if i % 2 else (16, 8)
+            mask = shift_attention_mask(h, w, 4, 2)
+            got = attn._attn_bias(mask, torch.float32)
+            torch.testing.assert_close(got, attn.relative_position_bias().unsqueeze(0) + mask.unsqueeze(1))
+            del mask, got
 
 
 @pytest.mark.parametrize("family", ["v1", "v2"])

@@ -54,11 +54,12 @@ def test_a_prepacked_model_gives_the_same_logits_and_keeps_its_state_dict(family
 
 
 def test_the_packed_weight_follows_an_in_place_change_of_the_weights():
-    layer = nn.Linear(6, 5)
+    layer = nn.Linear(6, 5).eval()
     packed = PrepackedLinear(layer)
     x = torch.randn(4, 6)
     with torch.no_grad():
         packed(x)
+        assert packed._packed is not None
         layer.weight.mul_(-2.0)  # e.g. load_state_dict after packing
         layer.bias.add_(1.0)
         torch.testing.assert_close(packed(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
@@ -80,10 +81,38 @@ def test_after_a_fused_optimizer_step_and_eval_the_packed_weight_is_the_new_one(
         torch.testing.assert_close(packed(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
 
 
+def test_training_mode_takes_the_plain_linear_even_without_gradients():
+    """A forward under no_grad between fused optimizer steps (a teacher, a logging pass) would
+    otherwise reuse a weight packed before the steps: fused steps leave the version as it was."""
+    packed = PrepackedLinear(nn.Linear(6, 5))  # a fresh layer is in training mode, and so is this
+    with torch.no_grad():
+        packed(torch.randn(4, 6))
+    assert packed.training and packed._packed is None
+
+
+def test_weights_put_in_by_an_assigning_load_are_packed_afresh():
+    """load_state_dict(assign=True) swaps in new tensors at version 0, which the allocator may
+    place at the freed address of the old ones; the packed copy holds the old storage, so the
+    key cannot be matched by the new weights."""
+    torch.manual_seed(0)
+    packed = PrepackedLinear(nn.Linear(64, 32).eval())
+    x = torch.randn(4, 64)
+    for _ in range(20):
+        with torch.no_grad():
+            packed(x)
+        # Two loads between forwards: the second's tensors may take the packed weight's address.
+        for _ in range(2):
+            state = {"weight": torch.randn(32, 64), "bias": torch.randn(32)}
+            packed.load_state_dict(state, assign=True)
+            del state
+        with torch.no_grad():
+            torch.testing.assert_close(packed(x), torch.nn.functional.linear(x, packed.weight, packed.bias))
+
+
 def test_gradients_and_other_dtypes_take_the_plain_linear():  # bf16 autocast: test_under_bf16_autocast_...
     torch.manual_seed(1)
     layer = nn.Linear(6, 5)
-    packed = PrepackedLinear(copy.deepcopy(layer))
+    packed = PrepackedLinear(copy.deepcopy(layer)).eval()
     x = torch.randn(4, 6, requires_grad=True)
     packed(x).square().sum().backward()
     x2 = x.detach().clone().requires_grad_(True)
@@ -164,7 +193,7 @@ def test_a_weight_onednn_refuses_to_pack_runs_as_a_plain_linear(monkeypatch):
 
     calls = []
     monkeypatch.setattr(prepacked, "reorder_weight", refuse)
-    layer = nn.Linear(6, 5)
+    layer = nn.Linear(6, 5).eval()
     packed = PrepackedLinear(layer)
     x = torch.randn(4, 6)
     with torch.no_grad():
