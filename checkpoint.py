@@ -37,6 +37,7 @@ import random
 import re
 import shutil
 import tempfile
+import zipfile
 from typing import Any
 
 import numpy as np
@@ -410,12 +411,8 @@ def _safetensors_metadata(path: str) -> dict:
 
 def _peek(path: str) -> dict:
     """Load for inspection: memory-mapped, so tensors are not read into RAM."""
-    try:
-        obj = _torch_load(path, "cpu", mmap=True)
-    except UserError as e:
-        if "mmap" not in str(e):
-            raise
-        obj = _torch_load(path, "cpu", mmap=False)  # legacy (non-zip) format cannot be mapped
+    # Only torch.save's zip format (its default since torch 1.6) can be mapped; a legacy file is read.
+    obj = _torch_load(path, "cpu", mmap=zipfile.is_zipfile(path))
     if not isinstance(obj, dict) or "model" not in obj:
         raise UserError(f"checkpoint {path} has no 'model' entry; it is not a training checkpoint")
     return obj
@@ -689,6 +686,53 @@ def restore_official_training_state(
                 "loss scaler: the release's state is unusable (%s): starting at scale %g", e, scaler.get_scale()
             )
     return epoch, step, max_accuracy
+
+
+def resume_position(trainer: dict, global_batch: int) -> tuple[int, int]:
+    """(epoch, batch_in_epoch) to continue at, in this run's batches of ``global_batch`` images
+    (0: in the checkpoint's own batches).
+
+    A step checkpoint of another world size or batch counted its position in its own batches
+    (the sampler's positions are global): the position is converted through the number of images
+    consumed in the epoch. When that is no whole number of this run's batches, training continues
+    at the batch that holds the next image (those before it in the batch are seen twice).
+    """
+    sampler = trainer.get("sampler") or {}
+    batch = int(sampler.get("batch_in_epoch", 0))
+    if not batch:
+        return int(trainer["epoch"]) + 1, 0
+    saved_global = int(sampler.get("global_batch") or 0)
+    if not (saved_global and global_batch) or saved_global == global_batch:
+        return int(trainer["epoch"]), batch
+    return int(trainer["epoch"]), batch * saved_global // global_batch
+
+
+def restore_trainer_state(
+    trainer: dict, state: Any, lr_scheduler: Any, scaler: torch.amp.GradScaler, env: Any, global_batch: int
+) -> None:
+    """Everything but the weights and the optimizer, from a checkpoint of this project (a file's
+    dict or a sharded folder's trainer state) into ``state`` (an ``engine.TrainState``) and the
+    scheduler and scaler: epoch and position in it (converted to this run's ``global_batch`` =
+    per-rank batch x ranks, with a warning when it differs), optimizer step, best accuracy, the
+    skipped-step counts, and this rank's RNG state when the world size is the checkpoint's."""
+    lr_scheduler.load_state_dict(trainer["lr_scheduler"])
+    if trainer.get("scaler") and scaler.is_enabled():
+        scaler.load_state_dict(trainer["scaler"])
+    state.max_accuracy = float(trainer.get("max_accuracy", 0.0))
+    state.step = int(trainer.get("step", 0))
+    state.nonfinite_in_row = int(trainer.get("nonfinite_in_row", 0))
+    state.nonfinite_total = int(trainer.get("nonfinite_total", 0))
+    state.epoch, state.batch_in_epoch = resume_position(trainer, global_batch)
+    saved_global = int((trainer.get("sampler") or {}).get("global_batch") or 0)
+    if saved_global and global_batch and saved_global != global_batch:
+        logger.warning(
+            "the checkpoint was trained with %d images per optimizer step, this run takes %d: its learning-rate "
+            "schedule is kept; keep per-rank batch x ranks equal to continue exactly",
+            saved_global,
+            global_batch,
+        )
+    restore_rank_rng(trainer.get("rng"), env.rank, env.world_size, env.device)
+    logger.info("resuming at epoch %d, batch %d (optimizer step %d)", state.epoch, state.batch_in_epoch, state.step)
 
 
 def restore_rank_rng(rng: Any, rank: int, world_size: int, device: torch.device | None = None) -> None:

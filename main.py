@@ -25,7 +25,7 @@ from checkpoint import (
     is_official_training_checkpoint,
     load_checkpoint_file,
     restore_official_training_state,
-    restore_rank_rng,
+    restore_trainer_state,
     save_epoch_checkpoint,
     save_step_checkpoint,
 )
@@ -242,11 +242,14 @@ def load_resume(
     steps_per_epoch: int = 0,
     weights_loaded: bool = False,
     checkpoint: dict | None = None,
+    global_batch: int = 0,
 ) -> dict:
     """Restore a full training state (or only the weights with ``model_only``); a training
     checkpoint of the official release goes on at its next epoch (``steps_per_epoch`` places the
     lr schedule). ``weights_loaded``: the weights are in already (an --fsdp run loads them before
-    sharding), the rest is restored. ``checkpoint``: the file's contents when already read."""
+    sharding), the rest is restored. ``checkpoint``: the file's contents when already read.
+    ``global_batch``: this run's images per batch over all ranks, which places a mid-epoch
+    position saved by another world size or batch (0: the checkpoint's own)."""
     checkpoint = checkpoint if checkpoint is not None else load_checkpoint_file(path)
     if not weights_loaded:
         load_weights(model, checkpoint, "resume", name=path)
@@ -268,19 +271,7 @@ def load_resume(
         load_full_optimizer_state(model, optimizer, checkpoint["optimizer"])
     else:
         load_optimizer_state(optimizer, checkpoint["optimizer"])
-    lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
-    if checkpoint.get("scaler") and scaler.is_enabled():
-        scaler.load_state_dict(checkpoint["scaler"])
-    state.max_accuracy = float(checkpoint.get("max_accuracy", 0.0))
-    sampler = checkpoint.get("sampler") or {}
-    if sampler.get("batch_in_epoch"):
-        state.epoch = int(checkpoint["epoch"])
-        state.batch_in_epoch = int(sampler["batch_in_epoch"])
-    else:
-        state.epoch = int(checkpoint["epoch"]) + 1
-    state.step = int(checkpoint.get("step", 0))
-    restore_rank_rng(checkpoint.get("rng"), env.rank, env.world_size, env.device)
-    logger.info("resuming at epoch %d, batch %d (optimizer step %d)", state.epoch, state.batch_in_epoch, state.step)
+    restore_trainer_state(checkpoint, state, lr_scheduler, scaler, env, global_batch)
     return checkpoint
 
 
@@ -429,6 +420,7 @@ def run(args: argparse.Namespace) -> dict | None:
             steps_per_epoch=steps_per_epoch,
             weights_loaded=config.TRAIN.FSDP,
             checkpoint=resume_checkpoint,
+            global_batch=config.DATA.BATCH_SIZE * env.world_size,
         )
     del resume_checkpoint  # not held in memory for the whole run
 
@@ -487,6 +479,8 @@ def run(args: argparse.Namespace) -> dict | None:
             "epoch": state.epoch,
             "step": state.step,
             "max_accuracy": state.max_accuracy,
+            "nonfinite_in_row": state.nonfinite_in_row,
+            "nonfinite_total": state.nonfinite_total,
             "config": config_yaml(record),
             "sampler": {
                 "epoch": state.epoch,

@@ -454,22 +454,6 @@ def load_full_model_state_dict(path: str) -> tuple[dict[str, torch.Tensor], dict
     return state, trainer
 
 
-def sharded_resume_position(trainer: dict, global_batch: int) -> tuple[int, int]:
-    """(epoch, batch_in_epoch) to continue at, in this run's batches of ``global_batch`` images.
-
-    A step checkpoint of another world size or batch counted its position in its own batches:
-    the position is converted through the number of images consumed in the epoch. When that is
-    no whole number of this run's batches, training continues at the batch that holds the next
-    image (those before it in the batch are seen twice); the caller warns.
-    """
-    sampler = trainer.get("sampler") or {}
-    batch = int(sampler.get("batch_in_epoch", 0))
-    if not batch:
-        return int(trainer["epoch"]) + 1, 0
-    saved_global = int(sampler.get("global_batch", global_batch))
-    return int(trainer["epoch"]), batch * saved_global // global_batch
-
-
 def resume_sharded(
     path: str,
     model: nn.Module,
@@ -488,28 +472,13 @@ def resume_sharded(
     to this run's ``global_batch`` = per-rank batch x ranks) and best accuracy; every rank's RNG
     state is restored when the world size is the checkpoint's. Returns the trainer state.
     """
-    from checkpoint import restore_rank_rng
+    from checkpoint import restore_trainer_state
 
     trainer = load_sharded(path, model, None if model_only else optimizer)
     logger.info("resumed weights from %s (saved by %d ranks)", path, int(trainer.get("world_size", 0)))
     if model_only:
         return trainer
-    lr_scheduler.load_state_dict(trainer["lr_scheduler"])
-    if trainer.get("scaler") and scaler.is_enabled():
-        scaler.load_state_dict(trainer["scaler"])
-    state.max_accuracy = float(trainer.get("max_accuracy", 0.0))
-    state.step = int(trainer.get("step", 0))
-    state.epoch, state.batch_in_epoch = sharded_resume_position(trainer, global_batch)
-    saved_global = int((trainer.get("sampler") or {}).get("global_batch", global_batch))
-    if saved_global != global_batch:
-        logger.warning(
-            "the checkpoint was trained with %d images per optimizer step, this run takes %d: its learning-rate "
-            "schedule is kept; keep per-rank batch x ranks equal to continue exactly",
-            saved_global,
-            global_batch,
-        )
-    restore_rank_rng(trainer.get("rng"), env.rank, env.world_size, env.device)
-    logger.info("resuming at epoch %d, batch %d (optimizer step %d)", state.epoch, state.batch_in_epoch, state.step)
+    restore_trainer_state(trainer, state, lr_scheduler, scaler, env, global_batch)
     return trainer
 
 

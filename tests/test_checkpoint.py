@@ -100,6 +100,14 @@ def test_find_resume_orders_by_stored_epoch_and_step(tmp_path: Path) -> None:
     assert ck.find_resume_checkpoint(str(tmp_path)) == str(tmp_path / "ckpt_step.pth")
 
 
+def test_find_resume_reads_a_checkpoint_in_torchs_legacy_non_zip_format(tmp_path: Path) -> None:
+    """torch.save(_use_new_zipfile_serialization=False) files cannot be memory-mapped: they are
+    read instead, not skipped as unreadable."""
+    torch.save(_state(1, 10), tmp_path / "last.pth", _use_new_zipfile_serialization=False)
+    assert ck.find_resume_checkpoint(str(tmp_path)) == str(tmp_path / "last.pth")
+    assert ck.load_checkpoint_file(str(tmp_path / "last.pth"))["step"] == 10
+
+
 @pytest.mark.parametrize("damage", ["cut", "garbage"])
 def test_find_resume_skips_damaged_newest(tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: str) -> None:
     ck.save_epoch_checkpoint(str(tmp_path), 1, _state(1, 10), keep=0, is_best=False)
@@ -210,3 +218,61 @@ def test_safetensors_load(tmp_path: Path) -> None:
     (tmp_path / "bad.safetensors").write_bytes(b"garbage")
     with pytest.raises(UserError, match="bad.safetensors"):
         ck.load_checkpoint_file(str(tmp_path / "bad.safetensors"))
+
+
+class _Recorder:
+    """Stands in for the scheduler and the scaler: records what it was given."""
+
+    def __init__(self) -> None:
+        self.loaded = None
+
+    def load_state_dict(self, state) -> None:
+        self.loaded = state
+
+    def is_enabled(self) -> bool:
+        return True
+
+
+def _trainer(batch_in_epoch: int, global_batch: int | None, **extra) -> dict:
+    sampler = {"epoch": 3, "batch_in_epoch": batch_in_epoch}
+    if global_batch is not None:
+        sampler["global_batch"] = global_batch
+    return {"lr_scheduler": {"t": 1}, "scaler": {"scale": 8.0}, "epoch": 3, "step": 50, "sampler": sampler, **extra}
+
+
+@pytest.mark.parametrize(
+    "saved_global,this_global,expected_batch",
+    [(64, 64, 3), (64, 32, 6), (64, 128, 1), (None, 32, 3)],
+    ids=["same", "half-the-ranks", "twice-the-ranks", "older-checkpoint"],
+)
+def test_a_mid_epoch_position_is_converted_to_this_runs_batches_with_a_warning(
+    saved_global, this_global, expected_batch, caplog
+) -> None:
+    """The samplers' positions are global: 3 batches of 64 images are 6 of 32 (on half the ranks);
+    on twice the ranks training goes on at the batch holding the next image, 192 // 128 = 1."""
+    from distributed import DistEnv
+    from engine import TrainState
+
+    state, scheduler, scaler = TrainState(), _Recorder(), _Recorder()
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), distributed=False)
+    with caplog.at_level(logging.WARNING, logger="swin.checkpoint"):
+        ck.restore_trainer_state(_trainer(3, saved_global), state, scheduler, scaler, env, this_global)
+    assert (state.epoch, state.batch_in_epoch, state.step) == (3, expected_batch, 50)
+    assert scheduler.loaded == {"t": 1} and scaler.loaded == {"scale": 8.0}
+    changed = saved_global is not None and saved_global != this_global
+    assert ("images per optimizer step" in caplog.text) == changed
+
+
+def test_the_skipped_step_counts_come_back_and_an_epoch_end_checkpoint_resumes_at_the_next_epoch() -> None:
+    from distributed import DistEnv
+    from engine import TrainState
+
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), distributed=False)
+    state = TrainState()
+    trainer = _trainer(0, 64, nonfinite_in_row=2, nonfinite_total=7, max_accuracy=81.5)
+    ck.restore_trainer_state(trainer, state, _Recorder(), _Recorder(), env, 64)
+    assert (state.epoch, state.batch_in_epoch) == (4, 0)
+    assert (state.nonfinite_in_row, state.nonfinite_total, state.max_accuracy) == (2, 7, 81.5)
+    older = TrainState()  # a checkpoint written before the counts were saved
+    ck.restore_trainer_state(_trainer(0, 64), older, _Recorder(), _Recorder(), env, 64)
+    assert (older.nonfinite_in_row, older.nonfinite_total) == (0, 0)

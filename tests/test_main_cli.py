@@ -413,3 +413,40 @@ def test_unreadable_checkpoints_are_one_line_in_user_terms(
     assert ("is empty" in line) == (content == b"")
     for internal in ("Errno", "pop from", "EOFError", "KeyError", "delete it"):
         assert internal not in line
+
+
+def test_resuming_a_step_checkpoint_with_half_the_global_batch_continues_at_the_same_image(caplog):
+    """main.load_resume places a mid-epoch position saved at 32 images per step in this run's
+    batches of 16 (a run resumed on half the ranks): batch 3 of 32 is batch 6 of 16."""
+    import logging
+
+    from config import get_config
+    from distributed import DistEnv
+    from engine import TrainState
+    from lr_scheduler import build_scheduler
+    from models import build_model
+    from optimizer import build_optimizer
+
+    config = get_config(DEMO_CFG, TINY_OPTS + ["MODEL.NUM_CLASSES", "10"])
+    model = build_model(config)
+    optimizer = build_optimizer(config, model)
+    scheduler = build_scheduler(config, optimizer, 10, 1e-3, 1e-6, 1e-5)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    checkpoint = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "lr_scheduler": scheduler.state_dict(),
+        "epoch": 0,
+        "step": 3,
+        "nonfinite_total": 1,
+        "sampler": {"epoch": 0, "batch_in_epoch": 3, "global_batch": 32},
+    }
+    state = TrainState()
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), distributed=False)
+    with caplog.at_level(logging.WARNING, logger="swin.checkpoint"):
+        main_module.load_resume(
+            "step.pth", model, optimizer, scheduler, scaler, state, env, logging.getLogger("test"),
+            model_only=False, checkpoint=checkpoint, global_batch=16,
+        )  # fmt: skip
+    assert (state.epoch, state.batch_in_epoch, state.step, state.nonfinite_total) == (0, 6, 3, 1)
+    assert "the checkpoint was trained with 32 images per optimizer step, this run takes 16" in caplog.text

@@ -77,6 +77,7 @@ def test_rerun_with_more_epochs_resumes_at_the_next_epoch_from_a_weights_only_ch
     assert yaml.safe_load(config_text)["TRAIN"]["EPOCHS"] == 1
     ckpt = _load(run_dir / "ckpt_epoch_0.pth")
     assert (ckpt["epoch"], ckpt["step"], ckpt["sampler"]["batch_in_epoch"]) == (0, 5, 0)
+    assert (ckpt["nonfinite_in_row"], ckpt["nonfinite_total"]) == (0, 0)  # the skipped-step counts go on
     assert isinstance(ckpt["config"], str)
     stored = yaml.safe_load(ckpt["config"])
     assert stored["MODEL"]["SWIN"]["EMBED_DIM"] == 16 and stored["MODEL"]["NUM_CLASSES"] == 10
