@@ -46,8 +46,9 @@ def _names_from(model: nn.Module, method: str) -> set[str]:
     return set(fn()) if callable(fn) else set()
 
 
-# Parameters of the patch embedding's layer (id 0), after any 'encoder.' prefix is stripped.
-_EMBED_NAMES = ("mask_token", "absolute_pos_embed")
+# Parameters of the patch embedding's layer (id 0), after any 'encoder.' prefix is stripped. The
+# release leaves ``absolute_pos_embed`` to its last branch (id L + 1, full lr), and so does this.
+_EMBED_NAMES = ("mask_token",)
 _EMBED_PREFIXES = ("patch_embed.",)
 _BLOCK = re.compile(r"layers\.(\d+)\.blocks\.(\d+)\.")
 _MERGE = re.compile(r"layers\.(\d+)\.downsample\.")
@@ -56,10 +57,10 @@ _MERGE = re.compile(r"layers\.(\d+)\.downsample\.")
 def layer_id(name: str, depths: Sequence[int]) -> int:
     """The layer id of parameter ``name`` for layer-wise lr decay, numbered as the Swin release.
 
-    With L = sum(depths): the patch embedding (and ``mask_token``, ``absolute_pos_embed``) is 0;
-    block j of stage i is sum(depths[:i]) + j + 1; the patch merging at the end of stage i takes
-    the id of that stage's last block, sum(depths[:i + 1]); everything else (final norm, head,
-    any name it does not know) is L + 1. A leading 'encoder.' (SimMIM's wrapper) is ignored.
+    With L = sum(depths): the patch embedding (and ``mask_token``) is 0; block j of stage i is
+    sum(depths[:i]) + j + 1; the patch merging at the end of stage i takes the id of that stage's
+    last block, sum(depths[:i + 1]); everything else (final norm, head, ``absolute_pos_embed``, any
+    name it does not know) is L + 1. A leading 'encoder.' (SimMIM's wrapper) is ignored.
 
     >>> depths = (2, 2, 18, 2)
     >>> layer_id("patch_embed.proj.weight", depths), layer_id("encoder.mask_token", depths)

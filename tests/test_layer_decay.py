@@ -70,7 +70,7 @@ def _no_decay_names(model: nn.Module, groups: list[dict]) -> set[str]:
     [
         ("patch_embed.proj.weight", 0),
         ("patch_embed.norm.bias", 0),
-        ("absolute_pos_embed", 0),
+        ("absolute_pos_embed", 25),  # the release's last branch: full lr, unlike ViT-style pos_embed
         ("mask_token", 0),
         ("encoder.mask_token", 0),  # SimMIM wraps the model as 'encoder'
         ("encoder.patch_embed.proj.weight", 0),
