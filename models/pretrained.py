@@ -109,17 +109,22 @@ def extract_state_dict(checkpoint: dict) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
-def _simmim_encoder_keys(state: dict[str, torch.Tensor], report: LoadReport) -> dict[str, torch.Tensor]:
+def _simmim_encoder_keys(
+    state: dict[str, torch.Tensor], report: LoadReport, keep_mask_token: bool = False
+) -> dict[str, torch.Tensor]:
     """A SimMIM pre-training checkpoint as the plain encoder it holds.
 
     The release's SimMIM checkpoints keep the encoder under ``encoder.`` next to ``decoder.*``
-    and ``encoder.mask_token``, which fine-tuning drops (listed in ``report.dropped``); older V2
-    ones name the position-bias MLP ``rpe_mlp``.
+    and ``encoder.mask_token``; fine-tuning drops both (listed in ``report.dropped``), while
+    ``keep_mask_token`` keeps the learned token for an encoder that has one (SimMIM pre-training
+    going on from such weights). Older V2 ones name the position-bias MLP ``rpe_mlp``.
     """
     if any(k.startswith("encoder.") for k in state):
-        report.dropped += [k for k in state if not k.startswith("encoder.") or k == "encoder.mask_token"]
+        token = () if keep_mask_token else ("encoder.mask_token",)
+        report.dropped += [k for k in state if not k.startswith("encoder.") or k in token]
         state = {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
-        state.pop("mask_token", None)
+        if not keep_mask_token:
+            state.pop("mask_token", None)
     return {k.replace(".rpe_mlp.", ".cpb_mlp."): v for k, v in state.items()}
 
 
@@ -152,7 +157,7 @@ def adapt_state_dict(
     own = model.state_dict()
     if not any(k.startswith("encoder.") for k in own):
         # A classifier (or backbone) loading a SimMIM checkpoint; a SimMIM model keeps the keys as they are.
-        state = _simmim_encoder_keys(state, report)
+        state = _simmim_encoder_keys(state, report, keep_mask_token="mask_token" in own)
         layout = detect_layout(state)
         if layout != "official":
             logger.info("%s is in %s's layout: keys mapped to the release's", source, layout)

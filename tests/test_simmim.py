@@ -284,6 +284,21 @@ def test_pretraining_through_main_then_eval_reports_the_reconstruction_loss_and_
     assert torch.equal(model.layers[2].blocks[1].mlp.fc2.weight, fc2)
 
 
+def test_pretraining_on_from_a_simmim_checkpoint_keeps_its_learned_mask_token(tmp_path):
+    """--pretrained in SimMIM pre-training loads into the encoder, which has a mask token: the
+    learned one comes in (fine-tuning a classifier drops it, above); the decoder stays new."""
+    config = get_config(SIMMIM_DEMO, TINY)
+    source = build_model(config)
+    with torch.no_grad():
+        source.encoder.mask_token.fill_(0.5)
+    path = tmp_path / "pt.pth"
+    torch.save({"model": source.state_dict()}, path)
+    model = build_model(config)
+    report = load_pretrained(model.encoder, str(path))
+    assert torch.equal(model.encoder.mask_token, source.encoder.mask_token)
+    assert sorted(report.dropped) == ["decoder.0.bias", "decoder.0.weight"] and report.missing == []
+
+
 def test_window_6_pretraining_tables_are_resized_for_window_7_fine_tuning(tmp_path):
     """The released V1 route: pre-train at 192 window 6, fine-tune at 224 window 7."""
     pt = get_config(SIMMIM_DEMO, [*TINY, "MODEL.SWIN.WINDOW_SIZE", "3", "DATA.IMG_SIZE", "48"])
