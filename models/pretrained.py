@@ -3,9 +3,10 @@
 ``load_pretrained(model, path)`` is the one entry point, used by ``--pretrained`` and by people's
 own code, for V1 and V2 alike. It drops derived buffers (rebuilt for the model's window and size),
 resizes V1's relative position bias tables and absolute position embeddings to the model's window
-and grid (bicubic, as the release fine-tunes 224→384; V2 has no table to resize: its position-bias
-MLP carries over to any window, given ``PRETRAINED_WINDOW_SIZES``), reads SimMIM pre-training
-checkpoints as the encoder they hold, maps a 21,841-class ImageNet-22K head onto the 1,000
+and grid (bicubic, as the release fine-tunes 224→384; a SimMIM checkpoint's tables geometrically,
+as the release fine-tunes those; V2 has no table to resize: its position-bias MLP carries over to
+any window, given ``PRETRAINED_WINDOW_SIZES``), reads SimMIM pre-training checkpoints as the
+encoder they hold, maps a 21,841-class ImageNet-22K head onto the 1,000
 ImageNet-1K classes, and re-initialises any other head of the wrong size. A checkpoint of the
 other family (V1 for a V2 model, or the reverse) is refused in one line; anything else that does
 not fit is an error that lists the mismatches.
@@ -92,6 +93,49 @@ def resize_relative_position_bias_table(table: torch.Tensor, num_rows: int) -> t
     return grid.reshape(heads, num_rows).permute(1, 0).to(table.dtype)
 
 
+def geometric_ratio(src_half: int, dst_half: int) -> float:
+    """The ratio q in (1.01, 1.5) with 1 + q + ... + q^(src_half - 1) = dst_half, by bisection to
+    1e-6 as the release's SimMIM fine-tuning finds it (1.01 when the table shrinks)."""
+    lo, hi = 1.01, 1.5
+    while hi - lo > 1e-6:
+        q = (lo + hi) / 2.0
+        if (1.0 - q**src_half) / (1.0 - q) > dst_half:
+            hi = q
+        else:
+            lo = q
+    return q
+
+
+def resize_relative_position_bias_table_geometric(table: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Resize a bias table to another window as the release fine-tunes SimMIM checkpoints.
+
+    The source offsets 0, ±1, ±2, ... are placed at 0, ±1, ±(1 + q), ±(1 + q + q²), ... with q
+    from :func:`geometric_ratio` (near offsets keep their spacing, far ones stretch to the new
+    window's edge), and an interpolating bicubic spline through them (FITPACK's, as the release's
+    ``scipy.interpolate.interp2d(kind='cubic')``; points past the outermost offset take the
+    edge's value) is read at the target's integer offsets.
+
+    Args:
+        table: ((2M-1)², heads).
+        num_rows: (2M'-1)², the target number of rows.
+    Returns:
+        (num_rows, heads).
+    """
+    import numpy as np
+    from scipy.interpolate import RectBivariateSpline
+
+    old, heads = table.shape
+    s_old, s_new = int(math.isqrt(old)), int(math.isqrt(num_rows))
+    q = geometric_ratio(s_old // 2, s_new // 2)
+    half = np.cumsum(q ** np.arange(s_old // 2))  # 1, 1 + q, 1 + q + q², ...
+    src = np.concatenate([-half[::-1], [0.0], half])
+    dst = np.arange(-(s_new // 2), s_new // 2 + 0.1, 1.0)
+    grids = table.detach().float().cpu().numpy().T.reshape(heads, s_old, s_old)
+    out = [RectBivariateSpline(src, src, g, kx=3, ky=3, s=0)(dst, dst) for g in grids]
+    resized = torch.from_numpy(np.stack(out).reshape(heads, num_rows).T.astype(np.float32))
+    return resized.to(device=table.device, dtype=table.dtype)
+
+
 def _resize_abs_pos_embed(pos: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     from models.swin_transformer import resize_pos_embed
 
@@ -155,7 +199,11 @@ def adapt_state_dict(
 ) -> dict[str, torch.Tensor]:
     """Make ``state`` fit ``model`` (see module docstring); raises UserError on a wrong architecture."""
     own = model.state_dict()
+    # SimMIM's fine-tuning resizes bias tables geometrically, the supervised one bicubically.
+    resize_table = resize_relative_position_bias_table
     if not any(k.startswith("encoder.") for k in own):
+        if any(k.startswith("encoder.") for k in state):
+            resize_table = resize_relative_position_bias_table_geometric
         # A classifier (or backbone) loading a SimMIM checkpoint; a SimMIM model keeps the keys as they are.
         state = _simmim_encoder_keys(state, report, keep_mask_token="mask_token" in own)
         layout = detect_layout(state)
@@ -175,7 +223,7 @@ def adapt_state_dict(
         if value.shape == target.shape:
             out[key] = value
         elif key.endswith("relative_position_bias_table") and value.shape[1] == target.shape[1]:
-            out[key] = resize_relative_position_bias_table(value, target.shape[0])
+            out[key] = resize_table(value, target.shape[0])
             report.resized.append(key)
         elif key.endswith("absolute_pos_embed") and value.shape[2] == target.shape[2]:
             out[key] = _resize_abs_pos_embed(value, target)
@@ -189,6 +237,13 @@ def adapt_state_dict(
         raise UserError(
             f"checkpoint does not fit this architecture ({len(mismatched)} mismatched): {shown}; "
             "check --cfg against the checkpoint"
+        )
+    tables = [k for k in report.resized if k.endswith("relative_position_bias_table")]
+    if tables and resize_table is resize_relative_position_bias_table_geometric:
+        logger.info(
+            "%s: %d bias tables resized geometrically, as the release fine-tunes SimMIM checkpoints",
+            source,
+            len(tables),
         )
     _adapt_head(model, state, own, out, report)
     return out
@@ -263,8 +318,7 @@ def load_weights(
         )
     if report.dropped:
         logger.info(
-            "%s is a SimMIM pre-training checkpoint: its encoder is loaded; %d pre-training tensors dropped "
-            "(decoder and mask token: %s)",
+            "%s is a SimMIM pre-training checkpoint: its encoder is loaded; %d pre-training tensors dropped (%s)",
             name,
             len(report.dropped),
             ", ".join(report.dropped[:4]),

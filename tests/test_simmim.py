@@ -310,10 +310,62 @@ def test_window_6_pretraining_tables_are_resized_for_window_7_fine_tuning(tmp_pa
     report = load_pretrained(model, str(path))
     table = "layers.0.blocks.0.attn.relative_position_bias_table"
     assert table in report.resized and model.state_dict()[table].shape[0] == (2 * 4 - 1) ** 2
-    source = simmim.state_dict()["encoder." + table]  # (5x5, heads) -> (7x7, heads), bicubic
-    grid = source.T.reshape(1, -1, 5, 5)
+    source = simmim.state_dict()["encoder." + table]  # (5x5, heads) -> (7x7, heads), geometric
+    expected = _release_geometric_resize(source, 7)
+    torch.testing.assert_close(model.state_dict()[table], expected, atol=1e-5, rtol=0)
+    bicubic = F.interpolate(source.T.reshape(1, -1, 5, 5), size=(7, 7), mode="bicubic", align_corners=False)
+    assert not torch.allclose(model.state_dict()[table], bicubic.reshape(-1, 49).T, atol=1e-3)
+
+
+def _release_geometric_resize(table: torch.Tensor, s_new: int) -> torch.Tensor:
+    """The release's SimMIM fine-tuning resize, computed another way: q from the polynomial's
+    root (clipped to the release's search interval), and the interpolating bicubic spline as two
+    one-dimensional not-a-knot cubic splines (FITPACK's s=0 interpolant on a grid is their tensor
+    product), read at the target offsets clipped to the source's span (FITPACK clamps)."""
+    from scipy.interpolate import CubicSpline
+
+    rows, heads = table.shape
+    s_old = int(round(rows**0.5))
+    n, target = s_old // 2, s_new // 2
+    roots = np.roots([1.0] * (n - 1) + [1.0 - target])  # q^(n-1) + ... + q + 1 - target = 0
+    q = min(max(float(roots[(abs(roots.imag) < 1e-9) & (roots.real > 0)].real.max()), 1.01), 1.5)
+    half = np.array([sum(q**j for j in range(i + 1)) for i in range(n)])
+    src = np.concatenate([-half[::-1], [0.0], half])
+    dst = np.clip(np.arange(-target, target + 1, dtype=float), src[0], src[-1])
+    out = []
+    for h in range(heads):
+        z = table[:, h].double().numpy().reshape(s_old, s_old)
+        out.append(CubicSpline(src, CubicSpline(src, z, axis=1)(dst), axis=0)(dst).reshape(-1))
+    return torch.tensor(np.stack(out, axis=1), dtype=table.dtype)
+
+
+def test_the_swin_b_simmim_route_window_6_to_7_keeps_the_near_offsets_and_stretches_the_far_ones():
+    """Swin-B pre-trained at window 6 (11x11 offsets), fine-tuned at 7 (13x13): q = 1.0913; the
+    offsets 0 and ±1 sit at their own places, so the centre 3x3 of every head is kept exactly,
+    and the rest agrees with the release's construction computed independently."""
+    from models.pretrained import geometric_ratio, resize_relative_position_bias_table_geometric
+
+    q = geometric_ratio(5, 6)  # 1 + q + q² + q³ + q⁴ = 6
+    assert q == pytest.approx(1.0913, abs=1e-4) and sum(q**j for j in range(5)) == pytest.approx(6, abs=1e-5)
+    table = torch.randn(11 * 11, 4)
+    resized = resize_relative_position_bias_table_geometric(table, 13 * 13)
+    assert resized.shape == (169, 4)
+    centre = lambda t, s: t.T.reshape(4, s, s)[:, s // 2 - 1 : s // 2 + 2, s // 2 - 1 : s // 2 + 2]  # noqa: E731
+    torch.testing.assert_close(centre(resized, 13), centre(table, 11), atol=1e-5, rtol=0)
+    # The release's bisection stops within 1e-6 of q: the far offsets move by up to ~1e-5.
+    torch.testing.assert_close(resized, _release_geometric_resize(table, 13), atol=3e-4, rtol=0)
+
+
+def test_a_supervised_checkpoint_keeps_the_bicubic_resize_of_the_releases_224_to_384_fine_tuning(tmp_path):
+    source = build_model(get_config(SWIN_DEMO, [*TINY, "MODEL.SWIN.WINDOW_SIZE", "3", "DATA.IMG_SIZE", "48"]))
+    path = tmp_path / "sup.pth"
+    torch.save({"model": source.state_dict()}, path)
+    model = build_model(get_config(SWIN_DEMO, [*TINY, "MODEL.SWIN.WINDOW_SIZE", "4", "MODEL.NUM_CLASSES", "10"]))
+    load_pretrained(model, str(path))
+    table = "layers.0.blocks.0.attn.relative_position_bias_table"
+    grid = source.state_dict()[table].T.reshape(1, -1, 5, 5)
     expected = F.interpolate(grid, size=(7, 7), mode="bicubic", align_corners=False).reshape(-1, 49).T
-    assert torch.allclose(model.state_dict()[table], expected, atol=1e-6)
+    torch.testing.assert_close(model.state_dict()[table], expected, atol=1e-6, rtol=0)
 
 
 def test_a_simmim_checkpoint_of_another_family_is_refused_in_one_line(tmp_path):
