@@ -246,7 +246,7 @@ def precision_label(device: torch.device, enabled: bool, dtype_name: str) -> tup
     if not auto:
         why = f"AMP_DTYPE {dtype_name}"
     elif device.type == "cuda":
-        why = f"AMP_DTYPE auto: this GPU {'supports' if dtype == torch.bfloat16 else 'lacks'} bfloat16"
+        why = f"AMP_DTYPE auto: this GPU {'has' if dtype == torch.bfloat16 else 'lacks'} native bfloat16"
     else:
         why = "AMP_DTYPE auto: this CPU has native bfloat16 (AVX-512 BF16 or AMX)"
     return f"{name} autocast{scaled}, float32 weights", why
@@ -284,7 +284,9 @@ def resolve_amp_dtype(device: torch.device, name: str) -> torch.dtype | None:
     key = str(name).strip().lower()
     if key == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            # Native bf16 only (Ampere and newer): torch's default also counts pre-Ampere GPUs
+            # (V100, T4) that can merely hold bf16 tensors, where it is emulated and slow.
+            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
         if cpu_has_fast_bf16():
             return torch.bfloat16
         _log_once("this CPU has no native bfloat16 instructions: mixed precision is off, training runs in float32")

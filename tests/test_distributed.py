@@ -469,12 +469,13 @@ def test_auto_precision_is_bf16_on_gpus_that_support_it_and_fp16_with_the_scaler
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert distributed.resolve_amp_dtype(cuda, "auto") == torch.bfloat16
     assert not distributed.make_grad_scaler(cuda, True, torch.bfloat16).is_enabled()
-    assert "bfloat16 autocast, float32 weights (AMP_DTYPE auto: this GPU supports bfloat16)" in (
+    assert "bfloat16 autocast, float32 weights (AMP_DTYPE auto: this GPU has native bfloat16)" in (
         distributed.describe_precision(cuda, True, "auto")
     )
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    # A V100 or T4: torch says yes to bf16 unless emulation is excluded.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
     assert distributed.resolve_amp_dtype(cuda, "auto") == torch.float16
     assert distributed.describe_precision(cuda, True, "auto") == (
-        "float16 autocast with loss scaling, float32 weights (AMP_DTYPE auto: this GPU lacks bfloat16)"
+        "float16 autocast with loss scaling, float32 weights (AMP_DTYPE auto: this GPU lacks native bfloat16)"
     )
     assert distributed.describe_precision(torch.device("cpu"), False, "auto") == "float32 (AMP_ENABLE False)"
