@@ -13,6 +13,20 @@ from distributed import all_reduce_sum, is_multi_process
 logger = logging.getLogger(__name__)
 
 
+def ignore_stop_signals() -> None:
+    """SIGTERM and SIGINT ignored in this process: for data-loader workers.
+
+    torchrun stops a worker group with ``killpg`` (SIGTERM to every process of the group), Slurm
+    signals every process of a job step, and Ctrl-C reaches the whole foreground group. A loader
+    worker would die of it (torch's handler lets only the parent's SIGTERM end it cleanly), and
+    the trainer's next batch would raise "DataLoader worker exited unexpectedly" in the middle of
+    the step it was finishing to save. The main process handles the signal (:class:`StopRequest`);
+    workers end when their loader shuts them down or their parent is gone.
+    """
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class StopRequest:
     """Records a termination signal instead of dying mid-step; the trainer polls :meth:`agreed`."""
 

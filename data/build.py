@@ -7,6 +7,7 @@ in the result, and the trainer stores it.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from yacs.config import CfgNode
 from allocator import retain_freed_memory, retain_freed_memory_in_worker
 from config import is_pretraining
 from errors import UserError
+from preemption import ignore_stop_signals
 
 from .fast_transforms import FastEvalTransform, FastTrainTransform, deferred_to_batch, training_pipeline
 from .imagenet22k import NUM_CLASSES_22K, ImageNet22KList, annotation_file
@@ -416,6 +418,15 @@ def loader_workers(requested: int, local_processes: int, cpus: int | None = None
     return requested
 
 
+def _init_worker(worker_id: int, retain_memory: bool) -> None:
+    """Each loader worker's set-up: stop signals left to the main process (a group-wide SIGTERM
+    must not kill the workers under a trainer that is finishing its step to save), and
+    ``RETAIN_FREED_MEMORY``."""
+    ignore_stop_signals()
+    if retain_memory:
+        retain_freed_memory_in_worker(worker_id)
+
+
 def build_loader(
     config: CfgNode,
     world_size: int,
@@ -504,11 +515,10 @@ def build_loader(
         pin_memory=pin,
         persistent_workers=num_workers > 0,
     )
-    if config.RETAIN_FREED_MEMORY:
-        if num_workers > 0:
-            common["worker_init_fn"] = retain_freed_memory_in_worker
-        else:
-            retain_freed_memory()
+    if num_workers > 0:
+        common["worker_init_fn"] = functools.partial(_init_worker, retain_memory=bool(config.RETAIN_FREED_MEMORY))
+    elif config.RETAIN_FREED_MEMORY:
+        retain_freed_memory()
     # The workers' own RNG seeds come from the config; augmentation itself is seeded per sample.
     loader_train = DataLoader(
         dataset_train,

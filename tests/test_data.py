@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -703,3 +704,21 @@ def test_large_blocks_mode_also_keeps_blocks_over_32_mib():
     # machine) until freed ones are reused, so after twenty warm-up buffers the measured ten fault
     # at most two buffers' worth (0 in 8 of 8 runs here).
     assert counts["large"] <= 2 * 12_288 < 100_000 < min(counts["defaults"], counts["thresholds"]), counts
+
+
+def test_loader_workers_outlive_a_group_wide_sigterm_and_sigint_left_to_the_trainer(tmp_path):
+    """torchrun's killpg, Slurm and Ctrl-C signal every process, loader workers too: they ignore
+    it (the trainer finishes its step and saves), so the loader keeps delivering every batch."""
+    import signal
+
+    root = make_folder(tmp_path, {"train": {"a": 12, "b": 12}, "val": {"a": 2, "b": 2}})
+    config = cfg("DATA.DATA_PATH", root, "DATA.IMG_SIZE", "32", "DATA.BATCH_SIZE", "2", "DATA.NUM_WORKERS", "2")
+    loader = build_loader(config, 1, 0).loader_train
+    it = iter(loader)
+    next(it)
+    pids = [w.pid for w in it._workers]
+    for sig in (signal.SIGTERM, signal.SIGINT):  # sent by another process, as a launcher's are
+        subprocess.run(["kill", f"-{sig.name[3:]}", *map(str, pids)], check=True)
+    time.sleep(0.5)
+    assert all(w.is_alive() for w in it._workers)
+    assert sum(1 for _ in it) == len(loader) - 1
