@@ -373,6 +373,42 @@ def _is_int_for_float(original: Any, value: Any) -> bool:
     return isinstance(original, float) and isinstance(value, int) and not isinstance(value, bool)
 
 
+def _as_string(value: str) -> str:
+    """A string for a key whose default is a string: its Python literal if it is one (``"'a'"``
+    as yacs reads it), else the text as it is, a number included."""
+    try:
+        decoded = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return value
+    return decoded if isinstance(decoded, str) else value
+
+
+def _merge_mapping(config: CN, data: dict) -> None:
+    """``config.merge_from_other_cfg(CN(data))``, except that a string for a key whose default is
+    a string is taken as text: yacs would read ``TAG: '2024'`` (as a run's own config.yaml
+    stores a numeric tag) as the number 2024 and refuse it as the wrong type."""
+
+    def split(node: CN, d: dict, path: tuple) -> dict:
+        rest = {}
+        for k, v in d.items():
+            default = node[k] if k in node else None
+            if isinstance(v, dict) and isinstance(default, CN):
+                rest[k] = split(default, v, (*path, k))
+            elif isinstance(v, str) and isinstance(default, str):
+                strings.append(((*path, k), _as_string(v)))
+            else:
+                rest[k] = v
+        return rest
+
+    strings: list[tuple[tuple, str]] = []
+    config.merge_from_other_cfg(CN(split(config, data, ())))
+    for path, value in strings:
+        node = config
+        for part in path[:-1]:
+            node = node[part]
+        node[path[-1]] = value
+
+
 def _merge_yaml(config: CN, cfg_file: str) -> None:
     if not os.path.isfile(cfg_file):
         raise UserError(f"config file {cfg_file} does not exist; pass an existing YAML file to --cfg")
@@ -389,7 +425,7 @@ def _merge_yaml(config: CN, cfg_file: str) -> None:
     _check_keys(config, data, cfg_file)
     config.defrost()
     try:
-        config.merge_from_other_cfg(CN(data))
+        _merge_mapping(config, data)
     except ValueError as e:
         raise UserError(f"wrong value type in {cfg_file}: {e}") from e
     config.BASE = [""]
@@ -413,6 +449,9 @@ def _merge_opts(config: CN, opts: Sequence[str]) -> None:
             decoded = value
         if _is_int_for_float(node[parts[-1]], decoded):
             value = str(float(decoded))
+        if isinstance(node[parts[-1]], str) and isinstance(value, str):
+            node[parts[-1]] = _as_string(value)  # TAG 2024 is the text '2024', as for the yaml files
+            continue
         try:
             config.merge_from_list([key, value])
         except (ValueError, AssertionError) as e:
@@ -615,7 +654,7 @@ def config_from_yaml_text(text: str, opts: Sequence[str] | None = None) -> CN:
                 out[k] = _prune(node[k], v) if isinstance(v, dict) and isinstance(node[k], CN) else v
         return out
 
-    config.merge_from_other_cfg(CN(_prune(config, data)))
+    _merge_mapping(config, _prune(config, data))
     if opts:
         _merge_opts(config, list(opts))
     config.freeze()

@@ -151,6 +151,20 @@ def test_dumped_config_round_trips_through_yaml_text():
     assert back.TRAIN.EPOCHS == 7 and back.MODEL.SWIN.EMBED_DIM == 128 and back.MODEL.NAME == c.MODEL.NAME
 
 
+def test_a_numeric_tag_stays_text_through_the_flag_opts_a_yaml_file_and_the_stored_config(tmp_path):
+    """A run tagged with a date: config.yaml stores TAG: '2024', which yacs alone would read back
+    as the integer 2024 and refuse (so predict.py could not rebuild the run's model)."""
+    c = config_from_args(parse_args(["--tag", "2024", "--cfg", os.path.join(ROOT, "configs", "swin_tiny.yaml")]))
+    back = config_from_yaml_text(c.dump())
+    assert back.TAG == "2024" and back.dump() == c.dump()
+    path = _write(tmp_path / "run.yaml", {"TAG": "2024", "MODEL": {"NAME": "007"}, "TRAIN": {"EPOCHS": 3}})
+    from_file = get_config(path, ["DATA.DATA_PATH", "1234", "MODEL.RESUME", "'quoted.pth'"])
+    assert (from_file.TAG, from_file.MODEL.NAME, from_file.TRAIN.EPOCHS) == ("2024", "007", 3)
+    assert (from_file.DATA.DATA_PATH, from_file.MODEL.RESUME) == ("1234", "quoted.pth")
+    with pytest.raises(UserError, match="TRAIN.EPOCHS"):  # numbers where numbers belong are still checked
+        get_config(None, ["TRAIN.EPOCHS", "'3'"])
+
+
 def test_defaults_are_not_mutated_by_get_config():
     before = _C.dump()
     get_config(None, ["TRAIN.EPOCHS", "1"])
