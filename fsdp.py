@@ -159,13 +159,13 @@ def shard_model(
     # backward. Swin's blocks return their residual sum, and no caller modifies it in place
     # (residual_add writes into the next branch's output, never into its input).
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
-    # Blocks keep their residual stream in fp32 (autocast does the bf16 compute), so their inputs
-    # are not cast; the root casts the images once when parameters are gathered in bf16.
-    block_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
-    root_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    # No input is cast: blocks keep their residual stream in fp32 (autocast does the bf16
+    # compute), and the root's images stay fp32 for SimMIM's reconstruction target (autocast
+    # casts them for the patch embedding's convolution, as without --fsdp).
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     for block in blocks:
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=block_policy)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=root_policy)
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
     total, local = count_elements(model)
     logger.info(
         "FSDP: %d Swin blocks + the root sharded over %d rank(s); this rank holds %s of %s parameters "

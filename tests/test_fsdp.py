@@ -473,3 +473,34 @@ def test_incomplete_or_tampered_sharded_folders_are_skipped_by_auto_resume_and_r
     (folder / "COMPLETE.json").write_text(json.dumps(marker))
     with pytest.raises(UserError, match=r"refusing to load .*names (posix|os)\.system"):
         load_sharded(str(folder), model)
+
+
+def test_weights_gathered_in_bf16_leave_the_simmim_target_in_float32() -> None:
+    """The root does not cast its inputs (autocast casts what needs casting): the images reach
+    SimMIM's target in float32, as without --fsdp, instead of rounded to bf16."""
+    import torch.distributed as dist
+
+    from config import get_config
+    from data.simmim import MaskGenerator
+    from distributed import DistEnv
+    from fsdp import ensure_process_group, shard_model
+    from models import build_model
+
+    opts = ["MODEL.SWIN.EMBED_DIM", "16", "MODEL.SWIN.NUM_HEADS", "[1,2,4,8]"]
+    model = build_model(get_config(str(ROOT / "configs" / "demo" / "simmim_demo_digits.yaml"), opts))
+    cpu = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), distributed=False)
+    started = not dist.is_initialized()
+    env = ensure_process_group(cpu)
+    try:
+        shard_model(model, env, torch.bfloat16)
+        seen: list[torch.dtype] = []
+        target = model.target
+        model.target = lambda images: (seen.append(images.dtype), target(images))[1]
+        images = torch.rand(2, 3, 32, 32)
+        masks = torch.stack([torch.from_numpy(MaskGenerator(32, 8, 2, 0.6)()) for _ in range(2)])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(images, masks)
+        assert seen == [torch.float32] and torch.isfinite(loss)
+    finally:
+        if started:
+            dist.destroy_process_group()
