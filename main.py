@@ -328,14 +328,15 @@ def run(args: argparse.Namespace) -> dict | None:
     configure_matmul_precision(env.device, config.CUDA_MATMUL_PRECISION)
     _prepare_output(config.OUTPUT)
     logger = create_logger(config.OUTPUT, dist_rank=env.rank, name="swin")
-    if config.TRAIN.FSDP and not config.THROUGHPUT_MODE:
+    throughput_only = config.THROUGHPUT_MODE and not config.EVAL_MODE  # --eval wins over --throughput
+    if config.TRAIN.FSDP and not throughput_only:
         env = ensure_process_group(env)  # a single process runs as 1 rank of its own group
     seed_everything(config.SEED, env.rank)
 
     # Mixed precision is decided here, once, and handed to every loop.
     precision = Precision.decide(env.device, config.AMP_ENABLE, config.AMP_DTYPE)
     logger.info("device %s, world size %d, precision %s", env.device, env.world_size, precision.description)
-    if config.THROUGHPUT_MODE and not config.EVAL_MODE:
+    if throughput_only:
         return {"images_per_s": run_throughput(config, env, logger, precision)}
 
     data = build_loader(config, env.world_size, env.rank, pin_memory=env.device.type == "cuda")

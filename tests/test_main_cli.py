@@ -450,3 +450,12 @@ def test_resuming_a_step_checkpoint_with_half_the_global_batch_continues_at_the_
         )  # fmt: skip
     assert (state.epoch, state.batch_in_epoch, state.step, state.nonfinite_total) == (0, 6, 3, 1)
     assert "the checkpoint was trained with 32 images per optimizer step, this run takes 16" in caplog.text
+
+
+def test_eval_with_throughput_under_fsdp_in_one_process_evaluates(small_data, tmp_path):
+    """--eval wins over --throughput (as in the release), and under --fsdp a single process still
+    starts its 1-rank group for it: the evaluation runs instead of failing for want of a group."""
+    ckpt = _checkpoint_of(tmp_path, "weights.pth", [])
+    done = _subprocess(demo_args(small_data, tmp_path, "--eval", "--throughput", "--fsdp", "--resume", str(ckpt)))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert re.search(r"Accuracy of the network on the 15 test images: [\d.]+%", done.stdout + done.stderr)
