@@ -571,7 +571,8 @@ def config_from_args(args: argparse.Namespace) -> CN:
         "TRAIN.FSDP": True if getattr(args, "fsdp", False) else None,
         "TRAIN.OPTIMIZER.NAME": args.optim,
         "TRAIN.PRETRAIN": getattr(args, "pretrain", None),
-        "AMP_ENABLE": False if args.disable_amp else None,
+        # The release's deprecated apex levels: O0 meant no mixed precision; O1/O2 change nothing.
+        "AMP_ENABLE": False if args.disable_amp or getattr(args, "amp_opt_level", None) == "O0" else None,
         "OUTPUT": args.output,
         "TAG": args.tag,
         "EVAL_MODE": True if args.eval else None,

@@ -171,6 +171,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument(
         "--disable_amp", "--disable-amp", action="store_true", help="run in fp32 (AMP_ENABLE False) [AMP_ENABLE]"
     )
+    train.add_argument(
+        "--amp-opt-level",
+        "--amp_opt_level",
+        choices=["O0", "O1", "O2"],
+        help="the release's old apex flag: O0 runs in fp32 (as --disable_amp), O1/O2 leave torch's AMP on",
+    )
     train.add_argument("--optim", type=str, help="adamw or sgd [TRAIN.OPTIMIZER.NAME]")
     train.add_argument(
         "--pretrain",

@@ -140,6 +140,11 @@ def test_cli_flags_land_on_the_official_keys(tmp_path):
     assert c.OUTPUT == os.path.join(str(tmp_path), "swin_tiny_patch4_window7_224", "t")
 
 
+@pytest.mark.parametrize("level,amp", [("O0", False), ("O1", True), ("O2", True)])
+def test_the_releases_amp_opt_level_flag_is_accepted_and_o0_turns_mixed_precision_off(level, amp):
+    assert config_from_args(parse_args(["--amp-opt-level", level])).AMP_ENABLE is amp
+
+
 def test_local_rank_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "3")
     assert config_from_args(parse_args([])).LOCAL_RANK == 3
