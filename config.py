@@ -642,6 +642,16 @@ def config_for_checkpoint(
     return config
 
 
+def require_classifier(config: CN, source: str) -> None:
+    """UserError unless ``config`` builds a classifier: SimMIM pre-training (``TRAIN.PRETRAIN``)
+    builds an encoder and a pixel decoder, with no class scores to predict, explain or export."""
+    if is_pretraining(config):
+        raise UserError(
+            f"{source} is a SimMIM pre-training model, with no classifier; fine-tune it first "
+            "(main.py --cfg CLASSIFIER.yaml --pretrained CKPT) and pass that checkpoint"
+        )
+
+
 def config_from_yaml_text(text: str, opts: Sequence[str] | None = None) -> CN:
     """Rebuild a config from the YAML text stored in a checkpoint, unknown keys dropped, then
     ``opts`` (KEY VALUE pairs, checked like ``--opts``) on top."""

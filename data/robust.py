@@ -160,6 +160,15 @@ def clear_unreadable(dataset: Any) -> None:
         log.clear()
 
 
+def load_rgb_or_user_error(path: str) -> Image.Image:
+    """:func:`load_rgb` for a file a user named on the command line: one ``UserError`` line
+    naming it when it is missing or cannot be decoded."""
+    try:
+        return load_rgb(path)
+    except UNREADABLE_ERRORS as e:
+        raise UserError(f"cannot read image {path} ({unreadable_reason(e)}); pass an image file") from None
+
+
 def unreadable_reason(exc: BaseException) -> str:
     """``exc`` as one short line, ``"<Type>: <first line of the message>"``, for naming a bad file."""
     text = str(exc).splitlines()[0] if str(exc) else ""

@@ -122,10 +122,10 @@ def load_config(cfg: str | None, opts: Sequence[str] | None) -> CfgNode:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from checkpoint import load_checkpoint_file
-    from config import config_for_checkpoint
+    from config import config_for_checkpoint, require_classifier
     from data.build import build_transform
     from data.class_names import resolve_class_names
-    from data.robust import load_rgb
+    from data.robust import load_rgb_or_user_error
     from models import load_weights
 
     if args.image and not args.resume:
@@ -137,6 +137,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         config = config_for_checkpoint(checkpoint, args.cfg, args.opts, source=args.resume)
     else:
         config = load_config(args.cfg, args.opts)
+    require_classifier(config, args.resume or args.cfg)
+    trained_size = int(config.DATA.IMG_SIZE)
+    if args.image and args.img_size and args.img_size != trained_size:
+        raise UserError(
+            f"--img-size {args.img_size} differs from the {trained_size}x{trained_size} the checkpoint's "
+            "preprocessing makes of --image; leave --img-size out"
+        )
     class_names: list[str] | None = None
     model, config = build_for_walk(config, args.img_size)
     weights = "random init (seed 0)"
@@ -146,10 +153,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         weights = os.path.basename(args.resume)
     size = int(config.DATA.IMG_SIZE)
     if args.image:
-        image = build_transform(False, config)(load_rgb(args.image))
-        if args.img_size and tuple(image.shape[-2:]) != (size, size):
-            raise UserError("--img-size must match the checkpoint's preprocessing when --image is given")
-        images = image.unsqueeze(0)
+        images = build_transform(False, config)(load_rgb_or_user_error(args.image)).unsqueeze(0)
     else:
         images = torch.randn(1, model_section(config).IN_CHANS, size, size, generator=torch.Generator().manual_seed(0))
     result = trace(model, images)

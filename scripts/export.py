@@ -3,6 +3,7 @@
     python scripts/export.py output/swin_demo_digits/demo/best.pth --out swin_demo.safetensors
     python scripts/export.py best.pth --out swin_tiny_timm.pth --layout timm    # timm's model.load_state_dict
     python scripts/export.py best.pth --out swin_tiny.onnx [--img-size 224]     # ONNX, checked by onnxruntime
+    python scripts/export.py swin_tiny_patch4_window7_224.pth --cfg configs/swin_tiny.yaml --out swin_tiny.onnx
     python scripts/export.py output/swin_large/run/ckpt_epoch_89.dcp --out swin_large.pth  # an --fsdp folder
 
 ``.safetensors`` (no pickle: loading it can never run code) carries the weights plus, as metadata,
@@ -37,16 +38,24 @@ from models.pretrained import DERIVED_KEYS, extract_state_dict  # noqa: E402
 
 
 def export_to_onnx(
-    checkpoint_path: str, out_path: str, img_size: int | None = None, exporter: str = "auto"
+    checkpoint_path: str,
+    out_path: str,
+    img_size: int | None = None,
+    exporter: str = "auto",
+    cfg: str | None = None,
+    opts: list[str] | None = None,
 ) -> tuple[float, str]:
     """The checkpoint's classifier as ONNX at ``img_size`` (default: its DATA.IMG_SIZE) by
-    ``exporter``, verified by onnxruntime; returns the max logit difference and the exporter used."""
-    from config import config_for_checkpoint
+    ``exporter``, verified by onnxruntime; returns the max logit difference and the exporter used.
+    ``cfg``/``opts``: the config to build it with, for a checkpoint that stores none (released
+    weights) or to override the stored one."""
+    from config import config_for_checkpoint, require_classifier
     from models import build_model, load_weights
     from models.onnx_export import export_onnx, verify_onnx
 
     checkpoint = load_checkpoint_file(checkpoint_path)
-    config = config_for_checkpoint(checkpoint, source=checkpoint_path)
+    config = config_for_checkpoint(checkpoint, cfg, opts, source=checkpoint_path)
+    require_classifier(config, checkpoint_path)
     if img_size:
         config = config.clone()
         config.defrost()
@@ -68,7 +77,16 @@ def export(checkpoint_path: str, out_path: str, layout: str = "official") -> int
     state = {
         k: v.contiguous() for k, v in extract_state_dict(checkpoint).items() if k.rsplit(".", 1)[-1] not in DERIVED_KEYS
     }
-    state = from_official(to_official(state), layout)
+    if any(k.startswith("encoder.") for k in state):
+        # SimMIM pre-training (encoder.*, decoder.*): the release's own layout, kept as it is;
+        # --pretrained reads it for fine-tuning. timm has no such model.
+        if layout != "official":
+            raise UserError(
+                f"{checkpoint_path} is a SimMIM pre-training checkpoint; timm has no SimMIM model: export "
+                "--layout official (--pretrained reads it), or fine-tune it first"
+            )
+    else:
+        state = from_official(to_official(state), layout)
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     if not out_path.endswith(".safetensors"):
         # timm's models load a bare state dict; the release's code reads the 'model' entry.
@@ -96,6 +114,12 @@ def main(argv=None) -> int:
     )
     p.add_argument("--img-size", type=int, help="ONNX only: the input size to export (default: the checkpoint's)")
     p.add_argument(
+        "--cfg",
+        metavar="FILE",
+        help="ONNX only: the config that builds the model, for a checkpoint that stores none (released weights)",
+    )
+    p.add_argument("--opts", nargs="+", metavar="KEY VALUE", help="ONNX only: config keys to override")
+    p.add_argument(
         "--exporter",
         choices=EXPORTERS,
         default="auto",
@@ -106,7 +130,7 @@ def main(argv=None) -> int:
 
     def run() -> None:
         if args.out.endswith(".onnx"):
-            diff, used = export_to_onnx(args.checkpoint, args.out, args.img_size, args.exporter)
+            diff, used = export_to_onnx(args.checkpoint, args.out, args.img_size, args.exporter, args.cfg, args.opts)
             sys.stdout.write(
                 f"wrote {args.out} ({used} exporter); onnxruntime's logits within {diff:.1e} of PyTorch's\n"
             )

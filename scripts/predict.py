@@ -83,12 +83,13 @@ def load_classifier(
 ) -> tuple:
     """(model in eval mode on ``device``, config, class names) for checkpoint ``resume``."""
     from checkpoint import load_checkpoint_file
-    from config import config_for_checkpoint
+    from config import config_for_checkpoint, require_classifier
     from data.class_names import resolve_class_names
     from models import build_model, load_weights
 
     checkpoint = load_checkpoint_file(resume)
     config = config_for_checkpoint(checkpoint, cfg, opts, source=resume)
+    require_classifier(config, resume)
     model = build_model(config)
     load_weights(model, checkpoint, "inference", name=resume)
     model.to(device)

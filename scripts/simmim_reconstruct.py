@@ -27,7 +27,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # noqa: E402
 
 from checkpoint import load_checkpoint_file  # noqa: E402
 from config import config_for_checkpoint, is_pretraining  # noqa: E402
-from data.robust import load_rgb  # noqa: E402
+from data.robust import load_rgb_or_user_error  # noqa: E402
 from data.sample_seeds import seeded_rngs  # noqa: E402
 from data.simmim import SimMIMTransform, image_files, pretraining_folders  # noqa: E402
 from errors import UserError, report_user_errors  # noqa: E402
@@ -51,6 +51,8 @@ def choose_images(paths: Sequence[str] | None, data_path: str, count: int) -> li
     found: list[str] = []
     if paths:
         for p in paths:
+            if not os.path.exists(p):
+                raise UserError(f"--images {p} does not exist; pass image files or folders")
             found.extend(image_files(p) if os.path.isdir(p) else [p])
     else:
         train, val = pretraining_folders(data_path)
@@ -76,7 +78,7 @@ def reconstruct(model: SimMIM, config, files: Sequence[str], seed: int) -> dict[
     pairs = []
     for row, path in enumerate(files):
         with seeded_rngs(seed + row):
-            pairs.append(transform(load_rgb(path)))
+            pairs.append(transform(load_rgb_or_user_error(path)))
     images = torch.stack([p[0] for p in pairs])
     masks = torch.stack([p[1] for p in pairs])
     loss = model(images, masks)

@@ -847,3 +847,33 @@ def test_eval_with_compile_runs_the_compiled_inference_path_with_the_eager_accur
     assert c_n == "360"
     # bf16 weights (where the CPU has native bf16) may move a digit or two, never more than 1 %.
     assert abs(float(c_acc1) - trained_demo["accs"][-1]) <= 1.0
+
+
+def test_explain_refuses_an_unreadable_image_and_a_size_its_preprocessing_does_not_make_in_one_line(
+    v2_checkpoint, tmp_path, capsys
+):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    assert explain.main(["--resume", v2_checkpoint["ckpt"], "--image", str(bad), "--no-pictures"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"cannot read image {bad}" in err
+    size = ["--img-size", "64", "--no-pictures"]
+    assert explain.main(["--resume", v2_checkpoint["ckpt"], "--image", v2_checkpoint["image"], *size]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--img-size 64 differs from the 32x32" in err
+
+
+def test_predict_and_explain_refuse_a_simmim_checkpoint_in_one_line(v2_checkpoint, tmp_path, capsys):
+    from checkpoint import config_yaml
+    from models import build_model
+
+    simmim = get_config(os.path.join(ROOT, "configs", "demo", "simmim_demo_digits.yaml"))
+    path = str(tmp_path / "simmim.pth")
+    torch.save({"model": build_model(simmim).state_dict(), "config": config_yaml(simmim)}, path)
+    for run in (
+        lambda: predict.main(["--resume", path, v2_checkpoint["image"]]),
+        lambda: explain.main(["--resume", path, "--no-pictures"]),
+    ):
+        assert run() == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "is a SimMIM pre-training model, with no classifier" in err

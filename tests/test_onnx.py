@@ -143,3 +143,40 @@ def test_the_benchmark_times_onnxruntime_beside_ours_and_timm(tmp_path):
     assert "onnxruntime" in done.stdout
     # Before the rounds, the CPU rows settled: at least one untimed pass, at most --settle's 5.
     assert all(1 <= r["settle_passes"] <= 5 for r in rows.values()), rows
+
+
+def test_released_weights_without_a_config_export_with_cfg_and_a_simmim_checkpoint_is_refused_in_one_line(
+    tmp_path, capsys
+):
+    """Released weights store no config: --cfg (with --opts) builds the model, as the error says.
+    A SimMIM pre-training checkpoint has no classifier to export: one line, no traceback."""
+    config = get_config(str(ROOT / "configs" / "demo" / DEMO["swin"]), TINY["swin"])
+    torch.manual_seed(0)
+    bare = tmp_path / "released.pth"
+    torch.save({"model": build_model(config).state_dict()}, bare)
+    out = str(tmp_path / "m.onnx")
+    assert export_script.main([str(bare), "--out", out, "--exporter", "torchscript"]) == 2
+    assert "stores no config; pass --cfg" in capsys.readouterr().err
+    cfg = ["--cfg", str(ROOT / "configs" / "demo" / DEMO["swin"]), "--opts", *TINY["swin"]]
+    assert export_script.main([str(bare), "--out", out, "--exporter", "torchscript", *cfg]) == 0
+    assert "onnxruntime's logits within" in capsys.readouterr().out
+
+    simmim = get_config(str(ROOT / "configs" / "demo" / "simmim_demo_digits.yaml"), TINY["swin"][:4])
+    pt = tmp_path / "simmim.pth"
+    torch.save({"model": build_model(simmim).state_dict(), "config": config_yaml(simmim)}, pt)
+    assert export_script.main([str(pt), "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a SimMIM pre-training model, with no classifier; fine-tune it first" in err
+    # Its weights export as they are (the release's SimMIM layout, which --pretrained reads); timm has no SimMIM.
+    assert export_script.main([str(pt), "--out", str(tmp_path / "pt.safetensors")]) == 0
+    assert export_script.main([str(pt), "--out", str(tmp_path / "pt_timm.pth"), "--layout", "timm"]) == 2
+    assert "timm has no SimMIM model" in capsys.readouterr().err
+    from safetensors.torch import load_file
+
+    from models.pretrained import load_pretrained
+
+    saved = load_file(str(tmp_path / "pt.safetensors"))
+    assert "encoder.mask_token" in saved and "decoder.0.weight" in saved
+    classifier = build_model(config)
+    report = load_pretrained(classifier, str(tmp_path / "pt.safetensors"))
+    assert report.missing == [] and "decoder.0.weight" in report.dropped

@@ -481,3 +481,18 @@ def test_a_v2_encoder_with_the_normalised_target_trains_and_its_mask_token_gets_
         prediction = model.reconstruct(images, masks)
         expected = masked_l1_loss(normalise_targets(images, 7), prediction, pixel_mask(masks, 2))
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_the_reconstruction_script_refuses_a_missing_or_unreadable_image_in_one_line(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("simmim_reconstruct", ROOT / "scripts" / "simmim_reconstruct.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    with pytest.raises(UserError, match=r"--images .*missing\.png does not exist"):
+        script.choose_images([str(tmp_path / "missing.png")], "", 3)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    model = build_model(get_config(SIMMIM_DEMO, TINY)).eval()
+    with pytest.raises(UserError, match=rf"cannot read image {re.escape(str(bad))} \("):
+        script.reconstruct(model, get_config(SIMMIM_DEMO, TINY), [str(bad)], seed=0)
