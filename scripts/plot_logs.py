@@ -98,6 +98,9 @@ def parse_log(path: str) -> dict[str, Series]:
             if m and epoch is not None:  # an --eval run's line has no epoch to go with
                 series["val/acc1"][float(epoch)] = float(m.group(1))
                 series["val/acc5"][float(epoch)] = float(m.group(2))
+                # One validation per epoch: a later line before the next epoch's training (an
+                # --eval run appended to the same log, as `make demo` does) is not this epoch's.
+                epoch = None
     return {tag: _sorted_unique(points) for tag, points in series.items() if points}
 
 

@@ -278,7 +278,8 @@ LOG = """\
 [2026-01-01 00:00:03 swin] (engine.py 238): INFO  * Acc@1 40.000 Acc@5 90.000 loss 1.9000 images 10
 [2026-01-01 00:00:04 swin] (engine.py 190): INFO Train: [1/2][2/3]\teta 0:00:01 lr 1.5e-05\t wd 0.0500\ttime 1.0 (1.0)\tloss 1.5000 (1.6000)\tgrad_norm nan (3.0000)\tloss_scale 1.0\timg/s 1.0\tmem 1MB
 [2026-01-01 00:00:05 swin] (engine.py 238): INFO  * Acc@1 70.000 Acc@5 100.000 loss 1.2000 images 10
-"""  # noqa: E501 - real log lines, which are this long
+[2026-01-01 00:00:09 swin] (engine.py 238): INFO  * Acc@1 40.000 Acc@5 90.000 loss 1.9000 images 10
+"""  # noqa: E501 - real log lines, which are this long; the last one is an --eval run of best.pth in the same log
 
 
 def test_plot_logs_falls_back_to_the_log_file(tmp_path, capsys):
