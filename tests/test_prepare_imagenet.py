@@ -213,3 +213,29 @@ def test_bad_input_is_one_error_line_with_exit_status_2(raw: Path, tmp_path: Pat
     err = capsys.readouterr().err.strip().splitlines()
     assert err and err[-1].startswith("error: ") and expected in err[-1], err
     assert "Traceback" not in "\n".join(err)
+
+
+def test_an_interrupted_run_from_the_outer_train_tar_is_simply_run_again(raw: Path, tmp_path: Path) -> None:
+    """OUT/train of an interrupted run lacks classes: the val labels are checked against the
+    outer tar's class tars, not against that partial folder."""
+    out = tmp_path / "out"
+    args = ["--train", str(raw / "ILSVRC2012_img_train.tar"), "--val", str(raw / "val")]
+    args += ["--val-labels", str(raw / "simple.csv")]
+    assert run(out, *args) == 0
+    for name in os.listdir(out / "train" / WNIDS[2]):
+        os.remove(out / "train" / WNIDS[2] / name)
+    os.rmdir(out / "train" / WNIDS[2])  # as if stopped before the last class
+    assert run(out, *args) == 0
+    assert_class_folders(out, raw)
+
+
+def test_an_unlabelled_image_in_a_val_tar_is_refused_before_anything_is_copied(raw: Path, tmp_path: Path, capsys):
+    with tarfile.open(raw / "val.tar", "w") as tar:
+        for k in range(1, len(VAL_WNIDS) + 1):
+            tar.add(raw / "val" / val_name(k), arcname=val_name(k))
+        add_bytes(tar, val_name(99), jpeg_bytes(0))
+    out = tmp_path / "out"
+    args = ["--train", str(raw / "train_tars"), "--val", str(raw / "val.tar"), "--val-labels", str(raw / "simple.csv")]
+    assert run(out, *args) == 2
+    assert "1 val image(s) have no label" in capsys.readouterr().err
+    assert not (out / "train").exists()
