@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     if has_marker and not args.force:
         with open(marker_path) as f:
             previous = json.load(f)
-        if previous == settings and count_pngs(args.out) == expected:
+        if previous == {**settings, "complete": True} and count_pngs(args.out) == expected:
             print(
                 f"{args.out} already holds {expected['train']} train and {expected['val']} val images "
                 f"with these settings; nothing to do (use --force to rewrite)"
@@ -119,6 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     if has_marker:
         remove_previous(args.out)
 
+    # The marker goes first, so a run stopped halfway leaves a folder the next run recognises
+    # as its own (and rewrites); "complete" is set once every image is written.
+    os.makedirs(args.out, exist_ok=True)
+    with open(marker_path, "w") as f:
+        json.dump({**settings, "complete": False}, f)
     for split, indices in splits.items():
         for digit in range(10):
             os.makedirs(os.path.join(args.out, split, str(digit)), exist_ok=True)
@@ -126,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             path = os.path.join(args.out, split, str(int(targets[i])), f"{int(i)}.png")
             to_image(digits.images[i], args.size).save(path)
     with open(marker_path, "w") as f:
-        json.dump(settings, f)
+        json.dump({**settings, "complete": True}, f)
     print(
         f"wrote {expected['train']} train and {expected['val']} val images "
         f"(10 classes, {args.size}x{args.size} RGB PNG) to {args.out}"

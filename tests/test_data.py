@@ -617,6 +617,31 @@ def test_prepare_demo_data_refuses_a_folder_it_did_not_write(tmp_path):
     assert (tmp_path / "mine.txt").read_text() == "keep me"
 
 
+def test_prepare_demo_data_stopped_halfway_is_simply_run_again(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("prepare_demo_data", REPO / "scripts" / "prepare_demo_data.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    real, calls = script.to_image, []
+
+    def stop_after_100(*args):
+        calls.append(1)
+        if len(calls) > 100:
+            raise KeyboardInterrupt  # Ctrl-C halfway
+        return real(*args)
+
+    out = tmp_path / "demo"
+    monkeypatch.setattr(script, "to_image", stop_after_100)
+    with pytest.raises(KeyboardInterrupt):
+        script.main(["--out", str(out), "--size", "8"])
+    monkeypatch.setattr(script, "to_image", real)
+    assert script.main(["--out", str(out), "--size", "8"]) == 0
+    assert "wrote 1437 train and 360 val images" in capsys.readouterr().out
+    assert sum(len(os.listdir(out / s / str(d))) for s in ("train", "val") for d in range(10)) == 1797
+    assert script.main(["--out", str(out), "--size", "8"]) == 0 and "nothing to do" in capsys.readouterr().out
+
+
 def test_loader_workers_are_capped_at_the_machines_share_of_cores(caplog):
     import logging
 
