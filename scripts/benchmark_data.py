@@ -46,6 +46,7 @@ import gc
 import json
 import os
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -162,6 +163,25 @@ def make_image_folder(root: str, size: tuple[int, int], n_train: int, n_val: int
                 random_view(photos[i % len(photos)], size, rng).save(path, quality=90)
             nbytes.append(os.path.getsize(path))
     return {"train": n_train, "val": n_val, "mean_kib": sum(nbytes) / len(nbytes) / 1024}
+
+
+SCRATCH_SETTINGS = "settings.json"
+
+
+def fresh_scratch(root: str, settings: dict[str, Any]) -> None:
+    """Keep ``root``'s images and layouts only when a run with the same ``settings`` wrote them:
+    a reused ``--out`` with another ``--images`` would otherwise time the old files (shards kept
+    at the old count, extra images left over). Removes only what this script writes there."""
+    record = os.path.join(root, SCRATCH_SETTINGS)
+    if os.path.isfile(record):
+        with open(record) as f:
+            if json.load(f) == settings:
+                return
+    for sub in ("folder", "zip", "shards"):
+        shutil.rmtree(os.path.join(root, sub), ignore_errors=True)
+    os.makedirs(root, exist_ok=True)
+    with open(record, "w") as f:
+        json.dump(settings, f)
 
 
 def write_layouts(root: str) -> dict[str, str]:
@@ -547,6 +567,7 @@ def run(args: argparse.Namespace, out_dir: str) -> dict[str, Any]:
     for w, h in sizes:
         name = f"{w}x{h}"
         root = os.path.join(out_dir, name)
+        fresh_scratch(root, {"size": [w, h], "images": args.images, "val_images": n_val})
         info = make_image_folder(os.path.join(root, "folder"), (w, h), args.images, n_val)
         paths = write_layouts(root)
         train_paths = image_paths(os.path.join(paths["folder"], "train"))

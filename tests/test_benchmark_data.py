@@ -94,3 +94,15 @@ def test_benchmark_data_tiny_run(tmp_path):
     for fmt in ("folder", "zip", "shards"):
         assert any(line.split()[:2] == [fmt, "2"] for line in text.splitlines())
     assert "goal: >= 2x" in text and ("NOT MET" in text or "MET" in text)
+
+
+def test_a_reused_out_folder_is_rebuilt_when_the_image_count_changes(tmp_path):
+    """The scratch images and layouts of another --images are not timed as if they were these."""
+    root = str(tmp_path / "8x8")
+    for n_train, n_val in ((8, 4), (4, 4)):
+        benchmark_data.fresh_scratch(root, {"size": [8, 8], "images": n_train, "val_images": n_val})
+        benchmark_data.make_image_folder(os.path.join(root, "folder"), (8, 8), n_train, n_val)
+        paths = benchmark_data.write_layouts(root)
+        assert len(benchmark_data.image_paths(os.path.join(paths["folder"], "train"))) == n_train
+        with open(os.path.join(paths["shards"], "train", "shards.json")) as f:
+            assert json.load(f)["samples"] == n_train
