@@ -667,16 +667,17 @@ def _two_class_folder(root: Path) -> None:
 
 
 def test_loader_workers_keep_freed_memory_unless_switched_off(tmp_path):
-    from allocator import retain_freed_memory_in_worker
+    from data.build import _init_worker
 
     _two_class_folder(tmp_path)
     base = ["DATA.DATA_PATH", str(tmp_path), "DATA.BATCH_SIZE", "2", "AUG.MIXUP", "0.0", "AUG.CUTMIX", "0.0"]
     on = build_loader(get_config(opts=base + ["DATA.NUM_WORKERS", "2"]), 1, 0)
-    assert on.loader_train.worker_init_fn is retain_freed_memory_in_worker
-    assert on.loader_val.worker_init_fn is retain_freed_memory_in_worker
+    for fn in (on.loader_train.worker_init_fn, on.loader_val.worker_init_fn):
+        assert fn.func is _init_worker and fn.keywords == {"retain_memory": True}
     assert len(list(on.loader_train)) == 2  # the workers start and run with it
     off = build_loader(get_config(opts=base + ["DATA.NUM_WORKERS", "2", "RETAIN_FREED_MEMORY", "False"]), 1, 0)
-    assert off.loader_train.worker_init_fn is None and off.loader_val.worker_init_fn is None
+    for fn in (off.loader_train.worker_init_fn, off.loader_val.worker_init_fn):
+        assert fn.func is _init_worker and fn.keywords == {"retain_memory": False}  # signals still left alone
 
 
 def test_retaining_freed_memory_stops_the_page_faults_of_per_image_buffers():
