@@ -40,7 +40,10 @@ Rows:
   gradient checkpointing. CUDA: ``torch.cuda.max_memory_allocated`` above the memory in use
   before the step. CPU: the peak of the running sum of tensor allocations and frees that
   ``torch.profiler(profile_memory=True)`` records during the step (so it counts activations,
-  gradients and temporaries, not the weights and optimizer state that exist before it).
+  gradients and temporaries, not the weights and optimizer state that exist before it). The
+  profiler sees no free of a tensor made before it started, so the previous step's gradients,
+  dropped by ``zero_grad(set_to_none=True)``, are never subtracted: the CPU figure is the CUDA
+  one plus the gradients' bytes per image (Swin-T batch 16: ~7 MiB), and the two are not compared.
 * sharded memory (``--memory --ranks N``): per-rank memory and step time of a training step of
   ``--ranks-models`` (default Swin-B and Swin-L) under DDP and under FSDP on N CPU processes
   (gloo), the share of parameters, gradients and AdamW state each rank holds, and its peak RSS
@@ -80,7 +83,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from allocator import retain_freed_memory  # noqa: E402
 from config import get_config, model_section  # noqa: E402
-from distributed import Precision, cpu_has_fast_bf16, synchronize  # noqa: E402
+from distributed import Precision, configure_matmul_precision, cpu_has_fast_bf16, synchronize  # noqa: E402
 from inference import FrozenCompiled, inference_model  # noqa: E402
 from models.build import build_model  # noqa: E402
 from models.compile import allow_recompiles, compile_model  # noqa: E402
@@ -547,7 +550,8 @@ def _cpu_peak_bytes(prof) -> int:
 
 
 def train_peak_bytes(step: Callable[[], None], device: torch.device) -> int:
-    """Peak memory above the starting point during one call of ``step`` (run once before, untimed)."""
+    """Peak memory above the starting point during one call of ``step`` (run once before, untimed);
+    on the CPU the gradients the step replaces are counted too (see the module docstring)."""
     step()  # optimizer state and lazily built caches exist before the measured step
     synchronize(device)
     if device.type == "cuda":
@@ -733,6 +737,8 @@ def main(argv=None) -> dict:
     if keep and not malloc_kept:
         print("--malloc keep: mallopt unavailable (not glibc?); default allocator behaviour")
     config = load_config(args.model, args.img_size, args.opts)
+    # fp32 products as the trainer runs them (TF32 on Ampere and newer; nothing on the CPU).
+    configure_matmul_precision(device, config.CUDA_MATMUL_PRECISION)
     bs, size = args.batch_size or (128 if device.type == "cuda" else 16), config.DATA.IMG_SIZE
     info = machine_info(device)
     info["malloc"] = "keep (mmap off, no trim)" if malloc_kept else "default"
@@ -887,7 +893,8 @@ def main(argv=None) -> dict:
         rounds, iters, warmup, settle = args.rounds, args.iters, args.warmup, args.settle
         note = ""
         if dtype != torch.float32 and slow_bf16:
-            rounds, iters, warmup, settle = 1, 1, 0, 0
+            # One untimed call first: the fast path packs its bf16 weights on its first call.
+            rounds, iters, warmup, settle = 1, 1, 1, 0
             note = "emulated bf16 (no AVX512-BF16/AMX): 1 batch, eager only"
         for mode in modes:
             if note and mode != "eager":

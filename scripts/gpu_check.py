@@ -35,7 +35,24 @@ WHEEL_SITE = os.path.join(WHEELS, "site")
 
 # Dense bf16 tensor-core peaks (TFLOP/s) as published, by a substring of the device name; the
 # check also measures a large bf16 matrix product and reports both.
-BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "4090": 165.0}
+# The first name found in the device's name wins: the PCIe and NVL cards before their SXM namesakes.
+BF16_PEAK_TFLOPS = {
+    "H200 NVL": 835.0,
+    "H100 NVL": 835.0,
+    "H100 PCIe": 756.0,
+    "H200": 989.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "4090": 165.0,
+}
+
+
+def published_bf16_peak(device_name: str) -> float | None:
+    """The published dense bf16 peak (TFLOP/s) of the GPU called ``device_name``; None if unknown."""
+    return next((v for k, v in BF16_PEAK_TFLOPS.items() if k in device_name), None)
+
+
 # Forward GFLOP per image (2 x the GMACs of model.flops()); a training step counts 3x.
 FORWARD_GFLOP = {"swin_tiny": 2 * 4.49, "swinv2_tiny": 2 * 5.93}
 
@@ -128,7 +145,7 @@ def gpu_info() -> dict:
     import torch
 
     name = torch.cuda.get_device_name(0)
-    peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+    peak = published_bf16_peak(name)
     return {
         "gpu": name,
         "capability": ".".join(map(str, torch.cuda.get_device_capability(0))),
@@ -199,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         "--budget", type=float, default=540.0, help="seconds for the whole check; later steps are cut (default 540)"
     )
     args = p.parse_args(argv)
+    # Steps run in the repository root: a relative --out must mean the same folder to them and here.
+    args.out = os.path.abspath(args.out)
     try:
         import torch
     except ImportError:
@@ -250,17 +269,23 @@ def main(argv: list[str] | None = None) -> int:
     peak = report["machine"]["bf16_peak_tflops_published"] or report["machine"]["bf16_matmul_tflops_measured"]
     for mode, dtypes, limit_s in (("eager", "bf16,fp16", 100), ("compiled", "bf16", 300)):
         for model in ("swin_tiny", "swinv2_tiny"):
+            name = f"benchmark-{model}-{mode}"
+            if not selected(name):
+                continue
             json_path = os.path.join(args.out, f"bench_{model}_{mode}.json")
+            if os.path.isfile(json_path):
+                os.remove(json_path)  # an earlier check's figures are not this one's
             cmd = [py, "scripts/benchmark.py", "--model", model, "--device", "cuda", "--dtypes", dtypes]
             cmd += ["--modes", mode, "--train", "--half-forward", "cast", "--compile-budget", "100"]
-            step(f"benchmark-{model}-{mode}", [*cmd, "--json", json_path, *rounds], limit_s)
+            step(name, [*cmd, "--json", json_path, *rounds], limit_s)
             if os.path.isfile(json_path):
                 with open(json_path) as f:
                     report["benchmark"] += mfu_rows(json.load(f), model, peak)
                 save()
     print(markdown(report))
     print(f"gpu-check: wrote {os.path.join(args.out, 'gpu_check.json')} and gpu_check.md")
-    return 0 if all(s["status"] == "ok" for s in report["steps"]) else 1
+    # Steps the budget cut are expected on a slower GPU (--steps runs them next): not failures.
+    return 0 if all(s["status"] in ("ok", "skipped: deadline") for s in report["steps"]) else 1
 
 
 if __name__ == "__main__":

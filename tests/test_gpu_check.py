@@ -101,3 +101,11 @@ def test_a_failing_step_reports_its_exit_code_and_output(tmp_path):
     cmd = [sys.executable, "-c", "print('boom'); raise SystemExit(3)"]
     result = gpu_check.run_step("bad", cmd, 30, str(tmp_path))
     assert result["status"] == "failed (exit 3)" and result["tail"].strip() == "boom"
+
+
+def test_the_published_peak_tells_pcie_and_nvl_cards_from_their_sxm_namesakes():
+    assert gpu_check.published_bf16_peak("NVIDIA H100 80GB HBM3") == 989.0
+    assert gpu_check.published_bf16_peak("NVIDIA H100 PCIe") == 756.0
+    assert gpu_check.published_bf16_peak("NVIDIA H200") == 989.0
+    assert gpu_check.published_bf16_peak("NVIDIA H200 NVL") == 835.0
+    assert gpu_check.published_bf16_peak("Tesla T4") is None  # the measured product stands in
