@@ -419,7 +419,9 @@ def _merge_yaml(config: CN, cfg_file: str) -> None:
             raise UserError(f"config file {cfg_file} is not valid YAML: {str(e).splitlines()[0]}") from e
     if not isinstance(data, dict):
         raise UserError(f"config file {cfg_file} must hold a mapping of keys, not {type(data).__name__}")
-    for base in data.get("BASE", [""]) or [""]:
+    if isinstance(data.get("BASE"), str):  # `BASE: a.yaml` as well as a list of them
+        data = {**data, "BASE": [data["BASE"]]}
+    for base in data.get("BASE") or [""]:
         if base:
             _merge_yaml(config, os.path.join(os.path.dirname(cfg_file), base))
     _check_keys(config, data, cfg_file)

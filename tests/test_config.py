@@ -47,6 +47,13 @@ def test_alias_config_inherits_through_base(tmp_path):
     assert list(c.MODEL.SWIN.DEPTHS) == [2, 2, 18, 2]
 
 
+def test_a_single_base_may_be_written_as_a_string(tmp_path):
+    _write(tmp_path / "parent.yaml", {"TRAIN": {"EPOCHS": 7}, "TAG": "parent"})
+    child = _write(tmp_path / "child.yaml", {"BASE": "parent.yaml", "TAG": "child"})
+    c = get_config(child)
+    assert (c.TRAIN.EPOCHS, c.TAG) == (7, "child")
+
+
 def test_base_chain_applies_in_order_and_child_wins(tmp_path):
     _write(tmp_path / "a.yaml", {"TRAIN": {"EPOCHS": 10, "BASE_LR": 1e-3}, "DATA": {"IMG_SIZE": 192}})
     _write(tmp_path / "b.yaml", {"BASE": ["a.yaml"], "TRAIN": {"EPOCHS": 20}})
