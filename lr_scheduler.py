@@ -27,7 +27,38 @@ from errors import UserError
 SCHEDULERS = ("cosine", "linear", "step", "multistep")
 
 
-class LinearLRScheduler(Scheduler):
+class _WarmupScheduler(Scheduler):
+    """timm's ``Scheduler`` with the linear warmup from ``warmup_lr_init`` to the base lr over
+    ``warmup_t`` steps that every schedule here starts with; subclasses give the lr after it.
+    As timm's schedulers, the optimizer holds the warmup lr from construction on."""
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        warmup_t: int,
+        warmup_lr_init: float,
+        t_in_epochs: bool,
+        initialize: bool,
+    ) -> None:
+        super().__init__(optimizer, param_group_field="lr", t_in_epochs=t_in_epochs, initialize=initialize)
+        self.warmup_t = warmup_t
+        self.warmup_lr_init = warmup_lr_init
+        if self.warmup_t:
+            self.warmup_steps = [(v - warmup_lr_init) / self.warmup_t for v in self.base_values]
+            super().update_groups(self.warmup_lr_init)
+        else:
+            self.warmup_steps = [1.0 for _ in self.base_values]
+
+    def _get_lr(self, t: int) -> list[float]:
+        if t < self.warmup_t:
+            return [self.warmup_lr_init + t * s for s in self.warmup_steps]
+        return self._after_warmup(t)
+
+    def _after_warmup(self, t: int) -> list[float]:
+        raise NotImplementedError
+
+
+class LinearLRScheduler(_WarmupScheduler):
     """Linear warmup, then linear decay from the base lr to ``lr_min`` over ``t_initial`` steps.
 
     timm has no linear decay. Same contract as timm's schedulers: ``step_update(t)`` sets the
@@ -46,24 +77,14 @@ class LinearLRScheduler(Scheduler):
         t_in_epochs: bool = False,
         initialize: bool = True,
     ) -> None:
-        super().__init__(optimizer, param_group_field="lr", t_in_epochs=t_in_epochs, initialize=initialize)
         if t_initial <= 0:
             raise ValueError(f"t_initial must be positive, got {t_initial}")
         self.t_initial = t_initial
         self.lr_min = lr_min
-        self.warmup_t = warmup_t
-        self.warmup_lr_init = warmup_lr_init
         self.warmup_prefix = warmup_prefix
-        if self.warmup_t:
-            self.warmup_steps = [(v - warmup_lr_init) / self.warmup_t for v in self.base_values]
-            # As timm's schedulers: the optimizer starts at the warmup lr, not the base lr.
-            super().update_groups(self.warmup_lr_init)
-        else:
-            self.warmup_steps = [1.0 for _ in self.base_values]
+        super().__init__(optimizer, warmup_t, warmup_lr_init, t_in_epochs, initialize)
 
-    def _get_lr(self, t: int) -> list[float]:
-        if t < self.warmup_t:
-            return [self.warmup_lr_init + t * s for s in self.warmup_steps]
+    def _after_warmup(self, t: int) -> list[float]:
         if self.warmup_prefix:
             t = t - self.warmup_t
         frac = min(max(t / self.t_initial, 0.0), 1.0)
@@ -74,7 +95,7 @@ class LinearLRScheduler(Scheduler):
         return self.t_initial + self.warmup_t if self.warmup_prefix else self.t_initial
 
 
-class MilestoneLRScheduler(Scheduler):
+class MilestoneLRScheduler(_WarmupScheduler):
     """Linear warmup, then the base lr times ``gamma`` for each milestone reached: at step ``t``
     the lr is ``base x gamma ** (number of milestones <= t)``.
 
@@ -93,22 +114,13 @@ class MilestoneLRScheduler(Scheduler):
         t_in_epochs: bool = False,
         initialize: bool = True,
     ) -> None:
-        super().__init__(optimizer, param_group_field="lr", t_in_epochs=t_in_epochs, initialize=initialize)
         if not milestones or sorted(milestones) != list(milestones) or milestones[0] < warmup_t:
             raise ValueError(f"milestones must be sorted and >= warmup_t ({warmup_t}), got {milestones}")
         self.milestones = list(milestones)
         self.gamma = gamma
-        self.warmup_t = warmup_t
-        self.warmup_lr_init = warmup_lr_init
-        if self.warmup_t:
-            self.warmup_steps = [(v - warmup_lr_init) / self.warmup_t for v in self.base_values]
-            super().update_groups(self.warmup_lr_init)
-        else:
-            self.warmup_steps = [1.0 for _ in self.base_values]
+        super().__init__(optimizer, warmup_t, warmup_lr_init, t_in_epochs, initialize)
 
-    def _get_lr(self, t: int) -> list[float]:
-        if t < self.warmup_t:
-            return [self.warmup_lr_init + t * s for s in self.warmup_steps]
+    def _after_warmup(self, t: int) -> list[float]:
         return [v * self.gamma ** bisect.bisect_right(self.milestones, t) for v in self.base_values]
 
 
