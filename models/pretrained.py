@@ -113,13 +113,8 @@ def resize_relative_position_bias_table_geometric(table: torch.Tensor, num_rows:
     from :func:`geometric_ratio` (near offsets keep their spacing, far ones stretch to the new
     window's edge), and an interpolating bicubic spline through them (FITPACK's, as the release's
     ``scipy.interpolate.interp2d(kind='cubic')``; points past the outermost offset take the
-    edge's value) is read at the target's integer offsets.
-
-    Args:
-        table: ((2M-1)², heads).
-        num_rows: (2M'-1)², the target number of rows.
-    Returns:
-        (num_rows, heads).
+    edge's value) is read at the target's integer offsets. Arguments and result as
+    :func:`resize_relative_position_bias_table`'s.
     """
     import numpy as np
     from scipy.interpolate import RectBivariateSpline
