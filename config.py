@@ -166,7 +166,8 @@ _C.MODEL.SWINV2.PATCH_NORM = True
 # scales the inputs of the position-bias MLP. For weights from a 192² window-12 pre-training
 # fine-tuned at any window, [12, 12, 12, 6] (stage 4 of a 192² model is 6x6, so its window was 6).
 _C.MODEL.SWINV2.PRETRAINED_WINDOW_SIZES = [0, 0, 0, 0]
-# Attention implementation, as MODEL.SWIN.ATTN_IMPL: 'auto', 'sdpa' or 'reference' (logits fp32 in all).
+# Attention implementation, as MODEL.SWIN.ATTN_IMPL: 'auto', 'sdpa' or 'reference' (cosine
+# logits in fp32, but for bf16 inference).
 _C.MODEL.SWINV2.ATTN_IMPL = "auto"
 
 # -----------------------------------------------------------------------------

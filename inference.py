@@ -44,6 +44,7 @@ from torch import nn
 
 from allocator import keep_process_memory
 from distributed import Precision, cpu_has_fast_bf16
+from models.compile import eager_forced
 from models.prepacked import prepack_linears
 
 logger = logging.getLogger(__name__)
@@ -97,7 +98,8 @@ class FrozenCompiled(nn.Module):
 
 class OneShapeCompiled(nn.Module):
     """A compiled module used for the input shapes of its first call; a call with other shapes
-    (the smaller last batch of an evaluation or of predict.py) runs the same model eagerly.
+    (the smaller last batch of an evaluation or of predict.py) runs the same model eagerly, and so
+    does any call under ``models.compile.run_eagerly()``, without taking the compiled shape.
 
     Compiling for a second shape would cost a second compile of the whole model (Dynamo then makes
     the batch dimension dynamic), minutes with Inductor on a CPU, for one batch that runs eagerly
@@ -114,6 +116,10 @@ class OneShapeCompiled(nn.Module):
 
     def forward(self, *inputs: torch.Tensor):
         shapes = tuple(tuple(t.shape) for t in inputs)
+        if eager_forced():
+            # A caller's one-off batch (thinned by unreadable images) under run_eagerly(): it must
+            # not become the compiled shape, or every whole batch after it would run eagerly.
+            return self.eager(*inputs)
         if self.shapes is None:
             self.shapes = shapes
         if shapes == self.shapes:

@@ -81,6 +81,14 @@ def run_eagerly() -> Iterator[None]:
         yield
 
 
+def eager_forced() -> bool:
+    """Whether a :func:`run_eagerly` context (torch's ``force_eager`` stance) is active here."""
+    from torch._dynamo import eval_frame
+
+    stance = getattr(eval_frame, "_stance", None)  # torch >= 2.6; before it nothing forces eager
+    return getattr(stance, "stance", "default") == "force_eager"
+
+
 class FirstBatchSizeCompiled:
     """Per batch of an evaluation: compiled code serves the batch size of the first call; a batch
     of another size (the smaller last batch) runs eagerly. Needs torch >= 2.6 (``run_eagerly``).

@@ -38,6 +38,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from errors import UserError, report_user_errors  # noqa: E402
+from models.compile import run_eagerly  # noqa: E402
 
 logger = logging.getLogger("swin.predict")
 
@@ -167,7 +168,11 @@ def predict(
         if not chunk:
             continue
         images = torch.stack(tensors).to(device)
-        with autocast() if autocast is not None else contextlib.nullcontext():
+        # A chunk thinned by unreadable images has a one-off size: eagerly, so that a compiled
+        # model (--compile) takes the size of the whole chunks.
+        thinned = len(chunk) < len(paths[start : start + batch_size])
+        precision = autocast() if autocast is not None else contextlib.nullcontext()
+        with precision, run_eagerly() if thinned else contextlib.nullcontext():
             logits = model(images)
         probs = logits.float().softmax(dim=-1)
         k = min(topk, probs.shape[-1])

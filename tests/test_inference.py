@@ -249,3 +249,39 @@ def test_an_inference_process_stops_faulting_in_each_batchs_large_activations():
     # first 3-8 buffers (a buffer's 12,288 faults each; it varies by run and machine, and CI once
     # saw five after two warm-ups) before freed ones are reused: after twenty, at most two more.
     assert counts["keep"] <= 2 * 12_288 < 100_000 < counts["defaults"], counts
+
+
+def test_a_first_batch_thinned_by_unreadable_images_runs_eagerly_and_the_whole_batches_take_the_compile(
+    tmp_path, caplog
+):
+    """predict.py with --compile, an unreadable image in the first chunk: that chunk of 2 runs
+    under run_eagerly() and does not become the compiled shape; the chunks of 3 after it compile."""
+    import logging
+
+    import numpy as np
+    import torch._dynamo
+    from PIL import Image
+
+    from config import get_config
+    from data.build import build_transform
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import predict
+
+    torch._dynamo.reset()
+    model = tiny("v1").eval()
+    fast, _ = inference.inference_model(copy.deepcopy(model), CPU, Precision(CPU, None, "float32"), True, "eager")
+    paths = []
+    for i in range(9):
+        path = tmp_path / f"{i}.png"
+        if i == 0:
+            path.write_bytes(b"not an image")
+        else:
+            Image.fromarray(np.full((40, 40, 3), 20 * i, np.uint8)).save(path)
+        paths.append(str(path))
+    config = get_config(None, ["DATA.IMG_SIZE", "32"])
+    with caplog.at_level(logging.INFO, logger="inference"):
+        results = predict.predict(fast, build_transform(False, config), paths, None, topk=1, batch_size=3)
+    assert len(results) == 8 and fast.shapes == ((3, 3, 32, 32),)
+    assert "run eagerly" not in caplog.text  # no whole chunk fell back to eager
+    torch._dynamo.reset()
