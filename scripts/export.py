@@ -86,7 +86,13 @@ def export(checkpoint_path: str, out_path: str, layout: str = "official") -> int
                 "--layout official (--pretrained reads it), or fine-tune it first"
             )
     else:
-        state = from_official(to_official(state), layout)
+        state = to_official(state)
+        if layout == "timm" and "absolute_pos_embed" in state:
+            raise UserError(
+                f"{checkpoint_path} has an absolute position embedding (MODEL.SWIN.APE), which timm's Swin "
+                "models lack; export --layout official"
+            )
+        state = from_official(state, layout)
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     if not out_path.endswith(".safetensors"):
         # timm's models load a bare state dict; the release's code reads the 'model' entry.

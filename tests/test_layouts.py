@@ -118,3 +118,18 @@ def test_export_writes_the_timm_layout_that_timm_loads_with_the_same_logits(tmp_
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         assert (reference(x) - model(x)).abs().max().item() < 1e-4
+
+
+def test_a_model_with_an_absolute_position_embedding_is_refused_for_timm_in_one_line(tmp_path, capsys):
+    """timm's Swin models have no absolute position embedding: the file would not load there."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import export
+
+    demo = str(ROOT / "configs" / "demo" / "swin_demo_digits.yaml")
+    model = build_model(get_config(demo, ["MODEL.SWIN.APE", "True", "MODEL.SWIN.EMBED_DIM", "16"]))
+    ckpt = tmp_path / "ape.pth"
+    torch.save({"model": model.state_dict()}, ckpt)
+    assert export.main([str(ckpt), "--out", str(tmp_path / "timm.pth"), "--layout", "timm"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "absolute position embedding (MODEL.SWIN.APE), which timm's Swin" in err
+    assert export.main([str(ckpt), "--out", str(tmp_path / "ours.pth")]) == 0  # the release's layout has it
