@@ -688,6 +688,11 @@ def restore_official_training_state(
     return epoch, step, max_accuracy
 
 
+def _saved_global_batch(trainer: dict) -> int:
+    """Images per batch over all ranks of the run that wrote ``trainer`` (0: not recorded)."""
+    return int((trainer.get("sampler") or {}).get("global_batch") or 0)
+
+
 def resume_position(trainer: dict, global_batch: int) -> tuple[int, int]:
     """(epoch, batch_in_epoch) to continue at, in this run's batches of ``global_batch`` images
     (0: in the checkpoint's own batches).
@@ -697,11 +702,10 @@ def resume_position(trainer: dict, global_batch: int) -> tuple[int, int]:
     consumed in the epoch. When that is no whole number of this run's batches, training continues
     at the batch that holds the next image (those before it in the batch are seen twice).
     """
-    sampler = trainer.get("sampler") or {}
-    batch = int(sampler.get("batch_in_epoch", 0))
+    batch = int((trainer.get("sampler") or {}).get("batch_in_epoch", 0))
     if not batch:
         return int(trainer["epoch"]) + 1, 0
-    saved_global = int(sampler.get("global_batch") or 0)
+    saved_global = _saved_global_batch(trainer)
     if not (saved_global and global_batch) or saved_global == global_batch:
         return int(trainer["epoch"]), batch
     return int(trainer["epoch"]), batch * saved_global // global_batch
@@ -723,7 +727,7 @@ def restore_trainer_state(
     state.nonfinite_in_row = int(trainer.get("nonfinite_in_row", 0))
     state.nonfinite_total = int(trainer.get("nonfinite_total", 0))
     state.epoch, state.batch_in_epoch = resume_position(trainer, global_batch)
-    saved_global = int((trainer.get("sampler") or {}).get("global_batch") or 0)
+    saved_global = _saved_global_batch(trainer)
     if saved_global and global_batch and saved_global != global_batch:
         logger.warning(
             "the checkpoint was trained with %d images per optimizer step, this run takes %d: its learning-rate "
